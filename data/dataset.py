@@ -1,0 +1,104 @@
+"""From a sparse cells x genes matrix to model tokens, one batch at a time.
+
+Binning follows the published code: each log-normalised value is truncated to an integer and
+capped at ``bin_num``; a 0 token is appended after the last gene. It runs per batch on the CSR
+rows (no per-cell Python loop, and the whole matrix is never densified).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import sparse
+from torch.utils.data import Dataset
+
+IGNORE_INDEX = -100
+
+
+def bin_values(values: np.ndarray, bin_num: int) -> np.ndarray:
+    """Truncate to integer and cap at ``bin_num`` (negative values are refused upstream)."""
+    return np.minimum(np.trunc(values), bin_num).astype(np.int64)
+
+
+def tokenize_rows(X: sparse.csr_matrix, rows: Sequence[int] | np.ndarray, bin_num: int) -> torch.Tensor:
+    """Tokens (len(rows), n_genes + 1) for the given rows of a CSR matrix."""
+    sub = X[np.asarray(rows, dtype=np.int64)]
+    if not sparse.isspmatrix_csr(sub):
+        sub = sparse.csr_matrix(sub)
+    tokens = np.zeros((sub.shape[0], sub.shape[1] + 1), dtype=np.int64)
+    r = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
+    tokens[r, sub.indices] = bin_values(sub.data, bin_num)
+    return torch.from_numpy(tokens)
+
+
+class CellDataset(Dataset):
+    """Cells of a CSR matrix, addressed by index (no resampling), tokenised per batch.
+
+    Use with ``DataLoader(ds, batch_size=..., sampler=..., collate_fn=ds.collate)``; any sampler
+    works, ``DistributedSampler`` included. ``labels`` are integer class ids or None.
+    """
+
+    def __init__(self, X: sparse.csr_matrix, bin_num: int, labels: np.ndarray | None = None) -> None:
+        self.X = sparse.csr_matrix(X)
+        self.bin_num = bin_num
+        if labels is not None and len(labels) != self.X.shape[0]:
+            raise ValueError(f"{len(labels)} labels for {self.X.shape[0]} cells")
+        self.labels = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
+
+    def __getitem__(self, i: int) -> int:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return i
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        batch = {"index": idx, "tokens": tokenize_rows(self.X, idx.numpy(), self.bin_num)}
+        if self.labels is not None:
+            batch["labels"] = self.labels[idx]
+        return batch
+
+
+def mask_tokens(
+    tokens: torch.Tensor,
+    mask_token: int,
+    mask_prob: float = 0.15,
+    replace_prob: float = 0.9,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose round(mask_prob * k) of each cell's k non-zero gene tokens (at least one when k > 0).
+
+    Of the chosen positions, ``replace_prob`` are replaced by ``mask_token`` and the rest keep
+    their value. Zero tokens and the appended last position are never chosen. Returns the model
+    input and the labels (the original token at chosen positions, IGNORE_INDEX elsewhere).
+    """
+    candidates = tokens > 0
+    candidates[:, -1] = False
+    k = candidates.sum(dim=1)
+    n_mask = torch.where(k > 0, torch.clamp(torch.round(k.double() * mask_prob).long(), min=1), torch.zeros_like(k))
+    scores = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+    scores[~candidates] = -1.0
+    order = scores.argsort(dim=1, descending=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(tokens.shape[1], device=tokens.device).expand_as(order))
+    chosen = ranks < n_mask[:, None]
+    labels = torch.where(chosen, tokens, torch.full_like(tokens, IGNORE_INDEX))
+    replace = chosen & (torch.rand(tokens.shape, generator=generator, device=tokens.device) < replace_prob)
+    inputs = tokens.masked_fill(replace, mask_token)
+    return inputs, labels
+
+
+def most_common_bin_baseline(inputs: torch.Tensor, mask_token: int) -> torch.Tensor:
+    """The trivial predictor for masked tokens: each cell's most common visible non-zero bin
+    (ties to the lower bin; 1 for a cell with no visible non-zero token). Returns (batch,)."""
+    visible = (inputs > 0) & (inputs != mask_token)
+    counts = torch.zeros(inputs.shape[0], mask_token + 1, dtype=torch.long, device=inputs.device)
+    counts.scatter_add_(1, inputs.clamp(max=mask_token), visible.long())
+    counts[:, 0] = 0
+    counts[:, mask_token] = 0
+    best = counts.argmax(dim=1)
+    return torch.where(counts.sum(dim=1) > 0, best, torch.ones_like(best))

@@ -1,0 +1,96 @@
+"""Reading and writing single-cell matrices, with errors a biologist can act on."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+from scipy import sparse
+
+READABLE = ".h5ad, 10x .h5, a 10x matrix folder (matrix.mtx[.gz] + genes/features + barcodes), .mtx, .csv/.tsv[.gz]"
+
+
+class InputError(ValueError):
+    """Bad user input; the message says what was wrong and what to do."""
+
+
+def read_cells(path: str | Path, transpose: bool = False) -> ad.AnnData:
+    """Read cells x genes from any supported format into memory as CSR float32.
+
+    ``transpose`` is for text/mtx files stored genes x cells.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input {path} does not exist")
+    name = path.name.lower()
+    try:
+        if path.is_dir():
+            if not any((path / f).exists() for f in ("matrix.mtx", "matrix.mtx.gz")):
+                raise InputError(f"{path} is a folder but holds no matrix.mtx[.gz]: give a 10x matrix folder or a file ({READABLE})")
+            adata = sc.read_10x_mtx(path, var_names="gene_symbols", make_unique=False)
+        elif path.stat().st_size == 0:
+            raise InputError(f"{path} is empty (0 bytes): the file was not written completely; produce it again")
+        elif name.endswith(".h5ad"):
+            adata = ad.read_h5ad(path)
+        elif name.endswith(".h5"):
+            adata = sc.read_10x_h5(path)
+        elif name.endswith((".mtx", ".mtx.gz")):
+            adata = sc.read_mtx(path)
+        elif name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")):
+            delim = "," if ".csv" in name else "\t"
+            adata = sc.read_csv(path, delimiter=delim) if delim == "," else sc.read_text(path, delimiter=delim)
+        else:
+            raise InputError(f"cannot tell the format of {path} from its name; supported: {READABLE}")
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - readers raise many kinds; the user needs one message
+        raise InputError(
+            f"could not read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+            f"Is it complete and in one of the supported formats ({READABLE})?"
+        ) from None
+    if transpose:
+        adata = adata.T
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(f"{path} holds {adata.n_obs} cells x {adata.n_vars} genes: nothing to work on")
+    X = adata.X
+    if X is None:
+        raise InputError(f"{path} has no expression matrix in .X")
+    if not sparse.issparse(X):
+        X = sparse.csr_matrix(np.asarray(X, dtype=np.float32))
+    adata.X = sparse.csr_matrix(X, dtype=np.float32)
+    adata.var_names = adata.var_names.astype(str)
+    adata.obs_names = adata.obs_names.astype(str)
+    return adata
+
+
+def check_writable(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse to clobber an existing output unless asked, and fail early if we cannot write there."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"output {path} already exists; pass --overwrite to replace it, or choose another path")
+    parent = path.parent if str(path.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write to {parent}: choose an output folder you have write permission for")
+    return path
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> None:
+    """Write to a temporary file and rename, so a failure never leaves a half-written .h5ad."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".h5ad", dir=path.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            adata.write_h5ad(tmp, compression="gzip")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

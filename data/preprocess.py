@@ -1,0 +1,242 @@
+"""Preprocessing as published: filter cells, normalise to 1e4 per cell, log2(1 + x), align genes.
+
+Order matters: library sizes are computed from *all* genes of the input, before any subsetting
+to a vocabulary or to highly variable genes, in training and prediction alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+from scipy import sparse
+
+from data.genes import revise_symbols
+from data.io import InputError
+
+log = logging.getLogger("scbert")
+
+TARGET_SUM = 1e4
+LOG_BASE = 2.0
+MIN_VOCAB_FRACTION = 0.5
+
+
+@dataclass
+class ValueState:
+    """What the values of an expression matrix look like."""
+
+    kind: str  # "counts", "normalized" (not logged) or "log"
+    log_base: float | None = None  # for "log": 2 or e when it could be told from row sums
+    row_sum: float | None = None  # per-cell total after undoing the log, when constant across cells
+    note: str = ""
+
+
+def _sample_rows(X: sparse.csr_matrix, n: int = 2000, seed: int = 0) -> sparse.csr_matrix:
+    if X.shape[0] <= n:
+        return X
+    rows = np.sort(np.random.default_rng(seed).choice(X.shape[0], n, replace=False))
+    return X[rows]
+
+
+def check_values(X: sparse.csr_matrix, what: str = "the input") -> None:
+    """Refuse NaN, infinite and negative values, which no scBERT input can hold."""
+    data = X.data
+    if not np.all(np.isfinite(data)):
+        n = int((~np.isfinite(data)).sum())
+        raise InputError(f"{what} contains {n} NaN or infinite values; fix or remove those entries before running scBERT")
+    if data.size and data.min() < 0:
+        raise InputError(
+            f"{what} contains negative values (min {data.min():.3g}): it looks scaled or batch-corrected. "
+            f"scBERT needs raw counts or log-normalised values (e.g. adata.raw or adata.layers['counts'])"
+        )
+
+
+def detect_state(X: sparse.csr_matrix) -> ValueState:
+    """Tell raw counts from normalised or log-normalised values (and which log, when possible)."""
+    S = _sample_rows(X)
+    data = S.data
+    if data.size == 0:
+        return ValueState("counts", note="all values are zero")
+    if np.allclose(data, np.round(data)):
+        return ValueState("counts")
+    if data.max() > 30:
+        return ValueState("normalized", note=f"non-integer values up to {data.max():.3g}")
+    best: ValueState | None = None
+    best_cv = math.inf
+    for base in (2.0, math.e):
+        sums = np.asarray(_pow_minus_one(S, base).sum(axis=1)).ravel()
+        sums = sums[sums > 0]
+        if sums.size == 0:
+            continue
+        cv = float(sums.std() / sums.mean())
+        if cv < best_cv:
+            best_cv, best = cv, ValueState("log", base, float(np.median(sums)))
+    if best is not None and best_cv < 0.01:
+        return best
+    return ValueState("log", None, None, note="log-transformed values whose base and per-cell total cannot be verified (were genes removed after normalising?)")
+
+
+def _pow_minus_one(X: sparse.csr_matrix, base: float) -> sparse.csr_matrix:
+    Y = X.copy()
+    Y.data = np.power(base, Y.data, dtype=np.float64) - 1.0
+    return Y
+
+
+def normalize_log2(X: sparse.csr_matrix, state: ValueState, target_sum: float = TARGET_SUM) -> tuple[sparse.csr_matrix, str]:
+    """Bring any supported input to log2(1 + x) of counts normalised to ``target_sum`` per cell.
+
+    Returns the matrix and one line saying what was done.
+    """
+    X = sparse.csr_matrix(X, dtype=np.float32, copy=True)
+    if state.kind == "counts" or state.kind == "normalized":
+        totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+        scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+        X = sparse.csr_matrix(sparse.diags(scale.astype(np.float32)) @ X)
+        X.data = np.log2(1.0 + X.data, dtype=np.float32)
+        how = "raw counts" if state.kind == "counts" else "normalised (not logged) values"
+        return X, f"{how}: normalised to {target_sum:g} per cell over all {X.shape[1]} genes, then log2(1 + x)"
+    if state.log_base is None:
+        return X, f"log-normalised input used as is, assumed log2(1 + x) at {target_sum:g} per cell ({state.note})"
+    if abs(state.log_base - 2.0) < 1e-9 and state.row_sum is not None and abs(state.row_sum / target_sum - 1) < 0.01:
+        return X, f"already log2-normalised at {target_sum:g} per cell: used as is"
+    # Undo the log, rescale the per-cell total, and redo it in base 2.
+    base_name = "2" if abs(state.log_base - 2.0) < 1e-9 else "e"
+    Y = _pow_minus_one(X, state.log_base)
+    totals = np.asarray(Y.sum(axis=1)).ravel()
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    Y = sparse.csr_matrix(sparse.diags(scale) @ Y)
+    Y.data = np.log2(1.0 + Y.data)
+    return sparse.csr_matrix(Y, dtype=np.float32), (
+        f"log{base_name}-normalised input at ~{state.row_sum:.3g} per cell converted to log2(1 + x) at {target_sum:g} per cell"
+    )
+
+
+def align_to_genes(X: sparse.csr_matrix, names: Sequence[str], genes: Sequence[str]) -> tuple[sparse.csr_matrix, int]:
+    """Columns of ``X`` (named ``names``, unique) re-ordered to ``genes``; absent genes are zero.
+
+    Returns the aligned matrix and how many of ``genes`` were present.
+    """
+    pos = {g: i for i, g in enumerate(genes)}
+    if len(pos) != len(genes):
+        raise ValueError("the target gene list has duplicated names")
+    src = np.array([j for j, n in enumerate(names) if n in pos], dtype=np.int64)
+    dst = np.array([pos[names[j]] for j in src], dtype=np.int64)
+    P = sparse.csr_matrix((np.ones(len(src), np.float32), (src, dst)), shape=(len(names), len(genes)))
+    out = sparse.csr_matrix(X @ P, dtype=np.float32)
+    out.sort_indices()
+    return out, len(src)
+
+
+@dataclass
+class PrepReport:
+    """What preprocessing did, for the log and for ``uns['scbert_preprocess']``."""
+
+    n_cells_in: int = 0
+    n_genes_in: int = 0
+    n_cells_out: int = 0
+    n_genes_out: int = 0
+    normalisation: str = ""
+    symbols: dict[str, Any] = field(default_factory=dict)
+    symbols_summary: str = ""
+    vocab_size: int | None = None
+    vocab_present: int | None = None
+    n_top_genes: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+    def lines(self) -> list[str]:
+        out = [
+            f"input: {self.n_cells_in} cells x {self.n_genes_in} genes",
+            f"values: {self.normalisation}",
+            f"gene symbols: {self.symbols_summary}",
+        ]
+        if self.vocab_size is not None:
+            pct = 100.0 * (self.vocab_present or 0) / max(self.vocab_size, 1)
+            out.append(f"vocabulary: {self.vocab_present} of {self.vocab_size} genes present in the input ({pct:.1f}%); the others are zero")
+        if self.n_top_genes:
+            out.append(f"highly variable genes: kept the top {self.n_top_genes}")
+        out.append(f"output: {self.n_cells_out} cells x {self.n_genes_out} genes")
+        out += [f"WARNING: {w}" for w in self.warnings]
+        return out
+
+
+def prepare(
+    adata: ad.AnnData,
+    genes: Sequence[str] | None = None,
+    n_top_genes: int | None = None,
+    min_genes: int | None = 200,
+    target_sum: float = TARGET_SUM,
+    what: str = "the input",
+) -> tuple[ad.AnnData, PrepReport]:
+    """Full preprocessing: cells x genes of any supported kind -> log2-normalised cells x vocabulary.
+
+    ``genes``: the target vocabulary (ordered); ``None`` builds one from the input (all revised
+    genes, or the ``n_top_genes`` most variable). ``min_genes``: drop cells expressing fewer genes
+    (``None`` keeps every cell, as prediction must). Never densifies the matrix.
+    """
+    rep = PrepReport(n_cells_in=adata.n_obs, n_genes_in=adata.n_vars)
+    X = sparse.csr_matrix(adata.X, dtype=np.float32)
+    check_values(X, what)
+    obs = adata.obs.copy()
+    if min_genes:
+        n_expr = np.diff(X.indptr)
+        keep = n_expr >= min_genes
+        if not keep.any():
+            raise InputError(
+                f"no cell of {what} expresses at least {min_genes} genes (the most any cell has is {int(n_expr.max())}); "
+                f"lower --min-genes if these cells are genuine"
+            )
+        if not keep.all():
+            X, obs = X[keep], obs.iloc[np.flatnonzero(keep)]
+    state = detect_state(X)
+    X, rep.normalisation = normalize_log2(X, state, target_sum)
+    if state.kind == "log" and state.log_base is None:
+        rep.warnings.append(rep.normalisation)
+
+    new_names, sym = revise_symbols(list(adata.var_names), vocab=genes)
+    rep.symbols, rep.symbols_summary = sym.to_dict(), sym.summary()
+    kept = [j for j, n in enumerate(new_names) if n is not None]
+    names = [new_names[j] for j in kept]
+    X = X[:, kept] if len(kept) < X.shape[1] else X
+
+    if genes is not None:
+        X, present = align_to_genes(X, names, genes)
+        rep.vocab_size, rep.vocab_present = len(genes), present
+        if present == 0:
+            raise InputError(
+                f"none of the {len(genes)} vocabulary genes occurs in {what}. Are the genes named by symbol "
+                f"(e.g. CD3E) for the right species? First input genes: {list(adata.var_names[:5])}"
+            )
+        if present < MIN_VOCAB_FRACTION * len(genes):
+            msg = (
+                f"only {present} of {len(genes)} vocabulary genes ({100 * present / len(genes):.1f}%) are in {what}; "
+                f"the other genes are treated as not expressed and predictions may be unreliable"
+            )
+            rep.warnings.append(msg)
+            log.warning("!" * 80 + "\nWARNING: %s\n" + "!" * 80, msg)
+        var_names = list(genes)
+    else:
+        var_names = names
+        if not var_names:
+            raise InputError(f"no gene of {what} matches a human NCBI gene symbol; scBERT needs human gene symbols")
+        if n_top_genes is not None and n_top_genes < len(var_names):
+            # scanpy's dispersion statistics assume natural-log data.
+            tmp = ad.AnnData(X=X * np.float32(math.log(2.0)))
+            sc.pp.highly_variable_genes(tmp, n_top_genes=n_top_genes, flavor="seurat")
+            hv = np.flatnonzero(tmp.var["highly_variable"].to_numpy())
+            X = X[:, hv]
+            var_names = [var_names[j] for j in hv]
+            rep.n_top_genes = n_top_genes
+
+    out = ad.AnnData(X=sparse.csr_matrix(X, dtype=np.float32), obs=obs)
+    out.var_names = var_names
+    rep.n_cells_out, rep.n_genes_out = out.n_obs, out.n_vars
+    return out, rep

@@ -1,0 +1,164 @@
+"""Self-describing checkpoints: written atomically, read with ``torch.load(weights_only=True)``.
+
+A checkpoint is a plain dict of tensors, strings and numbers::
+
+    format, format_version, config (ScBERTConfig as dict), genes (ordered vocabulary),
+    classes (class names in logit order, or None), state_dict, preprocessing (how inputs were
+    normalised and binned), train_args, metrics
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.config import ScBERTConfig
+from model.scbert import ScBERT
+
+FORMAT = "scbert-pytorch"
+FORMAT_VERSION = 1
+
+DEFAULT_PREPROCESSING = {"target_sum": 1e4, "log_base": 2.0, "min_genes": 200}
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be used as an scBERT checkpoint; the message says why and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    config: ScBERTConfig
+    genes: list[str]
+    state_dict: dict[str, torch.Tensor]
+    classes: list[str] | None = None
+    preprocessing: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PREPROCESSING))
+    train_args: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def build_model(self) -> ScBERT:
+        """The network with these weights, in eval mode."""
+        model = ScBERT(self.config)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+def _plain(obj: Any) -> Any:
+    """Reduce to what ``weights_only`` loading accepts: dicts, lists, str, numbers, bool, None."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # numpy / torch scalars
+        return _plain(obj.item())
+    return str(obj)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash leaves no partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: ScBERT,
+    genes: list[str],
+    classes: list[str] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    train_args: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> None:
+    """Save ``model`` with everything needed to use it later."""
+    if len(genes) != model.config.n_genes:
+        raise ValueError(f"{len(genes)} gene names for a {model.config.n_genes}-gene model")
+    if model.config.head == "classifier" and (classes is None or len(classes) != model.config.n_classes):
+        raise ValueError("a classifier checkpoint needs one class name per output")
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "genes": list(map(str, genes)),
+        "classes": None if classes is None else list(map(str, classes)),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "preprocessing": _plain(preprocessing or DEFAULT_PREPROCESSING),
+        "train_args": _plain(train_args or {}),
+        "metrics": _plain(metrics or {}),
+    }
+    atomic_torch_save(payload, path)
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} contains Python objects that are not allowed to be loaded (only tensors, numbers and "
+            f"text are). It is not an scBERT checkpoint, or it was saved with arbitrary objects inside: "
+            f"refusing to execute it. ({str(e).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(
+            f"{path} could not be read as a PyTorch checkpoint: it may be truncated (an interrupted copy "
+            f"or download) or not a checkpoint at all. Copy it again. ({str(e).splitlines()[0]})"
+        ) from None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load one of our checkpoints; refuses anything that is not one, with a reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (or is a folder): give the path to a model.pt file")
+    obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} is not an scBERT checkpoint (it holds a {type(obj).__name__}, not a dict)")
+    if obj.get("format") != FORMAT:
+        if "model_state_dict" in obj:
+            raise CheckpointError(
+                f"{path} looks like a checkpoint of the published scBERT code. Convert it first: "
+                f"python -m model.convert {path} --genes GENES.txt --out model.pt"
+            )
+        raise CheckpointError(f"{path} is not an scBERT checkpoint (keys: {sorted(obj)[:8]})")
+    if obj.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer version of this package (format {obj['format_version']}); upgrade")
+    try:
+        config = ScBERTConfig.from_dict(obj["config"])
+        ckpt = Checkpoint(
+            config=config,
+            genes=list(obj["genes"]),
+            state_dict=obj["state_dict"],
+            classes=obj.get("classes"),
+            preprocessing={**DEFAULT_PREPROCESSING, **(obj.get("preprocessing") or {})},
+            train_args=obj.get("train_args") or {},
+            metrics=obj.get("metrics") or {},
+            source=str(path),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is a damaged scBERT checkpoint: {e}") from None
+    if len(ckpt.genes) != config.n_genes:
+        raise CheckpointError(f"{path} is damaged: {len(ckpt.genes)} gene names for a {config.n_genes}-gene model")
+    if len(set(ckpt.genes)) != len(ckpt.genes):
+        raise CheckpointError(f"{path} is damaged: its gene vocabulary has duplicated names")
+    return ckpt

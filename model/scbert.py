@@ -1,0 +1,187 @@
+"""The scBERT network: token + gene embeddings, a Performer encoder, and two heads.
+
+Module names follow the published checkpoints (``token_emb``, ``pos_emb.emb``, ``performer``,
+``norm``, ``to_out``) so their state dicts map onto this model with a single key rename.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from model.config import ScBERTConfig
+
+with warnings.catch_warnings():
+    # performer_pytorch imports distutils and torch.cuda.amp.autocast, both deprecated.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", FutureWarning)
+    from performer_pytorch import Performer
+
+POOLINGS = ("mean", "expressed")
+
+
+def pool_encodings(h: Tensor, tokens: Tensor, pooling: str = "mean") -> Tensor:
+    """Average (batch, seq_len, dim) encodings over positions into one float32 vector per cell.
+
+    ``mean``: over all ``n_genes`` gene positions (the extra last position excluded);
+    ``expressed``: over the positions whose input bin is non-zero (all positions for a cell with
+    nothing expressed).
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    h, tokens = h[:, :-1].float(), tokens[:, :-1]
+    if pooling == "mean":
+        return h.mean(dim=1)
+    w = (tokens > 0).float()
+    w[w.sum(dim=1) == 0] = 1.0
+    return (h * w[..., None]).sum(dim=1) / w.sum(dim=1, keepdim=True)
+
+
+class GeneEmbedding(nn.Module):
+    """One vector per token position, i.e. per vocabulary gene (+ the extra last position).
+
+    Frozen when it holds gene2vec vectors; trainable for the ``learned`` variant.
+    """
+
+    def __init__(self, seq_len: int, dim: int, weights: Tensor | None = None, trainable: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(seq_len, dim)
+        if weights is not None:
+            if tuple(weights.shape) != (seq_len, dim):
+                raise ValueError(f"gene embedding must be {(seq_len, dim)}, got {tuple(weights.shape)}")
+            with torch.no_grad():
+                self.emb.weight.copy_(weights.to(torch.float32))
+        self.emb.weight.requires_grad_(trainable)
+
+    def forward(self, n: int) -> Tensor:
+        return self.emb.weight[:n]
+
+
+class CellClassifier(nn.Module):
+    """The published fine-tuning head.
+
+    Conv2d(1, 1, (1, dim)) reduces each gene's representation to one number; then
+    ReLU -> Linear(seq_len, 512) -> ReLU -> dropout -> Linear(512, hidden) -> ReLU -> dropout
+    -> Linear(hidden, n_classes).
+    """
+
+    def __init__(self, seq_len: int, dim: int, n_classes: int, hidden: int = 128, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 1, (1, dim))
+        self.fc1 = nn.Linear(seq_len, 512)
+        self.fc2 = nn.Linear(512, hidden)
+        self.fc3 = nn.Linear(hidden, n_classes)
+        self.act = nn.ReLU()
+        self.dropout = nn.Dropout(dropout)
+
+    def features(self, h: Tensor) -> Tensor:
+        """(batch, seq_len, dim) encodings -> (batch, hidden) penultimate activations."""
+        # A (1, dim) convolution with one in/out channel is a dot product per position;
+        # a matmul computes the same thing from the same parameters, much faster on CPU.
+        w = self.conv1.weight.reshape(-1)
+        x = self.act(h @ w.to(h.dtype) + self.conv1.bias.to(h.dtype))
+        x = self.dropout(self.act(self.fc1(x)))
+        return self.dropout(self.act(self.fc2(x)))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.fc3(self.features(h))
+
+
+class ScBERT(nn.Module):
+    """scBERT: ``tokens`` (batch, n_genes + 1) of expression bins -> per-gene logits or class logits."""
+
+    def __init__(self, config: ScBERTConfig, gene_vectors: Tensor | None = None) -> None:
+        super().__init__()
+        self.config = c = config
+        self.token_emb = nn.Embedding(c.num_tokens, c.dim)
+        if c.gene_embedding == "none":
+            if gene_vectors is not None:
+                raise ValueError("gene vectors were given but gene_embedding is 'none'")
+            self.pos_emb = None
+        else:
+            if gene_vectors is not None and gene_vectors.shape[0] == c.n_genes:
+                # The extra last position gets a zero vector, as published.
+                gene_vectors = torch.cat([gene_vectors, gene_vectors.new_zeros(1, c.dim)])
+            self.pos_emb = GeneEmbedding(c.seq_len, c.dim, gene_vectors, trainable=c.gene_embedding == "learned")
+        self.dropout = nn.Dropout(c.emb_dropout)
+        self.performer = Performer(
+            dim=c.dim,
+            depth=c.depth,
+            heads=c.heads,
+            dim_head=c.dim_head,
+            nb_features=c.n_features,
+            feature_redraw_interval=c.feature_redraw_interval,
+            ff_dropout=c.ff_dropout,
+            attn_dropout=c.attn_dropout,
+            qkv_bias=False,
+            attn_out_bias=True,
+        )
+        # The pip Performer registers its layers a second time under proj_updater.instance, which
+        # would store every weight twice in a state dict; keep it as a plain reference instead.
+        updater = self.performer.proj_updater
+        object.__setattr__(updater, "instance", updater._modules.pop("instance"))
+        self.norm = nn.LayerNorm(c.dim)
+        if c.head == "mlm":
+            self.to_out: nn.Module = nn.Linear(c.dim, c.num_tokens)
+        else:
+            self.to_out = CellClassifier(c.seq_len, c.dim, c.n_classes, c.classifier_hidden, c.classifier_dropout)
+
+    def encode(self, tokens: Tensor) -> Tensor:
+        """(batch, seq_len) int tokens -> (batch, seq_len, dim) encodings after the final LayerNorm."""
+        if tokens.dim() != 2 or tokens.shape[1] != self.config.seq_len:
+            raise ValueError(
+                f"expected tokens of shape (batch, {self.config.seq_len}) for a {self.config.n_genes}-gene model, "
+                f"got {tuple(tokens.shape)}"
+            )
+        x = self.token_emb(tokens)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(tokens.shape[1]).to(x.dtype)
+        x = self.dropout(x)
+        x = self.performer(x)
+        return self.norm(x)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """MLM head: (batch, seq_len, num_tokens) logits; classifier head: (batch, n_classes) logits."""
+        return self.to_out(self.encode(tokens))
+
+    def embed(self, tokens: Tensor, pooling: str = "mean") -> Tensor:
+        """One vector per cell from the final encodings; see :func:`pool_encodings`."""
+        return pool_encodings(self.encode(tokens), tokens, pooling)
+
+    def freeze_for_finetuning(self, train_all: bool = False) -> None:
+        """The published fine-tuning policy: train only the final norm, the second-to-last
+        encoder layer and the head (``train_all`` trains everything). Gene2vec stays frozen."""
+        for p in self.parameters():
+            p.requires_grad_(train_all)
+        if not train_all:
+            trainable = [self.norm, self.to_out]
+            if self.config.depth >= 2:
+                trainable.append(self.performer.net.layers[-2])
+            for module in trainable:
+                for p in module.parameters():
+                    p.requires_grad_(True)
+        if self.pos_emb is not None:
+            self.pos_emb.emb.weight.requires_grad_(self.config.gene_embedding == "learned" and train_all)
+
+    def load_encoder_state(self, state_dict: dict[str, Tensor]) -> None:
+        """Load everything but the head (``to_out.*``) from another scBERT state dict, strictly."""
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("to_out.")}
+        incoming = {k: v for k, v in state_dict.items() if not k.startswith("to_out.")}
+        missing = sorted(set(own) - set(incoming))
+        unexpected = sorted(set(incoming) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"pretrained weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        for k, v in incoming.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"pretrained weight {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
+        self.load_state_dict(incoming, strict=False)
+
+    def gene_vectors(self) -> Tensor | None:
+        """The (n_genes, dim) gene embedding matrix (without the extra last position)."""
+        if self.pos_emb is None:
+            return None
+        return self.pos_emb.emb.weight.detach()[:-1].clone()
