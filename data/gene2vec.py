@@ -485,6 +485,9 @@ def train_gene2vec(
     genes in fewer than ``min_cells`` cells excluded, pairs deduplicated); each pair becomes a
     two-word sentence for skip-gram word2vec (gensim ``Word2Vec``, ``sg=1, window=1,
     min_count=1``), trained for ``epochs`` epochs. Pairs are shuffled with ``seed`` first.
+    Frequent-word downsampling is switched off (``sample=0``): in a pair corpus a gene's
+    frequency is its number of partners, and with the default threshold (1e-3 of the corpus)
+    most tokens of a corpus of a few thousand pairs would be dropped, so little gets trained.
 
     Genes without any pair get the same fallback as ``embeddings_for_vocab`` (seeded random
     normal scaled to the mean per-coordinate std of the trained vectors).
@@ -535,6 +538,7 @@ def train_gene2vec(
             seed=seed,
             workers=workers,
             epochs=epochs,
+            sample=0,  # no frequency downsampling, see the docstring
         )
         for token, row in model.wv.key_to_index.items():
             out[int(token)] = model.wv.vectors[row]
@@ -560,6 +564,7 @@ def train_gene2vec(
             "min_corr": min_corr,
             "min_cells": min_cells,
             "epochs": epochs,
+            "sample": 0,
             "n_cells_used": int(n_cells),
             "seed": seed,
             "median_pair_corr": float(np.median(corr)) if len(corr) else None,

@@ -6,6 +6,7 @@ to a vocabulary or to highly variable genes, in training and prediction alike.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ log = logging.getLogger("scbert")
 TARGET_SUM = 1e4
 LOG_BASE = 2.0
 MIN_VOCAB_FRACTION = 0.5
+PREP_KEY = "scbert_preprocess"  # uns key preprocess.py writes: the values are log2-normalised already
 
 
 @dataclass
@@ -180,7 +182,8 @@ def prepare(
 
     ``genes``: the target vocabulary (ordered); ``None`` builds one from the input (all revised
     genes, or the ``n_top_genes`` most variable). ``min_genes``: drop cells expressing fewer genes
-    (``None`` keeps every cell, as prediction must). Never densifies the matrix.
+    (``None`` keeps every cell, as prediction must). Output of an earlier ``prepare`` (marked by
+    ``uns[PREP_KEY]``) is only re-aligned, never normalised twice. Never densifies the matrix.
     """
     rep = PrepReport(n_cells_in=adata.n_obs, n_genes_in=adata.n_vars)
     X = sparse.csr_matrix(adata.X, dtype=np.float32)
@@ -196,7 +199,10 @@ def prepare(
             )
         if not keep.all():
             X, obs = X[keep], obs.iloc[np.flatnonzero(keep)]
-    state = detect_state(X)
+    if PREP_KEY in adata.uns:
+        state = ValueState("log", LOG_BASE, target_sum)
+    else:
+        state = detect_state(X)
     X, rep.normalisation = normalize_log2(X, state, target_sum)
     if state.kind == "log" and state.log_base is None:
         rep.warnings.append(rep.normalisation)
@@ -239,4 +245,5 @@ def prepare(
     out = ad.AnnData(X=sparse.csr_matrix(X, dtype=np.float32), obs=obs)
     out.var_names = var_names
     rep.n_cells_out, rep.n_genes_out = out.n_obs, out.n_vars
+    out.uns[PREP_KEY] = json.dumps(rep.to_dict(), default=str)
     return out, rep

@@ -1,0 +1,54 @@
+"""Stage 2: fine-tune a cell-type classifier on labelled cells."""
+
+from __future__ import annotations
+
+from model.cli import add_bool, add_common, add_model_args, fraction, parser, positive_int
+
+EXAMPLE = """
+python finetune.py --data prep/pbmc3k.h5ad --label-key celltype --pretrained runs/pretrain/model.pt --out runs/finetune
+python finetune.py --data zheng68k.h5ad --label-key celltype --pretrained panglao.pt --out runs/z68k --cv 5
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(
+        "Fine-tune scBERT to classify cell types. Cells are split into training and validation parts stratified by "
+        "type (or into --cv folds); training stops early when validation accuracy has not improved for --patience "
+        "epochs. With --pretrained, only the final norm, the second-to-last Performer layer and the classifier are "
+        "trained, as published (--train-all trains everything); without it, a model of the given size is trained "
+        "from scratch. Writes OUT/model.pt (best epoch), OUT/metrics.json (accuracy, macro_f1, per-class report), "
+        "OUT/confusion_matrix.png, OUT/training_curves.png, OUT/summary.txt.",
+        EXAMPLE,
+    )
+    p.add_argument("--data", "--data_path", required=True, help="labelled cells (.h5ad from preprocess.py, or raw counts: normalised on the fly)")
+    p.add_argument("--label-key", "--label_key", required=True, help="obs column holding the cell types")
+    p.add_argument("--pretrained", "--model_path", default=None, help="pretrained checkpoint (from pretrain.py); the data are aligned to its genes")
+    p.add_argument("--out", "--ckpt_dir", required=True, help="output folder")
+    p.add_argument("--vocab", default=None, help="gene vocabulary when training from scratch (default: the data's genes)")
+    add_model_args(p, {})
+    g = p.add_argument_group("training")
+    g.add_argument("--cv", type=int, default=None, help="K-fold stratified cross-validation instead of one split (reports mean ± sd)")
+    g.add_argument("--val-frac", type=fraction, default=0.2, help="validation fraction of a single split (default: 0.2)")
+    g.add_argument("--epochs", "--epoch", type=positive_int, default=20, help="maximum epochs (default: 20)")
+    g.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better validation accuracy (default: 5)")
+    g.add_argument("--batch-size", "--batch_size", type=positive_int, default=8, help="cells per step (default: 8)")
+    g.add_argument("--grad-acc", "--grad_acc", type=positive_int, default=1, help="gradient accumulation steps (default: 1)")
+    g.add_argument("--lr", "--learning_rate", type=float, default=1e-4, help="peak learning rate of Adam (default: 1e-4)")
+    g.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up optimiser steps (default: 5)")
+    g.add_argument("--cycle-steps", type=int, default=None, help="optimiser steps of the first cosine cycle (default: the whole run)")
+    g.add_argument("--clip-norm", type=float, default=1.0, help="gradient norm clipping (default: 1.0; 0 = off)")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout in the classifier head (default: 0, as published)")
+    add_bool(g, "--class-weights", default=False, help="weight the loss by inverse class frequency (balanced)")
+    add_bool(g, "--train-all", default=False, help="train every layer, not only the published subset")
+    add_common(p)
+    args = p.parse_args(argv)
+    if args.cv is not None and args.cv < 2:
+        p.error("--cv needs at least 2 folds")
+
+    from model.stages import run_finetune
+
+    run_finetune(args)
+
+
+if __name__ == "__main__":
+    main()

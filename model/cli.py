@@ -1,0 +1,170 @@
+"""Command-line plumbing shared by the stage scripts: argument types, run folders, logging."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("scbert")
+
+TRUE = {"1", "true", "t", "yes", "y", "on"}
+FALSE = {"0", "false", "f", "no", "n", "off"}
+
+
+def str2bool(value: str | bool) -> bool:
+    """Parse a boolean flag value; "False" means False (unlike ``type=bool``)."""
+    if isinstance(value, bool):
+        return value
+    v = value.strip().lower()
+    if v in TRUE:
+        return True
+    if v in FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, yes/no, 1/0), got {value!r}")
+
+
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {n}")
+    return n
+
+
+def fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value!r}") from None
+    if not 0.0 <= x < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {x}")
+    return x
+
+
+def parser(description: str, example: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        description=description,
+        epilog="example:\n" + textwrap.indent(example.strip(), "  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def add_bool(p: argparse._ActionsContainer, *names: str, default: bool, help: str) -> None:
+    """A flag that may be given alone (= true) or with a value: ``--x``, ``--x false``."""
+    p.add_argument(*names, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL", help=f"{help} (default: {default})")
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda when available)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="arithmetic precision (default: fp32; bf16 is faster on recent CPUs and GPUs)")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    add_bool(g, "--overwrite", default=False, help="replace an existing output")
+    add_bool(g, "--quiet", default=False, help="only warnings and errors, no progress bars")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def add_model_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    g = p.add_argument_group("model size (ignored when starting from a checkpoint)")
+    g.add_argument("--dim", type=positive_int, default=defaults.get("dim", 200), help="embedding size (default: %(default)s, as published)")
+    g.add_argument("--depth", type=positive_int, default=defaults.get("depth", 6), help="Performer layers (default: %(default)s)")
+    g.add_argument("--heads", type=positive_int, default=defaults.get("heads", 10), help="attention heads (default: %(default)s)")
+    g.add_argument("--dim-head", type=positive_int, default=defaults.get("dim_head", 64), help="size of each head (default: %(default)s)")
+    g.add_argument("--bin-num", "--bin_num", type=positive_int, default=5, help="expression bins; values above are capped (default: 5 -> 7 tokens)")
+    g.add_argument("--gene_num", type=int, default=None, help="published flag; checked against the vocabulary size")
+    g.add_argument(
+        "--gene2vec", default="train",
+        help="gene embedding: 'train' (Gene2vec on the training data, default), 'none' (ablation), 'learned' "
+        "(trainable), or a file: word2vec text (symbol then vector per line) or .npy with --gene2vec-genes",
+    )
+    g.add_argument("--gene2vec-genes", default=None, help="gene list (one per line) giving the row order of a .npy --gene2vec")
+    g.add_argument("--pos_embed", type=str2bool, default=None, help="published flag: false = --gene2vec none")
+
+
+def setup_logging(quiet: bool = False, logfile: Path | None = None) -> None:
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING if quiet else logging.INFO)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(console)
+    if logfile is not None:
+        fh = logging.FileHandler(logfile, encoding="utf-8")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(fh)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    import anndata
+    import numpy
+    import scanpy
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "scanpy": scanpy.__version__,
+        "anndata": anndata.__version__,
+        "platform": platform.platform(),
+        "git_commit": _git_commit(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def start_run(out: str | Path, args: argparse.Namespace, protected: Sequence[str] = ("model.pt",)) -> Path:
+    """Create the run folder (refusing to overwrite a finished run without --overwrite), start
+    logging into it, and record the arguments and environment in config.json."""
+    out = Path(out)
+    existing = [name for name in protected if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise SystemExit(f"error: {out} already holds {', '.join(existing)}; pass --overwrite to replace it, or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to {out}: {e.strerror}; choose another --out") from None
+    setup_logging(args.quiet, out / "log.txt")
+    write_json(out / "config.json", {"args": vars(args), "environment": environment()})
+    return out
+
+
+def fail(message: str) -> None:
+    """Exit with a one-line error for the user (no traceback)."""
+    log.error("error: %s", message)
+    raise SystemExit(2)

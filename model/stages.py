@@ -1,0 +1,246 @@
+"""What pretrain.py, finetune.py and predict.py do once their arguments are parsed."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data.dataset import CellDataset
+from data.io import InputError, check_writable, read_cells, write_h5ad_atomic
+from data.vocab import load_vocab
+from model.checkpoint import DEFAULT_PREPROCESSING, CheckpointError, load_checkpoint, save_checkpoint
+from model.cli import fail, start_run, write_json
+from model.config import ScBERTConfig
+from model.pipeline import annotate, classification_metrics, gene_embedding, load_prepared, plot_confusion, plot_history
+from model.scbert import ScBERT
+from model.training import TrainConfig, finetune, predict, pretrain, resolve_device, set_seed
+
+log = logging.getLogger("scbert")
+
+
+def _train_config(args: argparse.Namespace, **extra: Any) -> TrainConfig:
+    return TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, grad_acc=args.grad_acc, lr=args.lr, clip_norm=args.clip_norm,
+        warmup_steps=args.warmup_steps, cycle_steps=args.cycle_steps, seed=args.seed, precision=args.precision,
+        num_workers=args.num_workers, progress=not args.quiet, **extra,
+    )
+
+
+def _gene2vec_spec(args: argparse.Namespace) -> str:
+    return "none" if args.pos_embed is False else args.gene2vec
+
+
+def _check_gene_num(args: argparse.Namespace, n_genes: int) -> None:
+    if args.gene_num is not None and args.gene_num not in (n_genes, n_genes + 1):
+        raise InputError(f"--gene_num {args.gene_num} does not match the vocabulary of {n_genes} genes; drop the flag or fix the data")
+
+
+def _write_summary(out: Path, lines: list[str]) -> None:
+    (out / "summary.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for line in lines:
+        log.info(line)
+
+
+def run_pretrain(args: argparse.Namespace) -> None:
+    out = start_run(args.out, args)
+    try:
+        set_seed(args.seed)
+        device = resolve_device(args.device)
+        adata, genes = load_prepared(args.data, load_vocab(args.vocab) if args.vocab else None)
+        _check_gene_num(args, len(genes))
+        if adata.n_obs < 2:
+            raise InputError(f"pretraining needs at least 2 cells, the corpus has {adata.n_obs}")
+        mode, vectors, g2v = gene_embedding(_gene2vec_spec(args), args.gene2vec_genes, genes, adata.X, args.dim, args.seed, not args.quiet)
+        config = ScBERTConfig(n_genes=len(genes), bin_num=args.bin_num, dim=args.dim, depth=args.depth, heads=args.heads,
+                              dim_head=args.dim_head, gene_embedding=mode, head="mlm")
+        model = ScBERT(config, vectors)
+        perm = np.random.default_rng(args.seed).permutation(adata.n_obs)
+        n_val = min(adata.n_obs - 1, max(1, round(args.val_frac * adata.n_obs)))
+        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        train_ds = CellDataset(adata.X[train_idx], config.bin_num)
+        val_ds = CellDataset(adata.X[val_idx], config.bin_num)
+        log.info("pretraining on %d cells (%d held out), %d genes, model dim %d depth %d heads %d", len(train_idx), n_val, len(genes), args.dim, args.depth, args.heads)
+        train_args = vars(args)
+
+        def save_best(epoch: int, metrics: dict[str, float], improved: bool) -> None:
+            if improved:
+                save_checkpoint(out / "model.pt", model, genes, preprocessing=DEFAULT_PREPROCESSING, train_args=train_args, metrics=metrics)
+
+        t0 = time.time()
+        best, history = pretrain(model, train_ds, val_ds, _train_config(args), device, args.mask_prob, args.replace_prob, on_epoch=save_best)
+        metrics = {
+            **best,
+            "beats_baseline": best["val_masked_accuracy"] > best["baseline_accuracy"],
+            "n_cells_train": len(train_idx), "n_cells_val": n_val, "n_genes": len(genes),
+            "seconds": round(time.time() - t0, 1), "gene2vec": g2v, "history": history,
+        }
+        write_json(out / "metrics.json", metrics)
+        plot_history(history, ["train_loss", "val_loss", "val_masked_accuracy"], out / "training_curves.png", "pretraining")
+        if args.export_gene2vec and vectors is not None:
+            from data.gene2vec import save_word2vec_text
+
+            save_word2vec_text(out / "gene2vec.txt", genes, model.gene_vectors().numpy())
+    except (InputError, CheckpointError) as e:
+        fail(str(e))
+    _write_summary(out, [
+        f"pretrained on {len(train_idx)} cells x {len(genes)} genes for {len(history)} epochs ({metrics['seconds']} s)",
+        f"held-out masked-token accuracy {best['val_masked_accuracy']:.4f} (best epoch {best['epoch']}) vs "
+        f"{best['baseline_accuracy']:.4f} for the most-common-bin baseline: {'beats' if metrics['beats_baseline'] else 'DOES NOT beat'} it",
+        f"model: {out / 'model.pt'}",
+    ])
+
+
+def _labels(adata: Any, key: str, source: str) -> np.ndarray:
+    if key not in adata.obs:
+        raise InputError(f"--label-key {key!r} is not a column of {source}; available columns: {list(adata.obs.columns)}")
+    return adata.obs[key]
+
+
+def run_finetune(args: argparse.Namespace) -> None:
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+    from sklearn.utils.class_weight import compute_class_weight
+
+    out = start_run(args.out, args)
+    try:
+        set_seed(args.seed)
+        device = resolve_device(args.device)
+        pre = load_checkpoint(args.pretrained) if args.pretrained else None
+        genes = pre.genes if pre else (load_vocab(args.vocab) if args.vocab else None)
+        adata, genes = load_prepared([args.data], genes)
+        _check_gene_num(args, len(genes))
+        raw_labels = _labels(adata, args.label_key, args.data)
+        known = raw_labels.notna().to_numpy()
+        if not known.all():
+            log.warning("%d cells have no %s label and are left out", int((~known).sum()), args.label_key)
+            adata = adata[known].copy()
+        y_str = adata.obs[args.label_key].astype(str).to_numpy()
+        classes = sorted(set(y_str))
+        if len(classes) < 2:
+            raise InputError(f"column {args.label_key!r} holds a single cell type ({classes}); a classifier needs at least two")
+        counts = {c: int((y_str == c).sum()) for c in classes}
+        need = args.cv if args.cv else 2
+        rare = {c: n for c, n in counts.items() if n < need}
+        if rare:
+            raise InputError(f"cell types with fewer than {need} cells cannot be split {'into ' + str(args.cv) + ' folds' if args.cv else 'into training and validation'}: {rare}. "
+                             f"Remove them from the data (or merge them into related types){' or use fewer folds' if args.cv else ''}")
+        y = np.array([classes.index(c) for c in y_str])
+        log.info("fine-tuning on %d cells, %d cell types: %s", len(y), len(classes), counts)
+
+        if pre is None:
+            mode, vectors, g2v = gene_embedding(_gene2vec_spec(args), args.gene2vec_genes, genes, adata.X, args.dim, args.seed, not args.quiet)
+            base = ScBERTConfig(n_genes=len(genes), bin_num=args.bin_num, dim=args.dim, depth=args.depth, heads=args.heads,
+                                dim_head=args.dim_head, gene_embedding=mode)
+        else:
+            vectors, g2v, base = None, {"source": f"pretrained:{args.pretrained}"}, pre.config
+        config = base.replace(head="classifier", n_classes=len(classes), classifier_dropout=args.dropout)
+
+        if args.cv:
+            splits = list(StratifiedKFold(args.cv, shuffle=True, random_state=args.seed).split(np.zeros(len(y)), y))
+        else:
+            idx = np.arange(len(y))
+            tr, va = train_test_split(idx, test_size=args.val_frac, stratify=y, random_state=args.seed)
+            splits = [(np.sort(tr), np.sort(va))]
+
+        folds: list[dict[str, Any]] = []
+        best_fold, best_state = -1, None
+        for k, (tr, va) in enumerate(splits):
+            set_seed(args.seed + k)
+            model = ScBERT(config, vectors)
+            if pre is not None:
+                model.load_encoder_state(pre.state_dict)
+            model.freeze_for_finetuning(train_all=args.train_all or pre is None)
+            weights = None
+            if args.class_weights:
+                weights = torch.tensor(compute_class_weight("balanced", classes=np.unique(y[tr]), y=y[tr]), dtype=torch.float32)
+                if len(weights) != len(classes):
+                    raise InputError("every cell type must occur in the training part to weight the classes")
+            train_ds = CellDataset(adata.X[tr], config.bin_num, y[tr])
+            val_ds = CellDataset(adata.X[va], config.bin_num, y[va])
+            desc = f"fold {k + 1}/{len(splits)}" if args.cv else "finetune"
+            best, history = finetune(model, train_ds, val_ds, _train_config(args, patience=args.patience), device, weights, desc)
+            probs, _ = predict(model, val_ds, args.batch_size, device, args.precision, progress=False)
+            pred = np.asarray(classes)[probs.argmax(1)]
+            m = classification_metrics(y_str[va], pred, classes)
+            m.update(best_epoch=best["epoch"], n_train=len(tr), n_val=len(va), history=history)
+            folds.append(m)
+            fold_dir = out / f"fold{k + 1}" if args.cv else out
+            fold_dir.mkdir(exist_ok=True)
+            plot_confusion(y_str[va], pred, fold_dir / "confusion_matrix.png", f"{desc}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
+            plot_history(history, ["train_loss", "val_loss", "val_accuracy"], fold_dir / "training_curves.png", desc)
+            if args.cv:
+                save_checkpoint(fold_dir / "model.pt", model, genes, classes, DEFAULT_PREPROCESSING, vars(args), {k2: v for k2, v in m.items() if k2 != "history"})
+            if best_fold < 0 or m["accuracy"] > folds[best_fold]["accuracy"]:
+                best_fold, best_state = k, {k2: v.detach().clone() for k2, v in model.state_dict().items()}
+            log.info("%s: accuracy %.4f, macro-F1 %.4f on %d validation cells", desc, m["accuracy"], m["macro_f1"], len(va))
+
+        model.load_state_dict(best_state)
+        summary_metrics = {"accuracy": folds[best_fold]["accuracy"], "macro_f1": folds[best_fold]["macro_f1"]}
+        metrics: dict[str, Any] = {"classes": classes, "class_counts": counts, "gene2vec": g2v}
+        if args.cv:
+            acc = np.array([f["accuracy"] for f in folds])
+            f1 = np.array([f["macro_f1"] for f in folds])
+            metrics.update(accuracy=float(acc.mean()), accuracy_sd=float(acc.std(ddof=1)), macro_f1=float(f1.mean()),
+                           macro_f1_sd=float(f1.std(ddof=1)), folds=folds, model_fold=best_fold + 1)
+        else:
+            metrics.update(folds[0])
+        save_checkpoint(out / "model.pt", model, genes, classes, DEFAULT_PREPROCESSING, vars(args), {**summary_metrics, "cv": args.cv})
+        write_json(out / "metrics.json", metrics)
+    except (InputError, CheckpointError) as e:
+        fail(str(e))
+    if args.cv:
+        lines = [f"{args.cv}-fold cross-validation on {len(y)} cells: accuracy {metrics['accuracy']:.4f} ± {metrics['accuracy_sd']:.4f}, "
+                 f"macro-F1 {metrics['macro_f1']:.4f} ± {metrics['macro_f1_sd']:.4f}",
+                 f"model.pt is the model of fold {best_fold + 1} (highest validation accuracy)"]
+    else:
+        lines = [f"validation ({len(splits[0][1])} cells): accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} (best epoch {metrics['best_epoch']})"]
+    _write_summary(out, [*lines, f"model: {out / 'model.pt'}"])
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from model.cli import setup_logging
+
+    setup_logging(args.quiet)
+    try:
+        out = check_writable(args.out, args.overwrite)
+        if args.csv:
+            check_writable(args.csv, args.overwrite)
+        ckpt = load_checkpoint(args.model)
+        adata = read_cells(args.data)
+        if args.label_key:
+            _labels(adata, args.label_key, args.data)
+        threshold = 0.0 if args.novel_type is False else args.threshold
+        t0 = time.time()
+        annotated, rep = annotate(adata, ckpt, threshold, args.batch_size, resolve_device(args.device), args.precision,
+                                  progress=not args.quiet)
+        for line in rep.get("warnings", []):
+            log.warning("WARNING: %s", line)
+        log.info("annotated %d cells in %.1f s (%.1f cells/s)", annotated.n_obs, time.time() - t0, annotated.n_obs / max(time.time() - t0, 1e-9))
+        write_h5ad_atomic(annotated, out)
+        if args.csv:
+            import pandas as pd
+
+            probs = pd.DataFrame(annotated.obsm["scbert_probabilities"], index=annotated.obs_names, columns=[f"p_{c}" for c in ckpt.classes])
+            table = pd.concat([annotated.obs[["scbert_celltype", "scbert_confidence"]], probs], axis=1)
+            tmp = Path(args.csv).with_name(f".{Path(args.csv).name}.tmp")
+            table.to_csv(tmp, index_label="cell")
+            tmp.replace(args.csv)
+    except (InputError, CheckpointError) as e:
+        fail(str(e))
+    pred = annotated.obs["scbert_celltype"].to_numpy()
+    n_un = int((pred == "Unassigned").sum())
+    log.info("wrote %s: %d cells, %d Unassigned (confidence < %.2f)", out, len(pred), n_un, threshold)
+    if args.label_key:
+        truth = annotated.obs[args.label_key]
+        ok = truth.notna().to_numpy()
+        m = classification_metrics(truth[ok].astype(str).to_numpy(), pred[ok])
+        print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  on {int(ok.sum())} labelled cells "
+              f"(Unassigned counts as wrong; {n_un} Unassigned)")
+        unknown = sorted(set(truth[ok].astype(str)) - set(ckpt.classes))
+        if unknown:
+            print(f"note: the query has cell types the model was not trained on: {unknown}")

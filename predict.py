@@ -1,0 +1,43 @@
+"""Stage 3: annotate new cells with a fine-tuned model."""
+
+from __future__ import annotations
+
+from model.cli import add_bool, parser, positive_int
+
+EXAMPLE = """
+python predict.py --data query.h5ad --model runs/finetune/model.pt --out query_annotated.h5ad --csv query_labels.csv
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(
+        "Annotate cells (raw counts or log-normalised; every cell kept, in order) with a fine-tuned scBERT model. "
+        "The query is aligned to the model's genes (missing genes count as not expressed). Writes a copy of the input "
+        "with obs['scbert_celltype'] ('Unassigned' when the top probability is below --threshold), "
+        "obs['scbert_confidence'], obsm['scbert_probabilities'] (columns: uns['scbert_classes']) and obsm['X_scbert'] "
+        "(cell embeddings: mean of the final encodings over all genes).",
+        EXAMPLE,
+    )
+    p.add_argument("--data", "--data_path", required=True, help="query cells: .h5ad, 10x .h5, 10x folder, .mtx or .csv")
+    p.add_argument("--model", "--model_path", required=True, help="fine-tuned checkpoint (model.pt from finetune.py)")
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--csv", default=None, help="also write a table: cell, label, confidence, one probability column per type")
+    p.add_argument("--threshold", "--unassign_thres", type=float, default=0.5, help="minimum top probability to assign a type (default: 0.5)")
+    add_bool(p, "--novel_type", "--novel-type", default=True, help="published flag: false never reports Unassigned")
+    p.add_argument("--label-key", default=None, help="obs column with known labels: prints accuracy and macro-F1")
+    p.add_argument("--batch-size", "--batch_size", type=positive_int, default=16, help="cells per forward pass (default: 16)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="arithmetic precision (default: fp32)")
+    add_bool(p, "--overwrite", default=False, help="replace existing outputs")
+    add_bool(p, "--quiet", default=False, help="only warnings and errors, no progress bar")
+    args = p.parse_args(argv)
+    if not 0.0 <= args.threshold <= 1.0:
+        p.error("--threshold must be between 0 and 1")
+
+    from model.stages import run_predict
+
+    run_predict(args)
+
+
+if __name__ == "__main__":
+    main()
