@@ -381,7 +381,7 @@ def top_correlated_pairs(
     genes the centred dense block ``B - mean(B)`` (cells x block) is multiplied by the sparse
     ``X.T`` in float32, giving the covariances of all genes with the block, which are divided by
     the gene standard deviations. Peak extra memory is about
-    ``4 * block_size * (n_cells + 3 * n_genes)`` bytes plus a float32 copy of ``X``.
+    ``block_size * (8 * n_cells + 12 * n_genes)`` bytes plus float32 copies of ``X``.
 
     Returns ``(pairs, corr, n_genes_considered)``: ``pairs`` int64 ``(m, 2)`` column indices with
     ``pairs[:, 0] < pairs[:, 1]`` sorted lexicographically, ``corr`` float32 ``(m,)`` their
@@ -431,8 +431,9 @@ def top_correlated_pairs(
         cov *= (inv_std[start:stop] / n_cells)[None, :]
         b = stop - start
         cov[np.arange(start, stop), np.arange(b)] = -np.inf  # exclude self
-        top = np.argpartition(-cov, k - 1, axis=0)[:k]  # (k, b) partner rows
-        r = np.take_along_axis(cov, top, axis=0)
+        np.negative(cov, out=cov)  # argpartition finds the smallest: negate in place, no copy
+        top = np.argpartition(cov, k - 1, axis=0)[:k]  # (k, b) partner rows
+        r = -np.take_along_axis(cov, top, axis=0)
         del cov
         keep = r >= min_corr
         cols = np.broadcast_to(np.arange(start, stop), top.shape)
