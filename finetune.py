@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from model.cli import add_bool, add_common, add_model_args, fraction, parser, positive_int
 
 EXAMPLE = """
@@ -10,7 +12,7 @@ python finetune.py --data zheng68k.h5ad --label-key celltype --pretrained pangla
 """
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(
         "Fine-tune scBERT to classify cell types. Cells are split into training and validation parts stratified by "
         "type (or into --cv folds); training stops early when validation accuracy has not improved for --patience "
@@ -41,6 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     add_bool(g, "--class-weights", default=False, help="weight the loss by inverse class frequency (balanced)")
     add_bool(g, "--train-all", default=False, help="train every layer, not only the published subset")
     add_common(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.cv is not None and args.cv < 2:
         p.error("--cv needs at least 2 folds")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from model.cli import add_bool, parser, positive_int
 
 EXAMPLE = """
@@ -9,7 +11,7 @@ python predict.py --data query.h5ad --model runs/finetune/model.pt --out query_a
 """
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(
         "Annotate cells (raw counts or log-normalised; every cell kept, in order) with a fine-tuned scBERT model. "
         "The query is aligned to the model's genes (missing genes count as not expressed). Writes a copy of the input "
@@ -30,6 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="arithmetic precision (default: fp32)")
     add_bool(p, "--overwrite", default=False, help="replace existing outputs")
     add_bool(p, "--quiet", default=False, help="only warnings and errors, no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     if not 0.0 <= args.threshold <= 1.0:
         p.error("--threshold must be between 0 and 1")

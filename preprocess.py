@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from model.cli import add_bool, fail, parser, setup_logging
 
 EXAMPLE = """
@@ -11,7 +13,7 @@ python preprocess.py --data filtered_feature_bc_matrix.h5 --out prep/x.h5ad --vo
 """
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(
         "Filter cells (>= --min-genes expressed genes), normalise each cell to 10,000 counts over ALL its genes, "
         "take log2(1 + x), revise gene symbols to current NCBI symbols, then keep either the genes of a vocabulary "
@@ -28,6 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     add_bool(p, "--transpose", default=False, help="the input file is genes x cells")
     add_bool(p, "--overwrite", default=False, help="replace an existing output")
     add_bool(p, "--quiet", default=False, help="only warnings and errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     setup_logging(args.quiet)
 

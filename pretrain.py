@@ -14,7 +14,7 @@ python pretrain.py --data panglao.h5ad --out runs/panglao --gene2vec gene2vec_16
 """
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(
         "Pretrain scBERT by masked-expression reconstruction: in every cell, 15%% of the expressed (non-zero) "
         "genes are masked (90%% replaced by the mask token, the rest kept) and the model predicts their expression "
@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--valid_every", type=int, default=1, help=argparse.SUPPRESS)
     g.add_argument("--export-gene2vec", action="store_true", help="also write OUT/gene2vec.txt (word2vec text format)")
     add_common(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
 
     from model.stages import run_pretrain

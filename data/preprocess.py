@@ -237,7 +237,9 @@ def prepare(
             # scanpy's dispersion statistics assume natural-log data.
             tmp = ad.AnnData(X=X * np.float32(math.log(2.0)))
             sc.pp.highly_variable_genes(tmp, n_top_genes=n_top_genes, flavor="seurat")
-            hv = np.flatnonzero(tmp.var["highly_variable"].to_numpy())
+            # Rank by normalised dispersion ourselves: scanpy may return more than n_top_genes on ties.
+            disp = np.nan_to_num(tmp.var["dispersions_norm"].to_numpy(dtype=np.float64), nan=-np.inf)
+            hv = np.sort(np.argsort(-disp, kind="stable")[:n_top_genes])
             X = X[:, hv]
             var_names = [var_names[j] for j in hv]
             rep.n_top_genes = n_top_genes

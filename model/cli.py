@@ -118,17 +118,17 @@ def _git_commit() -> str | None:
 
 
 def environment() -> dict[str, Any]:
-    import anndata
-    import numpy
-    import scanpy
-    import torch
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
 
     return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "scanpy": scanpy.__version__,
-        "anndata": anndata.__version__,
+        **{name: v(name) for name in ("torch", "performer-pytorch", "numpy", "scanpy", "anndata", "gensim")},
         "platform": platform.platform(),
         "git_commit": _git_commit(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

@@ -1,0 +1,145 @@
+"""The network, its freezing policy, and checkpoints."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.config import ScBERTConfig
+from model.scbert import ScBERT
+
+TINY = {"n_genes": 30, "dim": 16, "depth": 3, "heads": 2, "dim_head": 8}
+
+
+def _tokens(n: int = 4, n_genes: int = 30, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, 6, (n, n_genes + 1), generator=g)
+    t[:, -1] = 0
+    return t
+
+
+def test_published_defaults() -> None:
+    c = ScBERTConfig(n_genes=16906)
+    assert (c.bin_num, c.num_tokens, c.mask_token) == (5, 7, 6)
+    assert (c.dim, c.depth, c.heads, c.dim_head) == (200, 6, 10, 64)
+    assert c.n_features == 266 and c.feature_redraw_interval == 1000
+    assert c.seq_len == 16907 and c.gene_embedding == "gene2vec"
+
+
+def test_shapes_of_both_heads_and_embeddings() -> None:
+    torch.manual_seed(0)
+    t = _tokens()
+    mlm = ScBERT(ScBERTConfig(**TINY)).eval()
+    assert mlm(t).shape == (4, 31, 7)
+    clf = ScBERT(ScBERTConfig(**TINY, head="classifier", n_classes=3)).eval()
+    assert clf(t).shape == (4, 3)
+    assert clf.embed(t).shape == (4, 16) and clf.embed(t, "expressed").shape == (4, 16)
+    with pytest.raises(ValueError, match="expected tokens of shape"):
+        clf(t[:, :-1])
+
+
+def test_classifier_head_equals_the_published_conv_formulation() -> None:
+    torch.manual_seed(0)
+    clf = ScBERT(ScBERTConfig(**TINY, head="classifier", n_classes=3)).eval()
+    h = torch.randn(2, 31, 16)
+    head = clf.to_out
+    x = torch.relu(head.conv1(h[:, None])).flatten(1)
+    want = head.fc3(torch.relu(head.fc2(torch.relu(head.fc1(x)))))
+    torch.testing.assert_close(head(h), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gene_embedding_variants() -> None:
+    vectors = torch.randn(30, 16)
+    m = ScBERT(ScBERTConfig(**TINY), vectors)
+    w = m.pos_emb.emb.weight
+    assert not w.requires_grad
+    torch.testing.assert_close(w[:30], vectors)
+    assert torch.count_nonzero(w[30]) == 0, "the extra last position has a zero vector"
+    torch.testing.assert_close(m.gene_vectors(), vectors)
+    assert ScBERT(ScBERTConfig(**TINY, gene_embedding="learned")).pos_emb.emb.weight.requires_grad
+    none = ScBERT(ScBERTConfig(**TINY, gene_embedding="none"))
+    assert none.pos_emb is None and not any(k.startswith("pos_emb") for k in none.state_dict())
+
+
+def test_state_dict_holds_each_weight_once() -> None:
+    keys = ScBERT(ScBERTConfig(**TINY)).state_dict().keys()
+    assert not any("proj_updater.instance" in k for k in keys)
+    assert "performer.proj_updater.calls_since_last_redraw" in keys
+
+
+def test_published_freezing_policy() -> None:
+    m = ScBERT(ScBERTConfig(**TINY, head="classifier", n_classes=3))
+    m.freeze_for_finetuning()
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("norm.", "to_out.", "performer.net.layers.1.")) for n in trainable)
+    assert any(n.startswith("performer.net.layers.1.") for n in trainable)
+    assert any(n.startswith("to_out.") for n in trainable) and "norm.weight" in trainable
+    m.freeze_for_finetuning(train_all=True)
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    assert frozen == {"pos_emb.emb.weight"}, "gene2vec stays frozen even when training everything"
+
+
+def test_load_encoder_state_checks_fit() -> None:
+    pre = ScBERT(ScBERTConfig(**TINY))
+    clf = ScBERT(ScBERTConfig(**TINY, head="classifier", n_classes=3))
+    clf.load_encoder_state(pre.state_dict())
+    torch.testing.assert_close(clf.token_emb.weight, pre.token_emb.weight)
+    other = ScBERT(ScBERTConfig(**{**TINY, "n_genes": 31}))
+    with pytest.raises(ValueError, match="shape"):
+        clf.load_encoder_state(other.state_dict())
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = ScBERT(ScBERTConfig(**TINY, head="classifier", n_classes=2)).eval()
+    genes = [f"G{i}" for i in range(30)]
+    path = tmp_path / "run" / "model.pt"
+    save_checkpoint(path, m, genes, ["a", "b"], train_args={"lr": 1e-4, "path": Path("x"), "nan": float("nan")}, metrics={"accuracy": 0.5})
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"], "no temporary files left behind"
+    raw = torch.load(path, weights_only=True)  # plain data only
+    assert raw["format"] == "scbert-pytorch"
+    ck = load_checkpoint(path)
+    assert ck.genes == genes and ck.classes == ["a", "b"] and ck.metrics["accuracy"] == 0.5
+    t = _tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(ck.build_model()(t), m(t))
+
+
+def test_checkpoint_needs_names(tmp_path: Path) -> None:
+    m = ScBERT(ScBERTConfig(**TINY, head="classifier", n_classes=2))
+    with pytest.raises(ValueError, match="gene names"):
+        save_checkpoint(tmp_path / "m.pt", m, ["G1"], ["a", "b"])
+    with pytest.raises(ValueError, match="class name"):
+        save_checkpoint(tmp_path / "m.pt", m, [f"G{i}" for i in range(30)], ["a"])
+    assert not (tmp_path / "m.pt").exists()
+
+
+class _Evil:
+    def __reduce__(self):  # noqa: ANN204 - executed only if unpickled unsafely
+        return (os.system, ("touch pwned_marker",))
+
+
+def test_bad_checkpoints_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, ScBERT(ScBERTConfig(**TINY)), [f"G{i}" for i in range(30)])
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(truncated)
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"format": "scbert-pytorch", "x": _Evil()}, f)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(evil)
+    assert not (tmp_path / "pwned_marker").exists()
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not an scBERT checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
