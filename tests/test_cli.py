@@ -1,0 +1,66 @@
+"""Command-line parsing: booleans, published spellings, --help."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+import finetune
+import predict
+import preprocess
+import pretrain
+from model.cli import str2bool
+
+from .conftest import REPO
+
+
+@pytest.mark.parametrize("text,value", [("False", False), ("false", False), ("0", False), ("no", False), ("True", True), ("yes", True), ("1", True)])
+def test_str2bool(text: str, value: bool) -> None:
+    assert str2bool(text) is value
+
+
+def test_str2bool_rejects_garbage() -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        str2bool("maybe")
+
+
+def test_boolean_flags_read_false_as_false() -> None:
+    base = ["--data", "x.h5ad", "--label-key", "celltype", "--out", "o"]
+    p = finetune.build_parser()
+    assert p.parse_args(base).class_weights is False
+    assert p.parse_args([*base, "--class-weights"]).class_weights is True
+    assert p.parse_args([*base, "--class-weights", "False"]).class_weights is False
+    assert p.parse_args([*base, "--class-weights", "true"]).class_weights is True
+    with pytest.raises(SystemExit):
+        p.parse_args([*base, "--class-weights", "perhaps"])
+
+
+def test_published_underscore_spellings() -> None:
+    a = pretrain.build_parser().parse_args(
+        ["--data_path", "a.h5ad", "--ckpt_dir", "o", "--bin_num", "7", "--gene_num", "16906", "--batch_size", "3",
+         "--learning_rate", "2e-4", "--grad_acc", "60", "--mask_prob", "0.2", "--replace_prob", "0.8", "--pos_embed", "False",
+         "--epoch", "4", "--local_rank", "0"]
+    )
+    assert (a.data, a.out, a.bin_num, a.gene_num, a.batch_size, a.lr, a.grad_acc) == (["a.h5ad"], "o", 7, 16906, 3, 2e-4, 60)
+    assert (a.mask_prob, a.replace_prob, a.pos_embed, a.epochs) == (0.2, 0.8, False, 4)
+    b = predict.build_parser().parse_args(
+        ["--data_path", "q.h5ad", "--model_path", "m.pt", "--out", "p.h5ad", "--novel_type", "False", "--unassign_thres", "0.3"]
+    )
+    assert (b.data, b.model, b.novel_type, b.threshold) == ("q.h5ad", "m.pt", False, 0.3)
+    c = finetune.build_parser().parse_args(["--data_path", "d", "--label_key", "ct", "--model_path", "p.pt", "--ckpt_dir", "o"])
+    assert (c.data, c.label_key, c.pretrained, c.out) == ("d", "ct", "p.pt", "o")
+
+
+@pytest.mark.parametrize("script", ["preprocess.py", "pretrain.py", "finetune.py", "predict.py"])
+def test_help_shows_an_example(script: str) -> None:
+    out = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    assert "example:" in out.stdout and "--data" in out.stdout
+
+
+def test_parsers_build() -> None:
+    for mod in (preprocess, pretrain, finetune, predict):
+        assert isinstance(mod.build_parser(), argparse.ArgumentParser)

@@ -1,0 +1,114 @@
+"""All four stages on bundled data with a tiny model: preprocess -> pretrain -> finetune -> predict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import finetune
+import predict
+import preprocess
+import pretrain
+from model.checkpoint import load_checkpoint
+
+from .conftest import TINY_MODEL
+
+FAST = ["--batch-size", "16", "--lr", "1e-3", "--quiet", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def runs(pbmc_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("e2e")
+    prep = d / "prep.h5ad"
+    preprocess.main(["--data", str(pbmc_small), "--out", str(prep), "--n-top-genes", "300", "--quiet"])
+    pretrain.main(["--data", str(prep), "--out", str(d / "pre"), *TINY_MODEL, "--epochs", "2", *FAST])
+    finetune.main(["--data", str(prep), "--label-key", "celltype", "--pretrained", str(d / "pre" / "model.pt"),
+                   "--out", str(d / "ft"), "--epochs", "3", *FAST])
+    predict.main(["--data", str(pbmc_small), "--model", str(d / "ft" / "model.pt"), "--out", str(d / "pred.h5ad"),
+                  "--csv", str(d / "pred.csv"), "--label-key", "celltype", "--quiet"])
+    return {"dir": d, "prep": prep, "raw": pbmc_small}
+
+
+def test_preprocess_output(runs: dict[str, Path]) -> None:
+    prep = ad.read_h5ad(runs["prep"])
+    assert prep.n_vars == 300 and prep.n_obs == 240
+    assert prep.X.max() < 16 and "scbert_preprocess" in prep.uns
+
+
+def test_pretrain_outputs(runs: dict[str, Path]) -> None:
+    out = runs["dir"] / "pre"
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("val_masked_accuracy", "baseline_accuracy", "beats_baseline", "history", "gene2vec"):
+        assert key in m
+    assert 0 <= m["val_masked_accuracy"] <= 1 and len(m["history"]) == 2
+    ck = load_checkpoint(out / "model.pt")
+    assert ck.config.head == "mlm" and ck.config.dim == 16 and ck.genes == list(ad.read_h5ad(runs["prep"]).var_names)
+    assert ck.config.gene_embedding == "gene2vec"
+    for name in ("config.json", "log.txt", "summary.txt", "training_curves.png"):
+        assert (out / name).is_file(), name
+
+
+def test_finetune_outputs(runs: dict[str, Path]) -> None:
+    out = runs["dir"] / "ft"
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"accuracy", "macro_f1", "per_class", "classes"} <= set(m)
+    assert m["classes"] == ["B", "CD14+ Mono", "NK", "Naive CD4 T"]
+    assert m["n_val"] == 48
+    assert (out / "confusion_matrix.png").stat().st_size > 1000
+    ck = load_checkpoint(out / "model.pt")
+    assert ck.classes == m["classes"] and ck.config.head == "classifier"
+    pre = load_checkpoint(runs["dir"] / "pre" / "model.pt")
+    np.testing.assert_array_equal(ck.state_dict["pos_emb.emb.weight"].numpy(), pre.state_dict["pos_emb.emb.weight"].numpy())
+
+
+def test_predict_outputs(runs: dict[str, Path]) -> None:
+    raw = ad.read_h5ad(runs["raw"])
+    pred = ad.read_h5ad(runs["dir"] / "pred.h5ad")
+    assert list(pred.obs_names) == list(raw.obs_names), "every cell kept, in order"
+    assert pred.obsm["scbert_probabilities"].shape == (240, 4)
+    np.testing.assert_allclose(pred.obsm["scbert_probabilities"].sum(1), 1, atol=1e-5)
+    assert pred.obsm["X_scbert"].shape == (240, 16)
+    conf = pred.obs["scbert_confidence"].to_numpy()
+    labels = pred.obs["scbert_celltype"].to_numpy()
+    assert np.all((labels == "Unassigned") == (conf < 0.5))
+    assert set(labels) <= {"B", "CD14+ Mono", "NK", "Naive CD4 T", "Unassigned"}
+    table = pd.read_csv(runs["dir"] / "pred.csv", index_col=0)
+    assert list(table.columns[:2]) == ["scbert_celltype", "scbert_confidence"] and len(table) == 240
+
+
+def test_predicting_prepared_or_raw_input_gives_the_same_answer(runs: dict[str, Path]) -> None:
+    out = runs["dir"] / "pred_from_prep.h5ad"
+    predict.main(["--data", str(runs["prep"]), "--model", str(runs["dir"] / "ft" / "model.pt"), "--out", str(out), "--quiet"])
+    a, b = ad.read_h5ad(out), ad.read_h5ad(runs["dir"] / "pred.h5ad")
+    np.testing.assert_allclose(a.obsm["scbert_probabilities"], b.obsm["scbert_probabilities"], atol=1e-5)
+
+
+def test_outputs_are_not_overwritten_without_permission(runs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        predict.main(["--data", str(runs["raw"]), "--model", str(runs["dir"] / "ft" / "model.pt"), "--out", str(runs["dir"] / "pred.h5ad"), "--quiet"])
+    assert "--overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pretrain.main(["--data", str(runs["prep"]), "--out", str(runs["dir"] / "pre"), *TINY_MODEL, "--quiet"])
+
+
+def test_missing_label_column_lists_the_available_ones(runs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        finetune.main(["--data", str(runs["prep"]), "--label-key", "cell_type", "--out", str(runs["dir"] / "bad"), *TINY_MODEL, "--quiet"])
+    err = capsys.readouterr().err
+    assert "'cell_type' is not a column" in err and "celltype" in err
+
+
+def test_cross_validation_from_scratch_without_gene2vec(runs: dict[str, Path]) -> None:
+    out = runs["dir"] / "cv"
+    finetune.main(["--data", str(runs["prep"]), "--label-key", "celltype", "--out", str(out), "--cv", "2", "--epochs", "1",
+                   "--gene2vec", "none", "--class-weights", *TINY_MODEL, *FAST])
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["folds"]) == 2 and "accuracy_sd" in m and "macro_f1_sd" in m
+    assert sum(f["n_val"] for f in m["folds"]) == 240, "every cell validated exactly once"
+    assert (out / "fold1" / "model.pt").is_file() and (out / "fold2" / "confusion_matrix.png").is_file()
+    assert load_checkpoint(out / "model.pt").config.gene_embedding == "none"
