@@ -9,6 +9,7 @@ hyperparameters are inferred from tensor shapes here, and the gene and class lis
 
 from __future__ import annotations
 
+import importlib
 import math
 import pickle
 import re
@@ -17,15 +18,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from model.checkpoint import DEFAULT_PREPROCESSING, Checkpoint, CheckpointError
+from model.checkpoint import Checkpoint, CheckpointError
 from model.config import ScBERTConfig
 from model.scbert import ScBERT
 
+# The published preprocessing: total counts scaled to 1e4 per cell, log2(1 + x), cells with >= 200 genes.
 PUBLISHED_PREPROCESSING: dict[str, Any] = {"target_sum": 1e4, "log_base": 2.0, "min_genes": 200}
-assert {k: PUBLISHED_PREPROCESSING[k] for k in DEFAULT_PREPROCESSING} == DEFAULT_PREPROCESSING
 
 _CALLS_PUBLISHED = "performer.calls_since_last_redraw"
 _CALLS_OURS = "performer.proj_updater.calls_since_last_redraw"
@@ -46,7 +48,7 @@ def _is_state_dict(obj: Any) -> bool:
         return False
     if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         return False
-    keys = {_strip_module(k) for k in obj} if all(k.startswith("module.") for k in obj) else set(obj)
+    keys = {_strip_module(k) for k in obj}
     return "token_emb.weight" in keys and any(_LAYER_RE.match(k) for k in keys)
 
 
@@ -72,7 +74,9 @@ def _normalise_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if k == _CALLS_PUBLISHED:
             k = _CALLS_OURS
         if k in out:
-            raise CheckpointError(f"the state dict holds {k!r} twice (under two spellings); it is not a published scBERT checkpoint")
+            raise CheckpointError(
+                f"the state dict holds {k!r} twice (under two spellings); it is not a published scBERT checkpoint"
+            )
         out[k] = v
     return out
 
@@ -109,7 +113,9 @@ def infer_config(state_dict: Mapping[str, Tensor], n_genes: int | None = None) -
     if not layers:
         raise CheckpointError("the state dict has no performer.net.layers.*: it is not an scBERT checkpoint")
     if layers != list(range(len(layers))):
-        raise CheckpointError(f"Performer layers are not numbered 0..{len(layers) - 1} (found {layers}); the checkpoint is damaged")
+        raise CheckpointError(
+            f"Performer layers are not numbered 0..{len(layers) - 1} (found {layers}); the checkpoint is damaged"
+        )
     depth = len(layers)
     prefix = "performer.net.layers.0.0.fn."
     inner, q_dim = _shape(sd, prefix + "to_q.weight", 2)
@@ -188,7 +194,7 @@ def convert_state_dict(
         else:
             raise CheckpointError(f"{k} holds {v.dtype} values; every scBERT weight is a floating-point tensor")
         if v.is_floating_point() and not torch.isfinite(v).all():
-            raise CheckpointError(f"{k} contains NaN or infinite values; the checkpoint is damaged (training diverged?)")
+            raise CheckpointError(f"{k} holds NaN or infinite values: the checkpoint is damaged or training diverged")
         converted[k] = v.contiguous()
     # The redraw counter is bookkeeping only (redraws happen in training mode); a state dict saved
     # without it is still complete.
@@ -206,7 +212,8 @@ def convert_state_dict(
             parts.append(f"missing keys {_listing(missing)}")
         raise CheckpointError(
             f"the state dict does not match an scBERT model with the inferred configuration "
-            f"(dim {config.dim}, depth {config.depth}, heads {config.heads}, dim_head {config.dim_head}): {'; '.join(parts)}"
+            f"(dim {config.dim}, depth {config.depth}, heads {config.heads}, dim_head {config.dim_head}): "
+            + "; ".join(parts)
         )
     wrong = [
         f"{k} {tuple(converted[k].shape)} (expected {tuple(v.shape)})"
@@ -236,16 +243,49 @@ class _Opaque:
         pass
 
 
-def _load_with_placeholders(path: Path) -> Any:
-    """``weights_only`` loading where every global the safe loader refuses (numpy scalars in
-    ``losses``, an optimizer's extra objects...) is replaced by an inert :class:`_Opaque`.
+def _numpy_global(name: str) -> Any:
+    """The real numpy object for the few globals a numpy scalar needs (``scalar``, ``dtype``,
+    ``dtypes.*DType``), which only rebuild a number from its bytes; None for anything else."""
+    if name in ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"):
+        for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+            try:
+                return importlib.import_module(module).scalar
+            except (ImportError, AttributeError):
+                continue
+        return None
+    if name == "numpy.dtype":
+        return np.dtype
+    if name.startswith("numpy.dtypes.") and name.endswith("DType"):
+        cls = getattr(getattr(np, "dtypes", None), name.rsplit(".", 1)[1], None)
+        return cls if isinstance(cls, type) and issubclass(cls, np.dtype) else None
+    return None
 
-    Globals from blocklisted modules (os, sys...) still make the load fail.
+
+def _load_with_placeholders(path: Path) -> Any:
+    """``weights_only`` loading that reads numpy scalars (e.g. in ``losses``) and replaces every
+    other global the safe loader refuses (an optimizer's or scheduler's extra objects...) by an
+    inert :class:`_Opaque`, so the weights can be read and nothing else is run.
+
+    Globals from modules torch blocks outright (os, sys...) still make the load fail.
     """
-    names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    stubs = [(type(f"_Opaque_{i}", (_Opaque,), {}), name) for i, name in enumerate(names)]
-    with torch.serialization.safe_globals(stubs):
+    allowed: list[tuple[Any, str]] = []
+    for i, name in enumerate(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))):
+        real = _numpy_global(name)
+        allowed.append((real if real is not None else type(f"_Opaque_{i}", (_Opaque,), {}), name))
+        if name == "numpy.dtype":  # a dtype is rebuilt as an instance of its numpy.dtypes.*DType class
+            dtypes = getattr(np, "dtypes", None)
+            for attr in dir(dtypes) if dtypes is not None else []:
+                cls = getattr(dtypes, attr)
+                if isinstance(cls, type) and issubclass(cls, np.dtype) and cls is not np.dtype:
+                    allowed.append((cls, f"numpy.dtypes.{attr}"))
+    with torch.serialization.safe_globals(allowed):
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _refused_global(e: BaseException) -> str:
+    """The name of the global a weights-only load refused, from torch's (long) message."""
+    found = re.search(r"GLOBAL (\S+)", str(e)) or re.search(r"got <class '([^']+)'>", str(e))
+    return found.group(1) if found else "objects it cannot read safely"
 
 
 def _first_line(e: BaseException) -> str:
@@ -257,23 +297,24 @@ def read_published(path: str | Path) -> Any:
     """The object stored in ``path``, read without executing anything it contains."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (or is a folder): give the path to the published .pth file")
-    unreadable = (
-        f"{path} could not be read as a PyTorch checkpoint: it may be truncated (an interrupted copy or download) "
-        f"or not a checkpoint at all. Copy it again."
-    )
+        raise CheckpointError(
+            f"checkpoint {path} does not exist (or is a folder): give the path to the published .pth file"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = _first_line(e)
+    except pickle.UnpicklingError:
+        pass
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{unreadable} ({_first_line(e)})") from None
+        raise CheckpointError(
+            f"{path} could not be read as a PyTorch checkpoint: it may be truncated (an interrupted copy or "
+            f"download) or not a checkpoint at all. Copy it again. ({_first_line(e)})"
+        ) from None
     try:
         return _load_with_placeholders(path)
-    except Exception as e:  # noqa: BLE001 - any failure here means: refuse the file
+    except Exception as e:  # any failure here means: refuse the file
         raise CheckpointError(
-            f"{path} contains Python objects that are not allowed to be loaded (only tensors, numbers and text "
-            f"are), and its weights could not be read without them: refusing to execute it. ({refused}; {_first_line(e)})"
+            f"{path} refers to Python code ({_refused_global(e)}) that a checkpoint must not contain; "
+            f"refusing to load it (nothing in it was run). Only tensors, numbers and text are read."
         ) from None
 
 
@@ -283,7 +324,7 @@ def _loss_summary(losses: Any) -> float | None:
         value = float(losses.reshape(-1)[-1])
     elif isinstance(losses, (list, tuple)) and losses:
         return _loss_summary(losses[-1])
-    elif isinstance(losses, (int, float)) and not isinstance(losses, bool):
+    elif isinstance(losses, (int, float, np.integer, np.floating)) and not isinstance(losses, bool):
         value = float(losses)
     else:
         return None
@@ -293,36 +334,59 @@ def _loss_summary(losses: Any) -> float | None:
 def load_published(
     path: str | Path, genes: Sequence[str] | None = None, classes: Sequence[str] | None = None
 ) -> Checkpoint:
-    """A checkpoint of the published scBERT code as our :class:`Checkpoint`.
+    """A checkpoint file of the published scBERT code as our :class:`Checkpoint`.
 
     ``genes``: the ordered vocabulary the model was trained on (required: the file has no names).
     ``classes``: class names in logit order, required for a fine-tuned (classifier) checkpoint
     and refused for a pretrained one.
     """
     path = Path(path)
-    obj = read_published(path)
+    return published_to_checkpoint(read_published(path), genes=genes, classes=classes, source=str(path))
+
+
+def published_to_checkpoint(
+    obj: Any,
+    genes: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
+    source: str = "the checkpoint",
+) -> Checkpoint:
+    """Like :func:`load_published`, for an object already read (safely) from ``source``."""
+    name = source
     if isinstance(obj, Mapping) and obj.get("format") == "scbert-pytorch":
-        raise CheckpointError(f"{path} is already in this package's format: load it directly, no conversion needed")
+        raise CheckpointError(f"{name} is already in this package's format: load it directly, no conversion needed")
     if not is_published_checkpoint(obj):
+        if isinstance(obj, _Opaque):
+            raise CheckpointError(
+                f"{name} is not a published scBERT checkpoint: it holds a Python object of a kind that is not "
+                f"allowed to be loaded (it was not run)"
+            )
+        if isinstance(obj, Mapping) and "model_state_dict" in obj:
+            inner = obj["model_state_dict"]
+            keys = [str(k) for k in list(inner)[:5]] if isinstance(inner, Mapping) else type(inner).__name__
+            raise CheckpointError(
+                f"{name} has a model_state_dict, but not of scBERT (no token_emb.weight and "
+                f"performer.net.layers.* tensors; it holds {keys})"
+            )
         if isinstance(obj, Mapping):
             keys = [str(k) for k in list(obj)[:8]]
             raise CheckpointError(
-                f"{path} is not a published scBERT checkpoint: expected a dict with 'model_state_dict' holding "
+                f"{name} is not a published scBERT checkpoint: expected a dict with 'model_state_dict' holding "
                 f"scBERT weights (token_emb, performer.net.layers...), found keys {keys}"
             )
-        raise CheckpointError(f"{path} is not a published scBERT checkpoint (it holds a {type(obj).__name__}, not a dict)")
+        raise CheckpointError(
+            f"{name} is not a published scBERT checkpoint (it holds a {type(obj).__name__}, not a dict)"
+        )
     wrapped = "model_state_dict" in obj
-    state_dict = obj["model_state_dict"] if wrapped else obj
+    sd = _normalise_keys(obj["model_state_dict"] if wrapped else obj)
 
-    sd = _normalise_keys(state_dict)
     shape_genes = _n_genes_from_shapes(sd)
     if genes is None:
         size = f"{shape_genes} genes" if shape_genes is not None else "its genes"
-        raise CheckpointError(f"{path}: {_GENES_HELP} ({size}, in the order used for training)")
+        raise CheckpointError(f"{name}: {_GENES_HELP} ({size}, in the order used for training)")
     genes = [str(g) for g in genes]
     if shape_genes is not None and len(genes) != shape_genes:
         raise CheckpointError(
-            f"the gene list has {len(genes)} genes but {path} was trained on {shape_genes} "
+            f"the gene list has {len(genes)} genes but {name} was trained on {shape_genes} "
             f"(its embedding has {shape_genes} + 1 rows): give the exact gene list used for training"
         )
     dup = len(genes) - len(set(genes))
@@ -333,28 +397,28 @@ def load_published(
     if config.head == "mlm":
         if classes is not None:
             raise CheckpointError(
-                f"{path} is a pretrained (masked-expression) checkpoint without a classifier, so it takes no "
+                f"{name} is a pretrained (masked-expression) checkpoint without a classifier, so it takes no "
                 f"classes: leave out --classes (fine-tune it to get a classifier)"
             )
         class_list = None
     else:
         if classes is None:
-            raise CheckpointError(f"{path} is a fine-tuned classifier with {config.n_classes} classes: {_CLASSES_HELP}")
+            raise CheckpointError(f"{name} is a fine-tuned classifier with {config.n_classes} classes: {_CLASSES_HELP}")
         class_list = [str(c) for c in classes]
         if len(class_list) != config.n_classes:
             raise CheckpointError(
-                f"{len(class_list)} class names given but {path} has {config.n_classes} outputs: give exactly "
+                f"{len(class_list)} class names given but {name} has {config.n_classes} outputs: give exactly "
                 f"{config.n_classes} names, in the published label_dict order"
             )
         if len(set(class_list)) != len(class_list):
             raise CheckpointError("the class list has duplicated names")
 
-    train_args: dict[str, Any] = {"source": "published scBERT code", "converted_from": str(path)}
+    train_args: dict[str, Any] = {"source": "published scBERT code", "converted_from": source}
     metrics: dict[str, Any] = {}
     if wrapped:
         epoch = obj.get("epoch")
-        if isinstance(epoch, int) and not isinstance(epoch, bool):
-            train_args["published_epoch"] = epoch
+        if isinstance(epoch, (int, np.integer)) and not isinstance(epoch, bool):
+            train_args["published_epoch"] = int(epoch)
         loss = _loss_summary(obj.get("losses"))
         if loss is not None:
             metrics["published_last_loss"] = loss
@@ -366,5 +430,5 @@ def load_published(
         preprocessing=dict(PUBLISHED_PREPROCESSING),
         train_args=train_args,
         metrics=metrics,
-        source=str(path),
+        source=source,
     )

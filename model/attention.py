@@ -1,0 +1,269 @@
+"""How much attention each gene receives in scBERT's Performer, computed exactly in linear time.
+
+FAVOR+ attention (``performer_pytorch``) replaces softmax(QK^T) by ``A = D^-1 Q' K'^T``, where
+``Q' = phi_q(Q)`` and ``K' = phi_k(K)`` are (n x m) random-feature maps (``softmax_kernel``) and
+``D = diag(Q' K'^T 1)`` normalises each row to sum to one. The attention that gene ``j`` receives
+from all genes of a cell is the column sum of ``A``::
+
+    c_j = sum_i q'_i . k'_j / D_i = k'_j . (sum_i q'_i / D_i)
+
+which costs O(n m) per head instead of the O(n^2) of building ``A`` (16,907^2 numbers per head for
+the published vocabulary). ``q'`` and ``k'`` are taken from the model itself: forward hooks on the
+chosen layer's ``to_q`` / ``to_k`` capture the projections, and the package's own
+``softmax_kernel`` is applied with that layer's ``projection_matrix``, so the scores are exactly
+those of the attention the model computes. Scores are averaged over heads; with ``normalize`` they
+are divided by the sequence length, i.e. they are the mean attention a gene receives per gene (all
+scores of a cell then sum to 1).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import sparse
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from data.dataset import CellDataset
+from model.scbert import ScBERT
+from model.training import autocast, make_loader
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", FutureWarning)
+    from performer_pytorch.performer_pytorch import SelfAttention, softmax_kernel
+
+Layer = int | str | Sequence[int]
+
+
+def attention_modules(model: ScBERT) -> list[nn.Module]:
+    """The Performer's self-attention modules, first layer first."""
+    mods = [m for m in model.performer.modules() if isinstance(m, SelfAttention)]
+    if not mods:
+        raise ValueError("this model has no Performer self-attention layers")
+    return mods
+
+
+def resolve_layers(model: ScBERT, layer: Layer) -> list[int]:
+    """``layer`` as a list of non-negative layer indices: an int (negative counts from the last
+    layer), ``"all"``, or a sequence of ints."""
+    depth = len(attention_modules(model))
+    if isinstance(layer, str):
+        if layer.strip().lower() == "all":
+            return list(range(depth))
+        try:
+            layer = int(layer)
+        except ValueError:
+            raise ValueError(f"layer must be a layer number or 'all', got {layer!r}") from None
+    wanted = [layer] if isinstance(layer, int) else list(layer)
+    if not wanted:
+        raise ValueError("no attention layer was chosen")
+    out = []
+    for i in wanted:
+        if not -depth <= int(i) < depth:
+            raise ValueError(f"layer {i} does not exist: the model has {depth} layers (0..{depth - 1}, or -1 for the last)")
+        out.append(int(i) % depth)
+    return sorted(set(out))
+
+
+def _check_supported(attn: nn.Module) -> None:
+    fa = attn.fast_attention
+    if getattr(attn, "local_attn", None) is not None or attn.global_heads != attn.heads:
+        raise ValueError("attention scores are only implemented for global (not local) attention heads")
+    if fa.no_projection or fa.generalized_attention or fa.causal:
+        raise ValueError("attention scores are only implemented for the non-causal softmax-kernel FAVOR+ attention scBERT uses")
+
+
+def received_from_qk(q: Tensor, k: Tensor, projection_matrix: Tensor, heads: int) -> Tensor:
+    """Attention received per position, averaged over heads, from the query and key projections.
+
+    ``q``, ``k``: (batch, n, heads * dim_head) outputs of ``to_q`` / ``to_k``. Returns (batch, n)
+    column sums of the row-normalised FAVOR+ attention matrix (not divided by n).
+    """
+    b, n, hd = q.shape
+    if hd % heads:
+        raise ValueError(f"projection width {hd} is not a multiple of {heads} heads")
+    q = q.float().reshape(b, n, heads, hd // heads).transpose(1, 2)
+    k = k.float().reshape(b, n, heads, hd // heads).transpose(1, 2)
+    proj = projection_matrix.float()
+    qp = softmax_kernel(q, projection_matrix=proj, is_query=True)  # (b, h, n, m)
+    kp = softmax_kernel(k, projection_matrix=proj, is_query=False)
+    row_norm = qp @ kp.sum(dim=-2).unsqueeze(-1)  # D_i, (b, h, n, 1)
+    w = (qp / row_norm).sum(dim=-2)  # sum_i q'_i / D_i, (b, h, m)
+    col = (kp @ w.unsqueeze(-1)).squeeze(-1)  # (b, h, n)
+    return col.mean(dim=1)
+
+
+class _Done(Exception):
+    """Raised from a hook once every wanted layer is scored, to skip the rest of the network."""
+
+
+@torch.no_grad()
+def attention_received_per_layer(model: ScBERT, tokens: Tensor, layers: Layer = -1, normalize: bool = True,
+                                 precision: str = "fp32") -> Tensor:
+    """Attention each position receives, per chosen layer: (batch, n_layers, seq_len), head mean.
+
+    ``layers``: see :func:`resolve_layers`. Runs the encoder once, up to the last chosen layer.
+    With ``normalize`` the scores are divided by ``seq_len`` (mean attention received; each
+    cell's scores then sum to 1 per layer).
+    """
+    chosen = resolve_layers(model, layers)
+    mods = attention_modules(model)
+    for i in chosen:
+        _check_supported(mods[i])
+    captured: dict[int, dict[str, Tensor]] = {i: {} for i in chosen}
+    results: dict[int, Tensor] = {}
+
+    def make_hook(i: int, which: str):  # noqa: ANN202 - a torch hook closure
+        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+            slot = captured[i]
+            slot[which] = output
+            if "q" in slot and "k" in slot:
+                attn = mods[i]
+                with torch.autocast(device_type=output.device.type, enabled=False):
+                    results[i] = received_from_qk(slot.pop("q"), slot.pop("k"), attn.fast_attention.projection_matrix, attn.heads)
+                if len(results) == len(chosen):
+                    raise _Done
+        return hook
+
+    handles = []
+    try:
+        for i in chosen:
+            handles.append(mods[i].to_q.register_forward_hook(make_hook(i, "q")))
+            handles.append(mods[i].to_k.register_forward_hook(make_hook(i, "k")))
+        was_training = model.training
+        model.eval()
+        try:
+            device = next(model.parameters()).device
+            with autocast(device, precision):
+                model.encode(tokens.to(device))
+        except _Done:
+            pass
+        finally:
+            model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(results) != len(chosen):
+        raise RuntimeError("the attention layers were not run: is this an scBERT model?")
+    out = torch.stack([results[i] for i in chosen], dim=1)
+    if normalize:
+        out = out / out.shape[-1]
+    return out
+
+
+def attention_received(model: ScBERT, tokens: Tensor, layer: Layer = -1, normalize: bool = True, precision: str = "fp32") -> Tensor:
+    """Attention each position (gene, plus the extra last position) receives: (batch, seq_len).
+
+    Head mean of the column sums of the attention matrix of ``layer`` (default: the last one);
+    ``layer="all"`` or a list of layers averages over those layers. See the module docstring.
+    """
+    return attention_received_per_layer(model, tokens, layer, normalize, precision).mean(dim=1)
+
+
+def _batches(model: ScBERT, X: sparse.csr_matrix, layer: Layer, batch_size: int, device: str | torch.device,
+             precision: str, normalize: bool, progress: bool, desc: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(cell indices, (batch, n_genes) scores) per batch; the extra last position is dropped."""
+    if X.shape[1] != model.config.n_genes:
+        raise ValueError(f"the expression matrix has {X.shape[1]} genes, the model {model.config.n_genes}: align it to the model's genes first (data.preprocess.prepare)")
+    model.to(torch.device(device))
+    ds = CellDataset(X, model.config.bin_num)
+    bar = tqdm(total=len(ds), desc=desc, unit="cell", disable=not progress, leave=False)
+    try:
+        for batch in make_loader(ds, batch_size, False, 0):
+            scores = attention_received(model, batch["tokens"], layer, normalize, precision)
+            bar.update(len(batch["index"]))
+            yield batch["index"].numpy(), scores[:, :-1].cpu().numpy()
+    finally:
+        bar.close()
+
+
+def attention_per_cell(model: ScBERT, X: sparse.csr_matrix, layer: Layer = -1, batch_size: int = 16,
+                       device: str | torch.device = "cpu", precision: str = "fp32", normalize: bool = True,
+                       progress: bool = True) -> np.ndarray:
+    """Attention received by each vocabulary gene in each cell: (cells, n_genes) float32.
+
+    ``X``: cells x model genes, log-normalised and aligned (output of ``prepare``).
+    """
+    out = np.zeros((X.shape[0], model.config.n_genes), dtype=np.float32)
+    for idx, scores in _batches(model, sparse.csr_matrix(X), layer, batch_size, device, precision, normalize, progress, "attention"):
+        out[idx] = scores
+    return out
+
+
+def mean_attention_by_group(model: ScBERT, X: sparse.csr_matrix, groups: Sequence[str], layer: Layer = -1,
+                            batch_size: int = 16, device: str | torch.device = "cpu", precision: str = "fp32",
+                            normalize: bool = True, progress: bool = True) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Mean attention received per gene over the cells of each group (e.g. cell type).
+
+    Returns the sorted group names, a (groups, n_genes) float64 matrix and the cells per group.
+    Memory stays at one batch of per-cell scores.
+    """
+    groups = np.asarray(groups, dtype=str)
+    if len(groups) != X.shape[0]:
+        raise ValueError(f"{len(groups)} group labels for {X.shape[0]} cells")
+    names, codes = np.unique(groups, return_inverse=True)
+    sums = np.zeros((len(names), model.config.n_genes), dtype=np.float64)
+    for idx, scores in _batches(model, sparse.csr_matrix(X), layer, batch_size, device, precision, normalize, progress, "attention"):
+        np.add.at(sums, codes[idx], scores.astype(np.float64))
+    counts = np.bincount(codes, minlength=len(names))
+    return list(names), sums / counts[:, None], counts
+
+
+def top_genes(scores: np.ndarray, groups: Sequence[str], genes: Sequence[str], k: int) -> pd.DataFrame:
+    """The ``k`` highest-scoring genes per group: columns cell_type, rank (1 = most attended), gene, score."""
+    k = min(k, scores.shape[1])
+    rows = []
+    for g, row in zip(groups, scores):
+        order = np.argsort(-row, kind="stable")[:k]
+        rows += [(g, r + 1, genes[j], float(row[j])) for r, j in enumerate(order)]
+    return pd.DataFrame(rows, columns=["cell_type", "rank", "gene", "score"])
+
+
+def plot_attention_heatmap(scores: np.ndarray, groups: Sequence[str], genes: Sequence[str], path: str | Path,
+                           n_per_type: int = 10, title: str = "") -> list[str]:
+    """Heatmap of the union of each group's ``n_per_type`` top genes (rows) x groups (columns).
+
+    Each gene's scores are z-scored across groups (raw scores with a single group); rows and
+    columns are ordered by hierarchical clustering. Returns the plotted genes, top to bottom.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.cluster.hierarchy import leaves_list, linkage
+
+    idx: list[int] = []
+    for row in scores:
+        for j in np.argsort(-row, kind="stable")[:n_per_type]:
+            if j not in idx:
+                idx.append(int(j))
+    M = scores[:, idx].T  # genes x groups
+    if M.shape[1] > 1:
+        sd = M.std(axis=1, keepdims=True)
+        Z = np.divide(M - M.mean(axis=1, keepdims=True), sd, out=np.zeros_like(M), where=sd > 0)
+        label = "z-score across cell types"
+    else:
+        Z, label = M, "mean attention received"
+    rows = leaves_list(linkage(Z, "average")) if Z.shape[0] > 2 else np.arange(Z.shape[0])
+    cols = leaves_list(linkage(Z.T, "average")) if Z.shape[1] > 2 else np.arange(Z.shape[1])
+    Z = Z[np.ix_(rows, cols)]
+    row_names = [genes[idx[i]] for i in rows]
+    col_names = [groups[i] for i in cols]
+    fig, ax = plt.subplots(figsize=(2.5 + 0.45 * len(col_names), 1.5 + 0.16 * len(row_names)))
+    lim = float(np.abs(Z).max()) or 1.0
+    im = ax.imshow(Z, aspect="auto", cmap="RdBu_r" if M.shape[1] > 1 else "viridis",
+                   vmin=-lim if M.shape[1] > 1 else None, vmax=lim if M.shape[1] > 1 else None, interpolation="nearest")
+    ax.set_yticks(range(len(row_names)), row_names, fontsize=6)
+    ax.set_xticks(range(len(col_names)), col_names, rotation=60, ha="right", fontsize=8)
+    ax.set_title(title or f"top {n_per_type} attended genes per cell type", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02, label=label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return row_names
