@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from model.cli import add_bool, parser, positive_int
+from model.cli import add_bool, add_published_args, parser, positive_int
 
 log = logging.getLogger("scbert")
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, help="cells with labels: .h5ad (raw counts or the output of preprocess.py), or any format predict.py reads")
     p.add_argument("--model", required=True, help="trained checkpoint (model.pt of finetune.py; a pretrained one works without --umap)")
+    add_published_args(p)
     p.add_argument("--label-key", required=True, help="obs column naming each cell's type (usually the true labels; the scbert_celltype column written by predict.py works too)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--top-k", type=positive_int, default=50, help="top genes per cell type that are listed and tested (default: 50)")
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from data.preprocess import prepare
     from model.attention import mean_attention_by_group, plot_attention_heatmap, resolve_layers, top_genes
     from model.checkpoint import CheckpointError, load_checkpoint
-    from model.cli import fail, start_run, write_json
+    from model.cli import fail, published_names, start_run, write_json
     from model.training import resolve_device
 
     t0 = time.time()
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for path in [marker_path, *gmt_paths, Path(args.celltype_map) if args.celltype_map else None]:
             if path is not None and not path.is_file():
                 raise InputError(f"{path} does not exist: give an existing file (or a bundled name: markers panglaodb/immune, gmt hallmark/c2)")
-        ckpt = load_checkpoint(args.model)
+        ckpt = load_checkpoint(args.model, **published_names(args))
         net = ckpt.build_model()
         try:
             layers = resolve_layers(net, args.layer)

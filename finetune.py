@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli import add_bool, add_common, add_model_args, fraction, parser, positive_int
+from model.cli import add_bool, add_common, add_model_args, add_published_args, fraction, parser, positive_int
 
 EXAMPLE = """
 python finetune.py --data prep/pbmc3k.h5ad --label-key celltype --pretrained runs/pretrain/model.pt --out runs/finetune
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-key", "--label_key", required=True, help="obs column holding the cell types")
     p.add_argument("--pretrained", "--model_path", default=None, help="pretrained checkpoint (from pretrain.py); the data are aligned to its genes")
     p.add_argument("--out", "--ckpt_dir", required=True, help="output folder")
+    add_published_args(p)
     p.add_argument("--vocab", default=None, help="gene vocabulary when training from scratch (default: the data's genes)")
     add_model_args(p, {})
     g = p.add_argument_group("training")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli import add_bool, parser, positive_int
+from model.cli import add_bool, add_published_args, parser, positive_int
 
 EXAMPLE = """
 python predict.py --data query.h5ad --model runs/finetune/model.pt --out query_annotated.h5ad --csv query_labels.csv
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", "--data_path", required=True, help="query cells: .h5ad, 10x .h5, 10x folder, .mtx or .csv")
     p.add_argument("--model", "--model_path", required=True, help="fine-tuned checkpoint (model.pt from finetune.py)")
     p.add_argument("--out", required=True, help="output .h5ad")
+    add_published_args(p)
     p.add_argument("--csv", default=None, help="also write a table: cell, label, confidence, one probability column per type")
     p.add_argument("--threshold", "--unassign_thres", type=float, default=0.5, help="minimum top probability to assign a type (default: 0.5)")
     add_bool(p, "--novel_type", "--novel-type", default=True, help="published flag: false never reports Unassigned")

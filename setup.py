@@ -20,8 +20,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=["model", "data"],
-    package_data={"data": ["gene_table.tsv.gz", "README.md"]},
-    py_modules=["preprocess", "pretrain", "finetune", "predict"],
+    package_data={"data": ["gene_table.tsv.gz", "README.md", "genesets/*"]},
+    py_modules=["preprocess", "pretrain", "finetune", "predict", "attn_analysis"],
     install_requires=requirements,
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "ruff>=0.4"]},
     entry_points={
@@ -30,6 +30,7 @@ setup(
             "scbert-pretrain=pretrain:main",
             "scbert-finetune=finetune:main",
             "scbert-predict=predict:main",
+            "scbert-attention=attn_analysis:main",
         ]
     },
 )

@@ -126,21 +126,40 @@ def _torch_load(path: Path) -> Any:
         ) from None
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load one of our checkpoints; refuses anything that is not one, with a reason."""
+def load_checkpoint(path: str | Path, genes: list[str] | None = None, classes: list[str] | None = None) -> Checkpoint:
+    """Load one of our checkpoints, or one saved by the published scBERT code (which carries no
+    gene or class names: pass ``genes``, and ``classes`` for a fine-tuned one). Refuses anything
+    else, with a reason."""
+    from model import published
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is a folder): give the path to a model.pt file")
-    obj = _torch_load(path)
+    try:
+        obj = _torch_load(path)
+    except CheckpointError as refusal:
+        # A published file may hold numpy scalars that weights_only refuses; its safe reader
+        # rebuilds only those and never runs code. Anything else keeps the original refusal.
+        try:
+            obj = published.read_published(path)
+        except CheckpointError:
+            raise refusal from None
+        if not published.is_published_checkpoint(obj):
+            raise refusal from None
+    if published.is_published_checkpoint(obj):
+        if genes is None:
+            raise CheckpointError(
+                f"{path} is a checkpoint of the published scBERT code, which stores no gene names. Give the ordered "
+                f"gene list it was trained on (the var_names of the published panglao_10000.h5ad) with --genes GENES.txt, "
+                f"or convert it once: python -m model.convert {path} --genes GENES.txt [--classes CLASSES.txt] --out model.pt"
+            )
+        return published.published_to_checkpoint(obj, genes, classes, source=str(path))
+    if genes is not None or classes is not None:
+        raise CheckpointError(f"{path} is already self-describing (it carries its genes and classes): drop --genes/--classes")
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not an scBERT checkpoint (it holds a {type(obj).__name__}, not a dict)")
     if obj.get("format") != FORMAT:
-        if "model_state_dict" in obj:
-            raise CheckpointError(
-                f"{path} looks like a checkpoint of the published scBERT code. Convert it first: "
-                f"python -m model.convert {path} --genes GENES.txt --out model.pt"
-            )
-        raise CheckpointError(f"{path} is not an scBERT checkpoint (keys: {sorted(obj)[:8]})")
+        raise CheckpointError(f"{path} is not an scBERT checkpoint (keys: {sorted(map(str, obj))[:8]})")
     if obj.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer version of this package (format {obj['format_version']}); upgrade")
     try:

@@ -68,6 +68,7 @@ def add_bool(p: argparse._ActionsContainer, *names: str, default: bool, help: st
 
 def add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
+    g.add_argument("--min-genes", type=int, default=200, help="drop cells expressing fewer genes, for input not written by preprocess.py (default: 200, as published; 0 keeps all)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda when available)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="arithmetic precision (default: fp32; bf16 is faster on recent CPUs and GPUs)")
@@ -92,6 +93,22 @@ def add_model_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None
     )
     g.add_argument("--gene2vec-genes", default=None, help="gene list (one per line) giving the row order of a .npy --gene2vec")
     g.add_argument("--pos_embed", type=str2bool, default=None, help="published flag: false = --gene2vec none")
+
+
+def add_published_args(p: argparse._ActionsContainer) -> None:
+    """--genes/--classes: names for a checkpoint of the published scBERT code, which has none."""
+    p.add_argument("--genes", default=None, help="for a published scBERT .pth: its ordered gene list, one per line (var_names of panglao_10000.h5ad)")
+    p.add_argument("--classes", default=None, help="for a published fine-tuned .pth: class names, one per line, in label_dict order (sorted labels)")
+
+
+def published_names(args: argparse.Namespace) -> dict[str, list[str] | None]:
+    """The keyword arguments of load_checkpoint for --genes/--classes."""
+    from data.vocab import read_gene_list
+
+    return {
+        "genes": read_gene_list(args.genes) if args.genes else None,
+        "classes": read_gene_list(args.classes) if args.classes else None,
+    }
 
 
 def setup_logging(quiet: bool = False, logfile: Path | None = None) -> None:

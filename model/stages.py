@@ -15,7 +15,7 @@ from data.dataset import CellDataset
 from data.io import InputError, check_writable, read_cells, write_h5ad_atomic
 from data.vocab import load_vocab
 from model.checkpoint import DEFAULT_PREPROCESSING, CheckpointError, load_checkpoint, save_checkpoint
-from model.cli import fail, start_run, write_json
+from model.cli import fail, published_names, start_run, write_json
 from model.config import ScBERTConfig
 from model.pipeline import annotate, classification_metrics, gene_embedding, load_prepared, plot_confusion, plot_history
 from model.scbert import ScBERT
@@ -52,7 +52,7 @@ def run_pretrain(args: argparse.Namespace) -> None:
     try:
         set_seed(args.seed)
         device = resolve_device(args.device)
-        adata, genes = load_prepared(args.data, load_vocab(args.vocab) if args.vocab else None)
+        adata, genes = load_prepared(args.data, load_vocab(args.vocab) if args.vocab else None, args.min_genes or None)
         _check_gene_num(args, len(genes))
         if adata.n_obs < 2:
             raise InputError(f"pretraining needs at least 2 cells, the corpus has {adata.n_obs}")
@@ -110,9 +110,9 @@ def run_finetune(args: argparse.Namespace) -> None:
     try:
         set_seed(args.seed)
         device = resolve_device(args.device)
-        pre = load_checkpoint(args.pretrained) if args.pretrained else None
+        pre = load_checkpoint(args.pretrained, **published_names(args)) if args.pretrained else None
         genes = pre.genes if pre else (load_vocab(args.vocab) if args.vocab else None)
-        adata, genes = load_prepared([args.data], genes)
+        adata, genes = load_prepared([args.data], genes, args.min_genes or None)
         _check_gene_num(args, len(genes))
         raw_labels = _labels(adata, args.label_key, args.data)
         known = raw_labels.notna().to_numpy()
@@ -210,7 +210,7 @@ def run_predict(args: argparse.Namespace) -> None:
         out = check_writable(args.out, args.overwrite)
         if args.csv:
             check_writable(args.csv, args.overwrite)
-        ckpt = load_checkpoint(args.model)
+        ckpt = load_checkpoint(args.model, **published_names(args))
         adata = read_cells(args.data)
         if args.label_key:
             _labels(adata, args.label_key, args.data)

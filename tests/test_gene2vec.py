@@ -230,7 +230,7 @@ def _mean_cos(emb: np.ndarray, rows_a: range, rows_b: range) -> float:
 
 def test_train_gene2vec_modules_and_report() -> None:
     X, genes = _two_module_data()
-    emb, report = train_gene2vec(X, genes, 16, seed=0, top_k=5, epochs=100, block_size=16, progress=False)
+    emb, report = train_gene2vec(X, genes, 16, seed=0, top_k=5, min_corr=0.3, epochs=100, block_size=16, progress=False)
     assert emb.shape == (40, 16) and emb.dtype == np.float32
     assert np.all(np.isfinite(emb))
 

@@ -1,0 +1,56 @@
+"""Published checkpoints used directly by the stage scripts (--genes/--classes), without converting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+import finetune
+import predict
+from model.checkpoint import CheckpointError, load_checkpoint
+
+FIX = Path(__file__).parent / "fixtures" / "scbert_reference"
+
+
+@pytest.fixture()
+def names(tmp_path: Path) -> tuple[Path, Path]:
+    config = json.loads((FIX / "config.json").read_text())
+    genes = tmp_path / "genes.txt"
+    genes.write_text("".join(f"GENE{i:05d}\n" for i in range(config["n_genes"])))
+    classes = tmp_path / "classes.txt"
+    classes.write_text("".join(f"{c}\n" for c in config["classes"]))
+    return genes, classes
+
+
+def test_load_checkpoint_needs_gene_names_for_published_files(names: tuple[Path, Path]) -> None:
+    with pytest.raises(CheckpointError, match="--genes"):
+        load_checkpoint(FIX / "pretrain.pth")
+    genes = names[0].read_text().split()
+    ck = load_checkpoint(FIX / "pretrain.pth", genes=genes)
+    assert ck.config.dim == 32 and ck.genes == genes
+
+
+def test_predict_with_a_published_finetuned_checkpoint(names: tuple[Path, Path], tmp_path: Path) -> None:
+    genes, classes = names
+    out = tmp_path / "pred.h5ad"
+    predict.main(["--data", str(FIX / "input.h5ad"), "--model", str(FIX / "finetune.pth"), "--genes", str(genes),
+                  "--classes", str(classes), "--out", str(out), "--threshold", "0", "--quiet"])
+    expected = np.load(FIX / "expected.npz")
+    pred = ad.read_h5ad(out)
+    np.testing.assert_allclose(pred.obsm["scbert_probabilities"], expected["finetune_prob"], atol=1e-4)
+    assert pred.obs["scbert_celltype"].tolist() == expected["predicted"].tolist()
+
+
+def test_finetune_from_a_published_pretrained_checkpoint(names: tuple[Path, Path], tmp_path: Path) -> None:
+    data = ad.read_h5ad(FIX / "input.h5ad")
+    data.obs["celltype"] = ["a", "b", "c"] * 8
+    path = tmp_path / "labelled.h5ad"
+    data.write_h5ad(path)
+    finetune.main(["--data", str(path), "--label-key", "celltype", "--pretrained", str(FIX / "pretrain.pth"), "--genes", str(names[0]),
+                   "--out", str(tmp_path / "ft"), "--epochs", "1", "--val-frac", "0.5", "--min-genes", "0", "--quiet"])
+    ck = load_checkpoint(tmp_path / "ft" / "model.pt")
+    assert ck.classes == ["a", "b", "c"] and ck.config.dim == 32 and ck.genes[0] == "GENE00000"
