@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli import add_bool, add_common, add_model_args, add_published_args, fraction, parser, positive_int
+from model.cli import add_bool, add_common, add_model_args, add_published_args, add_training_args, fraction, parser
 
 EXAMPLE = """
 python finetune.py --data prep/pbmc3k.h5ad --label-key celltype --pretrained runs/pretrain/model.pt --out runs/finetune
@@ -28,18 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "--ckpt_dir", required=True, help="output folder")
     add_published_args(p)
     p.add_argument("--vocab", default=None, help="gene vocabulary when training from scratch (default: the data's genes)")
-    add_model_args(p, {})
-    g = p.add_argument_group("training")
+    add_model_args(p)
+    g = add_training_args(p, 20, "maximum epochs")
     g.add_argument("--cv", type=int, default=None, help="K-fold stratified cross-validation instead of one split (reports mean ± sd)")
     g.add_argument("--val-frac", type=fraction, default=0.2, help="validation fraction of a single split (default: 0.2)")
-    g.add_argument("--epochs", "--epoch", type=positive_int, default=20, help="maximum epochs (default: 20)")
     g.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better validation accuracy (default: 5)")
-    g.add_argument("--batch-size", "--batch_size", type=positive_int, default=8, help="cells per step (default: 8)")
-    g.add_argument("--grad-acc", "--grad_acc", type=positive_int, default=1, help="gradient accumulation steps (default: 1)")
-    g.add_argument("--lr", "--learning_rate", type=float, default=1e-4, help="peak learning rate of Adam (default: 1e-4)")
-    g.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up optimiser steps (default: 5)")
-    g.add_argument("--cycle-steps", type=int, default=None, help="optimiser steps of the first cosine cycle (default: the whole run)")
-    g.add_argument("--clip-norm", type=float, default=1.0, help="gradient norm clipping (default: 1.0; 0 = off)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout in the classifier head (default: 0, as published)")
     add_bool(g, "--class-weights", default=False, help="weight the loss by inverse class frequency (balanced)")
     add_bool(g, "--train-all", default=False, help="train every layer, not only the published subset")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli import add_common, add_model_args, fraction, parser, positive_int
+from model.cli import add_common, add_model_args, add_training_args, fraction, parser
 
 EXAMPLE = """
 python pretrain.py --data prep/pbmc3k.h5ad prep/immune.h5ad --out runs/pretrain \\
@@ -25,15 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", "--data_path", nargs="+", required=True, help="one or more .h5ad files (preprocess.py output, or raw counts: normalised on the fly); together one corpus")
     p.add_argument("--out", "--ckpt_dir", required=True, help="output folder")
     p.add_argument("--vocab", default=None, help="gene vocabulary (gene list, checkpoint or .h5ad); default: the first file's genes")
-    add_model_args(p, {})
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", "--epoch", type=positive_int, default=10, help="passes over the corpus (default: 10)")
-    g.add_argument("--batch-size", "--batch_size", type=positive_int, default=8, help="cells per step (default: 8)")
-    g.add_argument("--grad-acc", "--grad_acc", type=positive_int, default=1, help="gradient accumulation steps (default: 1; published: 60 with batch 3)")
-    g.add_argument("--lr", "--learning_rate", type=float, default=1e-4, help="peak learning rate of Adam (default: 1e-4)")
-    g.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up optimiser steps per cosine cycle (default: 5)")
-    g.add_argument("--cycle-steps", type=int, default=None, help="optimiser steps of the first cosine cycle; cycles double (default: the whole run)")
-    g.add_argument("--clip-norm", type=float, default=1.0, help="gradient norm clipping (default: 1.0; 0 = off)")
+    add_model_args(p)
+    g = add_training_args(p, 10, "passes over the corpus")
     g.add_argument("--mask-prob", "--mask_prob", type=fraction, default=0.15, help="fraction of non-zero genes masked per cell (default: 0.15)")
     g.add_argument("--replace-prob", "--replace_prob", type=float, default=0.9, help="of the masked, fraction replaced by the mask token (default: 0.9)")
     g.add_argument("--val-frac", type=fraction, default=0.05, help="cells held out to score masked accuracy (default: 0.05)")

@@ -78,12 +78,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
-def add_model_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model size (ignored when starting from a checkpoint)")
-    g.add_argument("--dim", type=positive_int, default=defaults.get("dim", 200), help="embedding size (default: %(default)s, as published)")
-    g.add_argument("--depth", type=positive_int, default=defaults.get("depth", 6), help="Performer layers (default: %(default)s)")
-    g.add_argument("--heads", type=positive_int, default=defaults.get("heads", 10), help="attention heads (default: %(default)s)")
-    g.add_argument("--dim-head", type=positive_int, default=defaults.get("dim_head", 64), help="size of each head (default: %(default)s)")
+    g.add_argument("--dim", type=positive_int, default=200, help="embedding size (default: %(default)s, as published)")
+    g.add_argument("--depth", type=positive_int, default=6, help="Performer layers (default: %(default)s)")
+    g.add_argument("--heads", type=positive_int, default=10, help="attention heads (default: %(default)s)")
+    g.add_argument("--dim-head", type=positive_int, default=64, help="size of each head (default: %(default)s)")
     g.add_argument("--bin-num", "--bin_num", type=positive_int, default=5, help="expression bins; values above are capped (default: 5 -> 7 tokens)")
     g.add_argument("--gene_num", type=int, default=None, help="published flag; checked against the vocabulary size")
     g.add_argument(
@@ -109,6 +109,19 @@ def published_names(args: argparse.Namespace) -> dict[str, list[str] | None]:
         "genes": read_gene_list(args.genes) if args.genes else None,
         "classes": read_gene_list(args.classes) if args.classes else None,
     }
+
+
+def add_training_args(p: argparse.ArgumentParser, epochs: int, epochs_help: str) -> argparse._ArgumentGroup:
+    """The optimisation flags pretrain.py and finetune.py share; returns the group for more."""
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", "--epoch", type=positive_int, default=epochs, help=f"{epochs_help} (default: {epochs})")
+    g.add_argument("--batch-size", "--batch_size", type=positive_int, default=8, help="cells per step (default: 8)")
+    g.add_argument("--grad-acc", "--grad_acc", type=positive_int, default=1, help="gradient accumulation steps (default: 1; published: 60 with batch 3)")
+    g.add_argument("--lr", "--learning_rate", type=float, default=1e-4, help="peak learning rate of Adam (default: 1e-4)")
+    g.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up optimiser steps per cosine cycle (default: 5)")
+    g.add_argument("--cycle-steps", type=int, default=None, help="optimiser steps of the first cosine cycle; cycles double (default: the whole run)")
+    g.add_argument("--clip-norm", type=float, default=1.0, help="gradient norm clipping (default: 1.0; 0 = off)")
+    return g
 
 
 def setup_logging(quiet: bool = False, logfile: Path | None = None) -> None:
