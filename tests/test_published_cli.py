@@ -54,3 +54,17 @@ def test_finetune_from_a_published_pretrained_checkpoint(names: tuple[Path, Path
                    "--out", str(tmp_path / "ft"), "--epochs", "1", "--val-frac", "0.5", "--min-genes", "0", "--quiet"])
     ck = load_checkpoint(tmp_path / "ft" / "model.pt")
     assert ck.classes == ["a", "b", "c"] and ck.config.dim == 32 and ck.genes[0] == "GENE00000"
+
+
+def test_pretrain_from_scratch_with_a_published_style_gene2vec_npy(names: tuple[Path, Path], tmp_path: Path) -> None:
+    import pretrain
+
+    vectors = np.load(FIX / "gene2vec.npy")
+    n_genes = len(names[0].read_text().split())
+    pretrain.main(["--data", str(FIX / "input.h5ad"), "--out", str(tmp_path / "pre"), "--vocab", str(names[0]),
+                   "--gene2vec", str(FIX / "gene2vec.npy"), "--gene2vec-genes", str(names[0]), "--dim", str(vectors.shape[1]),
+                   "--depth", "1", "--heads", "2", "--dim-head", "8", "--epochs", "1", "--min-genes", "0", "--quiet"])
+    ck = load_checkpoint(tmp_path / "pre" / "model.pt")
+    emb = ck.state_dict["pos_emb.emb.weight"].numpy()
+    np.testing.assert_allclose(emb[:n_genes], vectors[:n_genes].astype(np.float32), rtol=1e-6)
+    assert ck.metrics["val_masked_tokens"] > 0
