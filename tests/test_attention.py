@@ -15,6 +15,7 @@ from scipy import sparse
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attn_analysis
+from model import analysis
 from model.attention import (
     attention_modules,
     attention_per_cell,
@@ -276,8 +277,8 @@ def test_analysis_errors(tiny_run: dict, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_subsample_per_type() -> None:
     labels = np.array(["a"] * 7 + ["b"] * 2)
-    idx = attn_analysis.subsample_per_type(labels, 3, seed=0)
+    idx = analysis.subsample_per_type(labels, 3, seed=0)
     assert len(idx) == 5 and list(labels[idx]).count("a") == 3 and np.all(np.diff(idx) > 0)
-    np.testing.assert_array_equal(idx, attn_analysis.subsample_per_type(labels, 3, seed=0))
-    assert len(attn_analysis.subsample_per_type(labels, 0, seed=0)) == 9
-    assert math.isclose(attn_analysis.mean_by_group(sparse.csr_matrix(np.eye(3)), np.array(["x", "y", "x"]), ["x", "y"])[0, 0], 0.5)
+    np.testing.assert_array_equal(idx, analysis.subsample_per_type(labels, 3, seed=0))
+    assert len(analysis.subsample_per_type(labels, 0, seed=0)) == 9
+    assert math.isclose(analysis.mean_by_group(sparse.csr_matrix(np.eye(3)), np.array(["x", "y", "x"]), ["x", "y"])[0, 0], 0.5)
