@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
 from data.dataset import IGNORE_INDEX, CellDataset, mask_tokens, most_common_bin_baseline
+from model.fast import enable_fast_attention
 from model.scbert import ScBERT, pool_encodings
 
 log = logging.getLogger("scbert")
@@ -153,9 +154,13 @@ def pretrain(
     mask_prob: float = 0.15,
     replace_prob: float = 0.9,
     on_epoch: Callable[[int, dict[str, float], bool], None] | None = None,
+    fast: bool = True,
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Masked-expression pretraining. Returns the best (by held-out masked accuracy) validation
-    metrics and the per-epoch history; the model ends holding the best weights."""
+    metrics and the per-epoch history; the model ends holding the best weights. ``fast`` switches
+    the attention to the equivalent :mod:`model.fast` kernel."""
+    if fast:
+        enable_fast_attention(model)
     model.to(device)
     mask_token = model.config.mask_token
     loader = make_loader(train, cfg.batch_size, True, cfg.seed, cfg.num_workers)
@@ -227,9 +232,12 @@ def finetune(
     device: torch.device,
     class_weights: torch.Tensor | None = None,
     desc: str = "finetune",
+    fast: bool = True,
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Supervised fine-tuning with early stopping on validation accuracy. The model ends holding
-    the best weights; returns the best epoch's metrics and the history."""
+    the best weights; returns the best epoch's metrics and the history. ``fast``: see :func:`pretrain`."""
+    if fast:
+        enable_fast_attention(model)
     model.to(device)
     loader = make_loader(train, cfg.batch_size, True, cfg.seed, cfg.num_workers)
     trainer = _Trainer(model, cfg, len(loader), device)
@@ -248,7 +256,7 @@ def finetune(
             trainer.backward(loss, i == len(loader) - 1)
             total += loss.item() * len(batch["labels"])
             n += len(batch["labels"])
-        probs, _ = predict(model, val, cfg.batch_size, device, cfg.precision, progress=False)
+        probs, _ = predict(model, val, cfg.batch_size, device, cfg.precision, progress=False, fast=fast)
         y = val.labels.numpy()
         val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(y)))
         acc = float((probs.argmax(1) == y).mean())
@@ -278,9 +286,12 @@ def predict(
     pooling: str = "mean",
     progress: bool = True,
     num_workers: int = 0,
+    fast: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Class probabilities (cells x classes) and, with ``embed``, cell embeddings (cells x dim),
-    in dataset order, from one encoder pass per batch."""
+    in dataset order, from one encoder pass per batch. ``fast``: see :func:`pretrain`."""
+    if fast:
+        enable_fast_attention(model)
     model.eval().to(device)
     probs, embs = [], []
     bar = tqdm(total=len(ds), desc="predict", unit="cell", disable=not progress, leave=False)

@@ -1,0 +1,78 @@
+"""The fast FAVOR+ path gives the plain path's outputs and gradients, with unchanged state dicts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from model import fast as fast_module
+from model.config import ScBERTConfig
+from model.fast import (
+    FastFavorAttention,
+    disable_fast_attention,
+    enable_fast_attention,
+    fast_attention_enabled,
+    favor_attention,
+)
+from model.scbert import ScBERT
+
+
+def _pair(head: str = "classifier", n_genes: int = 40) -> tuple[ScBERT, ScBERT]:
+    torch.manual_seed(0)
+    cfg = ScBERTConfig(n_genes=n_genes, dim=16, depth=2, heads=2, dim_head=8, head=head,
+                       n_classes=3 if head == "classifier" else 0, gene_embedding="learned")
+    plain = ScBERT(cfg)
+    return plain, enable_fast_attention(copy.deepcopy(plain))
+
+
+def test_enable_is_a_class_swap_with_same_state() -> None:
+    plain, fast = _pair()
+    assert fast_attention_enabled(fast) and not fast_attention_enabled(plain)
+    assert plain.state_dict().keys() == fast.state_dict().keys()
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, fast.state_dict()[k])
+    disable_fast_attention(fast)
+    assert not fast_attention_enabled(fast)
+
+
+@pytest.mark.parametrize("head", ["classifier", "mlm"])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_same_outputs(head: str, per_head: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if per_head:  # force the one-(batch, head)-at-a-time path used at full size
+        monkeypatch.setattr(fast_module, "SLICE_ELEMENTS", 64)
+    n_genes = 40
+    plain, fast = _pair(head, n_genes)
+    plain.eval(), fast.eval()
+    tokens = torch.randint(0, 7, (3, n_genes + 1))
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(tokens), plain(tokens), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_same_gradients(per_head: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if per_head:
+        monkeypatch.setattr(fast_module, "SLICE_ELEMENTS", 64)
+    plain, fast = _pair("mlm")
+    plain.train(), fast.train()
+    tokens = torch.randint(0, 7, (2, 41))
+    for m in (plain, fast):
+        m.performer.proj_updater.feature_redraw_interval = None  # no random redraw between the two
+        m(tokens).square().mean().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), fast.named_parameters(), strict=True):
+        if a.grad is None:
+            assert b.grad is None, name
+            continue
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_favor_attention_matches_module() -> None:
+    torch.manual_seed(1)
+    plain, _ = _pair()
+    module = plain.performer.net.layers[0][0].fn.fast_attention
+    q, k, v = (torch.randn(2, 3, 50, 8) for _ in range(3))
+    expected = module(q, k, v)
+    torch.testing.assert_close(favor_attention(q, k, v, module.projection_matrix), expected, rtol=1e-4, atol=1e-6)
+    module.__class__ = FastFavorAttention
+    torch.testing.assert_close(module(q, k, v), expected, rtol=1e-4, atol=1e-6)
