@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli import add_bool, add_published_args, parser, positive_int
+from model.cli import add_bool, add_published_args, add_speed_args, parser, positive_int
 
 EXAMPLE = """
 python predict.py --data query.h5ad --model runs/finetune/model.pt --out query_annotated.h5ad --csv query_labels.csv
@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-key", default=None, help="obs column with known labels: prints accuracy and macro-F1")
     p.add_argument("--batch-size", "--batch_size", type=positive_int, default=16, help="cells per forward pass (default: 16)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="arithmetic precision (default: fp32)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="arithmetic precision (default: fp32; bf16 pays off on GPUs and CPUs with native bf16 (AVX-512 BF16/AMX), see BENCHMARKS.md)")
+    add_speed_args(p)
     add_bool(p, "--overwrite", default=False, help="replace existing outputs")
     add_bool(p, "--quiet", default=False, help="only warnings and errors, no progress bar")
     return p

@@ -71,11 +71,19 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-genes", type=int, default=200, help="drop cells expressing fewer genes, for input not written by preprocess.py (default: 200, as published; 0 keeps all)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda when available)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="arithmetic precision (default: fp32; bf16 is faster on recent CPUs and GPUs)")
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="arithmetic precision (default: fp32; bf16 pays off on GPUs and on CPUs with native bf16 (AVX-512 BF16/AMX); fp16: GPU only)")
+    add_speed_args(g)
     add_bool(g, "--overwrite", default=False, help="replace an existing output")
     add_bool(g, "--quiet", default=False, help="only warnings and errors, no progress bars")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def add_speed_args(g: argparse._ActionsContainer) -> None:
+    """DataLoader workers and torch.compile: shared by every stage that runs the model."""
+    g.add_argument("--num-workers", type=int, default=0,
+                   help="DataLoader worker processes that read and bin cells while the model computes (default: 0 = in the main process)")
+    add_bool(g, "--compile", default=False,
+             help="torch.compile the encoder (needs a C/C++ compiler; the first batches are slow while it compiles; see BENCHMARKS.md)")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -121,6 +129,8 @@ def add_training_args(p: argparse.ArgumentParser, epochs: int, epochs_help: str)
     g.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up optimiser steps per cosine cycle (default: 5)")
     g.add_argument("--cycle-steps", type=int, default=None, help="optimiser steps of the first cosine cycle; cycles double (default: the whole run)")
     g.add_argument("--clip-norm", type=float, default=1.0, help="gradient norm clipping (default: 1.0; 0 = off)")
+    add_bool(g, "--grad-checkpointing", default=False,
+             help="recompute activations in the backward pass: training memory of one layer instead of all, ~1/3 more compute")
     return g
 
 

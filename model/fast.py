@@ -35,6 +35,8 @@ with warnings.catch_warnings():
 
 # Elements of one (seq_len x features) slice group processed at once: ~16 MB of float32.
 SLICE_ELEMENTS = 1 << 22
+# Elements of one feature tile of the inference path: ~2 MB of float32, about an L2 cache.
+TILE_ELEMENTS = 1 << 19
 
 
 def _features(x: Tensor, proj_t: Tensor, diag_scale: float, log_ratio: float, is_query: bool) -> Tensor:
@@ -70,14 +72,14 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, eps: fl
     ce = ratio * eps  # what ``ratio * (exp(.) + eps)`` adds to every feature
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
+    if not needs_grad and not torch.compiler.is_compiling():
+        return _attend_inference(q, k, v, proj_t, diag_scale, log_ratio, ce)
     if n * m >= SLICE_ELEMENTS // 2:
-        # Big slices: one (batch, head) at a time, the output (without autograd) written straight
-        # into the (batch, n, heads, e) layout the caller flattens next.
-        # unbind (not indexing): its backward is one stack, where each index's backward would
-        # allocate and fill a full-size zero gradient.
+        # Big slices: one (batch, head) at a time. unbind (not indexing): its backward is one
+        # stack, where each index's backward would allocate and fill a full-size zero gradient.
         qs, ks, vs = (t.reshape(b * h, n, t.shape[-1]).unbind(0) for t in (q, k, v))
         heads = [_attend(qq, kk, vv, proj_t, diag_scale, log_ratio, ce) for qq, kk, vv in zip(qs, ks, vs)]
-        return torch.stack(heads).view(b, h, n, e) if needs_grad else _gather(heads, b, h, n, e)
+        return torch.stack(heads).view(b, h, n, e)
     qs, ks, vs = (t.reshape(b * h, n, t.shape[-1]) for t in (q, k, v))
     step = max(1, SLICE_ELEMENTS // max(1, n * m))
     outs = [
@@ -87,11 +89,43 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, eps: fl
     return torch.cat(outs).view(b, h, n, e)
 
 
-def _gather(heads: list[Tensor], b: int, h: int, n: int, e: int) -> Tensor:
-    """Per-(batch, head) (n, e) outputs as a (b, h, n, e) view of a (b, n, h, e) tensor."""
-    out = heads[0].new_empty(b, n, h, e)
-    for idx, o in enumerate(heads):
-        out[idx // h, :, idx % h] = o
+def _attend_inference(q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, diag_scale: float, log_ratio: float, ce: float) -> Tensor:
+    """No-autograd attention in cache-sized row tiles, written into a (b, n, h, e) buffer.
+
+    Key features are consumed tile by tile into the context; their stabilising maximum (over the
+    whole slice) is kept as a running maximum, rescaling what was accumulated when it grows, which
+    gives exactly the one-pass result. Query rows are independent, so their tiles are too.
+    """
+    b, h, n, _ = q.shape
+    e = v.shape[-1]
+    m = proj_t.shape[1]
+    rows = max(16, TILE_ELEMENTS // m)
+    out = q.new_empty(b, n, h, e)
+    for bi in range(b):
+        for hi in range(h):
+            qq, kk, vv = q[bi, hi], k[bi, hi], v[bi, hi]
+            context = kk.new_zeros(m, e + 1)  # [sum_j phi(k_j) v_j, sum_j phi(k_j)], eps part excluded
+            top = -math.inf
+            for s in range(0, n, rows):
+                kc = kk[s : s + rows]
+                dash = torch.matmul(kc, proj_t)
+                tile_top = float(dash.max())
+                if tile_top > top:
+                    if top != -math.inf:
+                        context.mul_(math.exp(top - tile_top))
+                    top = tile_top
+                dash.sub_((kc * kc).sum(dim=-1, keepdim=True) * diag_scale + (top - log_ratio)).exp_()
+                context[:, :e].addmm_(dash.t(), vv[s : s + rows])
+                context[:, e] += dash.sum(dim=0)
+            context[:, :e] += ce * vv.sum(dim=0)
+            context[:, e] += n * ce
+            correction = ce * context.sum(dim=0)
+            for s in range(0, n, rows):
+                qc = qq[s : s + rows]
+                dash = torch.matmul(qc, proj_t)
+                dash.sub_((qc * qc).sum(dim=-1, keepdim=True) * diag_scale + dash.amax(dim=-1, keepdim=True) - log_ratio).exp_()
+                num = torch.addmm(correction, dash, context)
+                out[bi, s : s + rows, hi] = num[:, :e] / num[:, e:]
     return out.permute(0, 2, 1, 3)
 
 
@@ -134,6 +168,21 @@ def disable_fast_attention(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) is FastFavorAttention:
             module.__class__ = FastAttention
+    return model
+
+
+def prepare_for_speed(model: nn.Module, fast: bool = True, compile_model: bool = False, grad_checkpointing: bool = False) -> nn.Module:
+    """Apply the speed options of a run to ``model`` in place (state dict unchanged).
+
+    ``fast``: :class:`FastFavorAttention`; ``compile_model``: ``torch.compile`` the encoder (the first
+    batches are slow while it compiles); ``grad_checkpointing``: recompute activations in backward.
+    """
+    if fast:
+        enable_fast_attention(model)
+    if compile_model and not hasattr(model.encode, "_torchdynamo_orig_callable"):
+        model.encode = torch.compile(model.encode)  # an instance attribute: parameters and keys stay as they are
+    if grad_checkpointing:
+        model.gradient_checkpointing = True
     return model
 
 

@@ -146,6 +146,8 @@ def annotate(
     key_added: str = "scbert",
     pooling: str = "mean",
     progress: bool = True,
+    num_workers: int = 0,
+    compile_model: bool = False,
 ) -> tuple[ad.AnnData, dict[str, Any]]:
     """Annotate cells with a fine-tuned checkpoint. Accepts raw counts or log-normalised values;
     keeps every cell in its order. Adds ``obs[f'{key_added}_celltype']`` (``Unassigned`` below
@@ -158,7 +160,8 @@ def annotate(
     prepared, rep = prepare(adata, genes=ckpt.genes, min_genes=None, target_sum=ckpt.preprocessing.get("target_sum", 1e4), what="the query")
     ds = CellDataset(prepared.X, ckpt.config.bin_num)
     net = ckpt.build_model()
-    probs, emb = predict(net, ds, batch_size, torch.device(device), precision, embed=True, pooling=pooling, progress=progress)
+    probs, emb = predict(net, ds, batch_size, torch.device(device), precision, embed=True, pooling=pooling, progress=progress,
+                         num_workers=num_workers, compile_model=compile_model)
     classes = np.asarray(ckpt.classes, dtype=object)
     conf = probs.max(axis=1)
     labels = np.where(conf >= threshold, classes[probs.argmax(axis=1)], UNASSIGNED)

@@ -28,7 +28,8 @@ def _train_config(args: argparse.Namespace, **extra: Any) -> TrainConfig:
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, grad_acc=args.grad_acc, lr=args.lr, clip_norm=args.clip_norm,
         warmup_steps=args.warmup_steps, cycle_steps=args.cycle_steps, seed=args.seed, precision=args.precision,
-        num_workers=args.num_workers, progress=not args.quiet, **extra,
+        num_workers=args.num_workers, progress=not args.quiet, compile=args.compile,
+        grad_checkpointing=args.grad_checkpointing, **extra,
     )
 
 
@@ -217,7 +218,7 @@ def run_predict(args: argparse.Namespace) -> None:
         threshold = 0.0 if args.novel_type is False else args.threshold
         t0 = time.time()
         annotated, rep = annotate(adata, ckpt, threshold, args.batch_size, resolve_device(args.device), args.precision,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, num_workers=args.num_workers, compile_model=args.compile)
         for line in rep.get("warnings", []):
             log.warning("WARNING: %s", line)
         log.info("annotated %d cells in %.1f s (%.1f cells/s)", annotated.n_obs, time.time() - t0, annotated.n_obs / max(time.time() - t0, 1e-9))

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
 from data.dataset import IGNORE_INDEX, CellDataset, mask_tokens, most_common_bin_baseline
-from model.fast import enable_fast_attention
+from model.fast import prepare_for_speed
 from model.scbert import ScBERT, pool_encodings
 
 log = logging.getLogger("scbert")
@@ -97,6 +97,8 @@ class TrainConfig:
     precision: str = "fp32"
     num_workers: int = 0
     progress: bool = True
+    compile: bool = False  # torch.compile the encoder
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -159,8 +161,7 @@ def pretrain(
     """Masked-expression pretraining. Returns the best (by held-out masked accuracy) validation
     metrics and the per-epoch history; the model ends holding the best weights. ``fast`` switches
     the attention to the equivalent :mod:`model.fast` kernel."""
-    if fast:
-        enable_fast_attention(model)
+    prepare_for_speed(model, fast, cfg.compile, cfg.grad_checkpointing)
     model.to(device)
     mask_token = model.config.mask_token
     loader = make_loader(train, cfg.batch_size, True, cfg.seed, cfg.num_workers)
@@ -236,8 +237,7 @@ def finetune(
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Supervised fine-tuning with early stopping on validation accuracy. The model ends holding
     the best weights; returns the best epoch's metrics and the history. ``fast``: see :func:`pretrain`."""
-    if fast:
-        enable_fast_attention(model)
+    prepare_for_speed(model, fast, cfg.compile, cfg.grad_checkpointing)
     model.to(device)
     loader = make_loader(train, cfg.batch_size, True, cfg.seed, cfg.num_workers)
     trainer = _Trainer(model, cfg, len(loader), device)
@@ -287,11 +287,11 @@ def predict(
     progress: bool = True,
     num_workers: int = 0,
     fast: bool = True,
+    compile_model: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Class probabilities (cells x classes) and, with ``embed``, cell embeddings (cells x dim),
     in dataset order, from one encoder pass per batch. ``fast``: see :func:`pretrain`."""
-    if fast:
-        enable_fast_attention(model)
+    prepare_for_speed(model, fast, compile_model)
     model.eval().to(device)
     probs, embs = [], []
     bar = tqdm(total=len(ds), desc="predict", unit="cell", disable=not progress, leave=False)

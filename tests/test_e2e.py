@@ -26,7 +26,7 @@ def runs(pbmc_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     d = tmp_path_factory.mktemp("e2e")
     prep = d / "prep.h5ad"
     preprocess.main(["--data", str(pbmc_small), "--out", str(prep), "--n-top-genes", "300", "--quiet"])
-    pretrain.main(["--data", str(prep), "--out", str(d / "pre"), *TINY_MODEL, "--epochs", "2", *FAST])
+    pretrain.main(["--data", str(prep), "--out", str(d / "pre"), *TINY_MODEL, "--epochs", "2", "--grad-checkpointing", *FAST])
     finetune.main(["--data", str(prep), "--label-key", "celltype", "--pretrained", str(d / "pre" / "model.pt"),
                    "--out", str(d / "ft"), "--epochs", "3", *FAST])
     predict.main(["--data", str(pbmc_small), "--model", str(d / "ft" / "model.pt"), "--out", str(d / "pred.h5ad"),
