@@ -1,17 +1,27 @@
-"""Speed and memory of prediction, fine-tuning and pretraining: our fast path vs a naive loop.
+"""Speed and memory of prediction, fine-tuning and pretraining: our fast path vs the naive loop.
 
-Every case runs in its own subprocess so its peak RSS (``ru_maxrss``) is its own. Cases, all on
-the same randomly initialised model size (the same seed, hence the same weights):
+Every measurement runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own. All
+cases use the same randomly initialised model (same seed, same weights) at the size given
+(default: the published one, 16,906 genes, dim 200, depth 6, 10 heads of 64).
 
-* ``predict``: ``predict.py`` end to end (read h5ad -> write annotated h5ad) with the fast path
-  and ``--batch-size``; the naive reference reads the same file, preprocesses it the same way and
-  runs the plain model one cell at a time in fp32 (the published way), then writes the result.
+* ``predict``: ``predict.py`` end to end (read h5ad -> preprocess -> annotate -> write h5ad) with
+  ``--batch-size``; the naive reference reads the same file, preprocesses it the same way, runs the
+  plain ``performer_pytorch`` model one cell at a time in fp32 (the published way) and writes the
+  same result.
 * ``finetune`` / ``pretrain``: optimiser steps (published freezing policy for fine-tuning, 15%
-  masking for pretraining); naive = plain model, batch size 3, fp32.
-* ``scaling``: seconds per cell of a fast forward pass at several gene counts.
+  masking for pretraining). Naive = plain model, batch size 3, fp32 (the published setting). The
+  first step of each run is a warm-up and is not timed.
+* ``scaling``: seconds per cell and peak RSS of a fast forward pass and of the attention-received
+  scores (attn_analysis) at several gene counts, to show linear cost.
+* ``batch``: peak RSS of a fast forward pass at several batch sizes.
+* ``agreement`` (with ``--checkpoint`` and ``--query``, e.g. the demo's fine-tuned model): labels of
+  ``annotate`` in bf16 vs fp32, and fast vs naive, on real cells.
 
-    python scripts/bench_speed.py                 # published size (slow: minutes)
-    python scripts/bench_speed.py --quick         # 2,000 genes, 2 layers: seconds
+With ``--rounds R`` the naive and fast runs alternate R times and the fastest of each is kept,
+which makes the ratio robust to other load on the machine.
+
+    python scripts/bench_speed.py                   # published size (slow on a CPU: ~30 minutes)
+    python scripts/bench_speed.py --quick           # 2,000 genes, 2 layers: a few minutes
 """
 
 from __future__ import annotations
@@ -31,20 +41,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PUBLISHED_GENES = 16906
+N_CLASSES = 8
 
 
 def _model(args: argparse.Namespace, head: str, fast: bool) -> Any:
     import torch
 
     from model.config import ScBERTConfig
-    from model.fast import enable_fast_attention
+    from model.fast import prepare_for_speed
     from model.scbert import ScBERT
 
     torch.manual_seed(0)
     cfg = ScBERTConfig(n_genes=args.genes, dim=args.dim, depth=args.depth, heads=args.heads, dim_head=args.dim_head,
-                       head=head, n_classes=8 if head == "classifier" else 0, gene_embedding="learned")
+                       head=head, n_classes=N_CLASSES if head == "classifier" else 0, gene_embedding="learned")
     model = ScBERT(cfg)
-    return enable_fast_attention(model) if fast else model
+    model.performer.proj_updater.feature_redraw_interval = None  # identical features for every run
+    return prepare_for_speed(model, compile_model=args.compile) if fast else model
 
 
 def _counts(n_cells: int, n_genes: int, seed: int = 0) -> Any:
@@ -58,145 +70,248 @@ def _counts(n_cells: int, n_genes: int, seed: int = 0) -> Any:
     return X
 
 
-def _write_inputs(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path]:
+def _write_inputs(args: argparse.Namespace, workdir: Path) -> None:
     """A checkpoint of the benchmark classifier and a query h5ad of ``--cells`` cells."""
     import anndata as ad
 
     from model.checkpoint import save_checkpoint
 
     genes = [f"G{i}" for i in range(args.genes)]
-    ckpt = workdir / "model.pt"
-    save_checkpoint(ckpt, _model(args, "classifier", fast=False), genes, [f"type{i}" for i in range(8)])
+    save_checkpoint(workdir / "model.pt", _model(args, "classifier", fast=False), genes, [f"type{i}" for i in range(N_CLASSES)])
     adata = ad.AnnData(X=_counts(args.cells, args.genes))
     adata.var_names = genes
     adata.obs_names = [f"c{i}" for i in range(args.cells)]
-    query = workdir / "query.h5ad"
-    adata.write_h5ad(query)
-    return ckpt, query
+    adata.write_h5ad(workdir / "query.h5ad")
+
+
+def _naive_annotate(ckpt_path: Path, query: Path) -> tuple[Any, Any]:
+    """The published way: the plain model, one cell at a time, fp32. Returns (probabilities, prepared AnnData)."""
+    import numpy as np
+    import torch
+
+    from data.dataset import tokenize_rows
+    from data.io import read_cells
+    from data.preprocess import prepare
+    from model.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(ckpt_path)
+    model = ck.build_model().eval()
+    model.performer.proj_updater.feature_redraw_interval = None
+    adata, _ = prepare(read_cells(query), genes=ck.genes, min_genes=None,
+                       target_sum=ck.preprocessing.get("target_sum", 1e4), what=str(query))
+    probs = []
+    with torch.no_grad():
+        for i in range(adata.n_obs):
+            tokens = tokenize_rows(adata.X, [i], model.config.bin_num)
+            probs.append(torch.softmax(model(tokens), dim=-1)[0].numpy())
+    return np.stack(probs), ck
 
 
 def case_predict(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
     workdir = Path(args.workdir)
-    ckpt, query = workdir / "model.pt", workdir / "query.h5ad"
-    out = workdir / f"out_{'fast' if fast else 'naive'}.h5ad"
+    query = Path(args.query) if args.query else workdir / "query.h5ad"
+    ckpt = Path(args.checkpoint) if args.checkpoint else workdir / "model.pt"
+    tag = f"{'fast' if fast else 'naive'}_{args.precision}"
+    out = workdir / f"out_{tag}.h5ad"
     t0 = time.perf_counter()
     if fast:
         import predict
 
         predict.main(["--data", str(query), "--model", str(ckpt), "--out", str(out), "--batch-size", str(args.batch_size),
-                      "--precision", args.precision, "--overwrite", "--quiet"])
+                      "--precision", args.precision, "--overwrite", "--quiet", "--compile", str(args.compile).lower()])
+        n = _n_obs(out)
     else:
         import numpy as np
-        import torch
 
-        from data.dataset import tokenize_rows
         from data.io import read_cells
-        from data.preprocess import prepare
-        from model.checkpoint import load_checkpoint
-        from model.fast import disable_fast_attention
 
-        ck = load_checkpoint(ckpt)
-        model = disable_fast_attention(ck.build_model()).eval()
-        adata, _ = prepare(read_cells(query), genes=ck.genes, min_genes=None,
-                           target_sum=ck.preprocessing.get("target_sum", 1e4), what=str(query))
-        probs = []
-        with torch.no_grad():
-            for i in range(adata.n_obs):
-                tokens = tokenize_rows(adata.X, [i], model.config.bin_num)
-                probs.append(torch.softmax(model(tokens), dim=-1)[0].numpy())
-        p = np.stack(probs)
-        adata.obs["scbert_celltype"] = np.asarray(ck.classes)[p.argmax(1)]
-        adata.obsm["scbert_probabilities"] = p
+        probs, ck = _naive_annotate(ckpt, query)
+        adata = read_cells(query)
+        adata.obs["scbert_celltype"] = np.asarray(ck.classes)[probs.argmax(1)]
+        adata.obsm["scbert_probabilities"] = probs
         adata.write_h5ad(out)
+        n = adata.n_obs
     dt = time.perf_counter() - t0
-    return {"cells": args.cells, "seconds": dt, "cells_per_s": args.cells / dt, "out": str(out)}
+    return {"cells": n, "seconds": dt, "cells_per_s": n / dt, "out": str(out), "precision": args.precision,
+            "batch_size": args.batch_size if fast else 1}
+
+
+def _n_obs(path: Path) -> int:
+    import anndata as ad
+
+    return ad.read_h5ad(path, backed="r").n_obs
 
 
 def case_train(args: argparse.Namespace, kind: str, fast: bool) -> dict[str, Any]:
     import torch
     from torch import nn
 
-    from data.dataset import IGNORE_INDEX, tokenize_rows
-    from data.dataset import mask_tokens as mask
+    from data.dataset import IGNORE_INDEX, mask_tokens, tokenize_rows
+    from model.training import autocast
 
     model = _model(args, "classifier" if kind == "finetune" else "mlm", fast)
     if kind == "finetune":
         model.freeze_for_finetuning()
+    model.gradient_checkpointing = fast and args.grad_checkpointing
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    X = _counts(args.train_cells, args.genes)
-    X.data = X.data.clip(max=7.0)  # already "binned-ish" values; tokenisation caps at bin_num
-    batch = 3 if not fast else args.train_batch_size
+    batch = args.train_batch_size if fast else 3
+    precision = args.train_precision if fast else "fp32"
+    steps = args.train_steps + 1  # the first is a warm-up
+    X = _counts(steps * batch, args.genes)
+    X.data = X.data.clip(max=7.0)
     gen = torch.Generator().manual_seed(1)
     loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
-    t0 = time.perf_counter()
-    for s in range(0, args.train_cells, batch):
-        tokens = tokenize_rows(X, range(s, min(s + batch, args.train_cells)), model.config.bin_num)
-        if kind == "finetune":
-            loss = loss_fn(model(tokens), torch.zeros(len(tokens), dtype=torch.long))
-        else:
-            inputs, labels = mask(tokens, model.config.mask_token, 0.15, 0.9, gen)
-            loss = loss_fn(model(inputs).transpose(1, 2), labels)
+    device = torch.device("cpu")
+    t0 = 0.0
+    for s in range(steps):
+        if s == 1:
+            t0 = time.perf_counter()
+        tokens = tokenize_rows(X, range(s * batch, (s + 1) * batch), model.config.bin_num)
+        with autocast(device, precision):
+            if kind == "finetune":
+                loss = loss_fn(model(tokens).float(), torch.zeros(len(tokens), dtype=torch.long))
+            else:
+                inputs, labels = mask_tokens(tokens, model.config.mask_token, 0.15, 0.9, gen)
+                loss = loss_fn(model(inputs).float().transpose(1, 2), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     dt = time.perf_counter() - t0
-    return {"cells": args.train_cells, "batch_size": batch, "seconds": dt, "cells_per_s": args.train_cells / dt}
+    cells = args.train_steps * batch
+    return {"cells": cells, "batch_size": batch, "precision": precision, "steps": args.train_steps, "seconds": dt,
+            "cells_per_s": cells / dt, "grad_checkpointing": model.gradient_checkpointing}
 
 
 def case_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    """Fast forward pass (or attention-received scores with ``--what attention``) at one gene count."""
     import torch
 
+    from model.attention import attention_received
+
     model = _model(args, "classifier", fast=True).eval()
-    tokens = torch.randint(0, 6, (1, args.genes + 1))
-    with torch.inference_mode():
-        model(tokens)  # warm-up
+    tokens = torch.randint(0, 6, (args.batch_size, args.genes + 1))
+
+    def run() -> None:
+        if args.what == "attention":
+            attention_received(model, tokens, layer=-1)
+        else:
+            with torch.inference_mode():
+                model(tokens)
+
+    run()  # warm-up
+    best = float("inf")
+    for _ in range(args.repeats):
         t0 = time.perf_counter()
-        for _ in range(args.repeats):
-            model(tokens)
-    dt = (time.perf_counter() - t0) / args.repeats
-    return {"genes": args.genes, "depth": args.depth, "s_per_cell": dt, "us_per_gene": dt / args.genes * 1e6}
+        run()
+        best = min(best, time.perf_counter() - t0)
+    per_cell = best / args.batch_size
+    return {"what": args.what, "genes": args.genes, "depth": args.depth, "batch_size": args.batch_size,
+            "s_per_cell": per_cell, "us_per_gene": per_cell / args.genes * 1e6}
+
+
+def case_agreement(args: argparse.Namespace) -> dict[str, Any]:
+    """Labels of a real fine-tuned model on real cells: naive fp32, fast fp32 and fast bf16."""
+    import numpy as np
+    import torch
+
+    from data.io import read_cells
+    from model.checkpoint import load_checkpoint
+    from model.pipeline import annotate
+
+    ck = load_checkpoint(args.checkpoint)
+    adata = read_cells(args.query)
+    res: dict[str, Any] = {"checkpoint": args.checkpoint, "query": args.query, "cells": adata.n_obs}
+    t0 = time.perf_counter()
+    naive, _ = _naive_annotate(Path(args.checkpoint), Path(args.query))
+    res["naive_fp32_s"] = time.perf_counter() - t0
+    labels = {"naive_fp32": naive.argmax(1)}
+    for precision in ("fp32", "bf16"):
+        t0 = time.perf_counter()
+        out, _ = annotate(adata, ck, 0.0, args.batch_size, torch.device("cpu"), precision, progress=False)
+        res[f"fast_{precision}_s"] = time.perf_counter() - t0
+        labels[f"fast_{precision}"] = np.asarray(out.obsm["scbert_probabilities"]).argmax(1)
+    res["agree_fast_fp32_vs_naive"] = float((labels["fast_fp32"] == labels["naive_fp32"]).mean())
+    res["agree_bf16_vs_fp32"] = float((labels["fast_bf16"] == labels["fast_fp32"]).mean())
+    return res
 
 
 def run_case(argv: list[str]) -> dict[str, Any]:
-    """Run ``--case`` in a fresh interpreter; returns its result with ``peak_rss_mb``."""
+    """Run one ``--case`` in a fresh interpreter; returns its result with ``peak_rss_mb``."""
     proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"case {argv} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def best_of(rounds: int, naive_argv: list[str], fast_argv: list[str], name: str) -> dict[str, Any]:
+    """Alternate naive and fast runs ``rounds`` times; keep the fastest of each and the largest RSS."""
+    runs: dict[str, list[dict[str, Any]]] = {"naive": [], "fast": []}
+    for r in range(rounds):
+        for side, argv in (("naive", naive_argv), ("fast", fast_argv)):
+            runs[side].append(run_case(argv))
+            print(f"  {name} round {r + 1} {side}: {runs[side][-1]['cells_per_s']:.4f} cells/s, "
+                  f"{runs[side][-1]['peak_rss_mb']:.0f} MB", flush=True)
+    pair = {}
+    for side, rs in runs.items():
+        best = dict(max(rs, key=lambda x: x["cells_per_s"]))
+        best["peak_rss_mb"] = max(x["peak_rss_mb"] for x in rs)
+        best["all_cells_per_s"] = [x["cells_per_s"] for x in rs]
+        pair[side] = best
+    pair["speedup"] = pair["fast"]["cells_per_s"] / pair["naive"]["cells_per_s"]
+    pair["rss_ratio"] = pair["fast"]["peak_rss_mb"] / pair["naive"]["peak_rss_mb"]
+    return pair
+
+
 def model_args(args: argparse.Namespace, genes: int | None = None, depth: int | None = None) -> list[str]:
     return ["--genes", str(genes or args.genes), "--dim", str(args.dim), "--depth", str(depth or args.depth),
-            "--heads", str(args.heads), "--dim-head", str(args.dim_head)]
+            "--heads", str(args.heads), "--dim-head", str(args.dim_head), "--compile", str(args.compile).lower()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model (default: the published size)")
+    g.add_argument("--genes", type=int, default=PUBLISHED_GENES)
+    g.add_argument("--dim", type=int, default=200)
+    g.add_argument("--depth", type=int, default=6)
+    g.add_argument("--heads", type=int, default=10)
+    g.add_argument("--dim-head", type=int, default=64)
+    g = p.add_argument_group("cases")
+    g.add_argument("--cells", type=int, default=16, help="cells to predict (default: 16)")
+    g.add_argument("--batch-size", type=int, default=8, help="fast predict batch size (default: 8)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fast predict precision (default: fp32)")
+    g.add_argument("--train-steps", type=int, default=2, help="timed optimiser steps per training run, after one warm-up step (default: 2)")
+    g.add_argument("--train-batch-size", type=int, default=3, help="fast training batch size (naive is always 3)")
+    g.add_argument("--train-precision", default="fp32", choices=["fp32", "bf16"], help="fast training precision (default: fp32)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="fast training with gradient checkpointing")
+    g.add_argument("--compile", default="false", choices=["true", "false"], help="torch.compile the fast model (default: false)")
+    g.add_argument("--rounds", type=int, default=1, help="alternate naive/fast runs this many times, keep the best (default: 1)")
+    g.add_argument("--scaling-genes", default="2000,4000,8000,16906")
+    g.add_argument("--scaling-depth", type=int, default=1, help="layers for the scaling table (cost is linear in depth)")
+    g.add_argument("--batch-sizes", default="1,4,16", help="batch sizes of the memory table")
+    g.add_argument("--batch-genes", type=int, default=4000, help="genes of the memory table")
+    g.add_argument("--repeats", type=int, default=2)
+    g.add_argument("--checkpoint", default=None, help="a fine-tuned model.pt for the agreement case (e.g. demo_out/finetune/model.pt)")
+    g.add_argument("--query", default=None, help="cells for the agreement case (e.g. demo_out/pbmc_query.h5ad)")
+    g.add_argument("--skip", default="", help="comma list of predict,finetune,pretrain,scaling,batch,agreement to skip")
+    g.add_argument("--quick", action="store_true", help="2,000 genes, depth 2, 8 cells: a smoke run")
+    g = p.add_argument_group("output")
+    g.add_argument("--json", default="bench_speed.json")
+    g.add_argument("--md", default="bench_speed.md")
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--what", default="forward", help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    return p
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--genes", type=int, default=PUBLISHED_GENES)
-    p.add_argument("--dim", type=int, default=200)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--heads", type=int, default=10)
-    p.add_argument("--dim-head", type=int, default=64)
-    p.add_argument("--cells", type=int, default=8, help="cells to predict")
-    p.add_argument("--batch-size", type=int, default=8, help="fast predict batch size")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fast predict precision")
-    p.add_argument("--train-cells", type=int, default=3, help="cells per training measurement")
-    p.add_argument("--train-batch-size", type=int, default=3, help="fast training batch size (naive is always 3)")
-    p.add_argument("--scaling-genes", default="2000,4000,8000,16906")
-    p.add_argument("--scaling-depth", type=int, default=1, help="layers for the scaling table (time is linear in depth)")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--skip", default="", help="comma list of predict,finetune,pretrain,scaling to skip")
-    p.add_argument("--quick", action="store_true", help="2,000 genes, depth 2, few cells")
-    p.add_argument("--json", default="bench_speed.json")
-    p.add_argument("--md", default="bench_speed.md")
-    p.add_argument("--case", help=argparse.SUPPRESS)
-    p.add_argument("--workdir", help=argparse.SUPPRESS)
-    args = p.parse_args()
-
+    args = build_parser().parse_args()
+    args.compile = args.compile == "true"
     if args.case:
         if args.case == "scaling":
             res = case_scaling(args)
+        elif args.case == "agreement":
+            res = case_agreement(args)
         elif args.case.startswith("predict"):
             res = case_predict(args, args.case.endswith(":fast"))
         else:
@@ -212,35 +327,54 @@ def main() -> None:
     import torch
 
     skip = set(filter(None, args.skip.split(",")))
+    if not (args.checkpoint and args.query):
+        skip.add("agreement")
     report: dict[str, Any] = {
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "model": {"genes": args.genes, "dim": args.dim, "depth": args.depth, "heads": args.heads, "dim_head": args.dim_head},
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["python", *sys.argv]),
         "cases": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
         if "predict" not in skip:
             _write_inputs(args, Path(tmp))
-            extra = ["--cells", str(args.cells), "--batch-size", str(args.batch_size), "--precision", args.precision, "--workdir", tmp]
-            naive = run_case(["--case", "predict:naive", *model_args(args), *extra])
-            fast = run_case(["--case", "predict:fast", *model_args(args), *extra])
-            fast["agreement"] = _agreement(naive.pop("out"), fast.pop("out"))
-            report["cases"]["predict"] = _pair(naive, fast)
-            print(_line("predict", report["cases"]["predict"]), flush=True)
+            extra = ["--cells", str(args.cells), "--batch-size", str(args.batch_size), "--workdir", tmp]
+            pair = best_of(args.rounds, ["--case", "predict:naive", *model_args(args), *extra, "--precision", "fp32"],
+                           ["--case", "predict:fast", *model_args(args), *extra, "--precision", args.precision], "predict")
+            pair["fast"]["agreement_with_naive"] = _agreement(pair["naive"].pop("out"), pair["fast"].pop("out"))
+            report["cases"]["predict"] = pair
+            print(_line("predict", pair), flush=True)
         for kind in ("finetune", "pretrain"):
             if kind in skip:
                 continue
-            extra = ["--train-cells", str(args.train_cells), "--train-batch-size", str(args.train_batch_size)]
-            naive = run_case(["--case", f"{kind}:naive", *model_args(args), *extra])
-            fast = run_case(["--case", f"{kind}:fast", *model_args(args), *extra])
-            report["cases"][kind] = _pair(naive, fast)
-            print(_line(kind, report["cases"][kind]), flush=True)
+            extra = ["--train-steps", str(args.train_steps), "--train-batch-size", str(args.train_batch_size),
+                     "--train-precision", args.train_precision, *(["--grad-checkpointing"] if args.grad_checkpointing else [])]
+            pair = best_of(args.rounds, ["--case", f"{kind}:naive", *model_args(args), *extra],
+                           ["--case", f"{kind}:fast", *model_args(args), *extra], kind)
+            report["cases"][kind] = pair
+            print(_line(kind, pair), flush=True)
+    if "agreement" not in skip:
+        report["agreement"] = run_case(["--case", "agreement", "--checkpoint", args.checkpoint, "--query", args.query,
+                                        "--batch-size", str(args.batch_size)])
+        a = report["agreement"]
+        print(f"agreement on {a['cells']} real cells: fast fp32 vs naive {a['agree_fast_fp32_vs_naive']:.4f}, "
+              f"bf16 vs fp32 {a['agree_bf16_vs_fp32']:.4f}", flush=True)
     if "scaling" not in skip:
         rows = []
-        for g in (int(x) for x in args.scaling_genes.split(",")):
-            rows.append(run_case(["--case", "scaling", "--repeats", str(args.repeats), *model_args(args, g, args.scaling_depth)]))
-            print(f"scaling: {g} genes: {rows[-1]['s_per_cell']:.3f} s/cell, {rows[-1]['peak_rss_mb']:.0f} MB", flush=True)
+        for what in ("forward", "attention"):
+            for g in (int(x) for x in args.scaling_genes.split(",")):
+                rows.append(run_case(["--case", "scaling", "--what", what, "--repeats", str(args.repeats), "--batch-size", "1",
+                                      *model_args(args, g, args.scaling_depth)]))
+                print(f"scaling {what}: {g} genes: {rows[-1]['s_per_cell']:.3f} s/cell, {rows[-1]['peak_rss_mb']:.0f} MB", flush=True)
         report["scaling"] = rows
+    if "batch" not in skip:
+        rows = []
+        for b in (int(x) for x in args.batch_sizes.split(",")):
+            rows.append(run_case(["--case", "scaling", "--repeats", "1", "--batch-size", str(b),
+                                  *model_args(args, args.batch_genes, args.scaling_depth)]))
+            print(f"batch {b}: {rows[-1]['peak_rss_mb']:.0f} MB", flush=True)
+        report["batch"] = rows
     Path(args.json).write_text(json.dumps(report, indent=2))
     Path(args.md).write_text(_markdown(report))
     print(_markdown(report))
@@ -251,13 +385,7 @@ def _agreement(naive_path: str, fast_path: str) -> float:
     import numpy as np
 
     a, b = ad.read_h5ad(naive_path), ad.read_h5ad(fast_path)
-    pa, pb = a.obsm["scbert_probabilities"], b.obsm["scbert_probabilities"]
-    return float((np.asarray(pa).argmax(1) == np.asarray(pb).argmax(1)).mean())
-
-
-def _pair(naive: dict[str, Any], fast: dict[str, Any]) -> dict[str, Any]:
-    return {"naive": naive, "fast": fast, "speedup": fast["cells_per_s"] / naive["cells_per_s"],
-            "rss_ratio": fast["peak_rss_mb"] / naive["peak_rss_mb"]}
+    return float((np.asarray(a.obsm["scbert_probabilities"]).argmax(1) == np.asarray(b.obsm["scbert_probabilities"]).argmax(1)).mean())
 
 
 def _line(name: str, c: dict[str, Any]) -> str:
@@ -266,25 +394,35 @@ def _line(name: str, c: dict[str, Any]) -> str:
 
 
 def _markdown(r: dict[str, Any]) -> str:
-    m = r["model"]
-    lines = [f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']} "
-             f"({r['machine']['threads']} threads). Model: {m['genes']} genes, dim {m['dim']}, depth {m['depth']}, "
-             f"heads {m['heads']} x {m['dim_head']}.", "", f"Command: `{r['command']}`", "",
-             "| case | naive cells/s | fast cells/s | speed-up | naive peak RSS (MB) | fast peak RSS (MB) | notes |",
-             "|---|---|---|---|---|---|---|"]
+    m, mc = r["model"], r["machine"]
+    lines = [f"Machine: {mc['cpu']}, {mc['cores']} cores ({mc['cpu_capability']}), torch {mc['torch']} ({mc['threads']} threads). "
+             f"Model: {m['genes']} genes, dim {m['dim']}, depth {m['depth']}, heads {m['heads']} x {m['dim_head']}.", "",
+             f"Command: `{r['command']}`", ""]
+    if r["cases"]:
+        lines += ["| case | naive cells/s | fast cells/s | speed-up | naive peak RSS (MB) | fast peak RSS (MB) | notes |",
+                  "|---|---|---|---|---|---|---|"]
     for name, c in r["cases"].items():
         n, f = c["naive"], c["fast"]
-        note = f"{n['cells']} cells"
-        if "batch_size" in f:
-            note += f"; batch naive {n['batch_size']}, fast {f['batch_size']}"
-        if "agreement" in f:
-            note += f"; label agreement {f['agreement']:.4f}"
+        note = (f"{n['cells']} cells; naive batch {n['batch_size']} fp32, fast batch {f['batch_size']} {f['precision']}")
+        if f.get("grad_checkpointing"):
+            note += ", gradient checkpointing"
+        if "agreement_with_naive" in f:
+            note += f"; label agreement {f['agreement_with_naive']:.4f}"
         lines.append(f"| {name} | {n['cells_per_s']:.4f} | {f['cells_per_s']:.4f} | {c['speedup']:.2f}x | "
                      f"{n['peak_rss_mb']:.0f} | {f['peak_rss_mb']:.0f} | {note} |")
+    if r.get("agreement"):
+        a = r["agreement"]
+        lines += ["", f"Agreement on {a['cells']} real cells ({a['query']}, {a['checkpoint']}): fast fp32 vs naive "
+                  f"{a['agree_fast_fp32_vs_naive']:.4f}, bf16 vs fp32 {a['agree_bf16_vs_fp32']:.4f} "
+                  f"(naive {a['naive_fp32_s']:.1f} s, fast fp32 {a['fast_fp32_s']:.1f} s, fast bf16 {a['fast_bf16_s']:.1f} s)."]
     if r.get("scaling"):
-        lines += ["", "| genes | depth | fast s/cell | us per gene | peak RSS (MB) |", "|---|---|---|---|---|"]
+        lines += ["", "| what | genes | depth | s/cell | us per gene | peak RSS (MB) |", "|---|---|---|---|---|---|"]
         for s in r["scaling"]:
-            lines.append(f"| {s['genes']} | {s['depth']} | {s['s_per_cell']:.3f} | {s['us_per_gene']:.1f} | {s['peak_rss_mb']:.0f} |")
+            lines.append(f"| {s['what']} | {s['genes']} | {s['depth']} | {s['s_per_cell']:.3f} | {s['us_per_gene']:.1f} | {s['peak_rss_mb']:.0f} |")
+    if r.get("batch"):
+        lines += ["", "| batch size | genes | depth | s/cell | peak RSS (MB) |", "|---|---|---|---|---|"]
+        for s in r["batch"]:
+            lines.append(f"| {s['batch_size']} | {s['genes']} | {s['depth']} | {s['s_per_cell']:.3f} | {s['peak_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
