@@ -1,20 +1,27 @@
 """A faster, numerically equivalent FAVOR+ attention for the pip ``performer_pytorch`` modules.
 
 ``performer_pytorch.FastAttention`` builds its softmax-kernel features by repeating the projection
-matrix to (batch, heads, features, dim_head), then makes several full passes over the
-(batch, heads, seq_len, features) feature tensor (subtract, subtract, exp, add eps, multiply) and
-finishes with a three-operand einsum. On a CPU those elementwise passes over ~18 MB per head and
-cell cost more than the matrix products. :class:`FastFavorAttention` computes the same function:
+matrix to (batch, heads, features, dim_head), makes several full passes over the
+(batch, heads, seq_len, features) feature tensor (subtract, subtract, exp, add eps, multiply),
+finishes with a three-operand einsum, and autograd keeps each of those big tensors for the
+backward pass. On a CPU the elementwise passes over ~18 MB per head and cell cost more than the
+matrix products. :func:`favor_attention` computes the same function:
 
 * the data normaliser is folded into the (features, dim_head) projection, which is multiplied
   without repeating it;
 * the diagonal term, the stabilising maximum and the ``ratio`` factor are folded into one
-  per-row shift, so the features are ``exp(x - shift)`` from one in-place subtract and one
-  in-place exp;
+  per-row shift, so the features are ``exp(x - shift)`` from one in-place subtract and exp;
 * the ``+ eps`` is never added to the big tensors: its contribution to the key sum, the context
   and the normaliser is added as a rank-one correction on small tensors;
-* the work runs one slice of (batch x heads) at a time, so temporaries stay cache-sized and the
-  memory is linear in genes and batch size (no genes x genes matrix exists anywhere).
+* the work runs one (batch, head) slice and one tile of rows at a time, so the feature tiles
+  stay in cache; the key maximum (taken over the whole slice) is kept as a running maximum,
+  rescaling what was accumulated whenever it grows, which gives exactly the one-pass result;
+* for training, a hand-written backward (:class:`_Favor`) saves only q, k, v and the small
+  (features x dim_head) contexts, and recomputes the feature tiles: the memory of attention is
+  that of its inputs, and nothing of size genes x genes (or genes x features per head) is kept.
+
+Gradients follow ``performer_pytorch``: the stabilising maxima are constants. Attention runs in
+float32 whatever the autocast precision (exp of bf16 features loses too much).
 
 The class swap keeps every parameter and buffer, so state dicts and checkpoints are unchanged,
 and ``isinstance(m, FastAttention)`` still holds (feature redraws keep working).
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,117 +41,166 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     from performer_pytorch.performer_pytorch import FastAttention
 
-# Elements of one (seq_len x features) slice group processed at once: ~16 MB of float32.
-SLICE_ELEMENTS = 1 << 22
-# Elements of one feature tile of the inference path: ~2 MB of float32, about an L2 cache.
+# Elements of one feature tile: ~2 MB of float32, about an L2 cache.
 TILE_ELEMENTS = 1 << 19
 
 
-def _features(x: Tensor, proj_t: Tensor, diag_scale: float, log_ratio: float, is_query: bool) -> Tensor:
-    """``exp(x @ proj_t - |x|^2 * diag_scale - max + log_ratio)`` for (slices, n, d) ``x``.
+class _Consts:
+    """The scalars of the softmax kernel for ``d``-dimensional heads and ``m`` features."""
 
-    Queries are stabilised by their row maximum, keys by the maximum over the whole slice,
-    both treated as constants for the gradient, as in ``performer_pytorch.softmax_kernel``.
-    """
-    dash = torch.matmul(x, proj_t)
-    if is_query:
-        top = dash.detach().amax(dim=-1, keepdim=True)
-    else:
-        top = dash.detach().amax(dim=(-1, -2), keepdim=True)
-    shift = (x * x).sum(dim=-1, keepdim=True) * diag_scale + top - log_ratio
-    # In place even under autograd: the product's backward needs only its inputs, and exp_'s
-    # backward uses its own result, which is what stays saved.
+    def __init__(self, d: int, m: int, eps: float) -> None:
+        normaliser = d**-0.25
+        self.normaliser = normaliser
+        self.diag_scale = normaliser**2 / 2.0
+        self.log_ratio = math.log(m**-0.5)
+        self.ce = m**-0.5 * eps  # what ``ratio * (exp(.) + eps)`` adds to every feature
+
+
+def _rows(m: int) -> int:
+    return max(16, TILE_ELEMENTS // m)
+
+
+def _features(dash: Tensor, x: Tensor, c: _Consts, top: float | None) -> Tensor:
+    """``ratio * exp(dash - |x|^2 * diag_scale - max)`` in place of ``dash = x P'`` (eps left out);
+    the maximum is ``top`` for keys and each row's own for queries (``top=None``)."""
+    shift = (x * x).sum(dim=-1, keepdim=True) * c.diag_scale - c.log_ratio
+    shift += dash.amax(dim=-1, keepdim=True) if top is None else top
     return dash.sub_(shift).exp_()
+
+
+def _slice_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts) -> tuple[Tensor, float]:
+    """``[sum_j phi(k_j) v_j, sum_j phi(k_j)]`` (features x (e + 1)) of one slice, eps included,
+    and the key maximum it was computed with."""
+    n, e, m = kk.shape[0], vv.shape[1], proj_t.shape[1]
+    rows = _rows(m)
+    context = kk.new_zeros(m, e + 1)
+    top = -math.inf
+    for s in range(0, n, rows):
+        kc = kk[s : s + rows]
+        dash = torch.matmul(kc, proj_t)
+        tile_top = float(dash.max())
+        if tile_top > top:
+            if top != -math.inf:
+                context.mul_(math.exp(top - tile_top))
+            top = tile_top
+        kf = _features(dash, kc, c, top)
+        context[:, :e].addmm_(kf.t(), vv[s : s + rows])
+        context[:, e] += kf.sum(dim=0)
+    context[:, :e] += c.ce * vv.sum(dim=0)
+    context[:, e] += n * c.ce
+    return context, top
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, c: _Consts) -> tuple[Tensor, Tensor, Tensor]:
+    """Output (b, h, n, e) as a view of a (b, n, h, e) buffer, the contexts (b, h, m, e + 1) and
+    the key maxima (b, h)."""
+    b, h, n, _ = q.shape
+    e, m = v.shape[-1], proj_t.shape[1]
+    rows = _rows(m)
+    out = q.new_empty(b, n, h, e)
+    contexts = q.new_empty(b, h, m, e + 1)
+    tops = q.new_empty(b, h)
+    for bi in range(b):
+        for hi in range(h):
+            context, top = _slice_context(k[bi, hi], v[bi, hi], proj_t, c)
+            contexts[bi, hi], tops[bi, hi] = context, top
+            correction = c.ce * context.sum(dim=0)
+            qq = q[bi, hi]
+            for s in range(0, n, rows):
+                qc = qq[s : s + rows]
+                num = torch.addmm(correction, _features(torch.matmul(qc, proj_t), qc, c, None), context)
+                out[bi, s : s + rows, hi] = num[:, :e] / num[:, e:]
+    return out.permute(0, 2, 1, 3), contexts, tops
+
+
+class _Favor(torch.autograd.Function):
+    """FAVOR+ attention whose backward recomputes the feature tiles instead of storing them.
+
+    With features ``Qf = Eq + ce``, ``Kf = Ek + ce`` (``E`` the exp parts), context
+    ``C = Kf^T [V, 1]``, ``[num, den] = Qf C`` and ``out = num / den``, an upstream gradient ``G``
+    gives ``[dnum, dden] = [G / den, -sum(G * out) / den]``, ``dQf = [dnum, dden] C^T``,
+    ``dC = Qf^T [dnum, dden]``, ``dKf = [V, 1] dC^T``, ``dV = Kf dC[:, :e]``, and through
+    ``E = exp(x P' - |x|^2 s - max)``: ``dx = (dF * E) P'^T - 2 s x rowsum(dF * E)``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, eps: float) -> Tensor:
+        c = _Consts(q.shape[-1], proj_t.shape[1], eps)
+        out, contexts, tops = _forward(q, k, v, proj_t, c)
+        ctx.save_for_backward(q, k, v, proj_t, contexts, tops)
+        ctx.consts = c
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, proj_t, contexts, tops = ctx.saved_tensors
+        c: _Consts = ctx.consts
+        b, h, n, _ = q.shape
+        e, m = v.shape[-1], proj_t.shape[1]
+        rows = _rows(m)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for bi in range(b):
+            for hi in range(h):
+                context = contexts[bi, hi]
+                correction = c.ce * context.sum(dim=0)
+                dcontext = context.new_zeros(m, e + 1)
+                qq, g = q[bi, hi], grad_out[bi, hi]
+                for s in range(0, n, rows):
+                    qc = qq[s : s + rows]
+                    ef = _features(torch.matmul(qc, proj_t), qc, c, None)
+                    num = torch.addmm(correction, ef, context)
+                    den = num[:, e:]
+                    gd = torch.empty_like(num)
+                    gd[:, :e] = g[s : s + rows] / den
+                    gd[:, e:] = -(gd[:, :e] * num[:, :e]).sum(dim=-1, keepdim=True) / den
+                    dcontext.addmm_(ef.t(), gd)
+                    dcontext += c.ce * gd.sum(dim=0)
+                    dq[bi, hi, s : s + rows] = _through_features(torch.matmul(gd, context.t()).mul_(ef), qc, proj_t, c)
+                kk, vv, top = k[bi, hi], v[bi, hi], float(tops[bi, hi])
+                dvs = dcontext[:, :e]
+                for s in range(0, n, rows):
+                    kc = kk[s : s + rows]
+                    ef = _features(torch.matmul(kc, proj_t), kc, c, top)
+                    dv[bi, hi, s : s + rows] = torch.addmm(c.ce * dvs.sum(dim=0), ef, dvs)
+                    dkf = torch.addmm(dcontext[:, e], vv[s : s + rows], dvs.t()).mul_(ef)
+                    dk[bi, hi, s : s + rows] = _through_features(dkf, kc, proj_t, c)
+        return dq, dk, dv, None, None
+
+
+def _through_features(grad_e: Tensor, x: Tensor, proj_t: Tensor, c: _Consts) -> Tensor:
+    """Gradient w.r.t. the tile ``x`` of ``E = exp(x P' - |x|^2 s - const)``, given ``grad_e * E``."""
+    return torch.matmul(grad_e, proj_t.t()) - (2.0 * c.diag_scale) * x * grad_e.sum(dim=-1, keepdim=True)
+
+
+def _attend_graph(q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, c: _Consts) -> Tensor:
+    """The same attention as plain tensor operations (for ``torch.compile``, which traces it)."""
+    n, e = k.shape[-2], v.shape[-1]
+    kd = torch.matmul(k, proj_t)
+    kf = torch.exp(kd - (k * k).sum(-1, keepdim=True) * c.diag_scale - kd.detach().amax(dim=(-1, -2), keepdim=True) + c.log_ratio)
+    context = torch.cat([torch.matmul(kf.transpose(-1, -2), v) + c.ce * v.sum(-2, keepdim=True),
+                         (kf.sum(-2) + n * c.ce).unsqueeze(-1)], dim=-1)
+    qd = torch.matmul(q, proj_t)
+    qf = torch.exp(qd - (q * q).sum(-1, keepdim=True) * c.diag_scale - qd.detach().amax(dim=-1, keepdim=True) + c.log_ratio)
+    num = torch.matmul(qf, context) + c.ce * context.sum(-2, keepdim=True)
+    return num[..., :e] / num[..., e:]
 
 
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, eps: float = 1e-4) -> Tensor:
     """Non-causal FAVOR+ softmax-kernel attention of (batch, heads, n, d) ``q, k, v``.
 
-    Same result as ``FastAttention.forward`` with its defaults (softmax kernel, non-causal).
+    Same result as ``FastAttention.forward`` with its defaults (softmax kernel, non-causal),
+    computed in float32 and returned in ``q``'s dtype.
     """
-    b, h, n, d = q.shape
-    e = v.shape[-1]
-    m = projection.shape[0]
-    normaliser = d ** -0.25
-    proj_t = (projection.to(q.dtype) * normaliser).t()
-    diag_scale = normaliser**2 / 2.0
-    ratio = m**-0.5
-    log_ratio = math.log(ratio)
-    ce = ratio * eps  # what ``ratio * (exp(.) + eps)`` adds to every feature
+    dtype = q.dtype
+    q, k, v = q.float(), k.float(), v.float()
+    c = _Consts(q.shape[-1], projection.shape[0], eps)
+    proj_t = (projection.float() * c.normaliser).t().contiguous()
+    if torch.compiler.is_compiling():
+        return _attend_graph(q, k, v, proj_t, c).to(dtype)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-
-    if not needs_grad and not torch.compiler.is_compiling():
-        return _attend_inference(q, k, v, proj_t, diag_scale, log_ratio, ce)
-    if n * m >= SLICE_ELEMENTS // 2:
-        # Big slices: one (batch, head) at a time. unbind (not indexing): its backward is one
-        # stack, where each index's backward would allocate and fill a full-size zero gradient.
-        qs, ks, vs = (t.reshape(b * h, n, t.shape[-1]).unbind(0) for t in (q, k, v))
-        heads = [_attend(qq, kk, vv, proj_t, diag_scale, log_ratio, ce) for qq, kk, vv in zip(qs, ks, vs)]
-        return torch.stack(heads).view(b, h, n, e)
-    qs, ks, vs = (t.reshape(b * h, n, t.shape[-1]) for t in (q, k, v))
-    step = max(1, SLICE_ELEMENTS // max(1, n * m))
-    outs = [
-        _attend(qs[s : s + step], ks[s : s + step], vs[s : s + step], proj_t, diag_scale, log_ratio, ce)
-        for s in range(0, b * h, step)
-    ]
-    return torch.cat(outs).view(b, h, n, e)
-
-
-def _attend_inference(q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, diag_scale: float, log_ratio: float, ce: float) -> Tensor:
-    """No-autograd attention in cache-sized row tiles, written into a (b, n, h, e) buffer.
-
-    Key features are consumed tile by tile into the context; their stabilising maximum (over the
-    whole slice) is kept as a running maximum, rescaling what was accumulated when it grows, which
-    gives exactly the one-pass result. Query rows are independent, so their tiles are too.
-    """
-    b, h, n, _ = q.shape
-    e = v.shape[-1]
-    m = proj_t.shape[1]
-    rows = max(16, TILE_ELEMENTS // m)
-    out = q.new_empty(b, n, h, e)
-    for bi in range(b):
-        for hi in range(h):
-            qq, kk, vv = q[bi, hi], k[bi, hi], v[bi, hi]
-            context = kk.new_zeros(m, e + 1)  # [sum_j phi(k_j) v_j, sum_j phi(k_j)], eps part excluded
-            top = -math.inf
-            for s in range(0, n, rows):
-                kc = kk[s : s + rows]
-                dash = torch.matmul(kc, proj_t)
-                tile_top = float(dash.max())
-                if tile_top > top:
-                    if top != -math.inf:
-                        context.mul_(math.exp(top - tile_top))
-                    top = tile_top
-                dash.sub_((kc * kc).sum(dim=-1, keepdim=True) * diag_scale + (top - log_ratio)).exp_()
-                context[:, :e].addmm_(dash.t(), vv[s : s + rows])
-                context[:, e] += dash.sum(dim=0)
-            context[:, :e] += ce * vv.sum(dim=0)
-            context[:, e] += n * ce
-            correction = ce * context.sum(dim=0)
-            for s in range(0, n, rows):
-                qc = qq[s : s + rows]
-                dash = torch.matmul(qc, proj_t)
-                dash.sub_((qc * qc).sum(dim=-1, keepdim=True) * diag_scale + dash.amax(dim=-1, keepdim=True) - log_ratio).exp_()
-                num = torch.addmm(correction, dash, context)
-                out[bi, s : s + rows, hi] = num[:, :e] / num[:, e:]
-    return out.permute(0, 2, 1, 3)
-
-
-def _attend(
-    qq: Tensor, kk: Tensor, vv: Tensor, proj_t: Tensor, diag_scale: float, log_ratio: float, ce: float
-) -> Tensor:
-    """Attention of one group of (..., n, d) query/key/value slices; see :func:`favor_attention`."""
-    n = kk.shape[-2]
-    kf = _features(kk, proj_t, diag_scale, log_ratio, False)  # (..., n, m), eps left out
-    k_sum = kf.sum(dim=-2) + n * ce  # (..., m)
-    context = torch.matmul(kf.transpose(-1, -2), vv) + ce * vv.sum(dim=-2, keepdim=True)  # (..., m, e)
-    del kf
-    # One product gives numerator and normaliser: the key sum rides along as an extra column.
-    context = torch.cat([context, k_sum.unsqueeze(-1)], dim=-1)  # (..., m, e + 1)
-    qf = _features(qq, proj_t, diag_scale, log_ratio, True)
-    num = torch.matmul(qf, context) + ce * context.sum(dim=-2, keepdim=True)  # (..., n, e + 1)
-    del qf
-    return num[..., :-1] / num[..., -1:]
+    if needs_grad:
+        return _Favor.apply(q, k, v, proj_t, eps).to(dtype)
+    return _forward(q, k, v, proj_t, c)[0].to(dtype)
 
 
 class FastFavorAttention(FastAttention):
