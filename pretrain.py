@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli import add_common, add_model_args, add_training_args, fraction, parser
+from model.cli import add_bool, add_common, add_model_args, add_training_args, fraction, parser, positive_int
 
 EXAMPLE = """
 python pretrain.py --data prep/pbmc3k.h5ad prep/immune.h5ad --out runs/pretrain \\
     --dim 64 --depth 2 --heads 4 --dim-head 16 --epochs 5 --batch-size 16
 python pretrain.py --data panglao.h5ad --out runs/panglao --gene2vec gene2vec_16906.npy \\
     --gene2vec-genes panglao_genes.txt --vocab panglao_genes.txt      # published size and assets
+torchrun --nproc_per_node=4 pretrain.py --data shards/ --backed --out runs/atlas --save-every 500   # 4 GPUs, on disk
+python pretrain.py --data shards/ --backed --out runs/atlas --resume runs/atlas                   # go on after a crash
 """
 
 
@@ -32,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-frac", type=fraction, default=0.05, help="cells held out to score masked accuracy (default: 0.05)")
     g.add_argument("--valid_every", type=int, default=1, help=argparse.SUPPRESS)
     g.add_argument("--export-gene2vec", action="store_true", help="also write OUT/gene2vec.txt (word2vec text format)")
+    d = p.add_argument_group("corpora larger than memory")
+    add_bool(d, "--backed", default=False,
+             help="read cells from disk a batch at a time instead of loading the matrix: --data are .h5ad files written by "
+             "preprocess.py, or folders of such shards; memory then stays flat as the corpus grows")
+    d.add_argument("--gene2vec-cells", type=positive_int, default=50_000,
+                   help="with --backed and --gene2vec train: cells sampled (seeded) to compute gene co-expression (default: 50000)")
     add_common(p)
     return p
 

@@ -8,6 +8,7 @@ rows (no per-cell Python loop, and the whole matrix is never densified).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,15 +34,23 @@ def tokenize_rows(X: sparse.csr_matrix, rows: Sequence[int] | np.ndarray, bin_nu
     return torch.from_numpy(tokens)
 
 
+def is_row_source(X: Any) -> bool:
+    """Whether ``X`` is an on-disk row source (e.g. :class:`data.corpus.H5adCorpus`): it has a
+    ``shape``, gives a CSR matrix for ``X[rows]`` and a view for ``X.subset(rows)``, and is read
+    a batch at a time instead of being loaded into memory."""
+    return hasattr(X, "subset") and hasattr(X, "shape") and not sparse.issparse(X)
+
+
 class CellDataset(Dataset):
-    """Cells of a CSR matrix, addressed by index (no resampling), tokenised per batch.
+    """Cells of a CSR matrix (or of an on-disk row source, see :func:`is_row_source`), addressed by
+    index (no resampling), tokenised per batch.
 
     Use with ``DataLoader(ds, batch_size=..., sampler=..., collate_fn=ds.collate)``; any sampler
     works, ``DistributedSampler`` included. ``labels`` are integer class ids or None.
     """
 
-    def __init__(self, X: sparse.csr_matrix, bin_num: int, labels: np.ndarray | None = None) -> None:
-        self.X = sparse.csr_matrix(X)
+    def __init__(self, X: sparse.csr_matrix | Any, bin_num: int, labels: np.ndarray | None = None) -> None:
+        self.X = X if is_row_source(X) else sparse.csr_matrix(X)
         self.bin_num = bin_num
         if labels is not None and len(labels) != self.X.shape[0]:
             raise ValueError(f"{len(labels)} labels for {self.X.shape[0]} cells")
@@ -55,6 +64,12 @@ class CellDataset(Dataset):
             raise IndexError(i)
         return i
 
+    def subset(self, rows: Sequence[int] | np.ndarray) -> CellDataset:
+        """The cells ``rows`` (in that order) as a dataset of their own; on-disk sources stay on disk."""
+        rows = np.asarray(rows, dtype=np.int64)
+        X = self.X.subset(rows) if is_row_source(self.X) else self.X[rows]
+        return CellDataset(X, self.bin_num, None if self.labels is None else self.labels[torch.from_numpy(rows)].numpy())
+
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
         batch = {"index": idx, "tokens": tokenize_rows(self.X, idx.numpy(), self.bin_num)}
@@ -63,31 +78,59 @@ class CellDataset(Dataset):
         return batch
 
 
+def cell_seeds(cells: Sequence[int] | np.ndarray | torch.Tensor, *keys: int) -> list[int]:
+    """One 63-bit seed per cell from ``keys`` (e.g. run seed and epoch) and the cell's index: the
+    masking of a cell then depends on nothing else (not on the batch it lands in, the process that
+    reads it under torchrun, or where a run was resumed)."""
+    return [int(np.random.SeedSequence([*keys, int(c)]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1) for c in cells]
+
+
+def _row_uniforms(shape: tuple[int, int], row_seeds: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two (rows, positions) uniform tensors, each row drawn from its own seeded generator."""
+    a = torch.empty(shape)
+    b = torch.empty(shape)
+    for i, seed in enumerate(row_seeds):
+        g = torch.Generator().manual_seed(seed)
+        torch.rand(shape[1], generator=g, out=a[i])
+        torch.rand(shape[1], generator=g, out=b[i])
+    return a.to(device), b.to(device)
+
+
 def mask_tokens(
     tokens: torch.Tensor,
     mask_token: int,
     mask_prob: float = 0.15,
     replace_prob: float = 0.9,
     generator: torch.Generator | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose round(mask_prob * k) of each cell's k non-zero gene tokens (at least one when k > 0).
 
     Of the chosen positions, ``replace_prob`` are replaced by ``mask_token`` and the rest keep
     their value. Zero tokens and the appended last position are never chosen. Returns the model
     input and the labels (the original token at chosen positions, IGNORE_INDEX elsewhere).
+    Random numbers come from ``generator``, or, with ``row_seeds`` (see :func:`cell_seeds`), from
+    one generator per row so that each cell's masking is independent of the rest of the batch.
     """
     candidates = tokens > 0
     candidates[:, -1] = False
     k = candidates.sum(dim=1)
     n_mask = torch.where(k > 0, torch.clamp(torch.round(k.double() * mask_prob).long(), min=1), torch.zeros_like(k))
-    scores = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+    if row_seeds is not None:
+        if len(row_seeds) != tokens.shape[0]:
+            raise ValueError(f"{len(row_seeds)} row seeds for {tokens.shape[0]} cells")
+        scores, second = _row_uniforms(tuple(tokens.shape), row_seeds, tokens.device)
+    else:
+        scores = torch.rand(tokens.shape, generator=generator, device=tokens.device)
     scores[~candidates] = -1.0
     order = scores.argsort(dim=1, descending=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(tokens.shape[1], device=tokens.device).expand_as(order))
     chosen = ranks < n_mask[:, None]
     labels = torch.where(chosen, tokens, torch.full_like(tokens, IGNORE_INDEX))
-    replace = chosen & (torch.rand(tokens.shape, generator=generator, device=tokens.device) < replace_prob)
+    if row_seeds is None:
+        second = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+    replace = chosen & (second < replace_prob)
     inputs = tokens.masked_fill(replace, mask_token)
     return inputs, labels
 

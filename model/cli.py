@@ -123,7 +123,8 @@ def add_training_args(p: argparse.ArgumentParser, epochs: int, epochs_help: str)
     """The optimisation flags pretrain.py and finetune.py share; returns the group for more."""
     g = p.add_argument_group("training")
     g.add_argument("--epochs", "--epoch", type=positive_int, default=epochs, help=f"{epochs_help} (default: {epochs})")
-    g.add_argument("--batch-size", "--batch_size", type=positive_int, default=8, help="cells per step (default: 8)")
+    g.add_argument("--batch-size", "--batch_size", type=positive_int, default=8,
+                   help="cells per step of each process (default: 8; under torchrun the step has batch-size x processes cells)")
     g.add_argument("--grad-acc", "--grad_acc", type=positive_int, default=1, help="gradient accumulation steps (default: 1; published: 60 with batch 3)")
     g.add_argument("--lr", "--learning_rate", type=float, default=1e-4, help="peak learning rate of Adam (default: 1e-4)")
     g.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up optimiser steps per cosine cycle (default: 5)")
@@ -131,6 +132,14 @@ def add_training_args(p: argparse.ArgumentParser, epochs: int, epochs_help: str)
     g.add_argument("--clip-norm", type=float, default=1.0, help="gradient norm clipping (default: 1.0; 0 = off)")
     add_bool(g, "--grad-checkpointing", default=False,
              help="recompute activations in the backward pass: training memory of one layer instead of all, ~1/3 more compute")
+    r = p.add_argument_group("resumable runs")
+    r.add_argument("--save-every", type=int, default=0,
+                   help="also save the training state every this many optimiser steps (default: 0 = at the end of each epoch only); "
+                   "states go to OUT/checkpoints")
+    r.add_argument("--keep-last", type=positive_int, default=2, help="training states kept in OUT/checkpoints (default: 2)")
+    r.add_argument("--resume", default=None, metavar="DIR",
+                   help="go on with the run in DIR (its OUT folder) from its last saved state: weights, optimiser, schedule, "
+                   "random generators, epoch and position in it, early-stopping state. Give the same data and settings")
     return g
 
 

@@ -14,23 +14,62 @@ import torch
 from data.dataset import CellDataset
 from data.io import InputError, check_writable, read_cells, write_h5ad_atomic
 from data.vocab import load_vocab
+from model import distributed
 from model.checkpoint import DEFAULT_PREPROCESSING, CheckpointError, load_checkpoint, save_checkpoint
-from model.cli import fail, published_names, start_run, write_json
+from model.cli import fail, published_names, setup_logging, start_run, write_json
 from model.config import ScBERTConfig
 from model.pipeline import annotate, classification_metrics, gene_embedding, load_prepared, plot_confusion, plot_history
 from model.scbert import ScBERT
-from model.training import TrainConfig, finetune, predict, pretrain, resolve_device, set_seed
+from model.training import TrainConfig, finetune, list_states, predict_distributed, pretrain, resolve_device, set_seed
 
 log = logging.getLogger("scbert")
 
 
-def _train_config(args: argparse.Namespace, **extra: Any) -> TrainConfig:
+def _train_config(args: argparse.Namespace, out: Path | None = None, sub: str = "", **extra: Any) -> TrainConfig:
+    """The TrainConfig of the parsed flags; with ``out``, training states go to OUT/checkpoints[/sub]
+    and ``--resume`` reads them from the same place of the run it names."""
+    states: dict[str, Any] = {}
+    if out is not None:
+        states = {"checkpoint_dir": str(out / "checkpoints" / sub), "save_every": args.save_every, "keep_last": args.keep_last,
+                  "resume_from": _resume_source(args, sub)}
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, grad_acc=args.grad_acc, lr=args.lr, clip_norm=args.clip_norm,
         warmup_steps=args.warmup_steps, cycle_steps=args.cycle_steps, seed=args.seed, precision=args.precision,
-        num_workers=args.num_workers, progress=not args.quiet, compile=args.compile,
-        grad_checkpointing=args.grad_checkpointing, **extra,
+        num_workers=args.num_workers, progress=not args.quiet and distributed.current().is_main, compile=args.compile,
+        grad_checkpointing=args.grad_checkpointing, **states, **extra,
     )
+
+
+def _resume_source(args: argparse.Namespace, sub: str = "") -> str | None:
+    """Where ``--resume`` finds training states: a state file, or DIR/checkpoints[/sub] of a run."""
+    if not getattr(args, "resume", None):
+        return None
+    p = Path(args.resume)
+    if p.is_file():
+        return str(p)
+    if not p.is_dir():
+        raise InputError(f"--resume {p}: no such run folder; give the --out folder of the run to go on with")
+    folder = (p / "checkpoints" if (p / "checkpoints").is_dir() else p) / sub
+    if not sub and not list_states(folder):
+        log.warning("WARNING: --resume %s: no saved training state in %s; starting from the beginning", p, folder)
+    return str(folder)
+
+
+def _start(args: argparse.Namespace) -> tuple[Path, torch.device]:
+    """Join the torchrun job if there is one; rank 0 creates the run folder and logs, the other
+    ranks only report warnings and errors. Resuming into the run's own folder needs no --overwrite."""
+    info, device = distributed.init_distributed(args.device)
+    resuming_here = bool(args.resume) and Path(args.resume).resolve() in (Path(args.out).resolve(), (Path(args.out) / "checkpoints").resolve())
+    if info.is_main:
+        out = start_run(args.out, args, () if resuming_here else ("model.pt",))
+    else:
+        setup_logging(quiet=True)
+        out = Path(args.out)
+    distributed.barrier()
+    if info.enabled:
+        log.info("torchrun job: %d processes, backend %s, this one on %s; %d cells per step", info.world_size, info.backend,
+                 device, args.batch_size * info.world_size * args.grad_acc)
+    return out, device
 
 
 def _gene2vec_spec(args: argparse.Namespace) -> str:
@@ -48,24 +87,51 @@ def _write_summary(out: Path, lines: list[str]) -> None:
         log.info(line)
 
 
+def _pretrain_corpus(args: argparse.Namespace) -> tuple[Any, list[str], Any]:
+    """The corpus (an in-memory CSR matrix, or with --backed an on-disk :class:`H5adCorpus`), its
+    genes, and the cells gene2vec is trained on (with --backed a seeded sample of --gene2vec-cells)."""
+    genes = load_vocab(args.vocab) if args.vocab else None
+    if not getattr(args, "backed", False):
+        adata, genes = load_prepared(args.data, genes, args.min_genes or None)
+        return adata.X, genes, adata.X
+    from data.corpus import H5adCorpus
+
+    corpus = H5adCorpus(args.data, genes)
+    for name, frac in corpus.coverage.items():
+        if frac < 0.5:
+            log.warning("WARNING: %s holds only %.0f%% of the %d vocabulary genes; the others are treated as not expressed",
+                        name, 100 * frac, len(corpus.genes))
+    log.info("reading %d cells from %d file(s) on disk, a batch at a time", corpus.shape[0], len(corpus.paths))
+    sample = None
+    if _gene2vec_spec(args) == "train" and distributed.current().is_main:  # other ranks get rank 0's vectors
+        sample = corpus.sample(args.gene2vec_cells, args.seed)
+    return corpus, corpus.genes, sample
+
+
 def run_pretrain(args: argparse.Namespace) -> None:
-    out = start_run(args.out, args)
+    out, device = _start(args)
+    info = distributed.current()
     try:
         set_seed(args.seed)
-        device = resolve_device(args.device)
-        adata, genes = load_prepared(args.data, load_vocab(args.vocab) if args.vocab else None, args.min_genes or None)
+        X, genes, g2v_cells = _pretrain_corpus(args)
         _check_gene_num(args, len(genes))
-        if adata.n_obs < 2:
-            raise InputError(f"pretraining needs at least 2 cells, the corpus has {adata.n_obs}")
-        mode, vectors, g2v = gene_embedding(_gene2vec_spec(args), args.gene2vec_genes, genes, adata.X, args.dim, args.seed, not args.quiet)
+        n_cells = X.shape[0]
+        if n_cells < 2:
+            raise InputError(f"pretraining needs at least 2 cells, the corpus has {n_cells}")
+        spec = _gene2vec_spec(args)
+        if spec == "train" and not info.is_main:
+            # gene2vec is deterministic: rank 0 trains it and DDP copies rank 0's weights to every rank.
+            mode, vectors, g2v = "gene2vec", None, {"source": "rank 0"}
+        else:
+            mode, vectors, g2v = gene_embedding(spec, args.gene2vec_genes, genes, g2v_cells, args.dim, args.seed, not args.quiet and info.is_main)
         config = ScBERTConfig(n_genes=len(genes), bin_num=args.bin_num, dim=args.dim, depth=args.depth, heads=args.heads,
                               dim_head=args.dim_head, gene_embedding=mode, head="mlm")
         model = ScBERT(config, vectors)
-        perm = np.random.default_rng(args.seed).permutation(adata.n_obs)
-        n_val = min(adata.n_obs - 1, max(1, round(args.val_frac * adata.n_obs)))
+        perm = np.random.default_rng(args.seed).permutation(n_cells)
+        n_val = min(n_cells - 1, max(1, round(args.val_frac * n_cells)))
         val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-        train_ds = CellDataset(adata.X[train_idx], config.bin_num)
-        val_ds = CellDataset(adata.X[val_idx], config.bin_num)
+        train_ds = CellDataset(X, config.bin_num).subset(train_idx)
+        val_ds = CellDataset(X, config.bin_num).subset(val_idx)
         log.info("pretraining on %d cells (%d held out), %d genes, model dim %d depth %d heads %d", len(train_idx), n_val, len(genes), args.dim, args.depth, args.heads)
         train_args = vars(args)
 
@@ -74,7 +140,10 @@ def run_pretrain(args: argparse.Namespace) -> None:
                 save_checkpoint(out / "model.pt", model, genes, preprocessing=DEFAULT_PREPROCESSING, train_args=train_args, metrics=metrics)
 
         t0 = time.time()
-        best, history = pretrain(model, train_ds, val_ds, _train_config(args), device, args.mask_prob, args.replace_prob, on_epoch=save_best)
+        best, history = pretrain(model, train_ds, val_ds, _train_config(args, out), device, args.mask_prob, args.replace_prob, on_epoch=save_best)
+        if not info.is_main:
+            distributed.shutdown()
+            return
         metrics = {
             **best,
             "beats_baseline": best["val_masked_accuracy"] > best["baseline_accuracy"],
@@ -95,6 +164,7 @@ def run_pretrain(args: argparse.Namespace) -> None:
         f"{best['baseline_accuracy']:.4f} for the most-common-bin baseline: {'beats' if metrics['beats_baseline'] else 'DOES NOT beat'} it",
         f"model: {out / 'model.pt'}",
     ])
+    distributed.shutdown()
 
 
 def _labels(adata: Any, key: str, source: str) -> np.ndarray:
@@ -107,17 +177,17 @@ def run_finetune(args: argparse.Namespace) -> None:
     from sklearn.model_selection import StratifiedKFold, train_test_split
     from sklearn.utils.class_weight import compute_class_weight
 
-    out = start_run(args.out, args)
+    out, device = _start(args)
+    main = distributed.current().is_main
     try:
         set_seed(args.seed)
-        device = resolve_device(args.device)
         pre = load_checkpoint(args.pretrained, **published_names(args)) if args.pretrained else None
         genes = pre.genes if pre else (load_vocab(args.vocab) if args.vocab else None)
         adata, genes = load_prepared([args.data], genes, args.min_genes or None)
         _check_gene_num(args, len(genes))
         raw_labels = _labels(adata, args.label_key, args.data)
         known = raw_labels.notna().to_numpy()
-        if not known.all():
+        if not known.all() and main:
             log.warning("%d cells have no %s label and are left out", int((~known).sum()), args.label_key)
             adata = adata[known].copy()
         y_str = adata.obs[args.label_key].astype(str).to_numpy()
@@ -164,17 +234,19 @@ def run_finetune(args: argparse.Namespace) -> None:
             train_ds = CellDataset(adata.X[tr], config.bin_num, y[tr])
             val_ds = CellDataset(adata.X[va], config.bin_num, y[va])
             desc = f"fold {k + 1}/{len(splits)}" if args.cv else "finetune"
-            best, history = finetune(model, train_ds, val_ds, _train_config(args, patience=args.patience), device, weights, desc)
-            probs, _ = predict(model, val_ds, args.batch_size, device, args.precision, progress=False)
+            cfg = _train_config(args, out, f"fold{k + 1}" if args.cv else "", patience=args.patience)
+            best, history = finetune(model, train_ds, val_ds, cfg, device, weights, desc)
+            probs, _ = predict_distributed(model, val_ds, args.batch_size, device, args.precision, num_workers=args.num_workers)
             pred = np.asarray(classes)[probs.argmax(1)]
             m = classification_metrics(y_str[va], pred, classes)
             m.update(best_epoch=best["epoch"], n_train=len(tr), n_val=len(va), history=history)
             folds.append(m)
             fold_dir = out / f"fold{k + 1}" if args.cv else out
-            fold_dir.mkdir(exist_ok=True)
-            plot_confusion(y_str[va], pred, fold_dir / "confusion_matrix.png", f"{desc}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
-            plot_history(history, ["train_loss", "val_loss", "val_accuracy"], fold_dir / "training_curves.png", desc)
-            if args.cv:
+            if main:
+                fold_dir.mkdir(exist_ok=True)
+                plot_confusion(y_str[va], pred, fold_dir / "confusion_matrix.png", f"{desc}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
+                plot_history(history, ["train_loss", "val_loss", "val_accuracy"], fold_dir / "training_curves.png", desc)
+            if args.cv and main:
                 save_checkpoint(fold_dir / "model.pt", model, genes, classes, DEFAULT_PREPROCESSING, vars(args), {k2: v for k2, v in m.items() if k2 != "history"})
             if best_fold < 0 or m["accuracy"] > folds[best_fold]["accuracy"]:
                 best_fold, best_state = k, {k2: v.detach().clone() for k2, v in model.state_dict().items()}
@@ -190,6 +262,9 @@ def run_finetune(args: argparse.Namespace) -> None:
                            macro_f1_sd=float(f1.std(ddof=1)), folds=folds, model_fold=best_fold + 1)
         else:
             metrics.update(folds[0])
+        if not main:
+            distributed.shutdown()
+            return
         save_checkpoint(out / "model.pt", model, genes, classes, DEFAULT_PREPROCESSING, vars(args), {**summary_metrics, "cv": args.cv})
         write_json(out / "metrics.json", metrics)
     except (InputError, CheckpointError) as e:
@@ -201,6 +276,7 @@ def run_finetune(args: argparse.Namespace) -> None:
     else:
         lines = [f"validation ({len(splits[0][1])} cells): accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} (best epoch {metrics['best_epoch']})"]
     _write_summary(out, [*lines, f"model: {out / 'model.pt'}"])
+    distributed.shutdown()
 
 
 def run_predict(args: argparse.Namespace) -> None:
