@@ -25,6 +25,7 @@ DEFAULT_TABLE_PATH = Path(__file__).parent / "gene_table.tsv.gz"
 
 _TABLE_COLUMNS = ("symbol", "gene_type", "ensembl_ids", "aliases")
 _ENSEMBL_GENE = re.compile(r"(ENSG\d+)(?:\.\d+)?")
+_MOUSE_STYLE = re.compile(r"[A-Z][a-z0-9]+(?:[-.][A-Za-z0-9]+)*")  # Gapdh, Cd3e, Hist1h2bc: one capital, then lower case
 
 STATUS_MATCHED = "matched"
 STATUS_REVISED = "revised"
@@ -265,3 +266,51 @@ def revise_symbols(
             report.n_unmatched += 1
     report.n_kept = report.n_matched + report.n_revised + report.n_ensembl
     return targets, report
+
+
+@dataclass
+class SpeciesCheck:
+    """Do gene names look like mouse symbols (``Gapdh``) rather than human ones (``GAPDH``)?"""
+
+    n_names: int = 0
+    n_mouse_style: int = 0  # capitalised like mouse symbols
+    n_as_is: int = 0  # names found as they are (human symbols or the vocabulary)
+    n_upper: int = 0  # names found only once upper-cased
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def looks_mouse(self) -> bool:
+        return (
+            self.n_names > 0
+            and self.n_mouse_style >= 0.5 * self.n_names
+            and self.n_upper >= max(1, 2 * self.n_as_is)
+        )
+
+
+def check_species(names: Sequence[str], vocab: Collection[str] | None = None, table: GeneTable | None = None) -> SpeciesCheck:
+    """Count mouse-style names and how many match the human table (or ``vocab``) as they are or upper-cased."""
+    if table is None:
+        table = load_gene_table()
+    known: Collection[str] = table.symbols if vocab is None else set(vocab) | table.symbols
+    res = SpeciesCheck(n_names=len(names))
+    for name in names:
+        if not isinstance(name, str):
+            continue
+        if _MOUSE_STYLE.fullmatch(name):
+            res.n_mouse_style += 1
+        if name in known or name in table.alias_to_symbols:
+            res.n_as_is += 1
+        elif name.upper() in known or name.upper() in table.alias_to_symbols:
+            res.n_upper += 1
+            if len(res.examples) < 5:
+                res.examples.append(name)
+    return res
+
+
+def mouse_to_human(names: Sequence[str]) -> list[str]:
+    """Approximate mouse-to-human orthology by upper-casing symbols (Cd3e -> CD3E, Gapdh -> GAPDH).
+
+    Right for most one-to-one orthologs, which share the symbol; genes without a same-named human
+    ortholog are then dropped as unmatched by :func:`revise_symbols`.
+    """
+    return [n.upper() if isinstance(n, str) else n for n in names]

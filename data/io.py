@@ -68,13 +68,31 @@ def read_cells(path: str | Path, transpose: bool = False) -> ad.AnnData:
     return adata
 
 
+def read_var_names(path: str | Path) -> list[str]:
+    """The gene names of an .h5ad without loading its matrix."""
+    try:
+        adata = ad.read_h5ad(path, backed="r")
+    except Exception as e:  # noqa: BLE001 - h5py raises many kinds; the user needs one message
+        raise InputError(f"could not read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+                         f"Is it a complete .h5ad file?") from None
+    try:
+        return list(map(str, adata.var_names))
+    finally:
+        adata.file.close()
+
+
 def check_writable(path: str | Path, overwrite: bool = False) -> Path:
     """Refuse to clobber an existing output unless asked, and fail early if we cannot write there."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"output {path} is a folder; give a file name (e.g. {path / 'annotated.h5ad'})")
     if path.exists() and not overwrite:
         raise InputError(f"output {path} already exists; pass --overwrite to replace it, or choose another path")
     parent = path.parent if str(path.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the output folder {parent}: {e.strerror}; choose another output path") from None
     if not os.access(parent, os.W_OK):
         raise InputError(f"cannot write to {parent}: choose an output folder you have write permission for")
     return path

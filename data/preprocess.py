@@ -15,10 +15,11 @@ from typing import Any
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scanpy as sc
 from scipy import sparse
 
-from data.genes import revise_symbols
+from data.genes import check_species, mouse_to_human, revise_symbols
 from data.io import InputError
 
 log = logging.getLogger("scbert")
@@ -26,6 +27,7 @@ log = logging.getLogger("scbert")
 TARGET_SUM = 1e4
 LOG_BASE = 2.0
 MIN_VOCAB_FRACTION = 0.5
+SPECIES = ("auto", "human", "mouse")
 PREP_KEY = "scbert_preprocess"  # uns key preprocess.py writes: the values are log2-normalised already
 
 
@@ -33,8 +35,8 @@ PREP_KEY = "scbert_preprocess"  # uns key preprocess.py writes: the values are l
 class ValueState:
     """What the values of an expression matrix look like."""
 
-    kind: str  # "counts", "normalized" (not logged) or "log"
-    log_base: float | None = None  # for "log": 2 or e when it could be told from row sums
+    kind: str  # "counts", "normalized" (not logged), "log" or "log_counts" (log(1 + raw counts), never normalised)
+    log_base: float | None = None  # for "log"/"log_counts": 2 or e when it could be told
     row_sum: float | None = None  # per-cell total after undoing the log, when constant across cells
     note: str = ""
 
@@ -81,6 +83,13 @@ def detect_state(X: sparse.csr_matrix) -> ValueState:
             best_cv, best = cv, ValueState("log", base, float(np.median(sums)))
     if best is not None and best_cv < 0.01:
         return best
+    for base in (math.e, 2.0):
+        # log1p of raw counts without normalising first: undoing the log gives whole numbers.
+        x = data.astype(np.float64)
+        counts = np.power(base, x) - 1.0
+        tol = 1e-3 + 4 * np.finfo(np.float32).eps * x * math.log(base) * (counts + 1.0)  # float32 rounding of x
+        if np.all(np.abs(counts - np.round(counts)) <= tol) and np.all(counts > 0.5):
+            return ValueState("log_counts", base, note="log(1 + x) of raw counts that were not normalised per cell")
     return ValueState("log", None, None, note="log-transformed values whose base and per-cell total cannot be verified (were genes removed after normalising?)")
 
 
@@ -96,6 +105,12 @@ def normalize_log2(X: sparse.csr_matrix, state: ValueState, target_sum: float = 
     Returns the matrix and one line saying what was done.
     """
     X = sparse.csr_matrix(X, dtype=np.float32, copy=True)
+    if state.kind == "log_counts":
+        X = sparse.csr_matrix(np.round(_pow_minus_one(X, state.log_base or 2.0)), dtype=np.float32)
+        X.eliminate_zeros()
+        X, how = normalize_log2(X, ValueState("counts"), target_sum)
+        base_name = "2" if abs((state.log_base or 2.0) - 2.0) < 1e-9 else "e"
+        return X, f"log{base_name}(1 + raw counts) (not normalised per cell): counts recovered, then {how.split(': ', 1)[1]}"
     if state.kind == "counts" or state.kind == "normalized":
         totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
         scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
@@ -150,11 +165,13 @@ class PrepReport:
     vocab_present: int | None = None
     n_top_genes: int | None = None
     warnings: list[str] = field(default_factory=list)
+    symbols_species: str = "human"
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
 
-    def lines(self) -> list[str]:
+    def lines(self, with_warnings: bool = True) -> list[str]:
+        """Readable lines; ``with_warnings=False`` for a log that has shown the warnings already."""
         out = [
             f"input: {self.n_cells_in} cells x {self.n_genes_in} genes",
             f"values: {self.normalisation}",
@@ -166,8 +183,57 @@ class PrepReport:
         if self.n_top_genes:
             out.append(f"highly variable genes: kept the top {self.n_top_genes}")
         out.append(f"output: {self.n_cells_out} cells x {self.n_genes_out} genes")
-        out += [f"WARNING: {w}" for w in self.warnings]
+        if with_warnings:
+            out += [f"WARNING: {w}" for w in self.warnings]
         return out
+
+    def warn(self, msg: str, loud: bool = False) -> None:
+        """Record a warning for the report and show it now (framed with ``loud``)."""
+        self.warnings.append(msg)
+        if loud:
+            log.warning("!" * 80 + "\nWARNING: %s\n" + "!" * 80, msg)
+        else:
+            log.warning("WARNING: %s", msg)
+
+
+def naming_hint(names: Sequence[str]) -> str:
+    """A guess at why gene names match nothing, for error messages."""
+    names = [str(n) for n in names]
+    if not names:
+        return ""
+    n = len(names)
+    if sum(x.startswith("ENSMUSG") for x in names) > n / 2:
+        return "The genes are mouse Ensembl ids (ENSMUSG...): scBERT needs human gene symbols. "
+    if sum(x.startswith("ENS") for x in names) > n / 2:
+        return "The genes are Ensembl ids that the bundled human table does not know (another species or release?). "
+    if sum(x.replace(".", "", 1).isdigit() for x in names) > n / 2:
+        return "The gene names are numbers: were Entrez ids used, or was the header row lost? "
+    return ""
+
+
+def _duplicates(index: Sequence[str]) -> tuple[int, list[str]]:
+    s = pd.Index(index)
+    dup = s[s.duplicated()]
+    return len(dup), list(dict.fromkeys(map(str, dup)))[:5]
+
+
+def _check_names(adata: ad.AnnData, rep: PrepReport, what: str) -> None:
+    """Warn about duplicated cell or gene names and cells labelled as another species."""
+    n, ex = _duplicates(adata.obs_names)
+    if n:
+        rep.warn(f"{what} has {n} duplicated cell names (e.g. {', '.join(ex)}); all cells are kept in order, but tables "
+                 f"keyed by cell name will be ambiguous: make them unique (adata.obs_names_make_unique())")
+    n, ex = _duplicates(adata.var_names)
+    if n:
+        rep.warn(f"{what} has {n} duplicated gene names (e.g. {', '.join(ex)}); the first column of each name is used, "
+                 f"the others are dropped (sum them beforehand if they are parts of one gene)")
+    for col in adata.obs.columns:
+        if str(col).lower() in ("species", "organism"):
+            vals = adata.obs[col].astype(str).str.lower()
+            n_mouse = int(vals.str.contains("mouse|mus musculus|mm10|mm39", regex=True).sum())
+            if n_mouse:
+                rep.warn(f"obs[{col!r}] says {n_mouse} of {adata.n_obs} cells are mouse cells; scBERT's gene table and published "
+                         f"models are human: check that their genes were mapped to human orthologs")
 
 
 def prepare(
@@ -177,6 +243,7 @@ def prepare(
     min_genes: int | None = 200,
     target_sum: float = TARGET_SUM,
     what: str = "the input",
+    species: str = "auto",
 ) -> tuple[ad.AnnData, PrepReport]:
     """Full preprocessing: cells x genes of any supported kind -> log2-normalised cells x vocabulary.
 
@@ -184,10 +251,18 @@ def prepare(
     genes, or the ``n_top_genes`` most variable). ``min_genes``: drop cells expressing fewer genes
     (``None`` keeps every cell, as prediction must). Output of an earlier ``prepare`` (marked by
     ``uns[PREP_KEY]``) is only re-aligned, never normalised twice. Never densifies the matrix.
+    ``species``: "auto" maps genes named like mouse symbols (Gapdh) to human ones by upper-casing,
+    with a warning; "mouse" always does, "human" never does. Problems that are corrected are
+    logged as warnings and listed in ``report.warnings``; problems that cannot be raise InputError.
     """
+    if species not in SPECIES:
+        raise InputError(f"species must be one of {SPECIES}, got {species!r}")
     rep = PrepReport(n_cells_in=adata.n_obs, n_genes_in=adata.n_vars)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(f"{what} holds {adata.n_obs} cells x {adata.n_vars} genes: nothing to work on")
     X = sparse.csr_matrix(adata.X, dtype=np.float32)
     check_values(X, what)
+    _check_names(adata, rep, what)
     obs = adata.obs.copy()
     if min_genes:
         n_expr = np.diff(X.indptr)
@@ -199,15 +274,28 @@ def prepare(
             )
         if not keep.all():
             X, obs = X[keep], obs.iloc[np.flatnonzero(keep)]
+    state = detect_state(X)
     if PREP_KEY in adata.uns:
-        state = ValueState("log", LOG_BASE, target_sum)
-    else:
-        state = detect_state(X)
+        vmax = float(X.data.max()) if X.nnz else 0.0
+        if X.nnz and (state.kind in ("counts", "normalized", "log_counts") or vmax > math.log2(1 + target_sum) + 0.01):
+            rep.warn(f"{what} is marked as written by preprocess.py, but its values are not log2-normalised "
+                     f"({state.kind}, max {vmax:.3g}): it was changed afterwards; normalising it again")
+        else:
+            state = ValueState("log", LOG_BASE, target_sum)
     X, rep.normalisation = normalize_log2(X, state, target_sum)
     if state.kind == "log" and state.log_base is None:
-        rep.warnings.append(rep.normalisation)
+        rep.warn(rep.normalisation)
 
-    new_names, sym = revise_symbols(list(adata.var_names), vocab=genes)
+    names = list(adata.var_names)
+    sp = check_species(names, vocab=genes)
+    if species == "mouse" or (species == "auto" and sp.looks_mouse):
+        names = mouse_to_human(names)
+        rep.symbols_species = "mouse"
+        rep.warn(f"the genes of {what} are mouse symbols (e.g. {', '.join(sp.examples[:3])}: {sp.n_mouse_style} of {sp.n_names} "
+                 f"are capitalised like mouse genes). scBERT's vocabulary is human: mapped to human symbols by upper-casing "
+                 f"(Cd3e -> CD3E, right for orthologs that share their symbol); {sp.n_upper + sp.n_as_is} genes match after "
+                 f"mapping, the others are dropped", loud=True)
+    new_names, sym = revise_symbols(names, vocab=genes)
     rep.symbols, rep.symbols_summary = sym.to_dict(), sym.summary()
     kept = [j for j, n in enumerate(new_names) if n is not None]
     names = [new_names[j] for j in kept]
@@ -218,21 +306,23 @@ def prepare(
         rep.vocab_size, rep.vocab_present = len(genes), present
         if present == 0:
             raise InputError(
-                f"none of the {len(genes)} vocabulary genes occurs in {what}. Are the genes named by symbol "
-                f"(e.g. CD3E) for the right species? First input genes: {list(adata.var_names[:5])}"
+                f"none of the {len(genes)} vocabulary genes occurs in {what}. {naming_hint(adata.var_names)}Are the genes "
+                f"named by human symbol (e.g. CD3E) and is this the right model? First input genes: {list(adata.var_names[:5])}; "
+                f"first vocabulary genes: {list(genes[:5])}"
             )
         if present < MIN_VOCAB_FRACTION * len(genes):
-            msg = (
+            rep.warn(
                 f"only {present} of {len(genes)} vocabulary genes ({100 * present / len(genes):.1f}%) are in {what}; "
-                f"the other genes are treated as not expressed and predictions may be unreliable"
+                f"the other genes are treated as not expressed and predictions may be unreliable",
+                loud=True,
             )
-            rep.warnings.append(msg)
-            log.warning("!" * 80 + "\nWARNING: %s\n" + "!" * 80, msg)
         var_names = list(genes)
     else:
         var_names = names
         if not var_names:
-            raise InputError(f"no gene of {what} matches a human NCBI gene symbol; scBERT needs human gene symbols")
+            raise InputError(f"no gene of {what} matches a human NCBI gene symbol. {naming_hint(adata.var_names)}"
+                             f"scBERT needs human gene symbols (e.g. CD3E) or Ensembl ids (ENSG...); first input genes: "
+                             f"{list(adata.var_names[:5])}")
         if n_top_genes is not None and n_top_genes < len(var_names):
             # scanpy's dispersion statistics assume natural-log data.
             tmp = ad.AnnData(X=X * np.float32(math.log(2.0)))

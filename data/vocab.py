@@ -15,7 +15,9 @@ def read_gene_list(path: str | Path) -> list[str]:
     column is taken when lines hold several tab/comma-separated fields)."""
     path = Path(path)
     genes: list[str] = []
-    with open(path, encoding="utf-8") as f:
+    if not path.is_file():
+        raise InputError(f"gene list {path} does not exist")
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
             if not line or line.startswith("#"):
@@ -37,13 +39,17 @@ def load_vocab(source: str | Path) -> list[str]:
         raise InputError(f"vocabulary {path} does not exist")
     suffix = path.name.lower()
     if suffix.endswith((".pt", ".pth", ".ckpt")):
-        from model.checkpoint import load_checkpoint
+        from model.checkpoint import CheckpointError, load_checkpoint
 
-        return list(load_checkpoint(path).genes)
+        try:
+            return list(load_checkpoint(path).genes)
+        except CheckpointError as e:
+            raise InputError(f"vocabulary: {e}") from None
     if suffix.endswith(".h5ad"):
-        import anndata as ad
 
-        genes = list(map(str, ad.read_h5ad(path, backed="r").var_names))
+        from data.io import read_var_names
+
+        genes = read_var_names(path)
         if len(set(genes)) != len(genes):
             raise InputError(f"{path} has duplicated gene names; run it through preprocess.py first")
         return genes

@@ -46,8 +46,14 @@ class Checkpoint:
 
     def build_model(self) -> ScBERT:
         """The network with these weights, in eval mode."""
-        model = ScBERT(self.config)
-        model.load_state_dict(self.state_dict)
+        try:
+            model = ScBERT(self.config)
+            model.load_state_dict(self.state_dict)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise CheckpointError(
+                f"{self.source or 'the checkpoint'} is damaged: its weights do not fit the model it describes "
+                f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}). Use the model.pt of a finished run"
+            ) from None
         return model.eval()
 
 
@@ -110,6 +116,11 @@ def save_checkpoint(
     atomic_torch_save(payload, path)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -117,12 +128,13 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(
             f"{path} contains Python objects that are not allowed to be loaded (only tensors, numbers and "
             f"text are). It is not an scBERT checkpoint, or it was saved with arbitrary objects inside: "
-            f"refusing to execute it. ({str(e).splitlines()[0]})"
+            f"refusing to execute it. ({_first_line(e)})"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError, IndexError, TypeError) as e:
+        # torch's reader fails in many ways on files that are not (whole) checkpoints, e.g. KeyError on text.
         raise CheckpointError(
             f"{path} could not be read as a PyTorch checkpoint: it may be truncated (an interrupted copy "
-            f"or download) or not a checkpoint at all. Copy it again. ({str(e).splitlines()[0]})"
+            f"or download) or not a checkpoint at all. Copy it again. ({_first_line(e)})"
         ) from None
 
 

@@ -304,7 +304,7 @@ def read_published(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         pass
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise CheckpointError(
             f"{path} could not be read as a PyTorch checkpoint: it may be truncated (an interrupted copy or "
             f"download) or not a checkpoint at all. Copy it again. ({_first_line(e)})"
