@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli import add_bool, add_published_args, parser, positive_int
+from model.cli import add_bool, add_log_args, add_published_args, parser, positive_int
 
 EXAMPLE = """
 python attn_analysis.py --data prep_train.h5ad --model runs/finetune/model.pt --label-key celltype --out runs/attention
@@ -49,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool(g, "--umap", default=False, help="also plot a UMAP of the model's cell embeddings of all cells, coloured by label and prediction (needs a fine-tuned model)")
     g.add_argument("--batch-size", "--batch_size", type=positive_int, default=16, help="cells per forward pass (default: 16)")
     g.add_argument("--seed", type=int, default=0, help="random seed for the cell subsample and the UMAP (default: 0)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda when available)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="arithmetic precision of the encoder (default: fp32)")
     add_bool(g, "--overwrite", default=False, help="replace the outputs of an earlier run in --out")
-    add_bool(g, "--quiet", default=False, help="only warnings and errors, no progress bars")
+    add_log_args(g)
     return p
 
 

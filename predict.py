@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli import add_bool, add_published_args, add_speed_args, parser, positive_int
+from model.cli import add_bool, add_log_args, add_published_args, add_speed_args, parser, positive_int
 
 EXAMPLE = """
 python predict.py --data query.h5ad --model runs/finetune/model.pt --out query_annotated.h5ad --csv query_labels.csv
@@ -17,24 +17,28 @@ def build_parser() -> argparse.ArgumentParser:
         "The query is aligned to the model's genes (missing genes count as not expressed). Writes a copy of the input "
         "with obs['scbert_celltype'] ('Unassigned' when the top probability is below --threshold), "
         "obs['scbert_confidence'], obsm['scbert_probabilities'] (columns: uns['scbert_classes']) and obsm['X_scbert'] "
-        "(cell embeddings: mean of the final encodings over all genes).",
+        "(cell embeddings: mean of the final encodings over all genes), and a run record in OUT_run/ (config.json, "
+        "log.txt, metrics.json, summary.txt, predictions.png; confusion_matrix.png with --label-key). Gene names are "
+        "revised (Ensembl ids mapped; mouse symbols upper-cased, with a warning); NaN or negative values are refused.",
         EXAMPLE,
     )
     p.add_argument("--data", "--data_path", required=True, help="query cells: .h5ad, 10x .h5, 10x folder, .mtx or .csv")
     p.add_argument("--model", "--model_path", required=True, help="fine-tuned checkpoint (model.pt from finetune.py)")
-    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--out", required=True, help="output .h5ad (refused if it exists, unless --overwrite)")
+    p.add_argument("--run-dir", default=None, help="folder for the run record (default: OUT without .h5ad, plus _run)")
     add_published_args(p)
-    p.add_argument("--csv", default=None, help="also write a table: cell, label, confidence, one probability column per type")
-    p.add_argument("--threshold", "--unassign_thres", type=float, default=0.5, help="minimum top probability to assign a type (default: 0.5)")
+    p.add_argument("--csv", default=None, help="also write a table: cell, label, confidence, one probability column per type (default: none)")
+    p.add_argument("--threshold", "--unassign_thres", type=float, default=0.5,
+                   help="minimum top probability (0-1) to assign a type; below it a cell is 'Unassigned' (default: 0.5)")
     add_bool(p, "--novel_type", "--novel-type", default=True, help="published flag: false never reports Unassigned")
-    p.add_argument("--label-key", default=None, help="obs column with known labels: prints accuracy and macro-F1")
+    p.add_argument("--label-key", default=None, help="obs column with known labels: prints accuracy and macro-F1, plots a confusion matrix (default: none)")
     p.add_argument("--batch-size", "--batch_size", type=positive_int, default=16, help="cells per forward pass (default: 16)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda when available)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="arithmetic precision (default: fp32; bf16 pays off on GPUs and CPUs with native bf16 (AVX-512 BF16/AMX), see BENCHMARKS.md)")
     add_speed_args(p)
     add_bool(p, "--overwrite", default=False, help="replace existing outputs")
-    add_bool(p, "--quiet", default=False, help="only warnings and errors, no progress bar")
+    add_log_args(p)
     return p
 
 

@@ -98,6 +98,12 @@ def check_writable(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
+def record_dir(out: str | Path) -> Path:
+    """Where a stage that writes one file keeps its run record: next to it, ``<name>_run/``."""
+    out = Path(out)
+    return out.with_name(f"{out.name[:-5] if out.name.endswith('.h5ad') else out.name}_run")
+
+
 def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> None:
     """Write to a temporary file and rename, so a failure never leaves a half-written .h5ad."""
     path = Path(path)

@@ -11,6 +11,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anndata as ad
@@ -339,3 +340,23 @@ def prepare(
     rep.n_cells_out, rep.n_genes_out = out.n_obs, out.n_vars
     out.uns[PREP_KEY] = json.dumps(rep.to_dict(), default=str)
     return out, rep
+
+
+def plot_genes_per_cell(n_genes: np.ndarray, min_genes: int | None, path: Path, title: str = "") -> None:
+    """Histogram of expressed genes per cell, with the --min-genes cut, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(n_genes, bins=50, color="tab:blue")
+    if min_genes:
+        ax.axvline(min_genes, color="tab:red", ls="--", label=f"--min-genes {min_genes}: {int((n_genes < min_genes).sum())} cells dropped")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("expressed genes per cell")
+    ax.set_ylabel("cells")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,16 @@
+"""scBERT in PyTorch. ``from model import annotate, embed, preprocess, load_model`` gives the
+Python API (:mod:`model.api`); it is imported on first use, so the stage scripts start fast."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["annotate", "embed", "load_model", "preprocess"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from model import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

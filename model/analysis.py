@@ -116,7 +116,7 @@ def run_attention(args: argparse.Namespace) -> dict[str, Any]:
             log.warning("%d cells have no %s label and are left out", int((~known).sum()), args.label_key)
         labelled = raw[known].copy()
         prepared, rep = prepare(labelled, genes=ckpt.genes, min_genes=None, target_sum=ckpt.preprocessing.get("target_sum", 1e4), what=str(args.data))
-        for line in rep.lines():
+        for line in rep.lines(with_warnings=False):
             log.info("%s", line)
         labels = labelled.obs[args.label_key].astype(str).to_numpy()
         sel = subsample_per_type(labels, args.max_cells_per_type, args.seed)

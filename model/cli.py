@@ -74,8 +74,15 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="arithmetic precision (default: fp32; bf16 pays off on GPUs and on CPUs with native bf16 (AVX-512 BF16/AMX); fp16: GPU only)")
     add_speed_args(g)
     add_bool(g, "--overwrite", default=False, help="replace an existing output")
-    add_bool(g, "--quiet", default=False, help="only warnings and errors, no progress bars")
+    add_log_args(g)
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def add_log_args(g: argparse._ActionsContainer) -> None:
+    """--quiet and --log-level: what the console shows (the run's log.txt always gets INFO and up)."""
+    add_bool(g, "--quiet", default=False, help="only warnings and errors, no progress bars (same as --log-level warning)")
+    g.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                   help="console messages of this importance and up (default: info)")
 
 
 def add_speed_args(g: argparse._ActionsContainer) -> None:
@@ -143,17 +150,23 @@ def add_training_args(p: argparse.ArgumentParser, epochs: int, epochs_help: str)
     return g
 
 
-def setup_logging(quiet: bool = False, logfile: Path | None = None) -> None:
-    log.setLevel(logging.INFO)
+def setup_logging(quiet: bool = False, logfile: Path | None = None, level: str | None = None) -> None:
+    """Console messages at ``level`` (``quiet``: warnings) and up; ``logfile`` gets INFO and up
+    (DEBUG with level debug)."""
+    console_level = logging.WARNING if quiet else getattr(logging, (level or "info").upper(), logging.INFO)
+    file_level = min(logging.INFO, console_level)
+    log.setLevel(min(console_level, file_level))
     log.propagate = False
     for h in list(log.handlers):
         log.removeHandler(h)
+        h.close()
     console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.WARNING if quiet else logging.INFO)
+    console.setLevel(console_level)
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(console)
     if logfile is not None:
         fh = logging.FileHandler(logfile, encoding="utf-8")
+        fh.setLevel(file_level)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(fh)
 
@@ -198,17 +211,19 @@ def start_run(out: str | Path, args: argparse.Namespace, protected: Sequence[str
     """Create the run folder (refusing to overwrite a finished run without --overwrite), start
     logging into it, and record the arguments and environment in config.json."""
     out = Path(out)
+    level = getattr(args, "log_level", None)
+    setup_logging(args.quiet, level=level)
     existing = [name for name in protected if (out / name).exists()]
     if existing and not args.overwrite:
-        raise SystemExit(f"error: {out} already holds {', '.join(existing)}; pass --overwrite to replace it, or choose another --out")
+        fail(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace it, or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise SystemExit(f"error: cannot write to {out}: {e.strerror}; choose another --out") from None
-    setup_logging(args.quiet, out / "log.txt")
+        fail(f"cannot write to {out}: {e.strerror}; choose another --out")
+    setup_logging(args.quiet, out / "log.txt", level)
     write_json(out / "config.json", {"args": vars(args), "environment": environment()})
     return out
 

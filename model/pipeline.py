@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,11 +18,12 @@ from data.gene2vec import embeddings_for_vocab, read_npy_embeddings, read_word2v
 from data.io import InputError, read_cells
 from data.preprocess import PREP_KEY, prepare
 from model.checkpoint import Checkpoint, load_checkpoint
-from model.training import predict
+from model.training import autocast, make_loader, predict
 
 log = logging.getLogger("scbert")
 
 UNASSIGNED = "Unassigned"
+REPORT_KEY = "annotation"  # uns[f"{key_added}_{REPORT_KEY}"]: JSON of the preprocessing report and settings
 
 
 def load_prepared(paths: Sequence[str | Path], genes: Sequence[str] | None = None, min_genes: int | None = 200) -> tuple[ad.AnnData, list[str]]:
@@ -31,7 +33,7 @@ def load_prepared(paths: Sequence[str | Path], genes: Sequence[str] | None = Non
     for path in paths:
         raw = read_cells(path)
         adata, rep = prepare(raw, genes=genes, min_genes=None if PREP_KEY in raw.uns else min_genes, what=str(path))
-        for line in rep.lines():
+        for line in rep.lines(with_warnings=False):
             log.info("%s: %s", Path(path).name, line)
         if genes is None:
             genes = list(adata.var_names)
@@ -72,6 +74,31 @@ def gene_embedding(spec: str, genes_path: str | None, vocab: Sequence[str], X: s
         mat, rep = embeddings_for_vocab(list(vocab), names, mat, source=source, seed=seed)
     log.info("gene2vec: %s", rep.summary())
     return "gene2vec", torch.from_numpy(np.asarray(mat, dtype=np.float32)), rep.to_dict()
+
+
+def check_labels(y: Sequence[str], key: str, cv: int | None = None, val_frac: float = 0.2) -> tuple[list[str], dict[str, int]]:
+    """Classes and their cell counts, or an InputError when the labels cannot train a classifier
+    with the requested split (``cv`` folds, or a validation fraction ``val_frac``)."""
+    y = np.asarray(y, dtype=object)
+    if len(y) == 0:
+        raise InputError(f"no cell has a label in column {key!r}: fill it in, or choose another --label-key")
+    classes = sorted(set(map(str, y)))
+    if len(classes) < 2:
+        raise InputError(f"column {key!r} holds a single cell type ({classes[0]!r}); a classifier needs at least two")
+    counts = {c: int((y == c).sum()) for c in classes}
+    need = cv if cv else 2
+    rare = {c: n for c, n in counts.items() if n < need}
+    if rare:
+        how = f"into {cv} folds" if cv else "into training and validation"
+        raise InputError(f"cell types with fewer than {need} cells cannot be split {how}: {rare}. "
+                         f"Remove them from the data (or merge them into related types){' or use fewer folds' if cv else ''}")
+    if not cv:
+        n_val = int(np.ceil(val_frac * len(y)))
+        if n_val < len(classes) or len(y) - n_val < len(classes):
+            raise InputError(f"a validation fraction of {val_frac} keeps {n_val} of {len(y)} cells for validation, but each of the "
+                             f"{len(classes)} cell types needs a cell on both sides: set --val-frac between "
+                             f"{len(classes) / len(y):.2f} and {1 - len(classes) / len(y):.2f}")
+    return classes, counts
 
 
 def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str] | None = None) -> dict[str, Any]:
@@ -148,6 +175,7 @@ def annotate(
     progress: bool = True,
     num_workers: int = 0,
     compile_model: bool = False,
+    species: str = "auto",
 ) -> tuple[ad.AnnData, dict[str, Any]]:
     """Annotate cells with a fine-tuned checkpoint. Accepts raw counts or log-normalised values;
     keeps every cell in its order. Adds ``obs[f'{key_added}_celltype']`` (``Unassigned`` below
@@ -157,7 +185,8 @@ def annotate(
     ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
     if ckpt.config.head != "classifier" or not ckpt.classes:
         raise InputError(f"{ckpt.source or 'the model'} is a pretrained (not fine-tuned) model: it cannot name cell types; fine-tune it with finetune.py first")
-    prepared, rep = prepare(adata, genes=ckpt.genes, min_genes=None, target_sum=ckpt.preprocessing.get("target_sum", 1e4), what="the query")
+    prepared, rep = prepare(adata, genes=ckpt.genes, min_genes=None, target_sum=ckpt.preprocessing.get("target_sum", 1e4), what="the query",
+                            species=species)
     ds = CellDataset(prepared.X, ckpt.config.bin_num)
     net = ckpt.build_model()
     probs, emb = predict(net, ds, batch_size, torch.device(device), precision, embed=True, pooling=pooling, progress=progress,
@@ -172,4 +201,103 @@ def annotate(
     out.obsm[f"X_{key_added}"] = emb.astype(np.float32)
     out.uns[f"{key_added}_classes"] = list(ckpt.classes)
     out.uns[f"{key_added}_threshold"] = float(threshold)
+    out.uns[f"{key_added}_{REPORT_KEY}"] = json.dumps({"model": ckpt.source, "preprocessing": rep.to_dict()}, default=str)
     return out, rep.to_dict()
+
+
+def embed_cells(
+    adata: ad.AnnData,
+    model: str | Path | Checkpoint,
+    pooling: str = "mean",
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    progress: bool = True,
+    species: str = "auto",
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Cell embeddings (cells x dim, in order, every cell kept) from any of our checkpoints,
+    pretrained or fine-tuned; raw counts or log-normalised input. Returns them with the
+    preprocessing report."""
+    from tqdm.auto import tqdm
+
+    from model.scbert import pool_encodings
+
+    ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+    prepared, rep = prepare(adata, genes=ckpt.genes, min_genes=None, target_sum=ckpt.preprocessing.get("target_sum", 1e4), what="the cells", species=species)
+    ds = CellDataset(prepared.X, ckpt.config.bin_num)
+    device = torch.device(device)
+    net = ckpt.build_model().to(device)
+    out = []
+    bar = tqdm(total=len(ds), desc="embed", unit="cell", disable=not progress, leave=False)
+    with torch.no_grad():
+        for batch in make_loader(ds, batch_size, False, 0):
+            tokens = batch["tokens"].to(device)
+            with autocast(device, precision):
+                out.append(pool_encodings(net.encode(tokens), tokens, pooling).cpu())
+            bar.update(len(tokens))
+    bar.close()
+    return torch.cat(out).numpy(), rep.to_dict()
+
+
+def prediction_report(annotated: ad.AnnData, classes: Sequence[str], threshold: float, label_key: str | None,
+                      folder: Path | None = None, key_added: str = "scbert") -> tuple[dict[str, Any], list[str]]:
+    """Metrics and readable lines about an annotation; with ``folder``, also its plots
+    (``predictions.png``; ``confusion_matrix.png`` when ``label_key`` holds known labels)."""
+    pred = annotated.obs[f"{key_added}_celltype"].astype(str).to_numpy()
+    conf = annotated.obs[f"{key_added}_confidence"].to_numpy(dtype=float)
+    n_un = int((pred == UNASSIGNED).sum())
+    types = sorted(set(pred), key=lambda t: (t == UNASSIGNED, t))
+    metrics: dict[str, Any] = {
+        "n_cells": int(len(pred)), "n_unassigned": n_un, "threshold": float(threshold),
+        "predicted_counts": {t: int((pred == t).sum()) for t in types},
+        "mean_confidence": {t: float(conf[pred == t].mean()) for t in types},
+    }
+    lines = [f"{len(pred)} cells annotated, {n_un} Unassigned (confidence < {threshold:.2f}); "
+             + ", ".join(f"{t} {c}" for t, c in metrics["predicted_counts"].items())]
+    truth = None
+    if label_key:
+        col = annotated.obs[label_key]
+        ok = col.notna().to_numpy()
+        if not ok.any():
+            log.warning("WARNING: no cell has a label in column %r: accuracy is not computed", label_key)
+        else:
+            truth = col[ok].astype(str).to_numpy()
+            m = classification_metrics(truth, pred[ok])
+            metrics.update(accuracy=m["accuracy"], macro_f1=m["macro_f1"], n_labelled=int(ok.sum()), per_class=m["per_class"])
+            lines.append(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  on {int(ok.sum())} labelled cells "
+                         f"(Unassigned counts as wrong; {n_un} Unassigned)")
+            unknown = sorted(set(truth) - set(classes))
+            if unknown:
+                metrics["unknown_types"] = unknown
+                lines.append(f"note: the query has cell types the model was not trained on: {unknown}")
+    if folder is not None:
+        plot_predictions(pred, conf, threshold, folder / "predictions.png")
+        if truth is not None:
+            plot_confusion(truth, pred[ok], folder / "confusion_matrix.png",
+                           f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
+    return metrics, lines
+
+
+def plot_predictions(pred: np.ndarray, conf: np.ndarray, threshold: float, path: Path) -> None:
+    """Cells per predicted type, and the distribution of confidences with the threshold, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    types = sorted(set(pred), key=lambda t: (t == UNASSIGNED, t))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].barh(types[::-1], [int((pred == t).sum()) for t in types[::-1]], color="tab:blue")
+    axes[0].set_xlabel("cells")
+    axes[0].set_title("predicted cell types", fontsize=10)
+    axes[0].tick_params(axis="y", labelsize=8)
+    axes[1].hist(conf, bins=np.linspace(0, 1, 41), color="tab:gray")
+    axes[1].axvline(threshold, color="tab:red", ls="--", label=f"threshold {threshold:.2f}")
+    axes[1].set_xlabel("confidence (top class probability)")
+    axes[1].set_ylabel("cells")
+    axes[1].legend(fontsize=8)
+    axes[1].set_title("confidence", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

@@ -12,13 +12,22 @@ import numpy as np
 import torch
 
 from data.dataset import CellDataset
-from data.io import InputError, check_writable, read_cells, write_h5ad_atomic
+from data.io import InputError, check_writable, read_cells, record_dir, write_h5ad_atomic
 from data.vocab import load_vocab
 from model import distributed
 from model.checkpoint import DEFAULT_PREPROCESSING, CheckpointError, load_checkpoint, save_checkpoint
 from model.cli import fail, published_names, setup_logging, start_run, write_json
 from model.config import ScBERTConfig
-from model.pipeline import annotate, classification_metrics, gene_embedding, load_prepared, plot_confusion, plot_history
+from model.pipeline import (
+    annotate,
+    check_labels,
+    classification_metrics,
+    gene_embedding,
+    load_prepared,
+    plot_confusion,
+    plot_history,
+    prediction_report,
+)
 from model.scbert import ScBERT
 from model.training import TrainConfig, finetune, list_states, predict_distributed, pretrain, resolve_device, set_seed
 
@@ -183,23 +192,19 @@ def run_finetune(args: argparse.Namespace) -> None:
         set_seed(args.seed)
         pre = load_checkpoint(args.pretrained, **published_names(args)) if args.pretrained else None
         genes = pre.genes if pre else (load_vocab(args.vocab) if args.vocab else None)
+        if pre and args.vocab and load_vocab(args.vocab) != pre.genes:
+            raise InputError(f"--vocab {args.vocab} is not the vocabulary of --pretrained {args.pretrained}: a pretrained model "
+                             f"reads its own genes; drop --vocab")
         adata, genes = load_prepared([args.data], genes, args.min_genes or None)
         _check_gene_num(args, len(genes))
         raw_labels = _labels(adata, args.label_key, args.data)
         known = raw_labels.notna().to_numpy()
-        if not known.all() and main:
-            log.warning("%d cells have no %s label and are left out", int((~known).sum()), args.label_key)
+        if not known.all():
+            if main:
+                log.warning("%d cells have no %s label and are left out", int((~known).sum()), args.label_key)
             adata = adata[known].copy()
         y_str = adata.obs[args.label_key].astype(str).to_numpy()
-        classes = sorted(set(y_str))
-        if len(classes) < 2:
-            raise InputError(f"column {args.label_key!r} holds a single cell type ({classes}); a classifier needs at least two")
-        counts = {c: int((y_str == c).sum()) for c in classes}
-        need = args.cv if args.cv else 2
-        rare = {c: n for c, n in counts.items() if n < need}
-        if rare:
-            raise InputError(f"cell types with fewer than {need} cells cannot be split {'into ' + str(args.cv) + ' folds' if args.cv else 'into training and validation'}: {rare}. "
-                             f"Remove them from the data (or merge them into related types){' or use fewer folds' if args.cv else ''}")
+        classes, counts = check_labels(y_str, args.label_key, args.cv, args.val_frac)
         y = np.array([classes.index(c) for c in y_str])
         log.info("fine-tuning on %d cells, %d cell types: %s", len(y), len(classes), counts)
 
@@ -280,13 +285,15 @@ def run_finetune(args: argparse.Namespace) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> None:
-    from model.cli import setup_logging
-
-    setup_logging(args.quiet)
+    setup_logging(args.quiet, level=getattr(args, "log_level", None))
     try:
         out = check_writable(args.out, args.overwrite)
         if args.csv:
             check_writable(args.csv, args.overwrite)
+    except InputError as e:
+        fail(str(e))
+    run_dir = start_run(args.run_dir or record_dir(out), args, protected=("summary.txt",))
+    try:
         ckpt = load_checkpoint(args.model, **published_names(args))
         adata = read_cells(args.data)
         if args.label_key:
@@ -295,29 +302,28 @@ def run_predict(args: argparse.Namespace) -> None:
         t0 = time.time()
         annotated, rep = annotate(adata, ckpt, threshold, args.batch_size, resolve_device(args.device), args.precision,
                                   progress=not args.quiet, num_workers=args.num_workers, compile_model=args.compile)
-        for line in rep.get("warnings", []):
-            log.warning("WARNING: %s", line)
-        log.info("annotated %d cells in %.1f s (%.1f cells/s)", annotated.n_obs, time.time() - t0, annotated.n_obs / max(time.time() - t0, 1e-9))
-        write_h5ad_atomic(annotated, out)
+        seconds = time.time() - t0
+        metrics, lines = prediction_report(annotated, ckpt.classes, threshold, args.label_key, run_dir)
+        lines.insert(0, f"annotated {annotated.n_obs} cells in {seconds:.1f} s ({annotated.n_obs / max(seconds, 1e-9):.1f} cells/s)")
+        metrics.update(seconds=round(seconds, 2), model=str(args.model), data=str(args.data), preprocessing=rep)
+        tmp_csv = None
         if args.csv:
             import pandas as pd
 
             probs = pd.DataFrame(annotated.obsm["scbert_probabilities"], index=annotated.obs_names, columns=[f"p_{c}" for c in ckpt.classes])
             table = pd.concat([annotated.obs[["scbert_celltype", "scbert_confidence"]], probs], axis=1)
-            tmp = Path(args.csv).with_name(f".{Path(args.csv).name}.tmp")
-            table.to_csv(tmp, index_label="cell")
-            tmp.replace(args.csv)
+            tmp_csv = Path(args.csv).with_name(f".{Path(args.csv).name}.tmp")
+            table.to_csv(tmp_csv, index_label="cell")
+        write_h5ad_atomic(annotated, out)
+        if tmp_csv is not None:
+            tmp_csv.replace(args.csv)
+        write_json(run_dir / "metrics.json", metrics)
     except (InputError, CheckpointError) as e:
         fail(str(e))
-    pred = annotated.obs["scbert_celltype"].to_numpy()
-    n_un = int((pred == "Unassigned").sum())
-    log.info("wrote %s: %d cells, %d Unassigned (confidence < %.2f)", out, len(pred), n_un, threshold)
-    if args.label_key:
-        truth = annotated.obs[args.label_key]
-        ok = truth.notna().to_numpy()
-        m = classification_metrics(truth[ok].astype(str).to_numpy(), pred[ok])
-        print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  on {int(ok.sum())} labelled cells "
-              f"(Unassigned counts as wrong; {n_un} Unassigned)")
-        unknown = sorted(set(truth[ok].astype(str)) - set(ckpt.classes))
-        if unknown:
-            print(f"note: the query has cell types the model was not trained on: {unknown}")
+    lines.append(f"wrote {out}" + (f" and {args.csv}" if args.csv else "") + f"; run record in {run_dir}")
+    (run_dir / "summary.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for line in lines:
+        if line.startswith(("accuracy", "note:")):
+            print(line)  # the result, on stdout
+        else:
+            log.info(line)

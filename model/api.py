@@ -1,0 +1,147 @@
+"""The Python API: AnnData in, AnnData out, the same keys as the stage scripts.
+
+>>> import anndata as ad
+>>> from model import annotate, embed
+>>> adata = ad.read_h5ad("query.h5ad")                  # raw counts or log-normalised
+>>> annotate(adata, model="runs/finetune/model.pt")     # adds obs/obsm/uns keys, as predict.py
+>>> adata.obs["scbert_celltype"].value_counts()
+>>> embed(adata, model="runs/pretrain/model.pt")        # obsm["X_scbert"] from any checkpoint
+
+Bad input raises :class:`InputError` (a ``ValueError``) or :class:`CheckpointError` with a message
+saying what was wrong and what to do; corrections (mapped gene names, recovered counts...) are
+logged as warnings on the ``scbert`` logger and recorded in ``uns``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+
+from data.io import InputError
+from data.preprocess import prepare
+from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+
+__all__ = ["CheckpointError", "InputError", "annotate", "embed", "load_model", "preprocess"]
+
+ModelLike = str | Path | Checkpoint
+
+
+def load_model(model: ModelLike, genes: list[str] | str | Path | None = None, classes: list[str] | str | Path | None = None) -> Checkpoint:
+    """A checkpoint: ours (model.pt) or a published scBERT .pth with its ``genes`` (and ``classes``),
+    given as lists or as files with one name per line. Loaded without executing code."""
+    if isinstance(model, Checkpoint):
+        return model
+    from data.vocab import read_gene_list
+
+    def names(x: list[str] | str | Path | None) -> list[str] | None:
+        return None if x is None else read_gene_list(x) if isinstance(x, (str, Path)) else [str(v) for v in x]
+
+    return load_checkpoint(model, genes=names(genes), classes=names(classes))
+
+
+def _device(device: str | Any) -> Any:
+    from model.training import resolve_device
+
+    return resolve_device(device) if isinstance(device, str) else device
+
+
+def _check_adata(adata: Any) -> None:
+    if not isinstance(adata, ad.AnnData):
+        raise InputError(f"expected an AnnData (cells x genes), got {type(adata).__name__}; read files with anndata.read_h5ad "
+                         f"or data.io.read_cells")
+
+
+def annotate(
+    adata: ad.AnnData,
+    model: ModelLike,
+    *,
+    threshold: float = 0.5,
+    batch_size: int = 16,
+    device: str = "auto",
+    precision: str = "fp32",
+    species: str = "auto",
+    key_added: str = "scbert",
+    copy: bool = False,
+    progress: bool = True,
+) -> ad.AnnData:
+    """Annotate cells with a fine-tuned model, writing the keys predict.py writes:
+    ``obs['scbert_celltype']`` (``Unassigned`` below ``threshold``), ``obs['scbert_confidence']``,
+    ``obsm['scbert_probabilities']`` (columns: ``uns['scbert_classes']``), ``obsm['X_scbert']``,
+    ``uns['scbert_threshold']`` and ``uns['scbert_annotation']`` (the preprocessing report, JSON).
+
+    Every cell is kept, in order. Modifies ``adata`` in place and returns it (a copy with ``copy``).
+    """
+    from model.pipeline import annotate as run
+
+    _check_adata(adata)
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(f"threshold must be between 0 and 1, got {threshold}")
+    ckpt = load_model(model)
+    target = adata.copy() if copy else adata
+    annotated, _ = run(target, ckpt, threshold, batch_size, _device(device), precision, key_added, progress=progress, species=species)
+    for key in (f"{key_added}_celltype", f"{key_added}_confidence"):
+        target.obs[key] = annotated.obs[key].to_numpy()
+    for key in (f"{key_added}_probabilities", f"X_{key_added}"):
+        target.obsm[key] = annotated.obsm[key]
+    for key in (f"{key_added}_classes", f"{key_added}_threshold", f"{key_added}_annotation"):
+        target.uns[key] = annotated.uns[key]
+    return target
+
+
+def embed(
+    adata: ad.AnnData,
+    model: ModelLike,
+    *,
+    pooling: str = "mean",
+    batch_size: int = 16,
+    device: str = "auto",
+    precision: str = "fp32",
+    species: str = "auto",
+    key_added: str = "X_scbert",
+    copy: bool = False,
+    progress: bool = True,
+) -> ad.AnnData:
+    """Cell embeddings from any checkpoint (pretrained or fine-tuned) into ``obsm[key_added]``:
+    the final encodings averaged over all genes (``pooling='mean'``) or over expressed genes
+    (``'expressed'``). Modifies ``adata`` in place and returns it (a copy with ``copy``)."""
+    from model.pipeline import embed_cells
+    from model.scbert import POOLINGS
+
+    _check_adata(adata)
+    if pooling not in POOLINGS:
+        raise InputError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    ckpt = load_model(model)
+    target = adata.copy() if copy else adata
+    emb, rep = embed_cells(target, ckpt, pooling, batch_size, _device(device), precision, progress, species)
+    target.obsm[key_added] = emb.astype(np.float32)
+    target.uns[f"{key_added}_embedding"] = json.dumps({"model": ckpt.source, "pooling": pooling, "preprocessing": rep}, default=str)
+    return target
+
+
+def preprocess(
+    adata: ad.AnnData,
+    vocab: list[str] | str | Path | Checkpoint | None = None,
+    *,
+    n_top_genes: int | None = None,
+    min_genes: int | None = 200,
+    species: str = "auto",
+) -> ad.AnnData:
+    """What preprocess.py does, in memory: a new AnnData of log2-normalised cells on ``vocab``
+    (a gene list, a gene-list/.h5ad/checkpoint path, or a loaded checkpoint) or on the input's
+    own genes (``n_top_genes`` most variable). The report is in ``uns['scbert_preprocess']``."""
+    from data.vocab import load_vocab
+
+    _check_adata(adata)
+    if isinstance(vocab, Checkpoint):
+        genes: list[str] | None = list(vocab.genes)
+    elif isinstance(vocab, (str, Path)):
+        genes = load_vocab(vocab)
+    else:
+        genes = None if vocab is None else [str(g) for g in vocab]
+    out, _ = prepare(adata, genes=genes, n_top_genes=None if genes else n_top_genes, min_genes=min_genes, species=species)
+    return out
+
