@@ -251,7 +251,7 @@ class _Progress:
         self.best: dict[str, Any] | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.stale = 0
-        self.finished = False
+        self.finished = False  # stopped early (a run that used up its epochs can be given more)
 
 
 def _cpu_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -380,7 +380,6 @@ def _fit(
         if cfg.patience is not None and run.stale >= cfg.patience:
             log.info("%s: no improvement for %d epochs, stopping early", desc, run.stale)
             run.finished = True
-        run.finished = run.finished or run.epoch >= cfg.epochs
         if cfg.checkpoint_dir:
             _save_state(model, trainer, run, cfg, len(train), device)
     assert run.best is not None and run.best_state is not None
