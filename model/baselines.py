@@ -1,0 +1,310 @@
+"""The methods the benchmark compares: scBERT and the strong, cheap baselines.
+
+Every method has the same interface: ``fit(X, y, genes)`` on a log2-normalised cells x genes CSR
+matrix and string labels, then ``predict_proba(X)`` -> (cells, classes) scores whose columns follow
+``classes_``; the highest score is the prediction and, for the novel-type protocol, the confidence.
+All of them see the same preprocessed matrix and the same split (see :mod:`model.benchmark`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from scipy import sparse
+
+from data.dataset import CellDataset
+from model.checkpoint import Checkpoint
+from model.config import ScBERTConfig
+from model.pipeline import gene_embedding
+from model.scbert import ScBERT
+from model.training import TrainConfig, finetune, predict, set_seed
+
+log = logging.getLogger("scbert")
+
+
+class Method(Protocol):
+    name: str
+    classes_: list[str]
+
+    def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str]) -> None: ...
+
+    def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray: ...
+
+
+def _classes(y: np.ndarray) -> tuple[list[str], np.ndarray]:
+    classes = sorted(set(map(str, y)))
+    return classes, np.searchsorted(np.asarray(classes, dtype=object), np.asarray(y, dtype=object))
+
+
+class LogisticL1:
+    """L1 logistic regression (one-vs-rest, liblinear) with C chosen by stratified inner CV on the
+    training cells, as in the published baseline that matched scBERT on Zheng68K."""
+
+    def __init__(self, Cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0), inner_folds: int = 3, seed: int = 0, name: str = "logreg_l1") -> None:
+        self.name, self.Cs, self.inner_folds, self.seed = name, tuple(Cs), inner_folds, seed
+        self.C_: float | None = None
+
+    def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str]) -> None:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import GridSearchCV, StratifiedKFold
+        from sklearn.multiclass import OneVsRestClassifier
+
+        self.classes_, codes = _classes(y)
+        folds = max(2, min(self.inner_folds, int(np.bincount(codes).min())))
+        import inspect
+
+        # scikit-learn >= 1.8 spells the L1 penalty l1_ratio=1 (penalty= is deprecated)
+        l1 = {"l1_ratio": 1.0} if inspect.signature(LogisticRegression).parameters["penalty"].default == "deprecated" else {"penalty": "l1"}
+        base = OneVsRestClassifier(LogisticRegression(solver="liblinear", max_iter=1000, random_state=self.seed, **l1))
+        if np.bincount(codes).min() >= 2:
+            search = GridSearchCV(base, {"estimator__C": list(self.Cs)}, cv=StratifiedKFold(folds, shuffle=True, random_state=self.seed), n_jobs=1)
+            search.fit(X, codes)
+            self.model, self.C_ = search.best_estimator_, float(search.best_params_["estimator__C"])
+        else:  # a type with one cell cannot be cross-validated: use the middle of the grid
+            self.C_ = float(self.Cs[len(self.Cs) // 2])
+            self.model = base.set_params(estimator__C=self.C_).fit(X, codes)
+
+    def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
+        return self.model.predict_proba(X)
+
+
+class LogisticL2:
+    """Multinomial L2 logistic regression at C = 1 (lbfgs)."""
+
+    def __init__(self, C: float = 1.0, seed: int = 0, name: str = "logreg_l2") -> None:
+        self.name, self.C, self.seed = name, C, seed
+
+    def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str]) -> None:
+        from sklearn.linear_model import LogisticRegression
+
+        self.classes_, codes = _classes(y)
+        self.model = LogisticRegression(C=self.C, max_iter=2000, random_state=self.seed).fit(X, codes)
+
+    def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
+        return self.model.predict_proba(X)
+
+
+class KNNReference:
+    """Reference mapping in the spirit of Seurat/scmap-cell: PCA fitted on the reference (training)
+    cells, query cells projected into it, label = vote of the k nearest reference cells (cosine)."""
+
+    def __init__(self, n_pcs: int = 50, k: int = 15, seed: int = 0, name: str = "knn_pca") -> None:
+        self.name, self.n_pcs, self.k, self.seed = name, n_pcs, k, seed
+
+    def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str]) -> None:
+        from sklearn.decomposition import PCA
+        from sklearn.neighbors import KNeighborsClassifier
+
+        self.classes_, codes = _classes(y)
+        dense = np.asarray(X.todense()) if sparse.issparse(X) else np.asarray(X)
+        self.pca = PCA(n_components=min(self.n_pcs, dense.shape[0] - 1, dense.shape[1]), random_state=self.seed).fit(dense)
+        self.knn = KNeighborsClassifier(n_neighbors=min(self.k, dense.shape[0]), weights="distance", metric="cosine")
+        self.knn.fit(self.pca.transform(dense), codes)
+
+    def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
+        dense = np.asarray(X.todense()) if sparse.issparse(X) else np.asarray(X)
+        probs = np.zeros((dense.shape[0], len(self.classes_)))
+        probs[:, self.knn.classes_] = self.knn.predict_proba(self.pca.transform(dense))
+        return probs
+
+
+class CentroidCorrelation:
+    """SingleR/scmap-cluster style: Spearman correlation of each query cell with the mean profile of
+    each reference type; scores are a softmax of the correlations (temperature ``tau``)."""
+
+    def __init__(self, tau: float = 0.05, name: str = "centroid_corr") -> None:
+        self.name, self.tau = name, tau
+
+    @staticmethod
+    def _ranks(M: np.ndarray) -> np.ndarray:
+        from scipy.stats import rankdata
+
+        R = rankdata(M, axis=1)
+        R -= R.mean(axis=1, keepdims=True)
+        return R / np.maximum(np.linalg.norm(R, axis=1, keepdims=True), 1e-12)
+
+    def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str]) -> None:
+        self.classes_, codes = _classes(y)
+        dense = np.asarray(X.todense()) if sparse.issparse(X) else np.asarray(X)
+        centroids = np.stack([dense[codes == c].mean(axis=0) for c in range(len(self.classes_))])
+        self.centroids = self._ranks(centroids)
+
+    def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
+        dense = np.asarray(X.todense()) if sparse.issparse(X) else np.asarray(X)
+        corr = self._ranks(dense) @ self.centroids.T
+        z = (corr - corr.max(axis=1, keepdims=True)) / self.tau
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+
+class CellTypist:
+    """CellTypist (``pip install celltypist``), trained offline with ``celltypist.train`` on the
+    training cells. CellTypist expects ln(1 + x) values; the log2 matrix is rescaled by ln 2.
+    Scores are its per-type sigmoid probabilities, renormalised to sum to one. Trained with
+    ``use_SGD=True`` (SGD logistic regression, CellTypist's mode for large references): its default
+    ``LogisticRegression(multi_class='ovr')`` path fails on scikit-learn >= 1.8, which removed ``multi_class``."""
+
+    def __init__(self, seed: int = 0, name: str = "celltypist", **train_kwargs: Any) -> None:
+        self.name, self.seed = name, seed
+        self.train_kwargs = {"feature_selection": False, "check_expression": False, "use_SGD": True, "n_jobs": 1, "max_iter": 1000,
+                             "random_state": seed, **train_kwargs}
+
+    def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str]) -> None:
+        try:
+            import celltypist
+        except ImportError as e:  # the benchmark CLI turns this into a message
+            raise ImportError("the celltypist method needs the celltypist package: pip install -e '.[bench]' (or pip install celltypist)") from e
+        self.classes_ = sorted(set(map(str, y)))
+        np.random.seed(self.seed)
+        logging.getLogger("celltypist").setLevel(logging.WARNING)
+        self.model = celltypist.train(sparse.csr_matrix(X) * np.log(2.0), labels=np.asarray(y, dtype=str), genes=np.asarray(genes), **self.train_kwargs)
+
+    def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
+        Xs = self.model.scaler.transform(np.asarray((sparse.csr_matrix(X) * np.log(2.0)).todense()))
+        Xs[Xs > 10] = 10  # as celltypist.annotate clips scaled values
+        _, probs, _ = self.model.predict_labels_and_prob(Xs)
+        order = [list(self.model.classifier.classes_).index(c) for c in self.classes_]
+        probs = probs[:, order]
+        return probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class ScBERTMethod:
+    """scBERT fine-tuned on the training cells, with early stopping on a stratified ``val_frac`` of
+    them (the test cells are never looked at). ``init``:
+
+    - ``pretrained``: encoder from ``checkpoint``, published freezing policy (``train_all`` to train everything);
+    - ``random``: same architecture and the same (frozen) gene2vec vectors as ``checkpoint``, random
+      encoder, every layer trained: the "no pretraining" ablation;
+    - ``scratch``: no checkpoint; the model is built from ``model_args`` with gene2vec trained on the
+      training cells (``gene2vec='train'``) or without gene embedding (``'none'``).
+    """
+
+    name: str = "scbert"
+    init: str = "pretrained"
+    checkpoint: Checkpoint | None = None
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, batch_size=16, lr=1e-3, patience=3, progress=False))
+    model_args: dict[str, Any] = field(default_factory=lambda: {"dim": 32, "depth": 2, "heads": 4, "dim_head": 8})
+    gene2vec: str = "train"
+    train_all: bool = False
+    val_frac: float = 0.1
+    device: str = "cpu"
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def _build(self, n_classes: int, genes: Sequence[str], X: sparse.csr_matrix) -> ScBERT:
+        if self.init in ("pretrained", "random"):
+            if self.checkpoint is None:
+                raise ValueError(f"{self.name}: init={self.init!r} needs a pretrained checkpoint")
+            if list(genes) != list(self.checkpoint.genes):
+                raise ValueError(f"{self.name}: the benchmark matrix is not on the checkpoint's gene vocabulary")
+            config = self.checkpoint.config.replace(head="classifier", n_classes=n_classes)
+            if self.init == "pretrained":
+                model = ScBERT(config)
+                model.load_encoder_state(self.checkpoint.state_dict)
+                model.freeze_for_finetuning(train_all=self.train_all)
+                return model
+            vectors = self.checkpoint.build_model().gene_vectors()
+            model = ScBERT(config, vectors)
+        elif self.init == "scratch":
+            mode, vectors, _ = gene_embedding(self.gene2vec, None, genes, X, self.model_args["dim"], self.train.seed, progress=False)
+            model = ScBERT(ScBERTConfig(n_genes=len(genes), gene_embedding=mode, head="classifier", n_classes=n_classes, **self.model_args), vectors)
+        else:
+            raise ValueError(f"unknown init {self.init!r}: pretrained, random or scratch")
+        model.freeze_for_finetuning(train_all=True)
+        return model
+
+    def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str]) -> None:
+        from sklearn.model_selection import train_test_split
+
+        self.classes_, codes = _classes(y)
+        set_seed(self.train.seed)
+        idx = np.arange(len(codes))
+        counts = np.bincount(codes)
+        n_val = max(len(self.classes_), round(self.val_frac * len(codes)))
+        tr, va = train_test_split(idx, test_size=n_val, stratify=codes if counts.min() >= 2 else None, random_state=self.train.seed)
+        if counts.min() >= 2:
+            # keep every type in the training part even when it has very few cells
+            missing = np.setdiff1d(np.unique(codes), np.unique(codes[tr]))
+            tr = np.union1d(tr, idx[np.isin(codes, missing)])
+        self.model = self._build(len(self.classes_), genes, X)
+        bin_num = self.model.config.bin_num
+        _, self.history = finetune(self.model, CellDataset(X[np.sort(tr)], bin_num, codes[np.sort(tr)]),
+                                   CellDataset(X[np.sort(va)], bin_num, codes[np.sort(va)]), self.train, torch.device(self.device), desc=self.name)
+
+    def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
+        probs, _ = predict(self.model, CellDataset(X, self.model.config.bin_num), self.train.batch_size, torch.device(self.device),
+                           self.train.precision, progress=False)
+        return probs
+
+
+BASELINES = ("logreg_l1", "logreg_l2", "knn_pca", "centroid_corr", "celltypist")
+SCBERT_METHODS = ("scbert", "scbert_nopretrain", "scbert_nogene2vec")
+ALL_METHODS = BASELINES + SCBERT_METHODS
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU-sized: what the bundled data is benchmarked with (model size from the checkpoint or model_args)
+    "cpu": {"train": {"epochs": 8, "batch_size": 16, "lr": 1e-3, "patience": 3},
+            "model": {"dim": 32, "depth": 2, "heads": 4, "dim_head": 8}},
+    # the published fine-tuning (batch 3 x 60 accumulation, lr 1e-4) and model size
+    "published": {"train": {"epochs": 100, "batch_size": 3, "grad_acc": 60, "lr": 1e-4, "patience": 10},
+                  "model": {"dim": 200, "depth": 6, "heads": 10, "dim_head": 64}},
+}
+
+
+def method_factories(
+    names: Sequence[str],
+    pretrained: Checkpoint | None = None,
+    pretrained_nogene2vec: Checkpoint | None = None,
+    preset: str = "cpu",
+    train_overrides: dict[str, Any] | None = None,
+    train_all: bool = False,
+    device: str = "cpu",
+    progress: bool = False,
+) -> list[tuple[str, Any]]:
+    """``(name, factory(seed) -> method)`` for each method name. scBERT variants:
+
+    - ``scbert``: fine-tunes ``pretrained``;
+    - ``scbert_nopretrain``: the same architecture and gene2vec as ``pretrained`` with a random
+      encoder (without ``pretrained``: a ``preset``-sized model with gene2vec trained on the training cells);
+    - ``scbert_nogene2vec``: fine-tunes ``pretrained_nogene2vec`` (a checkpoint pretrained with
+      ``--gene2vec none``); without it, a ``preset``-sized model without gene embedding, not pretrained.
+    """
+    unknown = sorted(set(names) - set(ALL_METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
+    cfg = PRESETS[preset]
+    train_kw = {**cfg["train"], **{k: v for k, v in (train_overrides or {}).items() if v is not None}}
+
+    def scbert(name: str, init: str, ckpt: Checkpoint | None, gene2vec: str = "train") -> Any:
+        return lambda seed: ScBERTMethod(name=name, init=init, checkpoint=ckpt, gene2vec=gene2vec, train_all=train_all, device=device,
+                                         model_args=dict(cfg["model"]), train=TrainConfig(seed=seed, progress=progress, **train_kw))
+
+    out: list[tuple[str, Any]] = []
+    for name in names:
+        if name == "logreg_l1":
+            out.append((name, lambda seed: LogisticL1(seed=seed)))
+        elif name == "logreg_l2":
+            out.append((name, lambda seed: LogisticL2(seed=seed)))
+        elif name == "knn_pca":
+            out.append((name, lambda seed: KNNReference(seed=seed)))
+        elif name == "centroid_corr":
+            out.append((name, lambda seed: CentroidCorrelation()))
+        elif name == "celltypist":
+            out.append((name, lambda seed: CellTypist(seed=seed)))
+        elif name == "scbert":
+            if pretrained is None:
+                raise ValueError("method scbert needs a pretrained checkpoint (--pretrained); scbert_nopretrain runs without one")
+            out.append((name, scbert(name, "pretrained", pretrained)))
+        elif name == "scbert_nopretrain":
+            out.append((name, scbert(name, "random", pretrained) if pretrained is not None else scbert(name, "scratch", None)))
+        elif name == "scbert_nogene2vec":
+            if pretrained_nogene2vec is not None:
+                out.append((name, scbert(name, "pretrained", pretrained_nogene2vec)))
+            else:
+                out.append((name, scbert(name, "scratch", None, gene2vec="none")))
+    return out

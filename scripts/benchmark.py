@@ -1,0 +1,89 @@
+"""Benchmark scBERT against baselines on identical splits (protocols cv, cross, novel, imbalance, fewshot).
+
+Writes OUT/results.json (every run, its split fingerprint and predictions), OUT/results.md (mean ± sd
+accuracy and macro-F1 per method), OUT/per_class_f1.csv and OUT/confusion_<variant>_<method>.png.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.baselines import ALL_METHODS, BASELINES, PRESETS  # noqa: E402
+from model.cli import add_bool, parser, positive_int, setup_logging  # noqa: E402
+
+EXAMPLE = """
+# 5-fold CV, 3 seeds, baselines and scBERT (pretrained and not) on the bundled PBMCs
+python scripts/benchmark.py --data data/pbmc3k_labeled.h5ad --label-key celltype --protocol cv --out runs/cv \\
+    --pretrained runs/pretrain/model.pt --methods logreg_l1 logreg_l2 knn_pca scbert scbert_nopretrain
+# train on human pancreas, test on mouse (one file, split by a column)
+python scripts/benchmark.py --data data/pancreas_baron_subset.h5ad --label-key celltype --protocol cross \\
+    --split-key species --train-values human --test-values mouse --out runs/cross
+# hold out a type; imbalance; few-shot
+python scripts/benchmark.py ... --protocol novel --hold-out "NK" --threshold 0.5
+python scripts/benchmark.py ... --protocol imbalance --subsample "CD14+ Mono=10" "B=10"
+python scripts/benchmark.py ... --protocol fewshot --fractions 0.1 0.25 0.5 0.75
+# combine runs made separately (e.g. scBERT variants in parallel processes) into one table
+python scripts/benchmark.py --merge runs/cv_baselines runs/cv_scbert --out runs/cv_all
+"""
+
+
+def build_parser():
+    p = parser(__doc__.splitlines()[0] + " Every method sees the same preprocessed matrix and the same splits.", EXAMPLE)
+    p.add_argument("--data", nargs="+", help="labelled cells (.h5ad or any format preprocess.py reads); several files are concatenated")
+    p.add_argument("--label-key", default="celltype", help="obs column with the cell types (default: celltype)")
+    p.add_argument("--protocol", choices=["cv", "cross", "novel", "imbalance", "fewshot"], default="cv")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--methods", nargs="+", default=list(BASELINES), choices=list(ALL_METHODS), metavar="METHOD",
+                   help=f"methods to run (default: the baselines). Choices: {', '.join(ALL_METHODS)}")
+    p.add_argument("--folds", type=positive_int, default=5, help="K of the stratified K-fold (cv, novel, imbalance, fewshot; default: 5)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds: each repeats the folds and the methods' randomness (default: 0)")
+    g = p.add_argument_group("genes (every method gets the same matrix)")
+    g.add_argument("--n-genes", type=int, default=2000, help="keep the N genes with the highest variance of log expression (default: 2000; "
+                   "ignored with --pretrained or --vocab, which fix the genes)")
+    g.add_argument("--min-genes", type=int, default=200, help="drop cells expressing fewer genes (default: 200, as published; 0 keeps all)")
+    g.add_argument("--vocab", default=None, help="gene list file, checkpoint or .h5ad whose genes to use")
+    g = p.add_argument_group("scBERT")
+    g.add_argument("--pretrained", default=None, help="pretrained checkpoint (pretrain.py) for scbert; scbert_nopretrain then uses its architecture and gene2vec")
+    g.add_argument("--pretrained-nogene2vec", default=None, help="checkpoint pretrained with --gene2vec none, for scbert_nogene2vec")
+    g.add_argument("--preset", choices=list(PRESETS), default="cpu", help="fine-tuning (and from-scratch model) size: "
+                   + "; ".join(f"{k}: {v['train']}" for k, v in PRESETS.items()))
+    g.add_argument("--epochs", type=positive_int, default=None, help="override the preset's fine-tuning epochs")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="override the preset's batch size")
+    g.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
+    g.add_argument("--patience", type=positive_int, default=None, help="override the preset's early-stopping patience")
+    add_bool(g, "--train-all", default=False, help="fine-tune every layer of the pretrained model (default: the published freezing policy)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    g = p.add_argument_group("protocols")
+    g.add_argument("--test-data", nargs="+", default=None, help="cross: the test dataset(s), put on the training data's genes")
+    g.add_argument("--split-key", default=None, help="cross within one file: obs column naming the dataset of each cell (e.g. species, donor)")
+    g.add_argument("--train-values", nargs="+", default=[], help="cross: values of --split-key to train on")
+    g.add_argument("--test-values", nargs="+", default=[], help="cross: values of --split-key to test on")
+    g.add_argument("--label-map", default=None, help="two columns (label in the data, label to use) when datasets name types differently")
+    g.add_argument("--hold-out", nargs="+", default=None, help="novel: cell types left out of training")
+    g.add_argument("--threshold", type=float, default=0.5, help="novel: cells whose top score is below this are Unassigned (default: 0.5, as published)")
+    g.add_argument("--subsample", nargs="+", default=None, help="imbalance: TYPE=N, training cells of TYPE subsampled to N")
+    g.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75], help="fewshot: fractions of each training fold")
+    g = p.add_argument_group("run")
+    g.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default: 1; run several benchmarks side by side instead)")
+    g.add_argument("--merge", nargs="+", default=None, help="instead of running: combine these output folders' results.json into --out")
+    add_bool(g, "--overwrite", default=False, help="replace an existing results.json in --out")
+    add_bool(g, "--quiet", default=False, help="only warnings and errors, no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if not args.merge and not args.data:
+        p.error("--data is required (or --merge FOLDER ...)")
+    setup_logging(args.quiet)
+    from model.benchmark import run_from_args
+
+    run_from_args(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The benchmark harness on tiny data: identical splits across methods, protocol splits, metrics on a
+hand-made case, the CLI end to end with a tiny scBERT, and merging."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+from scipy import sparse
+
+from model.baselines import CentroidCorrelation, KNNReference, LogisticL1, LogisticL2, method_factories
+from model.benchmark import (
+    check_same_splits,
+    cross_splits,
+    cv_splits,
+    evaluate,
+    fewshot_splits,
+    imbalance_splits,
+    novel_splits,
+    run_benchmark,
+    select_genes,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+GENES = ["CD3D", "CD3E", "CD2", "IL7R", "CD79A", "MS4A1", "CD19", "CD22", "LYZ", "CD14", "S100A8", "S100A9", "NKG7", "GNLY",
+         "GZMB", "PRF1", "PPBP", "PF4", "FCER1A", "CST3", "HBB", "HBA1", "ACTB", "GAPDH"]
+
+
+def toy(n_per: int = 20, n_genes: int = 24, seed: int = 0) -> tuple[sparse.csr_matrix, np.ndarray, list[str]]:
+    """Raw counts of 3 types, each with its own 4 marker genes, plus background."""
+    rng = np.random.default_rng(seed)
+    types = ["alpha", "beta", "gamma"]
+    X, y = [], []
+    for t, name in enumerate(types):
+        lam = np.full(n_genes, 1.0)
+        lam[4 * t: 4 * t + 4] = 12.0
+        X.append(rng.poisson(lam, size=(n_per, n_genes)))
+        y += [name] * n_per
+    return sparse.csr_matrix(np.vstack(X).astype(np.float32)), np.array(y), GENES[:n_genes]
+
+
+def toy_h5ad(path: Path, **kw) -> Path:
+    X, y, genes = toy(**kw)
+    a = ad.AnnData(X=X)
+    a.var_names = genes
+    a.obs_names = [f"c{i}" for i in range(len(y))]
+    a.obs["celltype"] = y
+    a.obs["batch"] = np.where(np.arange(len(y)) % 2 == 0, "b1", "b2")
+    a.write_h5ad(path)
+    return path
+
+
+def test_cv_folds_partition_cells_and_are_stratified() -> None:
+    y = np.array(["a"] * 10 + ["b"] * 5 + ["c"] * 5)
+    splits = cv_splits(y, 5, [0, 1])
+    assert len(splits) == 10
+    for seed in (0, 1):
+        tests = np.concatenate([s.test for s in splits if s.seed == seed])
+        assert sorted(tests) == list(range(20))
+    for s in splits:
+        assert not set(s.train) & set(s.test)
+        assert sorted((y[s.test] == "a").nonzero()[0].shape) == [2]
+    assert cv_splits(y, 5, [0])[0].fingerprint() == cv_splits(y, 5, [0])[0].fingerprint()
+    assert splits[0].fingerprint() != splits[5].fingerprint()
+    with pytest.raises(ValueError, match="fewer than 6 cells"):
+        cv_splits(y, 6, [0])
+
+
+def test_protocol_splits() -> None:
+    y = np.array(["a"] * 30 + ["b"] * 20 + ["c"] * 10)
+    for s in novel_splits(y, ["c"], 5, [0]):
+        assert "c" not in set(y[s.train]) and "c" in set(y[s.test])
+    for s in imbalance_splits(y, {"a": 3}, 5, [0]):
+        assert (y[s.train] == "a").sum() == 3 and (y[s.train] == "b").sum() == 16
+    few = fewshot_splits(y, [0.25, 1.0], 5, [0])
+    assert len(few) == 10
+    small = [s for s in few if s.variant.startswith("25%")][0]
+    assert (y[small.train] == "a").sum() == 6 and (y[small.train] == "c").sum() == 2
+    cross = cross_splits(np.arange(60) < 40, np.arange(60) >= 40, [0, 1])
+    assert cross[0].fingerprint() == cross[1].fingerprint() and len(cross[0].test) == 20
+    with pytest.raises(ValueError, match="not in the data"):
+        novel_splits(y, ["zeta"], 5, [0])
+
+
+def test_metrics_on_a_hand_made_case() -> None:
+    classes = ["a", "b"]
+    y = np.array(["a", "a", "b", "b", "x", "x"])  # x was never seen in training
+    probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.2, 0.8], [0.45, 0.55], [0.6, 0.4], [0.52, 0.48]])
+    m = evaluate(y, probs, classes)
+    assert m["accuracy"] == pytest.approx(0.75)  # a, (a->b wrong), b, b on the 4 known cells
+    # F1(a) = 2*1*0.5/1.5 = 2/3; F1(b) = 2*(2/3)*1/(5/3) = 0.8
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert m["n_unseen_type"] == 2
+    n = evaluate(y, probs, classes, threshold=0.58)
+    assert n["y_pred"] == ["a", "b", "b", "Unassigned", "a", "Unassigned"]
+    assert n["known_accuracy"] == pytest.approx(0.5)
+    assert n["known_unassigned"] == pytest.approx(0.25)
+    assert n["novel_unassigned"] == pytest.approx(0.5)
+    # confidences known (0.9, 0.7, 0.8, 0.55) vs novel (0.6, 0.52): 7 of 8 pairs ordered
+    assert n["auroc_known_vs_novel"] == pytest.approx(7 / 8)
+
+
+def test_select_genes_keeps_the_most_variable() -> None:
+    X = sparse.csr_matrix(np.array([[0, 5, 1], [0, 0, 1], [1, 5, 1]], dtype=np.float32))
+    assert select_genes(X, ["g0", "g1", "g2"], 2) == ["g0", "g1"]
+
+
+def test_baselines_learn_the_toy_types() -> None:
+    X, y, genes = toy()
+    X = X.log1p()
+    for method in (LogisticL1(Cs=(0.1, 1.0)), LogisticL2(), KNNReference(n_pcs=5, k=5), CentroidCorrelation()):
+        method.fit(X[::2], y[::2], genes)
+        probs = method.predict_proba(X[1::2])
+        assert probs.shape == (30, 3) and np.allclose(probs.sum(1), 1)
+        assert (np.asarray(method.classes_)[probs.argmax(1)] == y[1::2]).mean() > 0.9, method.name
+
+
+def test_every_method_gets_the_same_split() -> None:
+    X, y, genes = toy()
+    X = X.log1p()
+    splits = cv_splits(y, 3, [0, 1])
+    methods = method_factories(["centroid_corr", "logreg_l2"])
+    records = run_benchmark(X, y, genes, splits, methods, progress=False)
+    assert len(records) == 12
+    by_split: dict[str, set] = {}
+    for r in records:
+        by_split.setdefault(f"{r['seed']}/{r['fold']}", set()).add((r["split"], tuple(r["test_index"])))
+    assert all(len(v) == 1 for v in by_split.values())
+    bad = [dict(records[0]), dict(records[1], split="different")]
+    bad[1]["fold"], bad[1]["seed"] = bad[0]["fold"], bad[0]["seed"]
+    with pytest.raises(ValueError, match="differs between runs"):
+        check_same_splits(bad)
+
+
+def test_celltypist_offline() -> None:
+    pytest.importorskip("celltypist")
+    from model.baselines import CellTypist
+
+    X, y, genes = toy()
+    X = X.log1p()
+    m = CellTypist()
+    m.fit(X[::2], y[::2], genes)
+    probs = m.predict_proba(X[1::2])
+    assert (np.asarray(m.classes_)[probs.argmax(1)] == y[1::2]).mean() > 0.9
+
+
+def test_cli_cross_and_novel_with_tiny_scbert(tmp_path: Path) -> None:
+    from scripts.benchmark import main
+
+    data = toy_h5ad(tmp_path / "toy.h5ad")
+    out = tmp_path / "cross"
+    common = ["--data", str(data), "--label-key", "celltype", "--min-genes", "0", "--n-genes", "20", "--quiet",
+              "--epochs", "1", "--batch-size", "8"]
+    main([*common, "--protocol", "cross", "--split-key", "batch", "--train-values", "b1", "--test-values", "b2",
+          "--methods", "centroid_corr", "scbert_nopretrain", "--seeds", "0", "1", "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in res["runs"]} == {"centroid_corr", "scbert_nopretrain"}
+    assert len({r["split"] for r in res["runs"]}) == 1 and res["info"]["n_genes"] == 20
+    assert (out / "results.md").read_text().count("| centroid_corr | 2 |") == 1
+    assert len(list(out.glob("confusion_*.png"))) == 2
+    assert "alpha" in (out / "per_class_f1.csv").read_text()
+
+    novel = tmp_path / "novel"
+    main([*common, "--protocol", "novel", "--hold-out", "gamma", "--folds", "2", "--methods", "logreg_l2", "--out", str(novel)])
+    row = json.loads((novel / "results.json").read_text())["summary"][0]
+    assert row["known_accuracy"] > 0.9 and 0 <= row["novel_unassigned"] <= 1 and "auroc_known_vs_novel" in row
+
+    merged = tmp_path / "merged"
+    main(["--merge", str(out), str(out), "--out", str(merged)])
+    assert json.loads((merged / "results.json").read_text())["summary"][0]["n_runs"] == 4
+
+
+def test_cli_refuses_bad_input_plainly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from scripts.benchmark import main
+
+    data = toy_h5ad(tmp_path / "toy.h5ad")
+    with pytest.raises(SystemExit):
+        main(["--data", str(data), "--label-key", "cell_type", "--min-genes", "0", "--out", str(tmp_path / "o"), "--quiet"])
+    assert "is not a column" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--data", str(data), "--min-genes", "0", "--protocol", "novel", "--hold-out", "delta", "--out", str(tmp_path / "o2"), "--quiet"])
+    assert "not in the data" in capsys.readouterr().err
