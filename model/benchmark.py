@@ -364,6 +364,17 @@ def run_from_args(args: Any) -> None:
         print(markdown_table(summary))
         return
 
+    if args.write_genes:
+        try:
+            genes = load_vocab(args.vocab) if args.vocab else None
+            adata, _, genes = load_labelled(args.data, args.label_key, genes, args.n_genes, args.min_genes)
+        except InputError as e:
+            fail(str(e))
+        Path(args.write_genes).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write_genes).write_text("\n".join(genes) + "\n", encoding="utf-8")
+        print(f"wrote {len(genes)} genes ({adata.n_obs} labelled cells) to {args.write_genes}")
+        return
+
     out = start_run(args.out, args, protected=("results.json",))
     import torch
 

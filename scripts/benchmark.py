@@ -35,7 +35,7 @@ def build_parser():
     p.add_argument("--data", nargs="+", help="labelled cells (.h5ad or any format preprocess.py reads); several files are concatenated")
     p.add_argument("--label-key", default="celltype", help="obs column with the cell types (default: celltype)")
     p.add_argument("--protocol", choices=["cv", "cross", "novel", "imbalance", "fewshot"], default="cv")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", default=None, help="output folder (required unless --write-genes)")
     p.add_argument("--methods", nargs="+", default=list(BASELINES), choices=list(ALL_METHODS), metavar="METHOD",
                    help=f"methods to run (default: the baselines). Choices: {', '.join(ALL_METHODS)}")
     p.add_argument("--folds", type=positive_int, default=5, help="K of the stratified K-fold (cv, novel, imbalance, fewshot; default: 5)")
@@ -68,6 +68,8 @@ def build_parser():
     g.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75], help="fewshot: fractions of each training fold")
     g = p.add_argument_group("run")
     g.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default: 1; run several benchmarks side by side instead)")
+    g.add_argument("--write-genes", default=None, metavar="FILE",
+                   help="instead of running: write the genes the benchmark would use (--n-genes or --vocab) to FILE, one per line (to pretrain on)")
     g.add_argument("--merge", nargs="+", default=None, help="instead of running: combine these output folders' results.json into --out")
     add_bool(g, "--overwrite", default=False, help="replace an existing results.json in --out")
     add_bool(g, "--quiet", default=False, help="only warnings and errors, no progress bar")
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not args.merge and not args.data:
         p.error("--data is required (or --merge FOLDER ...)")
+    if not args.out and not args.write_genes:
+        p.error("--out is required")
     setup_logging(args.quiet)
     from model.benchmark import run_from_args
 
