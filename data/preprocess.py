@@ -325,9 +325,18 @@ def prepare(
                              f"scBERT needs human gene symbols (e.g. CD3E) or Ensembl ids (ENSG...); first input genes: "
                              f"{list(adata.var_names[:5])}")
         if n_top_genes is not None and n_top_genes < len(var_names):
+            if X.nnz == 0:
+                raise InputError(f"every value of {what} is zero: no gene is expressed, so none can be ranked by --n-top-genes")
+            if X.shape[0] < 2:
+                raise InputError(f"--n-top-genes ranks genes by their variability across cells, but {what} has {X.shape[0]} cell "
+                                 f"after filtering; use more cells or drop --n-top-genes")
             # scanpy's dispersion statistics assume natural-log data.
             tmp = ad.AnnData(X=X * np.float32(math.log(2.0)))
-            sc.pp.highly_variable_genes(tmp, n_top_genes=n_top_genes, flavor="seurat")
+            try:
+                sc.pp.highly_variable_genes(tmp, n_top_genes=n_top_genes, flavor="seurat")
+            except (IndexError, ValueError) as e:  # scanpy fails on degenerate data (e.g. no variable gene)
+                raise InputError(f"could not rank the genes of {what} by variability ({type(e).__name__}: {e}); "
+                                 f"drop --n-top-genes or use more cells") from None
             # Rank by normalised dispersion ourselves: scanpy may return more than n_top_genes on ties.
             disp = np.nan_to_num(tmp.var["dispersions_norm"].to_numpy(dtype=np.float64), nan=-np.inf)
             hv = np.sort(np.argsort(-disp, kind="stable")[:n_top_genes])
