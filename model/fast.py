@@ -48,7 +48,8 @@ TILE_ELEMENTS = 1 << 19
 class _Consts:
     """The scalars of the softmax kernel for ``d``-dimensional heads and ``m`` features."""
 
-    def __init__(self, d: int, m: int, eps: float) -> None:
+    def __init__(self, d: int, m: int, eps: float, mm_dtype: torch.dtype | None = None) -> None:
+        self.mm_dtype = mm_dtype  # bf16: the feature x context products run in bf16 (AMX / tensor cores)
         normaliser = d**-0.25
         self.normaliser = normaliser
         self.diag_scale = normaliser**2 / 2.0
@@ -58,6 +59,17 @@ class _Consts:
 
 def _rows(m: int) -> int:
     return max(16, TILE_ELEMENTS // m)
+
+
+def _low(x: Tensor, c: _Consts) -> Tensor:
+    return x if c.mm_dtype is None else x.to(c.mm_dtype)
+
+
+def _mm(a: Tensor, b: Tensor, c: _Consts) -> Tensor:
+    """``a @ b`` in float32, or from ``c.mm_dtype`` operands (``b`` already converted) with a float32 result."""
+    if c.mm_dtype is None:
+        return torch.matmul(a, b)
+    return torch.matmul(a.to(c.mm_dtype), b).float()
 
 
 def _features(dash: Tensor, x: Tensor, c: _Consts, top: float | None) -> Tensor:
@@ -74,6 +86,7 @@ def _slice_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts) -> tuple[
     n, e, m = kk.shape[0], vv.shape[1], proj_t.shape[1]
     rows = _rows(m)
     context = kk.new_zeros(m, e + 1)
+    vl = _low(vv, c)
     top = -math.inf
     for s in range(0, n, rows):
         kc = kk[s : s + rows]
@@ -84,7 +97,7 @@ def _slice_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts) -> tuple[
                 context.mul_(math.exp(top - tile_top))
             top = tile_top
         kf = _features(dash, kc, c, top)
-        context[:, :e].addmm_(kf.t(), vv[s : s + rows])
+        context[:, :e] += _mm(kf.t(), vl[s : s + rows], c)
         context[:, e] += kf.sum(dim=0)
     context[:, :e] += c.ce * vv.sum(dim=0)
     context[:, e] += n * c.ce
@@ -105,11 +118,12 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, c: _Consts) -> tup
             context, top = _slice_context(k[bi, hi], v[bi, hi], proj_t, c)
             contexts[bi, hi], tops[bi, hi] = context, top
             correction = c.ce * context.sum(dim=0)
+            cl = _low(context, c)
             qq = q[bi, hi]
             for s in range(0, n, rows):
                 qc = qq[s : s + rows]
-                num = torch.addmm(correction, _features(torch.matmul(qc, proj_t), qc, c, None), context)
-                out[bi, s : s + rows, hi] = num[:, :e] / num[:, e:]
+                num = _mm(_features(torch.matmul(qc, proj_t), qc, c, None), cl, c).add_(correction)
+                torch.div(num[:, :e], num[:, e:], out=out[bi, s : s + rows, hi])
     return out.permute(0, 2, 1, 3), contexts, tops
 
 
@@ -124,8 +138,8 @@ class _Favor(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, eps: float) -> Tensor:
-        c = _Consts(q.shape[-1], proj_t.shape[1], eps)
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, eps: float, mm_dtype: torch.dtype | None) -> Tensor:
+        c = _Consts(q.shape[-1], proj_t.shape[1], eps, mm_dtype)
         out, contexts, tops = _forward(q, k, v, proj_t, c)
         ctx.save_for_backward(q, k, v, proj_t, contexts, tops)
         ctx.consts = c
@@ -133,6 +147,11 @@ class _Favor(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            return _Favor._backward(ctx, grad_out.float())
+
+    @staticmethod
+    def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, proj_t, contexts, tops = ctx.saved_tensors
         c: _Consts = ctx.consts
         b, h, n, _ = q.shape
@@ -143,28 +162,30 @@ class _Favor(torch.autograd.Function):
             for hi in range(h):
                 context = contexts[bi, hi]
                 correction = c.ce * context.sum(dim=0)
+                cl = _low(context, c)
                 dcontext = context.new_zeros(m, e + 1)
                 qq, g = q[bi, hi], grad_out[bi, hi]
                 for s in range(0, n, rows):
                     qc = qq[s : s + rows]
                     ef = _features(torch.matmul(qc, proj_t), qc, c, None)
-                    num = torch.addmm(correction, ef, context)
+                    num = _mm(ef, cl, c).add_(correction)
                     den = num[:, e:]
                     gd = torch.empty_like(num)
                     gd[:, :e] = g[s : s + rows] / den
                     gd[:, e:] = -(gd[:, :e] * num[:, :e]).sum(dim=-1, keepdim=True) / den
-                    dcontext.addmm_(ef.t(), gd)
+                    dcontext += _mm(ef.t(), _low(gd, c), c)
                     dcontext += c.ce * gd.sum(dim=0)
-                    dq[bi, hi, s : s + rows] = _through_features(torch.matmul(gd, context.t()).mul_(ef), qc, proj_t, c)
+                    dq[bi, hi, s : s + rows] = _through_features(_mm(gd, cl.t(), c).mul_(ef), qc, proj_t, c)
                 kk, vv, top = k[bi, hi], v[bi, hi], float(tops[bi, hi])
                 dvs = dcontext[:, :e]
+                dvl = _low(dvs, c)
                 for s in range(0, n, rows):
                     kc = kk[s : s + rows]
                     ef = _features(torch.matmul(kc, proj_t), kc, c, top)
-                    dv[bi, hi, s : s + rows] = torch.addmm(c.ce * dvs.sum(dim=0), ef, dvs)
-                    dkf = torch.addmm(dcontext[:, e], vv[s : s + rows], dvs.t()).mul_(ef)
+                    dv[bi, hi, s : s + rows] = _mm(ef, dvl, c).add_(c.ce * dvs.sum(dim=0))
+                    dkf = _mm(vv[s : s + rows], dvl.t(), c).add_(dcontext[:, e]).mul_(ef)
                     dk[bi, hi, s : s + rows] = _through_features(dkf, kc, proj_t, c)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def _through_features(grad_e: Tensor, x: Tensor, proj_t: Tensor, c: _Consts) -> Tensor:
@@ -191,16 +212,21 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, eps: fl
     Same result as ``FastAttention.forward`` with its defaults (softmax kernel, non-causal),
     computed in float32 and returned in ``q``'s dtype.
     """
-    dtype = q.dtype
-    q, k, v = q.float(), k.float(), v.float()
-    c = _Consts(q.shape[-1], projection.shape[0], eps)
-    proj_t = (projection.float() * c.normaliser).t().contiguous()
-    if torch.compiler.is_compiling():
-        return _attend_graph(q, k, v, proj_t, c).to(dtype)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if needs_grad:
-        return _Favor.apply(q, k, v, proj_t, eps).to(dtype)
-    return _forward(q, k, v, proj_t, c)[0].to(dtype)
+    dtype, dev = q.dtype, q.device.type
+    # Under bf16 autocast only the products of features with contexts run in bf16 (their error
+    # averages out over genes and features); projections, exp and sums stay in float32.
+    bf16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
+    with torch.autocast(device_type=dev, enabled=False):
+        q, k, v = q.float(), k.float(), v.float()
+        c = _Consts(q.shape[-1], projection.shape[0], eps, torch.bfloat16 if bf16 else None)
+        proj_t = (projection.float() * c.normaliser).t().contiguous()
+        if torch.compiler.is_compiling():
+            out = _attend_graph(q, k, v, proj_t, c)
+        elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            out = _Favor.apply(q, k, v, proj_t, eps, c.mm_dtype)
+        else:
+            out = _forward(q, k, v, proj_t, c)[0]
+    return out.to(dtype)
 
 
 class FastFavorAttention(FastAttention):

@@ -134,3 +134,40 @@ def test_hand_written_backward_matches_autograd_of_the_package(monkeypatch: pyte
         grads.append((q.grad, k.grad, v.grad))
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def _bf16() -> torch.autocast:
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("head", ["classifier", "mlm"])
+def test_bf16_autocast_close_to_fp32(head: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast the fast path runs (products of features in bf16) and stays close to fp32."""
+    monkeypatch.setattr(fast_module, "TILE_ELEMENTS", 16)
+    plain, fast = _pair(head)
+    plain.eval(), fast.eval()
+    tokens = torch.randint(0, 7, (3, 41))
+    with torch.inference_mode():
+        expected = plain(tokens)
+        with _bf16():
+            got = fast(tokens)
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+
+
+def test_bf16_autocast_gradients_close_to_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fast_module, "TILE_ELEMENTS", 16)
+    plain, fast = _pair("mlm")
+    tokens = torch.randint(0, 7, (2, 41))
+    for m, ctx in ((plain, None), (fast, _bf16())):
+        m.train()
+        m.performer.proj_updater.feature_redraw_interval = None
+        if ctx is None:
+            loss = m(tokens).float().square().mean()
+        else:
+            with ctx:
+                loss = m(tokens).float().square().mean()
+        loss.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), fast.named_parameters(), strict=True):
+        if a.grad is not None:
+            assert b.grad is not None and b.grad.dtype == a.grad.dtype, name
+            assert (b.grad - a.grad).norm() <= 0.1 * a.grad.norm() + 1e-6, name
