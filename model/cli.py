@@ -144,6 +144,8 @@ def add_training_args(p: argparse.ArgumentParser, epochs: int, epochs_help: str)
                    help="also save the training state every this many optimiser steps (default: 0 = at the end of each epoch only); "
                    "states go to OUT/checkpoints")
     r.add_argument("--keep-last", type=positive_int, default=2, help="training states kept in OUT/checkpoints (default: 2)")
+    r.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many optimiser steps, scoring the epoch in progress (default: no limit; for trial runs)")
     r.add_argument("--resume", default=None, metavar="DIR",
                    help="go on with the run in DIR (its OUT folder) from its last saved state: weights, optimiser, schedule, "
                    "random generators, epoch and position in it, early-stopping state. Give the same data and settings")

@@ -40,7 +40,7 @@ def _train_config(args: argparse.Namespace, out: Path | None = None, sub: str = 
     states: dict[str, Any] = {}
     if out is not None:
         states = {"checkpoint_dir": str(out / "checkpoints" / sub), "save_every": args.save_every, "keep_last": args.keep_last,
-                  "resume_from": _resume_source(args, sub)}
+                  "resume_from": _resume_source(args, sub), "max_steps": args.max_steps}
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, grad_acc=args.grad_acc, lr=args.lr, clip_norm=args.clip_norm,
         warmup_steps=args.warmup_steps, cycle_steps=args.cycle_steps, seed=args.seed, precision=args.precision,

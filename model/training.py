@@ -106,6 +106,7 @@ class TrainConfig:
     save_every: int = 0  # also every this many optimiser steps (0: at epoch ends only)
     keep_last: int = 2  # training states kept
     resume_from: str | None = None  # a training state file, or a folder holding them (the latest is used)
+    max_steps: int | None = None  # stop after this many optimiser steps (the epoch in progress is scored)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -364,6 +365,10 @@ def _fit(
             run.count += count
             run.cells_done += sampler.global_size(j)
             run.step += int(stepped)
+            if stepped and cfg.max_steps and run.step >= cfg.max_steps:
+                log.info("%s: reached %d optimiser steps (--max-steps), stopping", desc, run.step)
+                run.finished = True
+                break
             if stepped and cfg.save_every and run.step % cfg.save_every == 0 and not last and cfg.checkpoint_dir:
                 _save_state(model, trainer, run, cfg, len(train), device)
         total, count = distributed.all_reduce_sum([run.total, run.count], device)
