@@ -52,7 +52,7 @@ class Checkpoint:
         except (RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(
                 f"{self.source or 'the checkpoint'} is damaged: its weights do not fit the model it describes "
-                f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}). Use the model.pt of a finished run"
+                f"({' '.join(str(e).split())[:300] or type(e).__name__}). Use the model.pt of a finished run"
             ) from None
         return model.eval()
 
@@ -118,7 +118,8 @@ def save_checkpoint(
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    line = text.splitlines()[0] if text else ""
+    return line if isinstance(e, (RuntimeError, OSError, pickle.UnpicklingError)) and line else f"{type(e).__name__}: {line}".rstrip(": ")
 
 
 def _torch_load(path: Path) -> Any:
