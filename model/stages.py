@@ -306,7 +306,7 @@ def run_predict(args: argparse.Namespace) -> None:
         metrics, lines = prediction_report(annotated, ckpt.classes, threshold, args.label_key, run_dir)
         lines.insert(0, f"annotated {annotated.n_obs} cells in {seconds:.1f} s ({annotated.n_obs / max(seconds, 1e-9):.1f} cells/s)")
         metrics.update(seconds=round(seconds, 2), model=str(args.model), data=str(args.data), preprocessing=rep)
-        tmp_csv = None
+        write_h5ad_atomic(annotated, out)
         if args.csv:
             import pandas as pd
 
@@ -314,8 +314,6 @@ def run_predict(args: argparse.Namespace) -> None:
             table = pd.concat([annotated.obs[["scbert_celltype", "scbert_confidence"]], probs], axis=1)
             tmp_csv = Path(args.csv).with_name(f".{Path(args.csv).name}.tmp")
             table.to_csv(tmp_csv, index_label="cell")
-        write_h5ad_atomic(annotated, out)
-        if tmp_csv is not None:
             tmp_csv.replace(args.csv)
         write_json(run_dir / "metrics.json", metrics)
     except (InputError, CheckpointError) as e:
