@@ -175,14 +175,14 @@ class EpochBatches(Sampler[list[int]]):
         self.epoch, self.start = epoch, start
         order = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
         rest = order[start:]
-        self._batches: list[list[int]] = []
+        self._batches: list[np.ndarray] = []
         self._placeholder: list[bool] = []
         self._sizes: list[int] = []
         for s in range(0, len(rest), self.global_batch):
             chunk = rest[s : s + self.global_batch]
             mine = np.array_split(chunk, self.world_size)[self.rank]
             self._placeholder.append(len(mine) == 0)
-            self._batches.append([int(i) for i in (mine if len(mine) else chunk[:1])])
+            self._batches.append(mine if len(mine) else chunk[:1])
             self._sizes.append(len(chunk))
 
     def placeholder(self, i: int) -> bool:
@@ -194,7 +194,7 @@ class EpochBatches(Sampler[list[int]]):
         return self._sizes[i]
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter([list(b) for b in self._batches])
+        return (b.tolist() for b in self._batches)
 
     def __len__(self) -> int:
         return len(self._batches)

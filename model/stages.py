@@ -56,7 +56,7 @@ def _resume_source(args: argparse.Namespace, sub: str = "") -> str | None:
     p = Path(args.resume)
     if p.is_file():
         return str(p)
-    if not p.is_dir():
+    if not p.is_dir() and p.resolve() != Path(args.out).resolve():
         raise InputError(f"--resume {p}: no such run folder; give the --out folder of the run to go on with")
     folder = (p / "checkpoints" if (p / "checkpoints").is_dir() else p) / sub
     if not sub and not list_states(folder):
