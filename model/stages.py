@@ -59,7 +59,7 @@ def _resume_source(args: argparse.Namespace, sub: str = "") -> str | None:
     if not p.is_dir() and p.resolve() != Path(args.out).resolve():
         raise InputError(f"--resume {p}: no such run folder; give the --out folder of the run to go on with")
     folder = (p / "checkpoints" if (p / "checkpoints").is_dir() else p) / sub
-    if not sub and not list_states(folder):
+    if not sub and not list_states(folder) and distributed.current().is_main:
         log.warning("WARNING: --resume %s: no saved training state in %s; starting from the beginning", p, folder)
     return str(folder)
 
@@ -153,6 +153,8 @@ def run_pretrain(args: argparse.Namespace) -> None:
         if not info.is_main:
             distributed.shutdown()
             return
+        # the best weights, also when they predate a --resume into another folder
+        save_checkpoint(out / "model.pt", model, genes, preprocessing=DEFAULT_PREPROCESSING, train_args=train_args, metrics=best)
         metrics = {
             **best,
             "beats_baseline": best["val_masked_accuracy"] > best["baseline_accuracy"],

@@ -24,7 +24,7 @@ if [ "$DEVICE" = cpu ]; then PRECISION=fp32; fi
 torchrun --standalone --nproc_per_node="$NGPUS" pretrain.py \
     --data "$CORPUS" --backed --out "$OUT/pretrain" --resume "$OUT/pretrain" \
     --device "$DEVICE" --precision "$PRECISION" --batch-size "$BATCH" --grad-acc "$GRAD_ACC" \
-    --num-workers 4 --save-every 500 --keep-last 3 --epochs "${EPOCHS:-10}" "$@"
+    --num-workers "${NUM_WORKERS:-4}" --save-every 500 --keep-last 3 --epochs "${EPOCHS:-10}" "$@"
 
 if [ -n "$LABELLED" ]; then
     torchrun --standalone --nproc_per_node="$NGPUS" finetune.py \
