@@ -20,7 +20,7 @@ from data.io import InputError, read_cells
 from data.preprocess import prepare
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import ScBERTConfig
-from model.pipeline import annotate, check_labels
+from model.pipeline import annotate, check_labels, prediction_report
 from model.scbert import ScBERT
 
 pytestmark = pytest.mark.filterwarnings("ignore:(Observation|Variable) names are not unique:UserWarning")
@@ -97,8 +97,9 @@ def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> object:
 
 
 @SETTINGS
-@given(a=matrices(max_cells=6), threshold=st.floats(0.0, 1.0))
-def test_annotate_gives_valid_output_or_a_clean_error(tiny_classifier: object, a: ad.AnnData, threshold: float) -> None:
+@given(a=matrices(max_cells=6), threshold=st.floats(0.0, 1.0), truth=st.lists(st.sampled_from(["a", "b", "z", None]), min_size=6, max_size=6))
+def test_annotate_gives_valid_output_or_a_clean_error(tiny_classifier: object, a: ad.AnnData, threshold: float, truth: list) -> None:
+    a.obs["truth"] = truth[: a.n_obs]
     try:
         out, _ = annotate(a, tiny_classifier, threshold=threshold, batch_size=4, progress=False)
     except InputError as e:
@@ -114,6 +115,11 @@ def test_annotate_gives_valid_output_or_a_clean_error(tiny_classifier: object, a
     assert set(labels) <= {"a", "b", "c", "Unassigned"}
     assert np.all((labels == "Unassigned") == (out.obs["scbert_confidence"].to_numpy() < threshold))
     assert np.all(np.isfinite(out.obsm["X_scbert"]))
+    metrics, lines = prediction_report(out, ["a", "b", "c"], threshold, "truth")
+    assert metrics["n_cells"] == a.n_obs and lines
+    known = [t for t in truth[: a.n_obs] if t is not None]
+    assert ("accuracy" in metrics) == bool(known)
+    assert ("z" in known) == ("z" in metrics.get("unknown_types", []))
 
 
 @SETTINGS
