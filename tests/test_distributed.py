@@ -181,7 +181,7 @@ def test_two_process_finetune_cli_matches_one_process(tiny: tuple[Path, Path], t
     """finetune.py under torchrun (2 x 3 cells, gradient accumulation over 2 steps with no_sync,
     class weights) writes the model.pt of one process with 6 cells per step (tolerance 1e-5)."""
     data, genes = tiny
-    common = ["--data", str(data), "--label-key", "celltype", "--vocab", str(genes), *TINY, "--epochs", "4", "--gene2vec", "none",
+    common = ["--data", str(data), "--label-key", "celltype", "--vocab", str(genes), *TINY, "--epochs", "3", "--gene2vec", "none",
               "--grad-acc", "2", "--class-weights"]
     torchrun(REPO / "finetune.py", [*common, "--out", str(tmp_path / "ddp"), "--batch-size", "3"])
     finetune.main([*common, "--out", str(tmp_path / "one"), "--batch-size", "6"])
@@ -199,7 +199,7 @@ def test_two_process_pretraining_resumes_after_sigkill(tiny: tuple[Path, Path], 
     resumed under torchrun, and ends with the weights of an uninterrupted one-process run with the
     same global batch (tolerance 1e-5); every state file left behind loads."""
     data, genes = tiny
-    common = ["--data", str(data), "--vocab", str(genes), *TINY, "--epochs", "3", "--gene2vec", "train", "--val-frac", "0.1",
+    common = ["--data", str(data), "--vocab", str(genes), *TINY, "--epochs", "2", "--gene2vec", "train", "--val-frac", "0.1",
               "--save-every", "2", "--keep-last", "2"]
     out = tmp_path / "ddp"
     cmd = torchrun_cmd(REPO / "pretrain.py", [*common, "--out", str(out), "--batch-size", "3"])

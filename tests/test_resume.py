@@ -26,7 +26,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def pretrain_args(tiny: tuple[Path, Path]) -> list[str]:
-    return ["--data", str(tiny[0]), "--vocab", str(tiny[1]), *TINY, "--epochs", "4", "--gene2vec", "none", "--batch-size", "4",
+    return ["--data", str(tiny[0]), "--vocab", str(tiny[1]), *TINY, "--epochs", "3", "--gene2vec", "none", "--batch-size", "4",
             "--save-every", "1", "--keep-last", "3"]
 
 
