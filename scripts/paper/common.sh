@@ -22,6 +22,9 @@
 #   --pretrain-epochs N      [10]
 #   --no-ablation            skip the no-gene2vec pretraining and scbert_nogene2vec (ablation.sh only)
 #   -- ARGS                  passed on to scripts/benchmark.py (protocol options such as --hold-out)
+# Benchmarks run torch on one thread (scripts/benchmark.py --threads); on a busy or 2-core machine also
+# run the scripts with OMP_NUM_THREADS=1, or pretraining threads fight the other processes for the cores.
+# Finished steps (genes.txt, prep_*.h5ad, pretrain_*/metrics.json) are reused when a script is run again.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
