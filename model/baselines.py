@@ -163,9 +163,12 @@ class CellTypist:
         np.random.seed(self.seed)
         logging.getLogger("celltypist").setLevel(logging.WARNING)
         self.model = celltypist.train(sparse.csr_matrix(X) * np.log(2.0), labels=np.asarray(y, dtype=str), genes=np.asarray(genes), **self.train_kwargs)
+        # celltypist drops genes that no training cell expresses: keep the columns of the genes it kept
+        position = {g: i for i, g in enumerate(genes)}
+        self.columns = np.array([position[g] for g in self.model.features])
 
     def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
-        Xs = self.model.scaler.transform(np.asarray((sparse.csr_matrix(X) * np.log(2.0)).todense()))
+        Xs = self.model.scaler.transform(np.asarray((sparse.csr_matrix(X)[:, self.columns] * np.log(2.0)).todense()))
         Xs[Xs > 10] = 10  # as celltypist.annotate clips scaled values
         _, probs, _ = self.model.predict_labels_and_prob(Xs)
         order = [list(self.model.classifier.classes_).index(c) for c in self.classes_]
