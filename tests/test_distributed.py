@@ -229,3 +229,10 @@ def kill_when(folder: Path, ready: Callable[[list[str]], bool], proc: subprocess
             return
         time.sleep(0.005)
     raise AssertionError("no training state appeared in time")
+
+
+def test_launcher_flags_are_accepted() -> None:
+    """Older and newer launchers pass --local_rank / --local-rank; rank and world size come from the environment."""
+    for flag in ("--local_rank", "--local-rank"):
+        args = pretrain.build_parser().parse_args(["--data", "x.h5ad", "--out", "o", flag, "1", "--resume", "o", "--save-every", "5"])
+        assert args.local_rank == 1 and args.resume == "o" and args.save_every == 5 and args.keep_last == 2
