@@ -9,7 +9,7 @@ from model.cli import add_bool, add_common, add_model_args, add_published_args, 
 EXAMPLE = """
 python finetune.py --data prep/pbmc3k.h5ad --label-key celltype --pretrained runs/pretrain/model.pt --out runs/finetune
 python finetune.py --data zheng68k.h5ad --label-key celltype --pretrained panglao.pt --out runs/z68k --cv 5
-torchrun --nproc_per_node=2 finetune.py --data prep/pbmc3k.h5ad --label-key celltype --pretrained runs/pretrain/model.pt \
+torchrun --nproc_per_node=2 finetune.py --data prep/pbmc3k.h5ad --label-key celltype --pretrained runs/pretrain/model.pt \\
     --out runs/ft2 --resume runs/ft2      # 2 GPUs; re-running the command after a crash goes on where it stopped
 """
 
