@@ -57,8 +57,10 @@ class _Consts:
         self.ce = m**-0.5 * eps  # what ``ratio * (exp(.) + eps)`` adds to every feature
 
 
-def _rows(m: int) -> int:
-    return max(16, TILE_ELEMENTS // m)
+def _rows(n: int, m: int) -> int:
+    """Rows per tile: tiles of at most ~``TILE_ELEMENTS`` features, of equal size."""
+    tiles = max(1, math.ceil(n / max(16, TILE_ELEMENTS // m)))
+    return math.ceil(n / tiles)
 
 
 def _low(x: Tensor, c: _Consts) -> Tensor:
@@ -84,7 +86,7 @@ def _slice_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts) -> tuple[
     """``[sum_j phi(k_j) v_j, sum_j phi(k_j)]`` (features x (e + 1)) of one slice, eps included,
     and the key maximum it was computed with."""
     n, e, m = kk.shape[0], vv.shape[1], proj_t.shape[1]
-    rows = _rows(m)
+    rows = _rows(n, m)
     context = kk.new_zeros(m, e + 1)
     vl = _low(vv, c)
     top = -math.inf
@@ -109,7 +111,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, c: _Consts) -> tup
     the key maxima (b, h)."""
     b, h, n, _ = q.shape
     e, m = v.shape[-1], proj_t.shape[1]
-    rows = _rows(m)
+    rows = _rows(n, m)
     out = q.new_empty(b, n, h, e)
     contexts = q.new_empty(b, h, m, e + 1)
     tops = q.new_empty(b, h)
@@ -156,7 +158,7 @@ class _Favor(torch.autograd.Function):
         c: _Consts = ctx.consts
         b, h, n, _ = q.shape
         e, m = v.shape[-1], proj_t.shape[1]
-        rows = _rows(m)
+        rows = _rows(n, m)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for bi in range(b):
             for hi in range(h):

@@ -244,23 +244,28 @@ def run_case(argv: list[str]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def best_of(rounds: int, naive_argv: list[str], fast_argv: list[str], name: str) -> dict[str, Any]:
-    """Alternate naive and fast runs ``rounds`` times; keep the fastest of each and the largest RSS."""
-    runs: dict[str, list[dict[str, Any]]] = {"naive": [], "fast": []}
+def best_of(rounds: int, naive_argv: list[str], fast_argvs: dict[str, list[str]], name: str) -> dict[str, Any]:
+    """Alternate the naive run and each fast variant ``rounds`` times; keep the fastest of each
+    and the largest RSS. Returns ``{"naive": ..., "fast": {variant: ...}}`` with speed-ups."""
+    sides = {"naive": naive_argv, **{f"fast {v}": argv for v, argv in fast_argvs.items()}}
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     for r in range(rounds):
-        for side, argv in (("naive", naive_argv), ("fast", fast_argv)):
+        for side, argv in sides.items():
             runs[side].append(run_case(argv))
             print(f"  {name} round {r + 1} {side}: {runs[side][-1]['cells_per_s']:.4f} cells/s, "
                   f"{runs[side][-1]['peak_rss_mb']:.0f} MB", flush=True)
-    pair = {}
+    best = {}
     for side, rs in runs.items():
-        best = dict(max(rs, key=lambda x: x["cells_per_s"]))
-        best["peak_rss_mb"] = max(x["peak_rss_mb"] for x in rs)
-        best["all_cells_per_s"] = [x["cells_per_s"] for x in rs]
-        pair[side] = best
-    pair["speedup"] = pair["fast"]["cells_per_s"] / pair["naive"]["cells_per_s"]
-    pair["rss_ratio"] = pair["fast"]["peak_rss_mb"] / pair["naive"]["peak_rss_mb"]
-    return pair
+        b = dict(max(rs, key=lambda x: x["cells_per_s"]))
+        b["peak_rss_mb"] = max(x["peak_rss_mb"] for x in rs)
+        b["all_cells_per_s"] = [x["cells_per_s"] for x in rs]
+        best[side] = b
+    naive = best.pop("naive")
+    fast = {side.removeprefix("fast "): b for side, b in best.items()}
+    for b in fast.values():
+        b["speedup"] = b["cells_per_s"] / naive["cells_per_s"]
+        b["rss_ratio"] = b["peak_rss_mb"] / naive["peak_rss_mb"]
+    return {"naive": naive, "fast": fast}
 
 
 def model_args(args: argparse.Namespace, genes: int | None = None, depth: int | None = None) -> list[str]:
@@ -279,10 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("cases")
     g.add_argument("--cells", type=int, default=16, help="cells to predict (default: 16)")
     g.add_argument("--batch-size", type=int, default=8, help="fast predict batch size (default: 8)")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fast predict precision (default: fp32)")
+    g.add_argument("--precision", default="fp32,bf16", help="fast predict precision(s), comma list of fp32/bf16 (default: fp32,bf16)")
     g.add_argument("--train-steps", type=int, default=2, help="timed optimiser steps per training run, after one warm-up step (default: 2)")
     g.add_argument("--train-batch-size", type=int, default=3, help="fast training batch size (naive is always 3)")
-    g.add_argument("--train-precision", default="fp32", choices=["fp32", "bf16"], help="fast training precision (default: fp32)")
+    g.add_argument("--train-precision", default="fp32,bf16", help="fast training precision(s), comma list (default: fp32,bf16)")
     g.add_argument("--grad-checkpointing", action="store_true", help="fast training with gradient checkpointing")
     g.add_argument("--compile", default="false", choices=["true", "false"], help="torch.compile the fast model (default: false)")
     g.add_argument("--rounds", type=int, default=1, help="alternate naive/fast runs this many times, keep the best (default: 1)")
@@ -340,18 +345,20 @@ def main() -> None:
         if "predict" not in skip:
             _write_inputs(args, Path(tmp))
             extra = ["--cells", str(args.cells), "--batch-size", str(args.batch_size), "--workdir", tmp]
-            pair = best_of(args.rounds, ["--case", "predict:naive", *model_args(args), *extra, "--precision", "fp32"],
-                           ["--case", "predict:fast", *model_args(args), *extra, "--precision", args.precision], "predict")
-            pair["fast"]["agreement_with_naive"] = _agreement(pair["naive"].pop("out"), pair["fast"].pop("out"))
+            fast = {p: ["--case", "predict:fast", *model_args(args), *extra, "--precision", p] for p in _list(args.precision)}
+            pair = best_of(args.rounds, ["--case", "predict:naive", *model_args(args), *extra, "--precision", "fp32"], fast, "predict")
+            naive_out = pair["naive"].pop("out")
+            for f in pair["fast"].values():
+                f["agreement_with_naive"] = _agreement(naive_out, f.pop("out"))
             report["cases"]["predict"] = pair
             print(_line("predict", pair), flush=True)
         for kind in ("finetune", "pretrain"):
             if kind in skip:
                 continue
             extra = ["--train-steps", str(args.train_steps), "--train-batch-size", str(args.train_batch_size),
-                     "--train-precision", args.train_precision, *(["--grad-checkpointing"] if args.grad_checkpointing else [])]
-            pair = best_of(args.rounds, ["--case", f"{kind}:naive", *model_args(args), *extra],
-                           ["--case", f"{kind}:fast", *model_args(args), *extra], kind)
+                     *(["--grad-checkpointing"] if args.grad_checkpointing else [])]
+            fast = {p: ["--case", f"{kind}:fast", *model_args(args), *extra, "--train-precision", p] for p in _list(args.train_precision)}
+            pair = best_of(args.rounds, ["--case", f"{kind}:naive", *model_args(args), *extra, "--train-precision", "fp32"], fast, kind)
             report["cases"][kind] = pair
             print(_line(kind, pair), flush=True)
     if "agreement" not in skip:
@@ -388,9 +395,13 @@ def _agreement(naive_path: str, fast_path: str) -> float:
     return float((np.asarray(a.obsm["scbert_probabilities"]).argmax(1) == np.asarray(b.obsm["scbert_probabilities"]).argmax(1)).mean())
 
 
+def _list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
 def _line(name: str, c: dict[str, Any]) -> str:
-    return (f"{name}: naive {c['naive']['cells_per_s']:.4f} cells/s ({c['naive']['peak_rss_mb']:.0f} MB), "
-            f"fast {c['fast']['cells_per_s']:.4f} cells/s ({c['fast']['peak_rss_mb']:.0f} MB), x{c['speedup']:.2f}")
+    fast = "; ".join(f"fast {v} {f['cells_per_s']:.4f} cells/s ({f['peak_rss_mb']:.0f} MB), x{f['speedup']:.2f}" for v, f in c["fast"].items())
+    return f"{name}: naive {c['naive']['cells_per_s']:.4f} cells/s ({c['naive']['peak_rss_mb']:.0f} MB); {fast}"
 
 
 def _markdown(r: dict[str, Any]) -> str:
@@ -402,14 +413,15 @@ def _markdown(r: dict[str, Any]) -> str:
         lines += ["| case | naive cells/s | fast cells/s | speed-up | naive peak RSS (MB) | fast peak RSS (MB) | notes |",
                   "|---|---|---|---|---|---|---|"]
     for name, c in r["cases"].items():
-        n, f = c["naive"], c["fast"]
-        note = (f"{n['cells']} cells; naive batch {n['batch_size']} fp32, fast batch {f['batch_size']} {f['precision']}")
-        if f.get("grad_checkpointing"):
-            note += ", gradient checkpointing"
-        if "agreement_with_naive" in f:
-            note += f"; label agreement {f['agreement_with_naive']:.4f}"
-        lines.append(f"| {name} | {n['cells_per_s']:.4f} | {f['cells_per_s']:.4f} | {c['speedup']:.2f}x | "
-                     f"{n['peak_rss_mb']:.0f} | {f['peak_rss_mb']:.0f} | {note} |")
+        n = c["naive"]
+        for f in c["fast"].values():
+            note = f"{n['cells']} cells; naive batch {n['batch_size']} fp32, fast batch {f['batch_size']} {f['precision']}"
+            if f.get("grad_checkpointing"):
+                note += ", gradient checkpointing"
+            if "agreement_with_naive" in f:
+                note += f"; label agreement with naive {f['agreement_with_naive']:.4f}"
+            lines.append(f"| {name} | {n['cells_per_s']:.4f} | {f['cells_per_s']:.4f} | {f['speedup']:.2f}x | "
+                         f"{n['peak_rss_mb']:.0f} | {f['peak_rss_mb']:.0f} | {note} |")
     if r.get("agreement"):
         a = r["agreement"]
         lines += ["", f"Agreement on {a['cells']} real cells ({a['query']}, {a['checkpoint']}): fast fp32 vs naive "
