@@ -259,8 +259,9 @@ def test_analysis_with_bundled_defaults(tiny_run: dict) -> None:
 
 def test_analysis_errors(tiny_run: dict, capsys: pytest.CaptureFixture[str]) -> None:
     d, common = tiny_run["dir"], tiny_run["common"]
-    with pytest.raises(SystemExit, match="attention_top_genes.csv; pass --overwrite"):
+    with pytest.raises(SystemExit) as exit_info:
         attn_analysis.main([*common, "--model", str(d / "model.pt"), "--out", str(d / "out")])
+    assert exit_info.value.code == 2 and "attention_top_genes.csv; pass --overwrite" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         attn_analysis.main([*[c if c != "celltype" else "cell_type" for c in common], "--model", str(d / "model.pt"), "--out", str(d / "e1")])
     assert "available columns: ['celltype']" in capsys.readouterr().err
