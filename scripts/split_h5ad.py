@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-import anndata as ad
 from sklearn.model_selection import train_test_split
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.io import InputError, read_cells, write_h5ad_atomic  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,12 +22,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-train", required=True)
     p.add_argument("--out-test", required=True)
     args = p.parse_args(argv)
-    adata = ad.read_h5ad(args.data)
+    try:
+        adata = read_cells(args.data)
+    except InputError as e:
+        p.exit(2, f"error: {e}\n")
     if args.label_key not in adata.obs:
         p.error(f"--label-key {args.label_key!r} is not a column of {args.data}; available: {list(adata.obs.columns)}")
-    tr, te = train_test_split(range(adata.n_obs), test_size=args.test_frac, stratify=adata.obs[args.label_key], random_state=args.seed)
-    adata[sorted(tr)].copy().write_h5ad(args.out_train, compression="gzip")
-    adata[sorted(te)].copy().write_h5ad(args.out_test, compression="gzip")
+    try:
+        tr, te = train_test_split(range(adata.n_obs), test_size=args.test_frac, stratify=adata.obs[args.label_key], random_state=args.seed)
+    except ValueError as e:
+        p.exit(2, f"error: cannot split {args.data} by {args.label_key!r}: {e}\n")
+    write_h5ad_atomic(adata[sorted(tr)].copy(), args.out_train)
+    write_h5ad_atomic(adata[sorted(te)].copy(), args.out_test)
     print(f"{len(tr)} training cells -> {args.out_train}; {len(te)} test cells -> {args.out_test}")
 
 
