@@ -350,6 +350,8 @@ def run_from_args(args: Any) -> None:
 
     if args.merge:
         out = Path(args.out)
+        if (out / "results.json").exists() and not args.overwrite:
+            fail(f"{out} already holds results.json; pass --overwrite to replace it, or choose another --out")
         try:
             results = [json.loads((Path(d) / "results.json").read_text(encoding="utf-8")) for d in args.merge]
         except (OSError, ValueError) as e:

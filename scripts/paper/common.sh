@@ -127,6 +127,6 @@ run_protocol() {
         "$PY" "$REPO/scripts/benchmark.py" "${common[@]}" "${nog2v[@]}" --methods $scbert_methods --seeds $SCBERT_SEEDS --out "$OUT/${name}_scbert"
         parts+=("$OUT/${name}_scbert")
     fi
-    "$PY" "$REPO/scripts/benchmark.py" --merge "${parts[@]}" --out "$OUT/$name"
+    "$PY" "$REPO/scripts/benchmark.py" --merge "${parts[@]}" --out "$OUT/$name" --overwrite
     echo "results: $OUT/$name/results.md"
 }
