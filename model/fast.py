@@ -30,7 +30,9 @@ and ``isinstance(m, FastAttention)`` still holds (feature redraws keep working).
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 import warnings
 from typing import Any
 
@@ -260,6 +262,23 @@ def disable_fast_attention(model: nn.Module) -> nn.Module:
     return model
 
 
+def tune_allocator(threshold: int = 1 << 30) -> bool:
+    """Serve tensors up to ``threshold`` bytes from glibc's heap instead of fresh ``mmap`` pages.
+
+    PyTorch hands every freed CPU tensor back to ``malloc``; above glibc's mmap threshold (at most
+    32 MB by default) each activation of a 16,907-gene cell is a new mapping whose pages the kernel
+    faults in and zeroes again, layer after layer. Reusing heap memory instead cut the system time of
+    ``predict.py`` by more than half and its wall time by ~15% (BENCHMARKS.md), for ~25% more peak
+    memory. Process-wide; does nothing outside glibc. Returns whether the setting took effect."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, ctypes.c_int(min(threshold, (1 << 31) - 1))))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def prepare_for_speed(model: nn.Module, fast: bool = True, compile_model: bool = False, grad_checkpointing: bool = False) -> nn.Module:
     """Apply the speed options of a run to ``model`` in place (state dict unchanged).
 
@@ -268,6 +287,7 @@ def prepare_for_speed(model: nn.Module, fast: bool = True, compile_model: bool =
     """
     if fast:
         enable_fast_attention(model)
+        tune_allocator()
     if compile_model and not hasattr(model.encode, "_torchdynamo_orig_callable"):
         model.encode = torch.compile(model.encode)  # an instance attribute: parameters and keys stay as they are
     if grad_checkpointing:
