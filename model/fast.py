@@ -269,7 +269,8 @@ def tune_allocator(threshold: int = 1 << 30) -> bool:
     32 MB by default) each activation of a 16,907-gene cell is a new mapping whose pages the kernel
     faults in and zeroes again, layer after layer. Reusing heap memory instead cut the system time of
     ``predict.py`` by more than half and its wall time by ~15% (BENCHMARKS.md), for ~25% more peak
-    memory. Process-wide; does nothing outside glibc. Returns whether the setting took effect."""
+    memory. Used for annotation only: in training it doubled peak memory for no gain. Process-wide;
+    does nothing outside glibc. Returns whether the setting took effect."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -287,7 +288,6 @@ def prepare_for_speed(model: nn.Module, fast: bool = True, compile_model: bool =
     """
     if fast:
         enable_fast_attention(model)
-        tune_allocator()
     if compile_model and not hasattr(model.encode, "_torchdynamo_orig_callable"):
         model.encode = torch.compile(model.encode)  # an instance attribute: parameters and keys stay as they are
     if grad_checkpointing:

@@ -18,6 +18,7 @@ from data.gene2vec import embeddings_for_vocab, read_npy_embeddings, read_word2v
 from data.io import InputError, read_cells
 from data.preprocess import PREP_KEY, prepare
 from model.checkpoint import Checkpoint, load_checkpoint
+from model.fast import tune_allocator
 from model.training import autocast, make_loader, predict
 
 log = logging.getLogger("scbert")
@@ -189,6 +190,7 @@ def annotate(
                             species=species)
     ds = CellDataset(prepared.X, ckpt.config.bin_num)
     net = ckpt.build_model()
+    tune_allocator()
     probs, emb = predict(net, ds, batch_size, torch.device(device), precision, embed=True, pooling=pooling, progress=progress,
                          num_workers=num_workers, compile_model=compile_model)
     classes = np.asarray(ckpt.classes, dtype=object)

@@ -210,6 +210,30 @@ def case_scaling(args: argparse.Namespace) -> dict[str, Any]:
             "s_per_cell": per_cell, "us_per_gene": per_cell / args.genes * 1e6}
 
 
+def case_kernel(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds per cell and layer of the encoder, naive vs fast, with the same allocator setting on both."""
+    import torch
+
+    from model.fast import disable_fast_attention, enable_fast_attention, tune_allocator
+
+    tune_allocator()
+    model = _model(args, "classifier", fast=False).eval()
+    rows = []
+    for fast, batch, precision in ((False, 1, "fp32"), (True, 1, "fp32"), (True, args.batch_size, "fp32"), (True, args.batch_size, "bf16")):
+        (enable_fast_attention if fast else disable_fast_attention)(model)
+        tokens = torch.randint(0, 6, (batch, args.genes + 1))
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            model(tokens)
+            best = float("inf")
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                model(tokens)
+                best = min(best, time.perf_counter() - t0)
+        rows.append({"path": "fast" if fast else "naive", "batch_size": batch, "precision": precision,
+                     "s_per_cell_layer": best / batch / args.depth})
+    return {"rows": rows, "genes": args.genes, "depth": args.depth}
+
+
 def case_agreement(args: argparse.Namespace) -> dict[str, Any]:
     """Labels of a real fine-tuned model on real cells: naive fp32, fast fp32 and fast bf16."""
     import numpy as np
@@ -298,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=2)
     g.add_argument("--checkpoint", default=None, help="a fine-tuned model.pt for the agreement case (e.g. demo_out/finetune/model.pt)")
     g.add_argument("--query", default=None, help="cells for the agreement case (e.g. demo_out/pbmc_query.h5ad)")
-    g.add_argument("--skip", default="", help="comma list of predict,finetune,pretrain,scaling,batch,agreement to skip")
+    g.add_argument("--skip", default="", help="comma list of predict,finetune,pretrain,scaling,kernel,batch,agreement to skip")
     g.add_argument("--quick", action="store_true", help="2,000 genes, depth 2, 8 cells: a smoke run")
     g = p.add_argument_group("output")
     g.add_argument("--json", default="bench_speed.json")
@@ -315,6 +339,8 @@ def main() -> None:
     if args.case:
         if args.case == "scaling":
             res = case_scaling(args)
+        elif args.case == "kernel":
+            res = case_kernel(args)
         elif args.case == "agreement":
             res = case_agreement(args)
         elif args.case.startswith("predict"):
@@ -375,6 +401,11 @@ def main() -> None:
                                       *model_args(args, g, args.scaling_depth)]))
                 print(f"scaling {what}: {g} genes: {rows[-1]['s_per_cell']:.3f} s/cell, {rows[-1]['peak_rss_mb']:.0f} MB", flush=True)
         report["scaling"] = rows
+    if "kernel" not in skip:
+        report["kernel"] = run_case(["--case", "kernel", "--repeats", str(args.repeats), "--batch-size", str(args.batch_size),
+                                     *model_args(args, depth=args.scaling_depth + 1)])
+        for row in report["kernel"]["rows"]:
+            print(f"kernel {row['path']} batch {row['batch_size']} {row['precision']}: {row['s_per_cell_layer']:.3f} s per cell and layer", flush=True)
     if "batch" not in skip:
         rows = []
         for b in (int(x) for x in args.batch_sizes.split(",")):
@@ -431,6 +462,11 @@ def _markdown(r: dict[str, Any]) -> str:
         lines += ["", "| what | genes | depth | s/cell | us per gene | peak RSS (MB) |", "|---|---|---|---|---|---|"]
         for s in r["scaling"]:
             lines.append(f"| {s['what']} | {s['genes']} | {s['depth']} | {s['s_per_cell']:.3f} | {s['us_per_gene']:.1f} | {s['peak_rss_mb']:.0f} |")
+    if r.get("kernel"):
+        k = r["kernel"]
+        lines += ["", f"Encoder alone, {k['genes']} genes, both paths with the same allocator setting:", "",
+                  "| path | batch size | precision | s per cell and layer |", "|---|---|---|---|"]
+        lines += [f"| {x['path']} | {x['batch_size']} | {x['precision']} | {x['s_per_cell_layer']:.3f} |" for x in k["rows"]]
     if r.get("batch"):
         lines += ["", "| batch size | genes | depth | s/cell | peak RSS (MB) |", "|---|---|---|---|---|"]
         for s in r["batch"]:
