@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scBERT end to end on the bundled PBMC data, with a CPU-sized model (~10 minutes on 2 cores):
+# scBERT end to end on the bundled PBMC data, with a CPU-sized model (~7 minutes on 2 idle cores):
 # split -> preprocess -> pretrain (PBMC training cells + unlabelled immune cells) -> fine-tune -> predict.
 # Usage: bash scripts/demo.sh [OUT_DIR]   (default: demo_out)
 set -euo pipefail
