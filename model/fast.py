@@ -73,6 +73,14 @@ def _low(x: Tensor, c: _Consts) -> Tensor:
     return x if c.mm_dtype is None else x.to(c.mm_dtype)
 
 
+def _addmm_(acc: Tensor, a: Tensor, b: Tensor, c: _Consts) -> None:
+    """``acc += a @ b`` in place (``b`` already in ``c.mm_dtype``): fused ``addmm_`` in float32."""
+    if c.mm_dtype is None:
+        acc.addmm_(a, b)
+    else:
+        acc += _mm(a, b, c)
+
+
 def _mm(a: Tensor, b: Tensor, c: _Consts) -> Tensor:
     """``a @ b`` in float32, or from ``c.mm_dtype`` operands (``b`` already converted) with a float32 result."""
     if c.mm_dtype is None:
@@ -105,7 +113,7 @@ def _slice_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts) -> tuple[
                 context.mul_(math.exp(top - tile_top))
             top = tile_top
         kf = _features(dash, kc, c, top)
-        context[:, :e] += _mm(kf.t(), vl[s : s + rows], c)
+        _addmm_(context[:, :e], kf.t(), vl[s : s + rows], c)
         context[:, e] += kf.sum(dim=0)
     context[:, :e] += c.ce * vv.sum(dim=0)
     context[:, e] += n * c.ce
@@ -181,7 +189,7 @@ class _Favor(torch.autograd.Function):
                     gd = torch.empty_like(num)
                     gd[:, :e] = g[s : s + rows] / den
                     gd[:, e:] = -(gd[:, :e] * num[:, :e]).sum(dim=-1, keepdim=True) / den
-                    dcontext += _mm(ef.t(), _low(gd, c), c)
+                    _addmm_(dcontext, ef.t(), _low(gd, c), c)
                     dcontext += c.ce * gd.sum(dim=0)
                     dq[bi, hi, s : s + rows] = _through_features(_mm(gd, cl.t(), c).mul_(ef), qc, proj_t, c)
                 kk, vv, top = k[bi, hi], v[bi, hi], float(tops[bi, hi])

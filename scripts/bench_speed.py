@@ -183,6 +183,17 @@ def case_train(args: argparse.Namespace, kind: str, fast: bool) -> dict[str, Any
             "cells_per_s": cells / dt, "grad_checkpointing": model.gradient_checkpointing}
 
 
+def _best_seconds(run: Any, repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls of ``run``, after one untimed warm-up call."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def case_scaling(args: argparse.Namespace) -> dict[str, Any]:
     """Fast forward pass (or attention-received scores with ``--what attention``) at one gene count."""
     import torch
@@ -199,13 +210,7 @@ def case_scaling(args: argparse.Namespace) -> dict[str, Any]:
             with torch.inference_mode():
                 model(tokens)
 
-    run()  # warm-up
-    best = float("inf")
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    per_cell = best / args.batch_size
+    per_cell = _best_seconds(run, args.repeats) / args.batch_size
     return {"what": args.what, "genes": args.genes, "depth": args.depth, "batch_size": args.batch_size,
             "s_per_cell": per_cell, "us_per_gene": per_cell / args.genes * 1e6}
 
@@ -223,12 +228,7 @@ def case_kernel(args: argparse.Namespace) -> dict[str, Any]:
         (enable_fast_attention if fast else disable_fast_attention)(model)
         tokens = torch.randint(0, 6, (batch, args.genes + 1))
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            model(tokens)
-            best = float("inf")
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                model(tokens)
-                best = min(best, time.perf_counter() - t0)
+            best = _best_seconds(lambda tokens=tokens: model(tokens), args.repeats)
         rows.append({"path": "fast" if fast else "naive", "batch_size": batch, "precision": precision,
                      "s_per_cell_layer": best / batch / args.depth})
     return {"rows": rows, "genes": args.genes, "depth": args.depth}
