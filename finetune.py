@@ -34,10 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = add_training_args(p, 20, "maximum epochs")
     g.add_argument("--cv", type=int, default=None, help="K-fold stratified cross-validation instead of one split (reports mean ± sd)")
     g.add_argument("--val-frac", type=fraction, default=0.2, help="validation fraction of a single split (default: 0.2)")
-    g.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better validation accuracy (default: 5)")
+    g.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better validation accuracy (default: 5; 0 = never stop early)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout in the classifier head (default: 0, as published)")
     add_bool(g, "--class-weights", default=False, help="weight the loss by inverse class frequency (balanced)")
     add_bool(g, "--train-all", default=False, help="train every layer, not only the published subset")
+    add_bool(g, "--head-only", default=False, help="train only the classifier head on the frozen pretrained encoder (faster; "
+             "the best recipe on small training sets, see RESULTS.md)")
+    g.add_argument("--head-init", choices=["expression", "random"], default="expression",
+                   help="start of the head's per-gene reduction (conv1): expression = the least-squares read-out of each gene's "
+                   "expression bin from its encoding (default); random = as published")
+    g.add_argument("--select", choices=["best", "last"], default="best",
+                   help="weights the model ends with: the best validation epoch (default) or the last epoch (with a fixed --epochs "
+                   "and --patience 0: robust when the validation part is small)")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy loss (default: 0)")
     add_common(p)
     return p
 
@@ -47,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.cv is not None and args.cv < 2:
         p.error("--cv needs at least 2 folds")
+    if args.train_all and args.head_only:
+        p.error("--train-all and --head-only exclude each other: choose one")
 
     from model.stages import run_finetune
 

@@ -181,7 +181,8 @@ class ScBERTMethod:
     """scBERT fine-tuned on the training cells, with early stopping on a stratified ``val_frac`` of
     them (the test cells are never looked at). ``init``:
 
-    - ``pretrained``: encoder from ``checkpoint``, published freezing policy (``train_all`` to train everything);
+    - ``pretrained``: encoder from ``checkpoint``, published freezing policy (``train_all`` to train
+      everything, ``head_only`` to train only the head);
     - ``random``: same architecture and the same (frozen) gene2vec vectors as ``checkpoint``, random
       encoder, every layer trained: the "no pretraining" ablation;
     - ``scratch``: no checkpoint; the model is built from ``model_args`` with gene2vec trained on the
@@ -195,6 +196,9 @@ class ScBERTMethod:
     model_args: dict[str, Any] = field(default_factory=lambda: {"dim": 32, "depth": 2, "heads": 4, "dim_head": 8})
     gene2vec: str = "train"
     train_all: bool = False
+    dropout: float = 0.0  # classifier-head dropout
+    head_only: bool = False  # pretrained: train only the head on the frozen encoder
+    head_init: str = "expression"  # see model.training.finetune
     val_frac: float = 0.1
     device: str = "cpu"
     history: list[dict[str, float]] = field(default_factory=list)
@@ -205,17 +209,18 @@ class ScBERTMethod:
                 raise ValueError(f"{self.name}: init={self.init!r} needs a pretrained checkpoint")
             if list(genes) != list(self.checkpoint.genes):
                 raise ValueError(f"{self.name}: the benchmark matrix is not on the checkpoint's gene vocabulary")
-            config = self.checkpoint.config.replace(head="classifier", n_classes=n_classes)
+            config = self.checkpoint.config.replace(head="classifier", n_classes=n_classes, classifier_dropout=self.dropout)
             if self.init == "pretrained":
                 model = ScBERT(config)
                 model.load_encoder_state(self.checkpoint.state_dict)
-                model.freeze_for_finetuning(train_all=self.train_all)
+                model.freeze_for_finetuning(train_all=self.train_all and not self.head_only, head_only=self.head_only)
                 return model
             vectors = self.checkpoint.build_model().gene_vectors()
             model = ScBERT(config, vectors)
         elif self.init == "scratch":
             mode, vectors, _ = gene_embedding(self.gene2vec, None, genes, X, self.model_args["dim"], self.train.seed, progress=False)
-            model = ScBERT(ScBERTConfig(n_genes=len(genes), gene_embedding=mode, head="classifier", n_classes=n_classes, **self.model_args), vectors)
+            model = ScBERT(ScBERTConfig(n_genes=len(genes), gene_embedding=mode, head="classifier", n_classes=n_classes,
+                                        classifier_dropout=self.dropout, **self.model_args), vectors)
         else:
             raise ValueError(f"unknown init {self.init!r}: pretrained, random or scratch")
         model.freeze_for_finetuning(train_all=True)
@@ -237,7 +242,8 @@ class ScBERTMethod:
         self.model = self._build(len(self.classes_), genes, X)
         bin_num = self.model.config.bin_num
         _, self.history = finetune(self.model, CellDataset(X[np.sort(tr)], bin_num, codes[np.sort(tr)]),
-                                   CellDataset(X[np.sort(va)], bin_num, codes[np.sort(va)]), self.train, torch.device(self.device), desc=self.name)
+                                   CellDataset(X[np.sort(va)], bin_num, codes[np.sort(va)]), self.train, torch.device(self.device), desc=self.name,
+                                   head_init=self.head_init)
 
     def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
         probs, _ = predict(self.model, CellDataset(X, self.model.config.bin_num), self.train.batch_size, torch.device(self.device),
@@ -268,6 +274,9 @@ def method_factories(
     train_all: bool = False,
     device: str = "cpu",
     progress: bool = False,
+    head_only: bool = False,
+    head_init: str = "expression",
+    dropout: float = 0.0,
 ) -> list[tuple[str, Any]]:
     """``(name, factory(seed) -> method)`` for each method name. scBERT variants:
 
@@ -282,9 +291,13 @@ def method_factories(
         raise ValueError(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
     cfg = PRESETS[preset]
     train_kw = {**cfg["train"], **{k: v for k, v in (train_overrides or {}).items() if v is not None}}
+    if train_kw.get("patience") == 0:  # 0: never stop early
+        train_kw["patience"] = None
 
     def scbert(name: str, init: str, ckpt: Checkpoint | None, gene2vec: str = "train") -> Any:
+        # head_only applies to pretrained encoders: an encoder without pretraining is always trained whole
         return lambda seed: ScBERTMethod(name=name, init=init, checkpoint=ckpt, gene2vec=gene2vec, train_all=train_all, device=device,
+                                         head_only=head_only and init == "pretrained", head_init=head_init, dropout=dropout,
                                          model_args=dict(cfg["model"]), train=TrainConfig(seed=seed, progress=progress, **train_kw))
 
     out: list[tuple[str, Any]] = []

@@ -432,8 +432,10 @@ def run_from_args(args: Any) -> None:
                 splits = imbalance_splits(y, sizes, args.folds, seeds)
             else:
                 splits = fewshot_splits(y, args.fractions, args.folds, seeds)
-        overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "patience": args.patience}
-        methods = method_factories(args.methods, pre, pre_nog2v, args.preset, overrides, args.train_all, args.device)
+        overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "patience": args.patience,
+                     "weight_decay": args.weight_decay, "select": args.select}
+        methods = method_factories(args.methods, pre, pre_nog2v, args.preset, overrides, args.train_all, args.device,
+                                   head_only=args.head_only, head_init=args.head_init, dropout=args.dropout)
         if "celltypist" in args.methods:
             import importlib.util
 
@@ -444,7 +446,9 @@ def run_from_args(args: Any) -> None:
         records = run_benchmark(X, y, genes, splits, methods, threshold, progress=not args.quiet)
         info = {"protocol": args.protocol, "data": [str(p) for p in args.data] + [str(p) for p in (args.test_data or [])],
                 "label_key": args.label_key, "n_cells": int(X.shape[0]), "n_genes": len(genes), "seeds": seeds,
-                "folds": args.folds, "threshold": threshold, "preset": args.preset, "pretrained": args.pretrained,
+                "folds": args.folds, "threshold": threshold, "preset": args.preset,
+                "scbert_finetuning": {"train_all": args.train_all, "head_only": args.head_only, "head_init": args.head_init,
+                                      "dropout": args.dropout, **{k: v for k, v in overrides.items() if v is not None}}, "pretrained": args.pretrained,
                 "pretrained_nogene2vec": args.pretrained_nogene2vec, "methods": list(args.methods), "labels": y.tolist(),
                 "splits": [{"key": s.key, "fingerprint": s.fingerprint(), "n_train": len(s.train), "n_test": len(s.test)} for s in splits]}
         write_json(out / "genes.json", genes)

@@ -137,6 +137,7 @@ def add_training_args(p: argparse.ArgumentParser, epochs: int, epochs_help: str)
     g.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up optimiser steps per cosine cycle (default: 5)")
     g.add_argument("--cycle-steps", type=int, default=None, help="optimiser steps of the first cosine cycle; cycles double (default: the whole run)")
     g.add_argument("--clip-norm", type=float, default=1.0, help="gradient norm clipping (default: 1.0; 0 = off)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (AdamW); 0 = plain Adam, as published (default: 0)")
     add_bool(g, "--grad-checkpointing", default=False,
              help="recompute activations in the backward pass: training memory of one layer instead of all, ~1/3 more compute")
     r = p.add_argument_group("resumable runs")

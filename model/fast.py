@@ -69,14 +69,23 @@ def _rows(n: int, m: int) -> int:
     return math.ceil(n / tiles)
 
 
+def _grouping(slices: int, n: int, m: int) -> tuple[int, int]:
+    """(slices per group, rows per tile). Short sequences or few features: several whole
+    (batch, head) slices are batched into one tile, so a small model runs a few batched products
+    per layer instead of many tiny ones; long ones: one slice at a time, in row tiles."""
+    if n * m * 2 <= TILE_ELEMENTS:
+        return max(1, min(slices, TILE_ELEMENTS // (n * m))), n
+    return 1, _rows(n, m)
+
+
 def _low(x: Tensor, c: _Consts) -> Tensor:
     return x if c.mm_dtype is None else x.to(c.mm_dtype)
 
 
 def _addmm_(acc: Tensor, a: Tensor, b: Tensor, c: _Consts) -> None:
-    """``acc += a @ b`` in place (``b`` already in ``c.mm_dtype``): fused ``addmm_`` in float32."""
+    """``acc += a @ b`` in place for (group, ., .) tensors (``b`` already in ``c.mm_dtype``): fused in float32."""
     if c.mm_dtype is None:
-        acc.addmm_(a, b)
+        acc.baddbmm_(a, b)
     else:
         acc += _mm(a, b, c)
 
@@ -88,36 +97,44 @@ def _mm(a: Tensor, b: Tensor, c: _Consts) -> Tensor:
     return torch.matmul(a.to(c.mm_dtype), b).float()
 
 
-def _features(dash: Tensor, x: Tensor, c: _Consts, top: float | None) -> Tensor:
+def _features(dash: Tensor, x: Tensor, c: _Consts, top: Tensor | None) -> Tensor:
     """``ratio * exp(dash - |x|^2 * diag_scale - max)`` in place of ``dash = x P'`` (eps left out);
-    the maximum is ``top`` for keys and each row's own for queries (``top=None``)."""
+    the maximum is ``top`` (one per slice, shaped to broadcast) for keys and each row's own for
+    queries (``top=None``)."""
     shift = (x * x).sum(dim=-1, keepdim=True) * c.diag_scale - c.log_ratio
     shift += dash.amax(dim=-1, keepdim=True) if top is None else top
     return dash.sub_(shift).exp_()
 
 
-def _slice_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts) -> tuple[Tensor, float]:
-    """``[sum_j phi(k_j) v_j, sum_j phi(k_j)]`` (features x (e + 1)) of one slice, eps included,
-    and the key maximum it was computed with."""
-    n, e, m = kk.shape[0], vv.shape[1], proj_t.shape[1]
-    rows = _rows(n, m)
-    context = kk.new_zeros(m, e + 1)
+def _group_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts, rows: int) -> tuple[Tensor, Tensor]:
+    """``[sum_j phi(k_j) v_j, sum_j phi(k_j)]`` (group, features, e + 1) of a group of slices
+    (group, n, .), eps included, and the key maxima (group,) they were computed with."""
+    g, n, e, m = kk.shape[0], kk.shape[1], vv.shape[-1], proj_t.shape[1]
+    context = kk.new_zeros(g, m, e + 1)
     vl = _low(vv, c)
-    top = -math.inf
+    top: Tensor | None = None
     for s in range(0, n, rows):
-        kc = kk[s : s + rows]
+        kc = kk[:, s : s + rows]
         dash = torch.matmul(kc, proj_t)
-        tile_top = float(dash.max())
-        if tile_top > top:
-            if top != -math.inf:
-                context.mul_(math.exp(top - tile_top))
+        tile_top = dash.amax(dim=(1, 2))
+        if top is None:
             top = tile_top
-        kf = _features(dash, kc, c, top)
-        _addmm_(context[:, :e], kf.t(), vl[s : s + rows], c)
-        context[:, e] += kf.sum(dim=0)
-    context[:, :e] += c.ce * vv.sum(dim=0)
-    context[:, e] += n * c.ce
+        else:  # a running maximum: rescale what was accumulated (a factor of exactly 1 where it did not grow)
+            grown = torch.maximum(top, tile_top)
+            context.mul_(torch.exp(top - grown)[:, None, None])
+            top = grown
+        kf = _features(dash, kc, c, top[:, None, None])
+        _addmm_(context[..., :e], kf.transpose(1, 2), vl[:, s : s + rows], c)
+        context[..., e] += kf.sum(dim=1)
+    assert top is not None
+    context[..., :e] += c.ce * vv.sum(dim=1, keepdim=True)
+    context[..., e] += n * c.ce
     return context, top
+
+
+def _flat(x: Tensor) -> Tensor:
+    """(b, h, n, d) -> (b * h, n, d)."""
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, c: _Consts) -> tuple[Tensor, Tensor, Tensor]:
@@ -125,22 +142,24 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, c: _Consts) -> tup
     the key maxima (b, h)."""
     b, h, n, _ = q.shape
     e, m = v.shape[-1], proj_t.shape[1]
-    rows = _rows(n, m)
+    size, rows = _grouping(b * h, n, m)
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
     out = q.new_empty(b, n, h, e)
-    contexts = q.new_empty(b, h, m, e + 1)
-    tops = q.new_empty(b, h)
-    for bi in range(b):
-        for hi in range(h):
-            context, top = _slice_context(k[bi, hi], v[bi, hi], proj_t, c)
-            contexts[bi, hi], tops[bi, hi] = context, top
-            correction = c.ce * context.sum(dim=0)
-            cl = _low(context, c)
-            qq = q[bi, hi]
-            for s in range(0, n, rows):
-                qc = qq[s : s + rows]
-                num = _mm(_features(torch.matmul(qc, proj_t), qc, c, None), cl, c).add_(correction)
-                torch.div(num[:, :e], num[:, e:], out=out[bi, s : s + rows, hi])
-    return out.permute(0, 2, 1, 3), contexts, tops
+    contexts = q.new_empty(b * h, m, e + 1)
+    tops = q.new_empty(b * h)
+    for g0 in range(0, b * h, size):
+        g1 = min(g0 + size, b * h)
+        context, top = _group_context(kf[g0:g1], vf[g0:g1], proj_t, c, rows)
+        contexts[g0:g1], tops[g0:g1] = context, top
+        correction = c.ce * context.sum(dim=1, keepdim=True)
+        cl = _low(context, c)
+        for s in range(0, n, rows):
+            qc = qf[g0:g1, s : s + rows]
+            num = _mm(_features(torch.matmul(qc, proj_t), qc, c, None), cl, c).add_(correction)
+            for j in range(g1 - g0):
+                bi, hi = divmod(g0 + j, h)
+                torch.div(num[j, :, :e], num[j, :, e:], out=out[bi, s : s + rows, hi])
+    return out.permute(0, 2, 1, 3), contexts.view(b, h, m, e + 1), tops.view(b, h)
 
 
 class _Favor(torch.autograd.Function):
@@ -170,38 +189,39 @@ class _Favor(torch.autograd.Function):
     def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, proj_t, contexts, tops = ctx.saved_tensors
         c: _Consts = ctx.consts
-        b, h, n, _ = q.shape
+        b, h, n, d = q.shape
         e, m = v.shape[-1], proj_t.shape[1]
-        rows = _rows(n, m)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for bi in range(b):
-            for hi in range(h):
-                context = contexts[bi, hi]
-                correction = c.ce * context.sum(dim=0)
-                cl = _low(context, c)
-                dcontext = context.new_zeros(m, e + 1)
-                qq, g = q[bi, hi], grad_out[bi, hi]
-                for s in range(0, n, rows):
-                    qc = qq[s : s + rows]
-                    ef = _features(torch.matmul(qc, proj_t), qc, c, None)
-                    num = _mm(ef, cl, c).add_(correction)
-                    den = num[:, e:]
-                    gd = torch.empty_like(num)
-                    gd[:, :e] = g[s : s + rows] / den
-                    gd[:, e:] = -(gd[:, :e] * num[:, :e]).sum(dim=-1, keepdim=True) / den
-                    _addmm_(dcontext, ef.t(), _low(gd, c), c)
-                    dcontext += c.ce * gd.sum(dim=0)
-                    dq[bi, hi, s : s + rows] = _through_features(_mm(gd, cl.t(), c).mul_(ef), qc, proj_t, c)
-                kk, vv, top = k[bi, hi], v[bi, hi], float(tops[bi, hi])
-                dvs = dcontext[:, :e]
-                dvl = _low(dvs, c)
-                for s in range(0, n, rows):
-                    kc = kk[s : s + rows]
-                    ef = _features(torch.matmul(kc, proj_t), kc, c, top)
-                    dv[bi, hi, s : s + rows] = _mm(ef, dvl, c).add_(c.ce * dvs.sum(dim=0))
-                    dkf = _mm(vv[s : s + rows], dvl.t(), c).add_(dcontext[:, e]).mul_(ef)
-                    dk[bi, hi, s : s + rows] = _through_features(dkf, kc, proj_t, c)
-        return dq, dk, dv, None, None, None
+        size, rows = _grouping(b * h, n, m)
+        qf, kf, vf, gf = _flat(q), _flat(k), _flat(v), _flat(grad_out)
+        contexts, tops = contexts.reshape(b * h, m, e + 1), tops.reshape(b * h)
+        dq, dk, dv = q.new_empty(b * h, n, d), k.new_empty(b * h, n, d), v.new_empty(b * h, n, e)
+        for g0 in range(0, b * h, size):
+            g1 = min(g0 + size, b * h)
+            context = contexts[g0:g1]
+            correction = c.ce * context.sum(dim=1, keepdim=True)
+            cl = _low(context, c)
+            dcontext = context.new_zeros(g1 - g0, m, e + 1)
+            for s in range(0, n, rows):
+                qc = qf[g0:g1, s : s + rows]
+                ef = _features(torch.matmul(qc, proj_t), qc, c, None)
+                num = _mm(ef, cl, c).add_(correction)
+                den = num[..., e:]
+                gd = torch.empty_like(num)
+                gd[..., :e] = gf[g0:g1, s : s + rows] / den
+                gd[..., e:] = -(gd[..., :e] * num[..., :e]).sum(dim=-1, keepdim=True) / den
+                _addmm_(dcontext, ef.transpose(1, 2), _low(gd, c), c)
+                dcontext += c.ce * gd.sum(dim=1, keepdim=True)
+                dq[g0:g1, s : s + rows] = _through_features(_mm(gd, cl.transpose(1, 2), c).mul_(ef), qc, proj_t, c)
+            kk, vv, top = kf[g0:g1], vf[g0:g1], tops[g0:g1, None, None]
+            dvs = dcontext[..., :e]
+            dvl = _low(dvs, c)
+            for s in range(0, n, rows):
+                kc = kk[:, s : s + rows]
+                ef = _features(torch.matmul(kc, proj_t), kc, c, top)
+                dv[g0:g1, s : s + rows] = _mm(ef, dvl, c).add_(c.ce * dvs.sum(dim=1, keepdim=True))
+                dkf = _mm(vv[:, s : s + rows], dvl.transpose(1, 2), c).add_(dcontext[:, None, :, e]).mul_(ef)
+                dk[g0:g1, s : s + rows] = _through_features(dkf, kc, proj_t, c)
+        return dq.view(b, h, n, d), dk.view(b, h, n, d), dv.view(b, h, n, e), None, None, None
 
 
 def _through_features(grad_e: Tensor, x: Tensor, proj_t: Tensor, c: _Consts) -> Tensor:

@@ -89,6 +89,31 @@ class CellClassifier(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         return self.fc3(self.features(h))
 
+    @torch.no_grad()
+    def init_from_expression(self, h: Tensor, bins: Tensor, max_tokens: int = 200_000, seed: int = 0) -> float:
+        """Set ``conv1`` to the least-squares read-out of each position's expression bin from its
+        encoding ``h`` (..., dim), ``bins`` (...) the input bins; returns the fit's R^2.
+
+        The published head starts ``conv1`` at random, so its one number per gene begins as an
+        arbitrary mix of expression, gene identity and cell context, and fine-tuning on a few
+        thousand cells overfits before it finds the expression (measured on PBMC3k: 0.78-0.85
+        accuracy vs 0.89-0.90 with this start). Started here, the head is an MLP over the
+        encoder's denoised, context-aware expression level, which training then refines.
+        """
+        x = h.reshape(-1, h.shape[-1]).double()
+        t = bins.reshape(-1).double()
+        if x.shape[0] > max_tokens:
+            keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:max_tokens]
+            x, t = x[keep], t[keep]
+        if t.std() == 0:
+            return 0.0  # nothing expressed (or all equal): keep the random start
+        a = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        sol = torch.linalg.lstsq(a, t[:, None], driver="gelsd").solution[:, 0]
+        resid = t - a @ sol
+        self.conv1.weight.copy_(sol[:-1].reshape(self.conv1.weight.shape).to(self.conv1.weight))
+        self.conv1.bias.fill_(float(sol[-1]))
+        return float(1.0 - resid.var() / t.var())
+
 
 class ScBERT(nn.Module):
     """scBERT: ``tokens`` (batch, n_genes + 1) of expression bins -> per-gene logits or class logits."""
@@ -166,14 +191,18 @@ class ScBERT(nn.Module):
         """One vector per cell from the final encodings; see :func:`pool_encodings`."""
         return pool_encodings(self.encode(tokens), tokens, pooling)
 
-    def freeze_for_finetuning(self, train_all: bool = False) -> None:
+    def freeze_for_finetuning(self, train_all: bool = False, head_only: bool = False) -> None:
         """The published fine-tuning policy: train only the final norm, the second-to-last
-        encoder layer and the head (``train_all`` trains everything). Gene2vec stays frozen."""
+        encoder layer and the head. ``train_all`` trains everything; ``head_only`` only the
+        classifier head (the encoder is then a fixed feature extractor: no backward pass through
+        it, and nothing in it can overfit a small training set). Gene2vec stays frozen."""
+        if train_all and head_only:
+            raise ValueError("train_all and head_only exclude each other")
         for p in self.parameters():
             p.requires_grad_(train_all)
         if not train_all:
-            trainable = [self.norm, self.to_out]
-            if self.config.depth >= 2:
+            trainable = [self.to_out] if head_only else [self.norm, self.to_out]
+            if self.config.depth >= 2 and not head_only:
                 trainable.append(self.performer.net.layers[-2])
             for module in trainable:
                 for p in module.parameters():

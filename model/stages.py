@@ -43,6 +43,7 @@ def _train_config(args: argparse.Namespace, out: Path | None = None, sub: str = 
                   "resume_from": _resume_source(args, sub), "max_steps": args.max_steps}
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, grad_acc=args.grad_acc, lr=args.lr, clip_norm=args.clip_norm,
+        weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, cycle_steps=args.cycle_steps, seed=args.seed, precision=args.precision,
         num_workers=args.num_workers, progress=not args.quiet and distributed.current().is_main, compile=args.compile,
         grad_checkpointing=args.grad_checkpointing, **states, **extra,
@@ -232,7 +233,9 @@ def run_finetune(args: argparse.Namespace) -> None:
             model = ScBERT(config, vectors)
             if pre is not None:
                 model.load_encoder_state(pre.state_dict)
-            model.freeze_for_finetuning(train_all=args.train_all or pre is None)
+            if pre is None and args.head_only:
+                raise InputError("--head-only needs a pretrained encoder (--pretrained): without one, only a random encoder would be kept")
+            model.freeze_for_finetuning(train_all=(args.train_all or pre is None) and not args.head_only, head_only=args.head_only)
             weights = None
             if args.class_weights:
                 weights = torch.tensor(compute_class_weight("balanced", classes=np.unique(y[tr]), y=y[tr]), dtype=torch.float32)
@@ -241,8 +244,9 @@ def run_finetune(args: argparse.Namespace) -> None:
             train_ds = CellDataset(adata.X[tr], config.bin_num, y[tr])
             val_ds = CellDataset(adata.X[va], config.bin_num, y[va])
             desc = f"fold {k + 1}/{len(splits)}" if args.cv else "finetune"
-            cfg = _train_config(args, out, f"fold{k + 1}" if args.cv else "", patience=args.patience)
-            best, history = finetune(model, train_ds, val_ds, cfg, device, weights, desc)
+            cfg = _train_config(args, out, f"fold{k + 1}" if args.cv else "", patience=args.patience or None,
+                                label_smoothing=args.label_smoothing, select=args.select)
+            best, history = finetune(model, train_ds, val_ds, cfg, device, weights, desc, head_init=args.head_init)
             probs, _ = predict_distributed(model, val_ds, args.batch_size, device, args.precision, num_workers=args.num_workers)
             pred = np.asarray(classes)[probs.argmax(1)]
             m = classification_metrics(y_str[va], pred, classes)

@@ -92,6 +92,9 @@ class TrainConfig:
     batch_size: int = 8  # cells per step of each process (the global batch is batch_size x processes)
     grad_acc: int = 1
     lr: float = 1e-4
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay; 0 = plain Adam, as published
+    label_smoothing: float = 0.0  # fine-tuning cross-entropy label smoothing
+    select: str = "best"  # the weights a run ends with: "best" validation epoch, or the "last" epoch
     clip_norm: float = 1.0
     warmup_steps: int = 5
     cycle_steps: int | None = None  # default: the whole run is one cycle
@@ -135,7 +138,10 @@ class _Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        if cfg.weight_decay:
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
         total = max(1, math.ceil(steps_per_epoch / cfg.grad_acc) * cfg.epochs)
         self.scheduler = warmup_cosine_restarts(self.optimizer, cfg.warmup_steps, cfg.cycle_steps or total)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -388,6 +394,10 @@ def _fit(
         if cfg.checkpoint_dir:
             _save_state(model, trainer, run, cfg, len(train), device)
     assert run.best is not None and run.best_state is not None
+    if cfg.select == "last":  # the model holds the last epoch's weights already
+        return dict(run.history[-1]), run.history
+    if cfg.select != "best":
+        raise ValueError(f"select must be 'best' or 'last', got {cfg.select!r}")
     model.load_state_dict(run.best_state)
     return run.best, run.history
 
@@ -469,19 +479,30 @@ def finetune(
     desc: str = "finetune",
     fast: bool = True,
     on_epoch: Callable[[int, dict[str, float], bool], None] | None = None,
+    head_init: str = "expression",
+    head_init_cells: int = 64,
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Supervised fine-tuning with early stopping on validation accuracy. The model ends holding
     the best weights; returns the best epoch's metrics and the history. ``fast``: see :func:`pretrain`.
-    Under torchrun every rank calls it and the validation cells are shared among the ranks."""
+    ``head_init="expression"`` first points the head's conv1 at the expression read-out of the
+    encodings of ``head_init_cells`` training cells (:meth:`CellClassifier.init_from_expression`);
+    ``"random"`` keeps the published random start. Under torchrun every rank calls it and the
+    validation cells are shared among the ranks (DDP then starts every rank from rank 0's head)."""
     prepare_for_speed(model, fast, cfg.compile, cfg.grad_checkpointing)
     model.to(device)
+    if head_init == "expression":  # (a resumed run then restores its own weights over it)
+        r2 = init_head_from_expression(model, train, cfg, device, head_init_cells)
+        log.info("%s: classifier conv1 set to the read-out of expression from the encodings (R^2 %.3f on %d cells)",
+                 desc, r2, min(head_init_cells, len(train)))
+    elif head_init not in HEAD_INITS:
+        raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
     weights = None if class_weights is None else class_weights.to(device)
 
     def step_loss(net: nn.Module, batch: dict[str, torch.Tensor], epoch: int) -> tuple[torch.Tensor, float]:
         with autocast(device, cfg.precision):
             logits = net(batch["tokens"].to(device))
         labels = batch["labels"].to(device)
-        losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+        losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=cfg.label_smoothing)
         if weights is None:
             return losses.sum(), float(len(labels))
         w = weights[labels]  # as CrossEntropyLoss(weight): sum of w_i * loss_i over sum of w_i
@@ -500,6 +521,27 @@ def finetune(
             on_epoch(epoch, metrics, improved)
 
     return _fit(model, train, cfg, device, step_loss, evaluate, "val_accuracy", desc, log_epoch)
+
+
+HEAD_INITS = ("expression", "random")
+
+
+@torch.no_grad()
+def init_head_from_expression(model: ScBERT, ds: CellDataset, cfg: TrainConfig, device: torch.device, n_cells: int = 64) -> float:
+    """:meth:`CellClassifier.init_from_expression` from the first ``n_cells`` cells of ``ds``
+    (encoded in eval mode; the model's mode is restored). Returns the read-out's R^2."""
+    was_training = model.training
+    model.eval()
+    hs, bins = [], []
+    rows = np.arange(min(n_cells, len(ds)))
+    for batch in _rows_loader(ds, rows, cfg.batch_size):
+        tokens = batch["tokens"]
+        with autocast(device, cfg.precision):
+            h = model.encode(tokens.to(device))
+        hs.append(h[:, :-1].float().cpu())
+        bins.append(tokens[:, :-1])
+    model.train(was_training)
+    return model.to_out.init_from_expression(torch.cat(hs), torch.cat(bins), seed=cfg.seed)
 
 
 def _predict_batches(

@@ -14,6 +14,9 @@ cases use the same randomly initialised model (same seed, same weights) at the s
 * ``scaling``: seconds per cell and peak RSS of a fast forward pass and of the attention-received
   scores (attn_analysis) at several gene counts, to show linear cost.
 * ``batch``: peak RSS of a fast forward pass at several batch sizes.
+* ``roofline``: this machine's matrix-product rate (fp32, bf16) against the model's FLOPs
+  (:mod:`model.flops`): the fastest any implementation of the same model could run here, and what
+  fraction of it the naive and fast encoders reach (with ``kernel``).
 * ``agreement`` (with ``--checkpoint`` and ``--query``, e.g. the demo's fine-tuned model): labels of
   ``annotate`` in bf16 vs fp32, and fast vs naive, on real cells.
 
@@ -234,6 +237,25 @@ def case_kernel(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows, "genes": args.genes, "depth": args.depth}
 
 
+def case_roofline(args: argparse.Namespace) -> dict[str, Any]:
+    """This machine's matrix-product throughput (square products, fp32 and bf16) and the model's
+    forward FLOPs: the ceiling any implementation of the same model can reach here."""
+    import torch
+
+    from model.config import ScBERTConfig
+    from model.flops import forward_cost
+
+    size = 2048
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        peaks[name] = 2.0 * size**3 / _best_seconds(lambda a=a, b=b: torch.mm(a, b), max(3, args.repeats)) / 1e9
+    cfg = ScBERTConfig(n_genes=args.genes, dim=args.dim, depth=1, heads=args.heads, dim_head=args.dim_head, head="classifier", n_classes=N_CLASSES)
+    cost = forward_cost(cfg)
+    return {"gemm_gflops": peaks, "gemm_size": size, "layer_gflop": cost.encoder / 1e9,
+            "layer_breakdown_gflop": {k: v / 1e9 for k, v in cost.as_dict().items() if k not in ("head", "total", "encoder")}}
+
+
 def case_agreement(args: argparse.Namespace) -> dict[str, Any]:
     """Labels of a real fine-tuned model on real cells: naive fp32, fast fp32 and fast bf16."""
     import numpy as np
@@ -322,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=2)
     g.add_argument("--checkpoint", default=None, help="a fine-tuned model.pt for the agreement case (e.g. demo_out/finetune/model.pt)")
     g.add_argument("--query", default=None, help="cells for the agreement case (e.g. demo_out/pbmc_query.h5ad)")
-    g.add_argument("--skip", default="", help="comma list of predict,finetune,pretrain,scaling,kernel,batch,agreement to skip")
+    g.add_argument("--skip", default="", help="comma list of predict,finetune,pretrain,scaling,kernel,roofline,batch,agreement to skip")
     g.add_argument("--quick", action="store_true", help="2,000 genes, depth 2, 8 cells: a smoke run")
     g = p.add_argument_group("output")
     g.add_argument("--json", default="bench_speed.json")
@@ -341,6 +363,8 @@ def main() -> None:
             res = case_scaling(args)
         elif args.case == "kernel":
             res = case_kernel(args)
+        elif args.case == "roofline":
+            res = case_roofline(args)
         elif args.case == "agreement":
             res = case_agreement(args)
         elif args.case.startswith("predict"):
@@ -406,6 +430,10 @@ def main() -> None:
                                      *model_args(args, depth=args.scaling_depth + 1)])
         for row in report["kernel"]["rows"]:
             print(f"kernel {row['path']} batch {row['batch_size']} {row['precision']}: {row['s_per_cell_layer']:.3f} s per cell and layer", flush=True)
+    if "roofline" not in skip:
+        report["roofline"] = roof = run_case(["--case", "roofline", "--repeats", str(args.repeats), *model_args(args)])
+        print(f"roofline: {roof['layer_gflop']:.1f} GFLOP per cell and layer; matrix products on this machine: "
+              f"{roof['gemm_gflops']['fp32']:.0f} GFLOP/s fp32, {roof['gemm_gflops']['bf16']:.0f} GFLOP/s bf16", flush=True)
     if "batch" not in skip:
         rows = []
         for b in (int(x) for x in args.batch_sizes.split(",")):
@@ -466,7 +494,23 @@ def _markdown(r: dict[str, Any]) -> str:
         k = r["kernel"]
         lines += ["", f"Encoder alone, {k['genes']} genes, both paths with the same allocator setting:", "",
                   "| path | batch size | precision | s per cell and layer |", "|---|---|---|---|"]
-        lines += [f"| {x['path']} | {x['batch_size']} | {x['precision']} | {x['s_per_cell_layer']:.3f} |" for x in k["rows"]]
+        roof = r.get("roofline")
+        if roof:
+            lines[-2:] = ["| path | batch size | precision | s per cell and layer | GFLOP/s | of this machine's GEMM rate |", "|---|---|---|---|---|---|"]
+            for x in k["rows"]:
+                rate = roof["layer_gflop"] / x["s_per_cell_layer"]
+                lines.append(f"| {x['path']} | {x['batch_size']} | {x['precision']} | {x['s_per_cell_layer']:.3f} | {rate:.0f} | "
+                             f"{rate / roof['gemm_gflops'][x['precision']]:.0%} |")
+        else:
+            lines += [f"| {x['path']} | {x['batch_size']} | {x['precision']} | {x['s_per_cell_layer']:.3f} |" for x in k["rows"]]
+    if r.get("roofline"):
+        roof = r["roofline"]
+        lines += ["", f"Roofline: one layer is {roof['layer_gflop']:.1f} GFLOP of matrix products per cell "
+                  + "(" + ", ".join(f"{k} {v:.1f}" for k, v in roof["layer_breakdown_gflop"].items() if k != "exp_elements") + "); "
+                  f"square {roof['gemm_size']}-products run at {roof['gemm_gflops']['fp32']:.0f} GFLOP/s (fp32) and "
+                  f"{roof['gemm_gflops']['bf16']:.0f} GFLOP/s (bf16) here, so no implementation of this model can take less than "
+                  f"{roof['layer_gflop'] / roof['gemm_gflops']['fp32']:.3f} s (fp32) or {roof['layer_gflop'] / roof['gemm_gflops']['bf16']:.3f} s "
+                  "(bf16) per cell and layer on this machine."]
     if r.get("batch"):
         lines += ["", "| batch size | genes | depth | s/cell | peak RSS (MB) |", "|---|---|---|---|---|"]
         for s in r["batch"]:

@@ -53,8 +53,16 @@ def build_parser():
     g.add_argument("--epochs", type=positive_int, default=None, help="override the preset's fine-tuning epochs")
     g.add_argument("--batch-size", type=positive_int, default=None, help="override the preset's batch size")
     g.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
-    g.add_argument("--patience", type=positive_int, default=None, help="override the preset's early-stopping patience")
+    g.add_argument("--patience", type=int, default=None, help="override the preset's early-stopping patience (0: never stop early)")
     add_bool(g, "--train-all", default=False, help="fine-tune every layer of the pretrained model (default: the published freezing policy)")
+    add_bool(g, "--head-only", default=False, help="fine-tune only the classifier head of the pretrained model (scbert, "
+             "scbert_nogene2vec; scbert_nopretrain always trains its whole encoder)")
+    g.add_argument("--head-init", choices=["expression", "random"], default="expression",
+                   help="start of the head's conv1: expression read-out (default) or random (as published)")
+    g.add_argument("--dropout", type=float, default=0.0, help="classifier-head dropout (default: 0)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: none)")
+    g.add_argument("--select", choices=["best", "last"], default=None,
+                   help="fine-tuned weights kept: best inner-validation epoch or last epoch (default: the preset's)")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     g = p.add_argument_group("protocols")
     g.add_argument("--test-data", nargs="+", default=None, help="cross: the test dataset(s), put on the training data's genes")
@@ -83,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--data is required (or --merge FOLDER ...)")
     if not args.out and not args.write_genes:
         p.error("--out is required")
+    if args.train_all and args.head_only:
+        p.error("--train-all and --head-only exclude each other: choose one")
     setup_logging(args.quiet)
     from model.benchmark import run_from_args
 

@@ -84,6 +84,34 @@ def test_published_freezing_policy() -> None:
     assert frozen == {"pos_emb.emb.weight"}, "gene2vec stays frozen even when training everything"
 
 
+def test_head_only_policy() -> None:
+    m = ScBERT(ScBERTConfig(**TINY, head="classifier", n_classes=3))
+    m.freeze_for_finetuning(head_only=True)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in m.named_parameters() if n.startswith("to_out.")}
+    with pytest.raises(ValueError, match="exclude"):
+        m.freeze_for_finetuning(train_all=True, head_only=True)
+
+
+def test_head_init_reads_out_expression() -> None:
+    """Encodings that hold the bin along one direction (plus noise in the others): the conv then
+    returns the bin itself, and R^2 is ~1; constant bins keep the random start."""
+    g = torch.Generator().manual_seed(0)
+    bins = torch.randint(0, 6, (5, 40), generator=g).float()
+    direction = torch.randn(16, generator=g)
+    noise = torch.randn(5, 40, 16, generator=g)
+    noise -= (noise @ direction)[..., None] * direction / direction.dot(direction)  # orthogonal to the direction
+    h = 0.5 + bins[..., None] * direction / direction.dot(direction) * 2.0 + noise
+    head = ScBERT(ScBERTConfig(**TINY, head="classifier", n_classes=3)).to_out  # TINY has dim 16
+    r2 = head.init_from_expression(h, bins, max_tokens=150)
+    assert r2 > 0.999
+    w = head.conv1.weight.reshape(-1)
+    torch.testing.assert_close(h @ w + head.conv1.bias, bins, atol=1e-3, rtol=0)
+    before = head.conv1.weight.clone()
+    assert head.init_from_expression(h, torch.zeros(5, 40)) == 0.0
+    assert torch.equal(head.conv1.weight, before)
+
+
 def test_load_encoder_state_checks_fit() -> None:
     pre = ScBERT(ScBERTConfig(**TINY))
     clf = ScBERT(ScBERTConfig(**TINY, head="classifier", n_classes=3))

@@ -1,0 +1,46 @@
+"""The FLOP model of the roofline, and the accelerator benchmark script (run on the CPU, tiny)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from model.config import ScBERTConfig
+from model.flops import forward_cost
+from model.scbert import ScBERT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_forward_cost_matches_counted_products() -> None:
+    """The analytic count agrees with torch's FLOP counter on the plain performer model (which
+    computes the key sum without a product: hence the 2% tolerance)."""
+    cfg = ScBERTConfig(n_genes=300, dim=16, depth=2, heads=2, dim_head=8, head="classifier", n_classes=3)
+    model = ScBERT(cfg).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, 6, (1, 301)))
+    cost = forward_cost(cfg)
+    assert abs(cost.total - counter.get_total_flops()) / counter.get_total_flops() < 0.02
+    assert cost.encoder == cost.qkv + cost.attn_out + cost.feed_forward + cost.features + cost.context
+    published = forward_cost(ScBERTConfig(n_genes=16906, head="classifier", n_classes=8))
+    assert 300e9 < published.encoder < 320e9  # ~51 GFLOP per layer and cell at the published size
+
+
+def test_bench_gpu_runs_on_cpu(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_gpu
+
+    out_json, out_md = tmp_path / "g.json", tmp_path / "g.md"
+    bench_gpu.main(["--device", "cpu", "--genes", "60", "--dim", "16", "--depth", "1", "--heads", "2", "--dim-head", "8",
+                    "--batch-size", "2", "--train-batch-size", "2", "--repeats", "1", "--gemm-size", "64",
+                    "--json", str(out_json), "--md", str(out_md)])
+    r = json.loads(out_json.read_text())
+    assert set(r["paths"]) == {"fast", "package"}
+    for res in r["paths"].values():
+        assert res["predict"]["cells_per_s"] > 0 and res["finetune"]["cells_per_s"] > 0 and res["pretrain"]["cells_per_s"] > 0
+        assert 0 < res["predict"]["fraction_of_peak"]
+    assert "| fast |" in out_md.read_text()
