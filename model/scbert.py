@@ -152,6 +152,7 @@ class ScBERT(nn.Module):
         # Recompute each sub-layer's activations in the backward pass instead of keeping them:
         # training memory then grows with one layer, not ``depth`` layers (at ~1/3 more compute).
         self.gradient_checkpointing = False
+        self.frozen_encoder = False  # set by freeze_for_finetuning(head_only=True)
         if c.head == "mlm":
             self.to_out: nn.Module = nn.Linear(c.dim, c.num_tokens)
         else:
@@ -198,6 +199,8 @@ class ScBERT(nn.Module):
         it, and nothing in it can overfit a small training set). Gene2vec stays frozen."""
         if train_all and head_only:
             raise ValueError("train_all and head_only exclude each other")
+        self.frozen_encoder = head_only
+        self.train(self.training)
         for p in self.parameters():
             p.requires_grad_(train_all)
         if not train_all:
@@ -209,6 +212,15 @@ class ScBERT(nn.Module):
                     p.requires_grad_(True)
         if self.pos_emb is not None:
             self.pos_emb.emb.weight.requires_grad_(self.config.gene_embedding == "learned" and train_all)
+
+    def train(self, mode: bool = True) -> ScBERT:
+        """As ``nn.Module.train``; a frozen encoder (head-only fine-tuning) stays in eval mode: no
+        dropout, and no redraw of its random features, so the head always sees the same encoder."""
+        super().train(mode)
+        if mode and self.frozen_encoder:
+            self.performer.eval()
+            self.dropout.eval()
+        return self
 
     def load_encoder_state(self, state_dict: dict[str, Tensor]) -> None:
         """Load everything but the head (``to_out.*``) from another scBERT state dict, strictly."""

@@ -112,3 +112,26 @@ def test_cross_validation_from_scratch_without_gene2vec(runs: dict[str, Path]) -
     assert sum(f["n_val"] for f in m["folds"]) == 240, "every cell validated exactly once"
     assert (out / "fold1" / "model.pt").is_file() and (out / "fold2" / "confusion_matrix.png").is_file()
     assert load_checkpoint(out / "model.pt").config.gene_embedding == "none"
+
+
+def test_head_only_fine_tuning_keeps_the_encoder_and_the_last_epoch(runs: dict[str, Path]) -> None:
+    """--head-only trains the classifier alone (the encoder stays the pretrained one), --select last
+    --patience 0 keeps the last of a fixed number of epochs, --weight-decay uses AdamW."""
+    out = runs["dir"] / "ft_head"
+    finetune.main(["--data", str(runs["prep"]), "--label-key", "celltype", "--pretrained", str(runs["dir"] / "pre" / "model.pt"),
+                   "--out", str(out), "--epochs", "3", "--head-only", "--select", "last", "--patience", "0",
+                   "--weight-decay", "0.01", "--dropout", "0.2", *FAST])
+    pre, ft = load_checkpoint(runs["dir"] / "pre" / "model.pt"), load_checkpoint(out / "model.pt")
+    for k, v in pre.state_dict.items():
+        if not k.startswith("to_out."):
+            assert np.array_equal(v.numpy(), ft.state_dict[k].numpy()), k
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["best_epoch"] == 3 and len(m["history"]) == 3
+    assert "read-out of expression" in (out / "log.txt").read_text()
+
+
+def test_head_only_needs_a_pretrained_encoder(runs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--data", str(runs["prep"]), "--label-key", "celltype", "--out", str(runs["dir"] / "bad_head"),
+                       "--head-only", *TINY_MODEL, "--quiet"])
+    assert e.value.code == 2 and "--head-only needs a pretrained encoder" in capsys.readouterr().err

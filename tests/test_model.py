@@ -89,6 +89,11 @@ def test_head_only_policy() -> None:
     m.freeze_for_finetuning(head_only=True)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in m.named_parameters() if n.startswith("to_out.")}
+    m.train()  # the frozen encoder stays in eval mode: no dropout, no feature redraw
+    assert m.to_out.training and not m.performer.training and not m.performer.proj_updater.training
+    m.freeze_for_finetuning()
+    m.train()
+    assert m.performer.training
     with pytest.raises(ValueError, match="exclude"):
         m.freeze_for_finetuning(train_all=True, head_only=True)
 
