@@ -83,9 +83,10 @@ def _low(x: Tensor, c: _Consts) -> Tensor:
 
 
 def _addmm_(acc: Tensor, a: Tensor, b: Tensor, c: _Consts) -> None:
-    """``acc += a @ b`` in place for (group, ., .) tensors (``b`` already in ``c.mm_dtype``): fused in float32."""
+    """``acc += a @ b`` in place, for matrices or (group, ., .) stacks (``b`` already in
+    ``c.mm_dtype``): fused in float32."""
     if c.mm_dtype is None:
-        acc.baddbmm_(a, b)
+        acc.addmm_(a, b) if acc.dim() == 2 else acc.baddbmm_(a, b)
     else:
         acc += _mm(a, b, c)
 
@@ -107,29 +108,36 @@ def _features(dash: Tensor, x: Tensor, c: _Consts, top: Tensor | None) -> Tensor
 
 
 def _group_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts, rows: int) -> tuple[Tensor, Tensor]:
-    """``[sum_j phi(k_j) v_j, sum_j phi(k_j)]`` (group, features, e + 1) of a group of slices
-    (group, n, .), eps included, and the key maxima (group,) they were computed with."""
-    g, n, e, m = kk.shape[0], kk.shape[1], vv.shape[-1], proj_t.shape[1]
-    context = kk.new_zeros(g, m, e + 1)
+    """``[sum_j phi(k_j) v_j, sum_j phi(k_j)]`` (features, e + 1) of one slice (n, .), or
+    (group, features, e + 1) of a stack of slices (group, n, .), eps included, and the key maxima
+    (one per slice) they were computed with."""
+    n, e, m = kk.shape[-2], vv.shape[-1], proj_t.shape[1]
+    context = kk.new_zeros(*kk.shape[:-2], m, e + 1)
     vl = _low(vv, c)
     top: Tensor | None = None
     for s in range(0, n, rows):
-        kc = kk[:, s : s + rows]
+        kc = kk[..., s : s + rows, :]
         dash = torch.matmul(kc, proj_t)
-        tile_top = dash.amax(dim=(1, 2))
+        tile_top = dash.amax(dim=(-2, -1))
         if top is None:
             top = tile_top
         else:  # a running maximum: rescale what was accumulated (a factor of exactly 1 where it did not grow)
             grown = torch.maximum(top, tile_top)
-            context.mul_(torch.exp(top - grown)[:, None, None])
+            context.mul_(torch.exp(top - grown)[..., None, None])
             top = grown
-        kf = _features(dash, kc, c, top[:, None, None])
-        _addmm_(context[..., :e], kf.transpose(1, 2), vl[:, s : s + rows], c)
-        context[..., e] += kf.sum(dim=1)
+        kf = _features(dash, kc, c, top[..., None, None])
+        _addmm_(context[..., :e], kf.transpose(-1, -2), vl[..., s : s + rows, :], c)
+        context[..., e] += kf.sum(dim=-2)
     assert top is not None
-    context[..., :e] += c.ce * vv.sum(dim=1, keepdim=True)
+    context[..., :e] += c.ce * vv.sum(dim=-2, keepdim=True)
     context[..., e] += n * c.ce
     return context, top
+
+
+def _group(g0: int, g1: int) -> int | slice:
+    """Index of slices ``g0:g1`` of a flattened (b * h, ...) tensor: a single slice as an integer,
+    so that it is computed with plain matrix products (as fast as the package's at full size)."""
+    return g0 if g1 - g0 == 1 else slice(g0, g1)
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -149,13 +157,15 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, c: _Consts) -> tup
     tops = q.new_empty(b * h)
     for g0 in range(0, b * h, size):
         g1 = min(g0 + size, b * h)
-        context, top = _group_context(kf[g0:g1], vf[g0:g1], proj_t, c, rows)
-        contexts[g0:g1], tops[g0:g1] = context, top
-        correction = c.ce * context.sum(dim=1, keepdim=True)
+        sl = _group(g0, g1)
+        context, top = _group_context(kf[sl], vf[sl], proj_t, c, rows)
+        contexts[sl], tops[sl] = context, top
+        correction = c.ce * context.sum(dim=-2, keepdim=True)
         cl = _low(context, c)
         for s in range(0, n, rows):
-            qc = qf[g0:g1, s : s + rows]
+            qc = qf[sl, s : s + rows]
             num = _mm(_features(torch.matmul(qc, proj_t), qc, c, None), cl, c).add_(correction)
+            num = num if num.dim() == 3 else num[None]
             for j in range(g1 - g0):
                 bi, hi = divmod(g0 + j, h)
                 torch.div(num[j, :, :e], num[j, :, e:], out=out[bi, s : s + rows, hi])
@@ -197,30 +207,31 @@ class _Favor(torch.autograd.Function):
         dq, dk, dv = q.new_empty(b * h, n, d), k.new_empty(b * h, n, d), v.new_empty(b * h, n, e)
         for g0 in range(0, b * h, size):
             g1 = min(g0 + size, b * h)
-            context = contexts[g0:g1]
-            correction = c.ce * context.sum(dim=1, keepdim=True)
+            sl = _group(g0, g1)
+            context = contexts[sl]
+            correction = c.ce * context.sum(dim=-2, keepdim=True)
             cl = _low(context, c)
-            dcontext = context.new_zeros(g1 - g0, m, e + 1)
+            dcontext = torch.zeros_like(context)
             for s in range(0, n, rows):
-                qc = qf[g0:g1, s : s + rows]
+                qc = qf[sl, s : s + rows]
                 ef = _features(torch.matmul(qc, proj_t), qc, c, None)
                 num = _mm(ef, cl, c).add_(correction)
                 den = num[..., e:]
                 gd = torch.empty_like(num)
-                gd[..., :e] = gf[g0:g1, s : s + rows] / den
+                gd[..., :e] = gf[sl, s : s + rows] / den
                 gd[..., e:] = -(gd[..., :e] * num[..., :e]).sum(dim=-1, keepdim=True) / den
-                _addmm_(dcontext, ef.transpose(1, 2), _low(gd, c), c)
-                dcontext += c.ce * gd.sum(dim=1, keepdim=True)
-                dq[g0:g1, s : s + rows] = _through_features(_mm(gd, cl.transpose(1, 2), c).mul_(ef), qc, proj_t, c)
-            kk, vv, top = kf[g0:g1], vf[g0:g1], tops[g0:g1, None, None]
+                _addmm_(dcontext, ef.transpose(-1, -2), _low(gd, c), c)
+                dcontext += c.ce * gd.sum(dim=-2, keepdim=True)
+                dq[sl, s : s + rows] = _through_features(_mm(gd, cl.transpose(-1, -2), c).mul_(ef), qc, proj_t, c)
+            kk, vv, top = kf[sl], vf[sl], tops[sl][..., None, None]
             dvs = dcontext[..., :e]
             dvl = _low(dvs, c)
             for s in range(0, n, rows):
-                kc = kk[:, s : s + rows]
+                kc = kk[..., s : s + rows, :]
                 ef = _features(torch.matmul(kc, proj_t), kc, c, top)
-                dv[g0:g1, s : s + rows] = _mm(ef, dvl, c).add_(c.ce * dvs.sum(dim=1, keepdim=True))
-                dkf = _mm(vv[:, s : s + rows], dvl.transpose(1, 2), c).add_(dcontext[:, None, :, e]).mul_(ef)
-                dk[g0:g1, s : s + rows] = _through_features(dkf, kc, proj_t, c)
+                dv[sl, s : s + rows] = _mm(ef, dvl, c).add_(c.ce * dvs.sum(dim=-2, keepdim=True))
+                dkf = _mm(vv[..., s : s + rows, :], dvl.transpose(-1, -2), c).add_(dcontext[..., e].unsqueeze(-2)).mul_(ef)
+                dk[sl, s : s + rows] = _through_features(dkf, kc, proj_t, c)
         return dq.view(b, h, n, d), dk.view(b, h, n, d), dv.view(b, h, n, e), None, None, None
 
 
