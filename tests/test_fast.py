@@ -38,11 +38,17 @@ def test_enable_is_a_class_swap_with_same_state() -> None:
     assert not fast_attention_enabled(fast)
 
 
+# TILE_ELEMENTS for the three ways slices are computed (41 tokens x 16 features per slice):
+# all (batch, head) slices in one group; groups of 3 (4 slices: a last group of 1, plain matrices);
+# one slice at a time in row tiles (as at full size: the running key maximum is exercised).
+LAYOUTS = {"one group": None, "groups of 3 and 1": 41 * 16 * 3, "row tiles": 16}
+
+
 @pytest.mark.parametrize("head", ["classifier", "mlm"])
-@pytest.mark.parametrize("tiled", [False, True])
-def test_same_outputs(head: str, tiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    if tiled:  # several row tiles per slice, as at full size: the running key maximum is exercised
-        monkeypatch.setattr(fast_module, "TILE_ELEMENTS", 16)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_same_outputs(head: str, layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if LAYOUTS[layout] is not None:
+        monkeypatch.setattr(fast_module, "TILE_ELEMENTS", LAYOUTS[layout])
     n_genes = 40
     plain, fast = _pair(head, n_genes)
     plain.eval(), fast.eval()
@@ -51,13 +57,13 @@ def test_same_outputs(head: str, tiled: bool, monkeypatch: pytest.MonkeyPatch) -
         torch.testing.assert_close(fast(tokens), plain(tokens), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("per_head", [False, True])
-def test_same_gradients(per_head: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    if per_head:
-        monkeypatch.setattr(fast_module, "TILE_ELEMENTS", 16)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_same_gradients(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if LAYOUTS[layout] is not None:
+        monkeypatch.setattr(fast_module, "TILE_ELEMENTS", LAYOUTS[layout])
     plain, fast = _pair("mlm")
     plain.train(), fast.train()
-    tokens = torch.randint(0, 7, (2, 41))
+    tokens = torch.randint(0, 7, (2, 41))  # 2 cells x 2 heads: 4 slices
     for m in (plain, fast):
         m.performer.proj_updater.feature_redraw_interval = None  # no random redraw between the two
         m(tokens).square().mean().backward()
