@@ -344,7 +344,7 @@ def run_from_args(args: Any) -> None:
     """What scripts/benchmark.py does once its arguments are parsed."""
     from data.io import InputError
     from data.vocab import load_vocab
-    from model.baselines import method_factories
+    from model.baselines import PRESETS, method_factories
     from model.checkpoint import CheckpointError, load_checkpoint
     from model.cli import fail, start_run, write_json
 
@@ -448,7 +448,7 @@ def run_from_args(args: Any) -> None:
                 "label_key": args.label_key, "n_cells": int(X.shape[0]), "n_genes": len(genes), "seeds": seeds,
                 "folds": args.folds, "threshold": threshold, "preset": args.preset,
                 "scbert_finetuning": {"train_all": args.train_all, "head_only": args.head_only, "head_init": args.head_init,
-                                      "dropout": args.dropout, **{k: v for k, v in overrides.items() if v is not None}}, "pretrained": args.pretrained,
+                                      "dropout": args.dropout if args.dropout is not None else PRESETS[args.preset].get("dropout", 0.0), **{k: v for k, v in overrides.items() if v is not None}}, "pretrained": args.pretrained,
                 "pretrained_nogene2vec": args.pretrained_nogene2vec, "methods": list(args.methods), "labels": y.tolist(),
                 "splits": [{"key": s.key, "fingerprint": s.fingerprint(), "n_train": len(s.train), "n_test": len(s.test)} for s in splits]}
         write_json(out / "genes.json", genes)

@@ -49,7 +49,7 @@ def build_parser():
     g.add_argument("--pretrained", default=None, help="pretrained checkpoint (pretrain.py) for scbert; scbert_nopretrain then uses its architecture and gene2vec")
     g.add_argument("--pretrained-nogene2vec", default=None, help="checkpoint pretrained with --gene2vec none, for scbert_nogene2vec")
     g.add_argument("--preset", choices=list(PRESETS), default="cpu", help="fine-tuning (and from-scratch model) size: "
-                   + "; ".join(f"{k}: {v['train']}" for k, v in PRESETS.items()))
+                   + "; ".join(f"{k}: {v['train']}, head dropout {v.get('dropout', 0.0)}" for k, v in PRESETS.items()))
     g.add_argument("--epochs", type=positive_int, default=None, help="override the preset's fine-tuning epochs")
     g.add_argument("--batch-size", type=positive_int, default=None, help="override the preset's batch size")
     g.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
@@ -59,7 +59,7 @@ def build_parser():
              "scbert_nogene2vec; scbert_nopretrain always trains its whole encoder)")
     g.add_argument("--head-init", choices=["expression", "random"], default="expression",
                    help="start of the head's conv1: expression read-out (default) or random (as published)")
-    g.add_argument("--dropout", type=float, default=0.0, help="classifier-head dropout (default: 0)")
+    g.add_argument("--dropout", type=float, default=None, help="classifier-head dropout (default: the preset's)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: none)")
     g.add_argument("--select", choices=["best", "last"], default=None,
                    help="fine-tuned weights kept: best inner-validation epoch or last epoch (default: the preset's)")

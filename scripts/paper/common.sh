@@ -11,8 +11,9 @@
 #                            panglao_pretrain.pt; its genes then fix the vocabulary)
 #   --published              published model and training size (dim 200, depth 6, 10 heads of 64,
 #                            batch 3 x 60 accumulation, lr 1e-4, up to 100 fine-tuning epochs)
-#                            instead of the CPU preset (dim 32, depth 2, 4 heads of 8, 500 genes)
-#   --n-genes N              genes kept (highest variance of log expression) [500; 16906 with --published]
+#                            instead of the CPU preset (dim 32, depth 2, 4 heads of 8, 2,000 genes;
+#                            fine-tuning lr 1e-4, head dropout 0.3, weight decay 0.05, <= 10 epochs)
+#   --n-genes N              genes kept (highest variance of log expression) [2000; 16906 with --published]
 #   --vocab FILE             use this gene list instead (e.g. the published 16,906 Panglao genes)
 #   --seeds "0 1 2"          seeds for the baselines [0 1 2]
 #   --scbert-seeds "0"       seeds for scBERT, which is much slower [0]
@@ -68,7 +69,7 @@ parse_args() {
     else
         MODEL_ARGS=(--dim 32 --depth 2 --heads 4 --dim-head 8)
         PRETRAIN_ARGS=(--batch-size 16 --lr 1e-3)
-        PRESET=cpu; N_GENES=${N_GENES:-500}
+        PRESET=cpu; N_GENES=${N_GENES:-2000}
     fi
     if [ -z "$METHODS" ]; then
         METHODS="logreg_l1 logreg_l2 knn_pca centroid_corr"
