@@ -198,6 +198,7 @@ class ScBERTMethod:
     train_all: bool = False
     dropout: float = 0.0  # classifier-head dropout
     head_only: bool = False  # pretrained: train only the head on the frozen encoder
+    class_weights: bool = False  # weight the loss by inverse class frequency (balanced)
     head_init: str = "expression"  # see model.training.finetune
     val_frac: float = 0.1
     device: str = "cpu"
@@ -241,9 +242,14 @@ class ScBERTMethod:
             tr = np.union1d(tr, idx[np.isin(codes, missing)])
         self.model = self._build(len(self.classes_), genes, X)
         bin_num = self.model.config.bin_num
+        weights = None
+        if self.class_weights:
+            from sklearn.utils.class_weight import compute_class_weight
+
+            weights = torch.tensor(compute_class_weight("balanced", classes=np.arange(len(self.classes_)), y=codes[tr]), dtype=torch.float32)
         _, self.history = finetune(self.model, CellDataset(X[np.sort(tr)], bin_num, codes[np.sort(tr)]),
-                                   CellDataset(X[np.sort(va)], bin_num, codes[np.sort(va)]), self.train, torch.device(self.device), desc=self.name,
-                                   head_init=self.head_init)
+                                   CellDataset(X[np.sort(va)], bin_num, codes[np.sort(va)]), self.train, torch.device(self.device), weights,
+                                   desc=self.name, head_init=self.head_init)
 
     def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
         probs, _ = predict(self.model, CellDataset(X, self.model.config.bin_num), self.train.batch_size, torch.device(self.device),
@@ -278,6 +284,7 @@ def method_factories(
     head_only: bool = False,
     head_init: str = "expression",
     dropout: float | None = None,
+    class_weights: bool = False,
 ) -> list[tuple[str, Any]]:
     """``(name, factory(seed) -> method)`` for each method name. scBERT variants:
 
@@ -300,7 +307,7 @@ def method_factories(
         # head_only applies to pretrained encoders: an encoder without pretraining is always trained whole
         return lambda seed: ScBERTMethod(name=name, init=init, checkpoint=ckpt, gene2vec=gene2vec, train_all=train_all, device=device,
                                          head_only=head_only and init == "pretrained", head_init=head_init, dropout=dropout,
-                                         model_args=dict(cfg["model"]), train=TrainConfig(seed=seed, progress=progress, **train_kw))
+                                         class_weights=class_weights, model_args=dict(cfg["model"]), train=TrainConfig(seed=seed, progress=progress, **train_kw))
 
     out: list[tuple[str, Any]] = []
     for name in names:

@@ -435,7 +435,8 @@ def run_from_args(args: Any) -> None:
         overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "patience": args.patience,
                      "weight_decay": args.weight_decay, "select": args.select}
         methods = method_factories(args.methods, pre, pre_nog2v, args.preset, overrides, args.train_all, args.device,
-                                   head_only=args.head_only, head_init=args.head_init, dropout=args.dropout)
+                                   head_only=args.head_only, head_init=args.head_init, dropout=args.dropout,
+                                   class_weights=args.class_weights)
         if "celltypist" in args.methods:
             import importlib.util
 
@@ -448,6 +449,7 @@ def run_from_args(args: Any) -> None:
                 "label_key": args.label_key, "n_cells": int(X.shape[0]), "n_genes": len(genes), "seeds": seeds,
                 "folds": args.folds, "threshold": threshold, "preset": args.preset,
                 "scbert_finetuning": {"train_all": args.train_all, "head_only": args.head_only, "head_init": args.head_init,
+                                      "class_weights": args.class_weights,
                                       "dropout": args.dropout if args.dropout is not None else PRESETS[args.preset].get("dropout", 0.0), **{k: v for k, v in overrides.items() if v is not None}}, "pretrained": args.pretrained,
                 "pretrained_nogene2vec": args.pretrained_nogene2vec, "methods": list(args.methods), "labels": y.tolist(),
                 "splits": [{"key": s.key, "fingerprint": s.fingerprint(), "n_train": len(s.train), "n_test": len(s.test)} for s in splits]}

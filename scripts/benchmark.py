@@ -59,6 +59,7 @@ def build_parser():
              "scbert_nogene2vec; scbert_nopretrain always trains its whole encoder)")
     g.add_argument("--head-init", choices=["expression", "random"], default="expression",
                    help="start of the head's conv1: expression read-out (default) or random (as published)")
+    add_bool(g, "--class-weights", default=False, help="weight scBERT's loss by inverse class frequency of the training part (balanced)")
     g.add_argument("--dropout", type=float, default=None, help="classifier-head dropout (default: the preset's)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: none)")
     g.add_argument("--select", choices=["best", "last"], default=None,
