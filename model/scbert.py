@@ -91,8 +91,8 @@ class CellClassifier(nn.Module):
 
     @torch.no_grad()
     def init_from_expression(self, h: Tensor, bins: Tensor, max_tokens: int = 200_000, seed: int = 0) -> float:
-        """Set ``conv1`` to the least-squares read-out of each position's expression bin from its
-        encoding ``h`` (..., dim), ``bins`` (...) the input bins; returns the fit's R^2.
+        """Set ``conv1`` to the (ridge) least-squares read-out of each position's expression bin from
+        its encoding ``h`` (..., dim), ``bins`` (...) the input bins; returns the fit's R^2.
 
         The published head starts ``conv1`` at random, so its one number per gene begins as an
         arbitrary mix of expression, gene identity and cell context, and fine-tuning on a few
@@ -107,8 +107,14 @@ class CellClassifier(nn.Module):
             x, t = x[keep], t[keep]
         if t.std() == 0:
             return 0.0  # nothing expressed (or all equal): keep the random start
+        # Ridge, not plain least squares: LayerNorm outputs are nearly collinear with the intercept
+        # (their coordinates sum to about the same number for every gene), and an unregularised
+        # solution would swing with the last bits of the encodings.
         a = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-        sol = torch.linalg.lstsq(a, t[:, None], driver="gelsd").solution[:, 0]
+        gram = a.T @ a
+        ridge = 1e-3 * torch.diagonal(gram)[:-1].mean()
+        gram[:-1, :-1] += ridge * torch.eye(gram.shape[0] - 1, dtype=gram.dtype)
+        sol = torch.linalg.solve(gram, a.T @ t)
         resid = t - a @ sol
         self.conv1.weight.copy_(sol[:-1].reshape(self.conv1.weight.shape).to(self.conv1.weight))
         self.conv1.bias.fill_(float(sol[-1]))

@@ -540,7 +540,7 @@ def init_head_from_expression(
     per_cell = min(n_genes, math.ceil(max_tokens / max(1, len(rows))))
     gen = torch.Generator().manual_seed(cfg.seed)
     hs, bins = [], []
-    for batch in _rows_loader(ds, rows, cfg.batch_size):
+    for batch in _rows_loader(ds, rows, 1):  # one cell at a time: the same numbers whatever the batch size or process count
         tokens = batch["tokens"]
         with autocast(device, cfg.precision):
             h = model.encode(tokens.to(device))

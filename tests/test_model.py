@@ -111,7 +111,7 @@ def test_head_init_reads_out_expression() -> None:
     r2 = head.init_from_expression(h, bins, max_tokens=150)
     assert r2 > 0.999
     w = head.conv1.weight.reshape(-1)
-    torch.testing.assert_close(h @ w + head.conv1.bias, bins, atol=1e-3, rtol=0)
+    torch.testing.assert_close(h @ w + head.conv1.bias, bins, atol=0.02, rtol=0)  # (a light ridge shrinks it a little)
     before = head.conv1.weight.clone()
     assert head.init_from_expression(h, torch.zeros(5, 40)) == 0.0
     assert torch.equal(head.conv1.weight, before)
