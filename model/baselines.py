@@ -22,7 +22,7 @@ from model.checkpoint import Checkpoint
 from model.config import ScBERTConfig
 from model.pipeline import gene_embedding
 from model.scbert import ScBERT
-from model.training import TrainConfig, finetune, predict, set_seed
+from model.training import TrainConfig, balanced_class_weights, finetune, predict, set_seed
 
 log = logging.getLogger("scbert")
 
@@ -242,11 +242,7 @@ class ScBERTMethod:
             tr = np.union1d(tr, idx[np.isin(codes, missing)])
         self.model = self._build(len(self.classes_), genes, X)
         bin_num = self.model.config.bin_num
-        weights = None
-        if self.class_weights:
-            from sklearn.utils.class_weight import compute_class_weight
-
-            weights = torch.tensor(compute_class_weight("balanced", classes=np.arange(len(self.classes_)), y=codes[tr]), dtype=torch.float32)
+        weights = balanced_class_weights(codes[tr], len(self.classes_)) if self.class_weights else None
         _, self.history = finetune(self.model, CellDataset(X[np.sort(tr)], bin_num, codes[np.sort(tr)]),
                                    CellDataset(X[np.sort(va)], bin_num, codes[np.sort(va)]), self.train, torch.device(self.device), weights,
                                    desc=self.name, head_init=self.head_init)
@@ -300,8 +296,6 @@ def method_factories(
     cfg = PRESETS[preset]
     dropout = cfg.get("dropout", 0.0) if dropout is None else dropout
     train_kw = {**cfg["train"], **{k: v for k, v in (train_overrides or {}).items() if v is not None}}
-    if train_kw.get("patience") == 0:  # 0: never stop early
-        train_kw["patience"] = None
 
     def scbert(name: str, init: str, ckpt: Checkpoint | None, gene2vec: str = "train") -> Any:
         # head_only applies to pretrained encoders: an encoder without pretraining is always trained whole

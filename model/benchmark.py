@@ -434,8 +434,9 @@ def run_from_args(args: Any) -> None:
                 splits = fewshot_splits(y, args.fractions, args.folds, seeds)
         overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "patience": args.patience,
                      "weight_decay": args.weight_decay, "select": args.select}
+        dropout = PRESETS[args.preset].get("dropout", 0.0) if args.dropout is None else args.dropout
         methods = method_factories(args.methods, pre, pre_nog2v, args.preset, overrides, args.train_all, args.device,
-                                   head_only=args.head_only, head_init=args.head_init, dropout=args.dropout,
+                                   head_only=args.head_only, head_init=args.head_init, dropout=dropout,
                                    class_weights=args.class_weights)
         if "celltypist" in args.methods:
             import importlib.util
@@ -450,7 +451,7 @@ def run_from_args(args: Any) -> None:
                 "folds": args.folds, "threshold": threshold, "preset": args.preset,
                 "scbert_finetuning": {"train_all": args.train_all, "head_only": args.head_only, "head_init": args.head_init,
                                       "class_weights": args.class_weights,
-                                      "dropout": args.dropout if args.dropout is not None else PRESETS[args.preset].get("dropout", 0.0), **{k: v for k, v in overrides.items() if v is not None}}, "pretrained": args.pretrained,
+                                      "dropout": dropout, **{k: v for k, v in overrides.items() if v is not None}}, "pretrained": args.pretrained,
                 "pretrained_nogene2vec": args.pretrained_nogene2vec, "methods": list(args.methods), "labels": y.tolist(),
                 "splits": [{"key": s.key, "fingerprint": s.fingerprint(), "n_train": len(s.train), "n_test": len(s.test)} for s in splits]}
         write_json(out / "genes.json", genes)

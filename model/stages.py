@@ -29,7 +29,16 @@ from model.pipeline import (
     prediction_report,
 )
 from model.scbert import ScBERT
-from model.training import TrainConfig, finetune, list_states, predict_distributed, pretrain, resolve_device, set_seed
+from model.training import (
+    TrainConfig,
+    balanced_class_weights,
+    finetune,
+    list_states,
+    predict_distributed,
+    pretrain,
+    resolve_device,
+    set_seed,
+)
 
 log = logging.getLogger("scbert")
 
@@ -187,7 +196,6 @@ def _labels(adata: Any, key: str, source: str) -> np.ndarray:
 
 def run_finetune(args: argparse.Namespace) -> None:
     from sklearn.model_selection import StratifiedKFold, train_test_split
-    from sklearn.utils.class_weight import compute_class_weight
 
     out, device = _start(args)
     main = distributed.current().is_main
@@ -238,13 +246,14 @@ def run_finetune(args: argparse.Namespace) -> None:
             model.freeze_for_finetuning(train_all=(args.train_all or pre is None) and not args.head_only, head_only=args.head_only)
             weights = None
             if args.class_weights:
-                weights = torch.tensor(compute_class_weight("balanced", classes=np.unique(y[tr]), y=y[tr]), dtype=torch.float32)
-                if len(weights) != len(classes):
-                    raise InputError("every cell type must occur in the training part to weight the classes")
+                try:
+                    weights = balanced_class_weights(y[tr], len(classes))
+                except ValueError as e:
+                    raise InputError(str(e)) from None
             train_ds = CellDataset(adata.X[tr], config.bin_num, y[tr])
             val_ds = CellDataset(adata.X[va], config.bin_num, y[va])
             desc = f"fold {k + 1}/{len(splits)}" if args.cv else "finetune"
-            cfg = _train_config(args, out, f"fold{k + 1}" if args.cv else "", patience=args.patience or None,
+            cfg = _train_config(args, out, f"fold{k + 1}" if args.cv else "", patience=args.patience,
                                 label_smoothing=args.label_smoothing, select=args.select)
             best, history = finetune(model, train_ds, val_ds, cfg, device, weights, desc, head_init=args.head_init)
             probs, _ = predict_distributed(model, val_ds, args.batch_size, device, args.precision, num_workers=args.num_workers)

@@ -98,7 +98,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     warmup_steps: int = 5
     cycle_steps: int | None = None  # default: the whole run is one cycle
-    patience: int | None = None  # early stopping (fine-tuning); None = never stop early
+    patience: int | None = None  # early stopping (fine-tuning); None or 0 = never stop early
     seed: int = 0
     precision: str = "fp32"
     num_workers: int = 0
@@ -388,7 +388,7 @@ def _fit(
         if info.is_main and on_epoch is not None:
             on_epoch(epoch, metrics, improved)
         run.epoch, run.cells_done, run.total, run.count = epoch + 1, 0, 0.0, 0.0
-        if cfg.patience is not None and run.stale >= cfg.patience:
+        if cfg.patience and run.stale >= cfg.patience:
             log.info("%s: no improvement for %d epochs, stopping early", desc, run.stale)
             run.finished = True
         if cfg.checkpoint_dir:
@@ -524,6 +524,15 @@ def finetune(
 
 
 HEAD_INITS = ("expression", "random")
+
+
+def balanced_class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Loss weights ``n / (n_classes * count)`` per class id 0..n_classes-1 (sklearn's "balanced")."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    if len(np.unique(labels)) != n_classes:
+        raise ValueError("every cell type must occur in the training part to weight the classes")
+    return torch.tensor(compute_class_weight("balanced", classes=np.arange(n_classes), y=labels), dtype=torch.float32)
 
 
 @torch.no_grad()
