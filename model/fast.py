@@ -63,19 +63,21 @@ class _Consts:
         self.ce = m**-0.5 * eps  # what ``ratio * (exp(.) + eps)`` adds to every feature
 
 
-def _rows(n: int, m: int) -> int:
-    """Rows per tile: tiles of at most ~``TILE_ELEMENTS`` features, of equal size."""
-    tiles = max(1, math.ceil(n / max(16, TILE_ELEMENTS // m)))
+def _rows(n: int, m: int, tile: int) -> int:
+    """Rows per tile: tiles of at most ~``tile`` features, of equal size."""
+    tiles = max(1, math.ceil(n / max(16, tile // m)))
     return math.ceil(n / tiles)
 
 
-def _grouping(slices: int, n: int, m: int) -> tuple[int, int]:
+def _grouping(slices: int, n: int, m: int, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
     """(slices per group, rows per tile). Short sequences or few features: several whole
     (batch, head) slices are batched into one tile, so a small model runs a few batched products
-    per layer instead of many tiny ones; long ones: one slice at a time, in row tiles."""
-    if n * m * 2 <= TILE_ELEMENTS:
-        return max(1, min(slices, TILE_ELEMENTS // (n * m))), n
-    return 1, _rows(n, m)
+    per layer instead of many tiny ones; long ones: one slice at a time, in row tiles. A tile holds
+    the bytes of ``TILE_ELEMENTS`` float32 values (twice as many bf16 ones)."""
+    tile = TILE_ELEMENTS * 4 // torch.empty((), dtype=dtype).element_size()
+    if n * m * 2 <= tile:
+        return max(1, min(slices, tile // (n * m))), n
+    return 1, _rows(n, m, tile)
 
 
 def _low(x: Tensor, c: _Consts) -> Tensor:
@@ -107,31 +109,47 @@ def _features(dash: Tensor, x: Tensor, c: _Consts, top: Tensor | None) -> Tensor
     return dash.sub_(shift).exp_()
 
 
+def _row_scale(x: Tensor, c: _Consts) -> Tensor:
+    """``ratio * exp(-|x|^2 * diag_scale)`` per row of ``x``, in float32 (..., rows, 1)."""
+    sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_()
+    return sq.mul_(-c.diag_scale).add_(c.log_ratio).exp_()
+
+
 def _group_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts, rows: int) -> tuple[Tensor, Tensor]:
     """``[sum_j phi(k_j) v_j, sum_j phi(k_j)]`` (features, e + 1) of one slice (n, .), or
-    (group, features, e + 1) of a stack of slices (group, n, .), eps included, and the key maxima
-    (one per slice) they were computed with."""
+    (group, features, e + 1) of a stack of slices (group, n, .), eps included, in float32, and the
+    key maxima (one per slice) they were computed with.
+
+    ``phi(k_j) = ratio * exp(-|k_j|^2 s) * exp(k_j P' - max)``: the per-key factor goes into the
+    values (``[w v, w]``), so the big tile is only ``exp(k P' - max)``, in ``proj_t``'s dtype, with
+    its largest entries (those that count) exact to that dtype's precision."""
     n, e, m = kk.shape[-2], vv.shape[-1], proj_t.shape[1]
-    context = kk.new_zeros(*kk.shape[:-2], m, e + 1)
-    vl = _low(vv, c)
+    w = _row_scale(kk, c)
+    vw = torch.cat([vv.float() * w, w], dim=-1).to(proj_t.dtype)
+    acc = kk.new_zeros(*kk.shape[:-2], m, e + 1, dtype=torch.float32)
     top: Tensor | None = None
     for s in range(0, n, rows):
-        kc = kk[..., s : s + rows, :]
-        dash = torch.matmul(kc, proj_t)
+        dash = torch.matmul(kk[..., s : s + rows, :], proj_t)
         tile_top = dash.amax(dim=(-2, -1))
         if top is None:
             top = tile_top
         else:  # a running maximum: rescale what was accumulated (a factor of exactly 1 where it did not grow)
             grown = torch.maximum(top, tile_top)
-            context.mul_(torch.exp(top - grown)[..., None, None])
+            acc.mul_(torch.exp(top.float() - grown.float())[..., None, None])
             top = grown
-        kf = _features(dash, kc, c, top[..., None, None])
-        _addmm_(context[..., :e], kf.transpose(-1, -2), vl[..., s : s + rows, :], c)
-        context[..., e] += kf.sum(dim=-2)
+        _addmm_(acc, dash.sub_(top[..., None, None]).exp_().transpose(-1, -2), vw[..., s : s + rows, :], c)
     assert top is not None
-    context[..., :e] += c.ce * vv.sum(dim=-2, keepdim=True)
-    context[..., e] += n * c.ce
-    return context, top
+    acc[..., :e] += c.ce * vv.float().sum(dim=-2, keepdim=True)
+    acc[..., e] += n * c.ce
+    return acc, top.float()
+
+
+def _query_numerators(qc: Tensor, proj_t: Tensor, context: Tensor, c: _Consts) -> Tensor:
+    """``[phi(q_i) C, phi(q_i) z]`` (float32) for a tile of queries and a context from
+    :func:`_group_context` (``context`` in ``proj_t``'s dtype, ``correction`` its eps term)."""
+    dash = torch.matmul(qc, proj_t)
+    num = _mm(dash.sub_(dash.amax(dim=-1, keepdim=True)).exp_(), context, c)
+    return num.mul_(_row_scale(qc, c))
 
 
 def _group(g0: int, g1: int) -> int | slice:
@@ -146,25 +164,27 @@ def _flat(x: Tensor) -> Tensor:
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, c: _Consts) -> tuple[Tensor, Tensor, Tensor]:
-    """Output (b, h, n, e) as a view of a (b, n, h, e) buffer, the contexts (b, h, m, e + 1) and
-    the key maxima (b, h)."""
+    """Output (b, h, n, e) as a view of a (b, n, h, e) buffer in ``q``'s dtype, the contexts
+    (b, h, m, e + 1) and the key maxima (b, h), both float32.
+
+    ``q``, ``k``, ``v`` and ``proj_t`` are in the dtype of the products: float32, or bf16 (the
+    feature tiles are then bf16 too, half the memory traffic)."""
     b, h, n, _ = q.shape
     e, m = v.shape[-1], proj_t.shape[1]
-    size, rows = _grouping(b * h, n, m)
+    size, rows = _grouping(b * h, n, m, proj_t.dtype)
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     out = q.new_empty(b, n, h, e)
-    contexts = q.new_empty(b * h, m, e + 1)
-    tops = q.new_empty(b * h)
+    contexts = q.new_empty(b * h, m, e + 1, dtype=torch.float32)
+    tops = q.new_empty(b * h, dtype=torch.float32)
     for g0 in range(0, b * h, size):
         g1 = min(g0 + size, b * h)
         sl = _group(g0, g1)
         context, top = _group_context(kf[sl], vf[sl], proj_t, c, rows)
         contexts[sl], tops[sl] = context, top
         correction = c.ce * context.sum(dim=-2, keepdim=True)
-        cl = _low(context, c)
+        cl = context.to(proj_t.dtype)
         for s in range(0, n, rows):
-            qc = qf[sl, s : s + rows]
-            num = _mm(_features(torch.matmul(qc, proj_t), qc, c, None), cl, c).add_(correction)
+            num = _query_numerators(qf[sl, s : s + rows], proj_t, cl, c).add_(correction)
             num = num if num.dim() == 3 else num[None]
             for j in range(g1 - g0):
                 bi, hi = divmod(g0 + j, h)
@@ -185,7 +205,8 @@ class _Favor(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, eps: float, mm_dtype: torch.dtype | None) -> Tensor:
         c = _Consts(q.shape[-1], proj_t.shape[1], eps, mm_dtype)
-        out, contexts, tops = _forward(q, k, v, proj_t, c)
+        low = mm_dtype or torch.float32
+        out, contexts, tops = _forward(q.to(low), k.to(low), v.to(low), proj_t.to(low), c)
         ctx.save_for_backward(q, k, v, proj_t, contexts, tops)
         ctx.consts = c
         return out
@@ -260,19 +281,19 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, eps: fl
     computed in float32 and returned in ``q``'s dtype.
     """
     dtype, dev = q.dtype, q.device.type
-    # Under bf16 autocast only the products of features with contexts run in bf16 (their error
-    # averages out over genes and features); projections, exp and sums stay in float32.
+    # Under bf16 autocast the products (feature projections included) take bf16 operands and the
+    # feature tiles are bf16; maxima, per-row factors, sums and contexts are accumulated in float32.
     bf16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
     with torch.autocast(device_type=dev, enabled=False):
-        q, k, v = q.float(), k.float(), v.float()
         c = _Consts(q.shape[-1], projection.shape[0], eps, torch.bfloat16 if bf16 else None)
         proj_t = (projection.float() * c.normaliser).t().contiguous()
         if torch.compiler.is_compiling():
-            out = _attend_graph(q, k, v, proj_t, c)
+            out = _attend_graph(q.float(), k.float(), v.float(), proj_t, c)
         elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            out = _Favor.apply(q, k, v, proj_t, eps, c.mm_dtype)
+            out = _Favor.apply(q.float(), k.float(), v.float(), proj_t, eps, c.mm_dtype)
         else:
-            out = _forward(q, k, v, proj_t, c)[0]
+            low = c.mm_dtype or torch.float32
+            out = _forward(q.to(low), k.to(low), v.to(low), proj_t.to(low), c)[0]
     return out.to(dtype)
 
 
@@ -314,7 +335,10 @@ def tune_allocator(threshold: int = 1 << 30) -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, ctypes.c_int(min(threshold, (1 << 31) - 1))))  # -3: M_MMAP_THRESHOLD
+        value = ctypes.c_int(min(threshold, (1 << 31) - 1))
+        # -3: M_MMAP_THRESHOLD; -1: M_TRIM_THRESHOLD (else freed memory at the top of the heap is
+        # returned to the kernel at once and faulted in again by the next tensor)
+        return bool(libc.mallopt(-3, value)) and bool(libc.mallopt(-1, value))
     except (OSError, AttributeError):
         return False
 
