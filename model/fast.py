@@ -9,8 +9,10 @@ matrix products. :func:`favor_attention` computes the same function:
 
 * the data normaliser is folded into the (features, dim_head) projection, which is multiplied
   without repeating it;
-* the diagonal term, the stabilising maximum and the ``ratio`` factor are folded into one
-  per-row shift, so the features are ``exp(x - shift)`` from one in-place subtract and exp;
+* the per-row factor ``ratio * exp(-|x|^2 / (2 sqrt(d)))`` of each query and key is taken out of
+  the big (genes x features) tiles: for keys it multiplies the values (``[w v, w]``), for queries
+  the (genes x dim_head) numerators, so a tile is just ``exp(x P' - max)``, one in-place subtract
+  and exp, with its largest entries (the ones that count) exact to the tile's precision;
 * the ``+ eps`` is never added to the big tensors: its contribution to the key sum, the context
   and the normaliser is added as a rank-one correction on small tensors;
 * the work runs one (batch, head) slice and one tile of rows at a time, so the feature tensor
@@ -21,8 +23,10 @@ matrix products. :func:`favor_attention` computes the same function:
   that of its inputs, and nothing of size genes x genes (or genes x features per head) is kept.
 
 Gradients follow ``performer_pytorch``: the stabilising maxima are constants. Under bf16 autocast
-only the products of features with contexts (and their gradients) take bf16 operands; projections,
-maxima, exp and sums stay in float32 (exp of bf16 projections loses too much).
+every product (the feature projections included) takes bf16 operands and the feature tiles are
+bf16, which halves their memory traffic (bf16 products run at ~3x the float32 rate on CPUs with
+AVX512-BF16 or AMX); maxima, per-row factors, normalisers, contexts and their gradients are
+accumulated in float32, and q, k, v are kept for the backward pass in bf16.
 
 The class swap keeps every parameter and buffer, so state dicts and checkpoints are unchanged,
 and ``isinstance(m, FastAttention)`` still holds (feature redraws keep working).
@@ -98,15 +102,6 @@ def _mm(a: Tensor, b: Tensor, c: _Consts) -> Tensor:
     if c.mm_dtype is None:
         return torch.matmul(a, b)
     return torch.matmul(a.to(c.mm_dtype), b).float()
-
-
-def _features(dash: Tensor, x: Tensor, c: _Consts, top: Tensor | None) -> Tensor:
-    """``ratio * exp(dash - |x|^2 * diag_scale - max)`` in place of ``dash = x P'`` (eps left out);
-    the maximum is ``top`` (one per slice, shaped to broadcast) for keys and each row's own for
-    queries (``top=None``)."""
-    shift = (x * x).sum(dim=-1, keepdim=True) * c.diag_scale - c.log_ratio
-    shift += dash.amax(dim=-1, keepdim=True) if top is None else top
-    return dash.sub_(shift).exp_()
 
 
 def _row_scale(x: Tensor, c: _Consts) -> Tensor:
@@ -195,18 +190,22 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, c: _Consts) -> tup
 class _Favor(torch.autograd.Function):
     """FAVOR+ attention whose backward recomputes the feature tiles instead of storing them.
 
-    With features ``Qf = Eq + ce``, ``Kf = Ek + ce`` (``E`` the exp parts), context
+    With features ``Qf = s E + ce`` (``s`` the per-row factor ``ratio * exp(-|x|^2 sigma)``, ``E``
+    the exp tile of :func:`_group_context` / :func:`_query_numerators`), context
     ``C = Kf^T [V, 1]``, ``[num, den] = Qf C`` and ``out = num / den``, an upstream gradient ``G``
     gives ``[dnum, dden] = [G / den, -sum(G * out) / den]``, ``dQf = [dnum, dden] C^T``,
     ``dC = Qf^T [dnum, dden]``, ``dKf = [V, 1] dC^T``, ``dV = Kf dC[:, :e]``, and through
-    ``E = exp(x P' - |x|^2 s - max)``: ``dx = (dF * E) P'^T - 2 s x rowsum(dF * E)``.
+    ``s E = exp(x P' - |x|^2 sigma - max)``: ``dx = s ((dF * E) P'^T - 2 sigma x rowsum(dF * E))``.
+
+    ``q``, ``k``, ``v`` are saved (and the tiles recomputed) in the dtype of the products: under
+    bf16 autocast that halves what attention keeps for the backward pass.
     """
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, eps: float, mm_dtype: torch.dtype | None) -> Tensor:
         c = _Consts(q.shape[-1], proj_t.shape[1], eps, mm_dtype)
-        low = mm_dtype or torch.float32
-        out, contexts, tops = _forward(q.to(low), k.to(low), v.to(low), proj_t.to(low), c)
+        proj_t = proj_t.to(q.dtype)
+        out, contexts, tops = _forward(q, k, v, proj_t, c)
         ctx.save_for_backward(q, k, v, proj_t, contexts, tops)
         ctx.consts = c
         return out
@@ -222,7 +221,8 @@ class _Favor(torch.autograd.Function):
         c: _Consts = ctx.consts
         b, h, n, d = q.shape
         e, m = v.shape[-1], proj_t.shape[1]
-        size, rows = _grouping(b * h, n, m)
+        low, proj_back = proj_t.dtype, proj_t.t()
+        size, rows = _grouping(b * h, n, m, low)
         qf, kf, vf, gf = _flat(q), _flat(k), _flat(v), _flat(grad_out)
         contexts, tops = contexts.reshape(b * h, m, e + 1), tops.reshape(b * h)
         dq, dk, dv = q.new_empty(b * h, n, d), k.new_empty(b * h, n, d), v.new_empty(b * h, n, e)
@@ -231,34 +231,43 @@ class _Favor(torch.autograd.Function):
             sl = _group(g0, g1)
             context = contexts[sl]
             correction = c.ce * context.sum(dim=-2, keepdim=True)
-            cl = _low(context, c)
+            cl, clt = context.to(low), context.transpose(-1, -2).to(low)
             dcontext = torch.zeros_like(context)
             for s in range(0, n, rows):
                 qc = qf[sl, s : s + rows]
-                ef = _features(torch.matmul(qc, proj_t), qc, c, None)
-                num = _mm(ef, cl, c).add_(correction)
+                dash = torch.matmul(qc, proj_t)
+                ef = dash.sub_(dash.amax(dim=-1, keepdim=True)).exp_()
+                scale = _row_scale(qc, c)
+                num = _mm(ef, cl, c).mul_(scale).add_(correction)
                 den = num[..., e:]
                 gd = torch.empty_like(num)
                 gd[..., :e] = gf[sl, s : s + rows] / den
                 gd[..., e:] = -(gd[..., :e] * num[..., :e]).sum(dim=-1, keepdim=True) / den
-                _addmm_(dcontext, ef.transpose(-1, -2), _low(gd, c), c)
+                _addmm_(dcontext, ef.transpose(-1, -2), (gd * scale).to(low), c)
                 dcontext += c.ce * gd.sum(dim=-2, keepdim=True)
-                dq[sl, s : s + rows] = _through_features(_mm(gd, cl.transpose(-1, -2), c).mul_(ef), qc, proj_t, c)
-            kk, vv, top = kf[sl], vf[sl], tops[sl][..., None, None]
+                dq[sl, s : s + rows] = _through_features(torch.matmul(gd.to(low), clt).mul_(ef), qc, proj_back, scale, c)
+            kk, vv, top = kf[sl], vf[sl], tops[sl][..., None, None].to(low)
             dvs = dcontext[..., :e]
-            dvl = _low(dvs, c)
+            dvl, dvlt = dvs.to(low), dvs.transpose(-1, -2).to(low)
+            dv_eps = c.ce * dvs.sum(dim=-2, keepdim=True)
+            dksum = dcontext[..., e].unsqueeze(-2).to(low)
             for s in range(0, n, rows):
                 kc = kk[..., s : s + rows, :]
-                ef = _features(torch.matmul(kc, proj_t), kc, c, top)
-                dv[sl, s : s + rows] = _mm(ef, dvl, c).add_(c.ce * dvs.sum(dim=-2, keepdim=True))
-                dkf = _mm(vv[..., s : s + rows, :], dvl.transpose(-1, -2), c).add_(dcontext[..., e].unsqueeze(-2)).mul_(ef)
-                dk[sl, s : s + rows] = _through_features(dkf, kc, proj_t, c)
+                dash = torch.matmul(kc, proj_t)
+                ef = dash.sub_(top).exp_()
+                scale = _row_scale(kc, c)
+                dv[sl, s : s + rows] = _mm(ef, dvl, c).mul_(scale).add_(dv_eps)
+                dkf = torch.matmul(vv[..., s : s + rows, :], dvlt).add_(dksum).mul_(ef)
+                dk[sl, s : s + rows] = _through_features(dkf, kc, proj_back, scale, c)
         return dq.view(b, h, n, d), dk.view(b, h, n, d), dv.view(b, h, n, e), None, None, None
 
 
-def _through_features(grad_e: Tensor, x: Tensor, proj_t: Tensor, c: _Consts) -> Tensor:
-    """Gradient w.r.t. the tile ``x`` of ``E = exp(x P' - |x|^2 s - const)``, given ``grad_e * E``."""
-    return torch.matmul(grad_e, proj_t.t()) - (2.0 * c.diag_scale) * x * grad_e.sum(dim=-1, keepdim=True)
+def _through_features(grad_e: Tensor, x: Tensor, proj_back: Tensor, scale: Tensor, c: _Consts) -> Tensor:
+    """Gradient w.r.t. the tile ``x`` of ``F = scale * E``, ``scale * E = exp(x P' - |x|^2 sigma - const)``,
+    given ``grad_e = dF * E`` (float32 result)."""
+    rowsum = grad_e.sum(dim=-1, keepdim=True, dtype=torch.float32)
+    back = torch.matmul(grad_e, proj_back).float()
+    return back.sub_(x.float() * rowsum * (2.0 * c.diag_scale)).mul_(scale)
 
 
 def _attend_graph(q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, c: _Consts) -> Tensor:
@@ -287,12 +296,12 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, eps: fl
     with torch.autocast(device_type=dev, enabled=False):
         c = _Consts(q.shape[-1], projection.shape[0], eps, torch.bfloat16 if bf16 else None)
         proj_t = (projection.float() * c.normaliser).t().contiguous()
+        low = c.mm_dtype or torch.float32
         if torch.compiler.is_compiling():
             out = _attend_graph(q.float(), k.float(), v.float(), proj_t, c)
         elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            out = _Favor.apply(q.float(), k.float(), v.float(), proj_t, eps, c.mm_dtype)
+            out = _Favor.apply(q.to(low), k.to(low), v.to(low), proj_t, eps, c.mm_dtype)
         else:
-            low = c.mm_dtype or torch.float32
             out = _forward(q.to(low), k.to(low), v.to(low), proj_t.to(low), c)[0]
     return out.to(dtype)
 
