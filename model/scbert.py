@@ -7,6 +7,7 @@ Module names follow the published checkpoints (``token_emb``, ``pos_emb.emb``, `
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -159,6 +160,9 @@ class ScBERT(nn.Module):
         # training memory then grows with one layer, not ``depth`` layers (at ~1/3 more compute).
         self.gradient_checkpointing = False
         self.frozen_encoder = False  # set by freeze_for_finetuning(head_only=True)
+        # model.fast.FirstLayerCache, set by model.fast.prepare_for_speed: inference skips the
+        # first layer's per-cell work on unexpressed genes.
+        self.first_layer_cache: Any = None
         if c.head == "mlm":
             self.to_out: nn.Module = nn.Linear(c.dim, c.num_tokens)
         else:
@@ -175,7 +179,12 @@ class ScBERT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(tokens.shape[1]).to(x.dtype)
         x = self.dropout(x)
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if self.first_layer_cache is not None and self.first_layer_cache.usable(self, tokens):
+            x = self.first_layer_cache.first_layer(self, tokens, x)
+            for attn, ff in self.performer.net.layers[1:]:
+                x = x + attn(x)
+                x = x + ff(x)
+        elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             x = self._checkpointed_performer(x)
         else:
             x = self.performer(x)

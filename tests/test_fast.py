@@ -219,3 +219,52 @@ def test_bf16_kernel_at_least_as_accurate_as_the_package_under_autocast() -> Non
     err_package, err_ours = (package - exact).norm() / exact.norm(), (ours - exact).norm() / exact.norm()
     assert err_ours <= 1.1 * err_package, (err_ours, err_package)
     assert err_ours < 0.02
+
+
+def _sparse_tokens(n_cells: int, n_genes: int, seed: int = 7) -> torch.Tensor:
+    """Tokens with ~70% of genes unexpressed; cell 1 has nothing expressed, cell 2 everything."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 7, (n_cells, n_genes + 1), generator=g)
+    tokens[torch.rand(n_cells, n_genes + 1, generator=g) < 0.7] = 0
+    tokens[1] = 0
+    tokens[2] = torch.randint(1, 7, (n_genes + 1,), generator=g)
+    return tokens
+
+
+@pytest.mark.parametrize("path", ["rescaled", "direct sum"])
+def test_first_layer_cache_same_outputs(path: str) -> None:
+    """Inference with the cache of unexpressed genes equals the plain package model, in both ways
+    of forming a cell's key context; the cache is rebuilt when a weight changes."""
+    plain, _ = _pair("classifier", n_genes=60)
+    fast = prepare_for_speed(copy.deepcopy(plain))
+    assert fast.first_layer_cache is not None
+    if path == "direct sum":
+        fast.first_layer_cache.max_rescale = -1.0
+    plain.eval(), fast.eval()
+    tokens = _sparse_tokens(4, 60)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(tokens), plain(tokens), rtol=1e-4, atol=1e-5)
+        assert fast.first_layer_cache.key is not None
+        key = fast.first_layer_cache.key
+        for m in (plain, fast):
+            m.performer.net.layers[0][0].fn.to_k.weight.mul_(1.5)
+        torch.testing.assert_close(fast(tokens), plain(tokens), rtol=1e-4, atol=1e-5)
+        assert fast.first_layer_cache.key != key
+        with _bf16():
+            got = fast(tokens).float()
+    torch.testing.assert_close(got, plain(tokens).detach(), rtol=0.05, atol=0.05)
+
+
+def test_first_layer_cache_not_used_in_training_or_with_gradients() -> None:
+    _, fast = _pair("classifier", n_genes=60)
+    prepare_for_speed(fast)
+    tokens = _sparse_tokens(3, 60)
+    fast.train()
+    fast(tokens).sum().backward()
+    assert fast.first_layer_cache.key is None
+    fast.eval()
+    fast(tokens)  # gradients enabled
+    assert fast.first_layer_cache.key is None
+    with torch.no_grad():
+        fast(tokens)
+    assert fast.first_layer_cache.key is not None
