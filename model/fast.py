@@ -140,8 +140,8 @@ def _group_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts, rows: int
 
 
 def _query_numerators(qc: Tensor, proj_t: Tensor, context: Tensor, c: _Consts) -> Tensor:
-    """``[phi(q_i) C, phi(q_i) z]`` (float32) for a tile of queries and a context from
-    :func:`_group_context` (``context`` in ``proj_t``'s dtype, ``correction`` its eps term)."""
+    """``[phi(q_i) C, phi(q_i) z]`` (float32, without the eps term, which the caller adds) for a
+    tile of queries and a context from :func:`_group_context` (``context`` in ``proj_t``'s dtype)."""
     dash = torch.matmul(qc, proj_t)
     num = _mm(dash.sub_(dash.amax(dim=-1, keepdim=True)).exp_(), context, c)
     return num.mul_(_row_scale(qc, c))
@@ -410,11 +410,18 @@ class FirstLayerCache:
         """Whether this forward pass of ``model`` can use the cache."""
         if model.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return False
-        attn = self._blocks(model)[1]
+        attn_block, attn, _ = self._blocks(model)
         if type(attn.fast_attention) is not FastFavorAttention or attn.local_attn is not None:
             return False
+        # Hooks on these modules (e.g. the attention scores of model.attention) must see whole cells.
+        watched = (attn_block, attn_block.norm, attn, attn.to_q, attn.to_k, attn.to_v, attn.to_out, attn.fast_attention)
+        if any(m._forward_hooks or m._forward_pre_hooks for m in watched) or nn.modules.module._global_forward_hooks \
+                or nn.modules.module._global_forward_pre_hooks:
+            return False
         fa = attn.fast_attention
-        return not (fa.causal or fa.no_projection or fa.generalized_attention)
+        if fa.causal or fa.no_projection or fa.generalized_attention:
+            return False
+        return bool(((tokens != 0).sum(dim=1) <= self.max_expressed * tokens.shape[1]).any())
 
     def _weights_key(self, model: nn.Module, low: torch.dtype) -> tuple[Any, ...]:
         attn_block, attn, _ = self._blocks(model)

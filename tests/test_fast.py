@@ -268,3 +268,18 @@ def test_first_layer_cache_not_used_in_training_or_with_gradients() -> None:
     with torch.no_grad():
         fast(tokens)
     assert fast.first_layer_cache.key is not None
+
+
+def test_first_layer_cache_steps_aside_for_hooks() -> None:
+    """Attention scores hook the q/k projections of a layer: with hooks on the first layer the
+    cache is not used, so the hooks see whole cells and the scores are those of the plain model."""
+    from model.attention import attention_received
+
+    plain, _ = _pair("classifier", n_genes=60)
+    fast = prepare_for_speed(copy.deepcopy(plain))
+    plain.eval(), fast.eval()
+    tokens = _sparse_tokens(4, 60)
+    for layer, cache_used in ((0, False), (-1, True)):
+        torch.testing.assert_close(attention_received(fast, tokens, layer=layer), attention_received(plain, tokens, layer=layer),
+                                   rtol=1e-4, atol=1e-5)
+        assert (fast.first_layer_cache.key is not None) == cache_used
