@@ -176,6 +176,15 @@ class RevisionReport:
         }
 
 
+def _as_set(vocab: Collection[str] | None) -> Collection[str] | None:
+    return vocab if vocab is None or isinstance(vocab, (set, frozenset, dict)) else set(vocab)
+
+
+def _all_in(names: Sequence[str], vocab_set: Collection[str] | None) -> bool:
+    """Whether ``vocab_set`` is given and holds every one of ``names``."""
+    return vocab_set is not None and all(isinstance(n, str) and n in vocab_set for n in names)
+
+
 def revise_symbols(
     names: Sequence[str],
     vocab: Collection[str] | None = None,
@@ -192,17 +201,12 @@ def revise_symbols(
     collide keep one gene only: the one whose name was unchanged, else the
     first. Matching is case-sensitive; no ortholog mapping is done.
     """
-    if table is None:
+    vocab_set = _as_set(vocab)
+    if table is None and not _all_in(names, vocab_set):  # names all in the vocabulary need no table (~1 s to read)
         table = load_gene_table()
-    vocab_set: Collection[str] | None
-    if vocab is None or isinstance(vocab, (set, frozenset, dict)):
-        vocab_set = vocab
-    else:
-        vocab_set = set(vocab)
-
-    symbols = table.symbols
-    aliases = table.alias_to_symbols
-    ensembl = table.ensembl_to_symbol
+    symbols = table.symbols if table is not None else frozenset()
+    aliases = table.alias_to_symbols if table is not None else {}
+    ensembl = table.ensembl_to_symbol if table is not None else {}
     ensembl_match = _ENSEMBL_GENE.fullmatch
 
     targets: list[str | None] = [None] * len(names)
@@ -289,6 +293,8 @@ class SpeciesCheck:
 
 def check_species(names: Sequence[str], vocab: Collection[str] | None = None, table: GeneTable | None = None) -> SpeciesCheck:
     """Count mouse-style names and how many match the human table (or ``vocab``) as they are or upper-cased."""
+    if table is None and _all_in(names, _as_set(vocab)):
+        return SpeciesCheck(n_names=len(names), n_mouse_style=sum(bool(_MOUSE_STYLE.fullmatch(n)) for n in names), n_as_is=len(names))
     if table is None:
         table = load_gene_table()
     known: Collection[str] = table.symbols if vocab is None else set(vocab) | table.symbols

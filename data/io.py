@@ -6,10 +6,10 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
-import scanpy as sc
 from scipy import sparse
 
 READABLE = ".h5ad, 10x .h5, a 10x matrix folder (matrix.mtx[.gz] + genes/features + barcodes), .mtx, .csv/.tsv[.gz]"
@@ -17,6 +17,13 @@ READABLE = ".h5ad, 10x .h5, a 10x matrix folder (matrix.mtx[.gz] + genes/feature
 
 class InputError(ValueError):
     """Bad user input; the message says what was wrong and what to do."""
+
+
+def _scanpy() -> Any:
+    """scanpy, imported on first use: it takes seconds, and ``.h5ad`` input needs only anndata."""
+    import scanpy
+
+    return scanpy
 
 
 def read_cells(path: str | Path, transpose: bool = False) -> ad.AnnData:
@@ -32,18 +39,18 @@ def read_cells(path: str | Path, transpose: bool = False) -> ad.AnnData:
         if path.is_dir():
             if not any((path / f).exists() for f in ("matrix.mtx", "matrix.mtx.gz")):
                 raise InputError(f"{path} is a folder but holds no matrix.mtx[.gz]: give a 10x matrix folder or a file ({READABLE})")
-            adata = sc.read_10x_mtx(path, var_names="gene_symbols", make_unique=False)
+            adata = _scanpy().read_10x_mtx(path, var_names="gene_symbols", make_unique=False)
         elif path.stat().st_size == 0:
             raise InputError(f"{path} is empty (0 bytes): the file was not written completely; produce it again")
         elif name.endswith(".h5ad"):
             adata = ad.read_h5ad(path)
         elif name.endswith(".h5"):
-            adata = sc.read_10x_h5(path)
+            adata = _scanpy().read_10x_h5(path)
         elif name.endswith((".mtx", ".mtx.gz")):
-            adata = sc.read_mtx(path)
+            adata = _scanpy().read_mtx(path)
         elif name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")):
             delim = "," if ".csv" in name else "\t"
-            adata = sc.read_csv(path, delimiter=delim) if delim == "," else sc.read_text(path, delimiter=delim)
+            adata = _scanpy().read_csv(path, delimiter=delim) if delim == "," else _scanpy().read_text(path, delimiter=delim)
         else:
             raise InputError(f"cannot tell the format of {path} from its name; supported: {READABLE}")
     except InputError:

@@ -17,7 +17,6 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
 from scipy import sparse
 
 from data.genes import check_species, mouse_to_human, revise_symbols
@@ -332,6 +331,8 @@ def prepare(
                                  f"after filtering; use more cells or drop --n-top-genes")
             # scanpy's dispersion statistics assume natural-log data.
             tmp = ad.AnnData(X=X * np.float32(math.log(2.0)))
+            import scanpy as sc  # imported on use: it takes seconds
+
             try:
                 sc.pp.highly_variable_genes(tmp, n_top_genes=n_top_genes, flavor="seurat")
             except (IndexError, ValueError) as e:  # scanpy fails on degenerate data (e.g. no variable gene)

@@ -18,7 +18,7 @@ from data.gene2vec import embeddings_for_vocab, read_npy_embeddings, read_word2v
 from data.io import InputError, read_cells
 from data.preprocess import PREP_KEY, prepare
 from model.checkpoint import Checkpoint, load_checkpoint
-from model.fast import tune_allocator
+from model.fast import prepare_for_speed, tune_allocator
 from model.training import autocast, make_loader, predict
 
 log = logging.getLogger("scbert")
@@ -228,7 +228,8 @@ def embed_cells(
     prepared, rep = prepare(adata, genes=ckpt.genes, min_genes=None, target_sum=ckpt.preprocessing.get("target_sum", 1e4), what="the cells", species=species)
     ds = CellDataset(prepared.X, ckpt.config.bin_num)
     device = torch.device(device)
-    net = ckpt.build_model().to(device)
+    net = prepare_for_speed(ckpt.build_model()).to(device)
+    tune_allocator()
     out = []
     bar = tqdm(total=len(ds), desc="embed", unit="cell", disable=not progress, leave=False)
     with torch.no_grad():
