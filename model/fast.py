@@ -84,10 +84,6 @@ def _grouping(slices: int, n: int, m: int, dtype: torch.dtype = torch.float32) -
     return 1, _rows(n, m, tile)
 
 
-def _low(x: Tensor, c: _Consts) -> Tensor:
-    return x if c.mm_dtype is None else x.to(c.mm_dtype)
-
-
 def _addmm_(acc: Tensor, a: Tensor, b: Tensor, c: _Consts) -> None:
     """``acc += a @ b`` in place, for matrices or (group, ., .) stacks (``b`` already in
     ``c.mm_dtype``): fused in float32."""
@@ -110,6 +106,18 @@ def _row_scale(x: Tensor, c: _Consts) -> Tensor:
     return sq.mul_(-c.diag_scale).add_(c.log_ratio).exp_()
 
 
+def _weighted_values(k: Tensor, v: Tensor, c: _Consts) -> Tensor:
+    """``[w v, w]`` (float32, rows x (e + 1)) with each key's factor ``w = ratio * exp(-|k|^2 s)``."""
+    w = _row_scale(k, c)
+    return torch.cat([v.float() * w, w], dim=-1)
+
+
+def _query_tile(x: Tensor, proj_t: Tensor) -> Tensor:
+    """``exp(x P' - max)`` with each row's own maximum: the exp part of the query features."""
+    dash = torch.matmul(x, proj_t)
+    return dash.sub_(dash.amax(dim=-1, keepdim=True)).exp_()
+
+
 def _group_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts, rows: int) -> tuple[Tensor, Tensor]:
     """``[sum_j phi(k_j) v_j, sum_j phi(k_j)]`` (features, e + 1) of one slice (n, .), or
     (group, features, e + 1) of a stack of slices (group, n, .), eps included, in float32, and the
@@ -119,8 +127,7 @@ def _group_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts, rows: int
     values (``[w v, w]``), so the big tile is only ``exp(k P' - max)``, in ``proj_t``'s dtype, with
     its largest entries (those that count) exact to that dtype's precision."""
     n, e, m = kk.shape[-2], vv.shape[-1], proj_t.shape[1]
-    w = _row_scale(kk, c)
-    vw = torch.cat([vv.float() * w, w], dim=-1).to(proj_t.dtype)
+    vw = _weighted_values(kk, vv, c).to(proj_t.dtype)
     acc = kk.new_zeros(*kk.shape[:-2], m, e + 1, dtype=torch.float32)
     top: Tensor | None = None
     for s in range(0, n, rows):
@@ -142,9 +149,7 @@ def _group_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts, rows: int
 def _query_numerators(qc: Tensor, proj_t: Tensor, context: Tensor, c: _Consts) -> Tensor:
     """``[phi(q_i) C, phi(q_i) z]`` (float32, without the eps term, which the caller adds) for a
     tile of queries and a context from :func:`_group_context` (``context`` in ``proj_t``'s dtype)."""
-    dash = torch.matmul(qc, proj_t)
-    num = _mm(dash.sub_(dash.amax(dim=-1, keepdim=True)).exp_(), context, c)
-    return num.mul_(_row_scale(qc, c))
+    return _mm(_query_tile(qc, proj_t), context, c).mul_(_row_scale(qc, c))
 
 
 def _group(g0: int, g1: int) -> int | slice:
@@ -235,8 +240,7 @@ class _Favor(torch.autograd.Function):
             dcontext = torch.zeros_like(context)
             for s in range(0, n, rows):
                 qc = qf[sl, s : s + rows]
-                dash = torch.matmul(qc, proj_t)
-                ef = dash.sub_(dash.amax(dim=-1, keepdim=True)).exp_()
+                ef = _query_tile(qc, proj_t)
                 scale = _row_scale(qc, c)
                 num = _mm(ef, cl, c).mul_(scale).add_(correction)
                 den = num[..., e:]
@@ -374,7 +378,6 @@ def fast_attention_enabled(model: nn.Module) -> bool:
     return any(type(module) is FastFavorAttention for module in model.modules())
 
 
-
 class FirstLayerCache:
     """The first encoder layer's work on unexpressed genes, done once per model instead of per cell.
 
@@ -445,25 +448,19 @@ class FirstLayerCache:
         fa = attn.fast_attention
         c = _Consts(fa.dim_heads, fa.nb_features, 1e-4, None if low == torch.float32 else low)
         proj = (fa.projection_matrix.float() * c.normaliser).t().contiguous()
+        proj_low = proj.to(low)
         q, k, v = self._qkv(model, x, low)
         heads = []
         for hi in range(attn.heads):
             kd = torch.matmul(k[:, hi].float(), proj)
             row_max = kd.amax(dim=-1)
             top = row_max.max()
-            qd = torch.matmul(q[:, hi], proj.to(low))
             heads.append({
-                "context": torch.matmul(kd.sub_(top).exp_().t(), self._weighted_values(k[:, hi], v[:, hi], c)),  # relative to ``top``
+                "context": torch.matmul(kd.sub_(top).exp_().t(), _weighted_values(k[:, hi], v[:, hi], c)),  # relative to ``top``
                 "top": top, "row_max": row_max, "order": row_max.argsort(descending=True), "v_sum": v[:, hi].float().sum(dim=0),
-                "query_exp": qd.sub_(qd.amax(dim=-1, keepdim=True)).exp_(), "query_scale": _row_scale(q[:, hi], c),
+                "query_exp": _query_tile(q[:, hi], proj_low), "query_scale": _row_scale(q[:, hi], c),
             })
-        self.state = {"q": q, "k": k, "v": v, "proj": proj, "proj_low": proj.to(low), "consts": c, "heads": heads, "n": n}
-
-    @staticmethod
-    def _weighted_values(k: Tensor, v: Tensor, c: _Consts) -> Tensor:
-        """``[w v, w]`` (float32) with each key's factor ``w`` (see :func:`_group_context`)."""
-        w = _row_scale(k, c)
-        return torch.cat([v.float() * w, w], dim=-1)
+        self.state = {"q": q, "k": k, "v": v, "proj": proj, "proj_low": proj_low, "consts": c, "heads": heads, "n": n}
 
     def first_layer(self, model: nn.Module, tokens: Tensor, x: Tensor) -> Tensor:
         """``x`` (the embedded ``tokens``, batch x genes x dim) after the first encoder layer."""
@@ -517,17 +514,17 @@ class FirstLayerCache:
         rest_top = hd["row_max"][rest[0]] if rest.numel() else hd["row_max"].new_tensor(-math.inf)
         kd = torch.matmul(ks.float(), proj)
         top = torch.maximum(rest_top, kd.amax()) if ks.shape[0] else rest_top
-        acc = torch.matmul(kd.sub_(top).exp_().t(), self._weighted_values(ks, vs, c))
+        acc = torch.matmul(kd.sub_(top).exp_().t(), _weighted_values(ks, vs, c))
         k0, v0 = st["k"][:, hi], st["v"][:, hi]
         if rest.numel() and float(hd["top"] - rest_top) <= self.max_rescale:
             cached = hd["context"]
             if expressed.numel():
                 kd0 = torch.matmul(k0[expressed].float(), proj).sub_(hd["top"]).exp_()
-                cached = cached - torch.matmul(kd0.t(), self._weighted_values(k0[expressed], v0[expressed], c))
+                cached = cached - torch.matmul(kd0.t(), _weighted_values(k0[expressed], v0[expressed], c))
             acc += cached * torch.exp(hd["top"] - top)
         elif rest.numel():
             kd0 = torch.matmul(k0[rest].float(), proj).sub_(top).exp_()
-            acc += torch.matmul(kd0.t(), self._weighted_values(k0[rest], v0[rest], c))
+            acc += torch.matmul(kd0.t(), _weighted_values(k0[rest], v0[rest], c))
         v_sum = hd["v_sum"] + vs.float().sum(dim=0) - v0[expressed].float().sum(dim=0)
         acc[:, :e] += c.ce * v_sum
         acc[:, e] += n * c.ce
