@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli import add_bool, add_log_args, add_published_args, parser, positive_int
+from model.cli.args import add_batch_size, add_bool, add_device, add_log_args, add_precision, add_published_args, parser, positive_int
 
 EXAMPLE = """
 python attn_analysis.py --data prep_train.h5ad --model runs/finetune/model.pt --label-key celltype --out runs/attention
@@ -47,10 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output and run")
     g.add_argument("--heatmap-genes", type=positive_int, default=10, help="top genes per cell type shown in the heatmap (default: 10)")
     add_bool(g, "--umap", default=False, help="also plot a UMAP of the model's cell embeddings of all cells, coloured by label and prediction (needs a fine-tuned model)")
-    g.add_argument("--batch-size", "--batch_size", type=positive_int, default=16, help="cells per forward pass (default: 16)")
+    add_batch_size(g, 16)
     g.add_argument("--seed", type=int, default=0, help="random seed for the cell subsample and the UMAP (default: 0)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda when available)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="arithmetic precision of the encoder (default: fp32)")
+    add_device(g)
+    add_precision(g)
     add_bool(g, "--overwrite", default=False, help="replace the outputs of an earlier run in --out")
     add_log_args(g)
     return p
@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_set_size < args.min_set_size:
         p.error("--max-set-size must be at least --min-set-size")
 
-    from model.analysis import run_attention
+    from model.cli.attention import run
 
-    run_attention(args)
+    run(args)
 
 
 if __name__ == "__main__":

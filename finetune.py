@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli import add_bool, add_common, add_model_args, add_published_args, add_training_args, fraction, parser
+from model.cli.args import add_bool, add_common, add_model_args, add_published_args, add_training_args, fraction, parser
 
 EXAMPLE = """
 python finetune.py --data prep/pbmc3k.h5ad --label-key celltype --pretrained runs/pretrain/model.pt --out runs/finetune
@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.train_all and args.head_only:
         p.error("--train-all and --head-only exclude each other: choose one")
 
-    from model.stages import run_finetune
+    from model.cli.finetune import run
 
-    run_finetune(args)
+    run(args)
 
 
 if __name__ == "__main__":

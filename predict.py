@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli import add_bool, add_log_args, add_published_args, add_speed_args, parser, positive_int
+from model.cli.args import add_batch_size, add_bool, add_device, add_log_args, add_precision, add_published_args, add_speed_args, parser
 
 EXAMPLE = """
 python predict.py --data query.h5ad --model runs/finetune/model.pt --out query_annotated.h5ad --csv query_labels.csv
@@ -32,10 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minimum top probability (0-1) to assign a type; below it a cell is 'Unassigned' (default: 0.5)")
     add_bool(p, "--novel_type", "--novel-type", default=True, help="published flag: false never reports Unassigned")
     p.add_argument("--label-key", default=None, help="obs column with known labels: prints accuracy and macro-F1, plots a confusion matrix (default: none)")
-    p.add_argument("--batch-size", "--batch_size", type=positive_int, default=16, help="cells per forward pass (default: 16)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda when available)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="arithmetic precision (default: fp32; bf16 pays off on GPUs and CPUs with native bf16 (AVX-512 BF16/AMX), see BENCHMARKS.md)")
+    add_batch_size(p, 16)
+    add_device(p)
+    add_precision(p)
     add_speed_args(p)
     add_bool(p, "--overwrite", default=False, help="replace existing outputs")
     add_log_args(p)
@@ -48,9 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     if not 0.0 <= args.threshold <= 1.0:
         p.error("--threshold must be between 0 and 1")
 
-    from model.stages import run_predict
+    from model.cli.predict import run
 
-    run_predict(args)
+    run(args)
 
 
 if __name__ == "__main__":

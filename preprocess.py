@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from model.cli import add_bool, add_log_args, fail, parser, setup_logging
+from model.cli.args import add_bool, add_log_args, add_min_genes, parser
 
 EXAMPLE = """
 python preprocess.py --data data/pbmc3k_labeled.h5ad --out prep/pbmc3k.h5ad --n-top-genes 2000
@@ -28,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "genes_per_cell.png (default: OUT without .h5ad, plus _run)")
     p.add_argument("--vocab", default=None, help="target vocabulary: a gene list (one per line), a checkpoint, or an .h5ad whose genes to use (default: none)")
     p.add_argument("--n-top-genes", type=int, default=None, help="keep only this many highly variable genes (smaller, faster models; ignored with --vocab; default: all genes)")
-    p.add_argument("--min-genes", type=int, default=200, help="drop cells expressing fewer genes (default: 200, as published; 0 keeps all)")
+    add_min_genes(p)
     p.add_argument("--species", choices=["auto", "human", "mouse"], default="auto",
                    help="gene names: 'auto' (default) maps names that look like mouse symbols (Gapdh) to human ones by "
                    "upper-casing, with a warning; 'mouse' always does; 'human' never does")
@@ -44,41 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.n_top_genes is not None and args.n_top_genes < 1:
         p.error("--n-top-genes must be at least 1")
-    setup_logging(args.quiet, level=args.log_level)
 
-    import logging
+    from model.cli.preprocess import run
 
-    import numpy as np
-
-    from data.io import InputError, check_writable, read_cells, record_dir, write_h5ad_atomic
-    from data.preprocess import plot_genes_per_cell, prepare
-    from data.vocab import load_vocab
-    from model.cli import start_run, write_json
-
-    log = logging.getLogger("scbert")
-    try:
-        out = check_writable(args.out, args.overwrite)
-    except InputError as e:
-        fail(str(e))
-    run_dir = start_run(args.run_dir or record_dir(out), args, protected=("summary.txt",))
-    try:
-        genes = load_vocab(args.vocab) if args.vocab else None
-        raw = read_cells(args.data, transpose=args.transpose)
-        if args.label_key and args.label_key not in raw.obs:
-            raise InputError(f"--label-key {args.label_key!r} is not a column of {args.data}; available: {list(raw.obs.columns)}")
-        n_expr = np.diff(raw.X.indptr)
-        adata, rep = prepare(raw, genes=genes, n_top_genes=None if genes else args.n_top_genes, min_genes=args.min_genes or None,
-                             what=str(args.data), species=args.species)
-        for line in rep.lines(with_warnings=False):
-            log.info(line)
-        write_h5ad_atomic(adata, out)
-    except InputError as e:
-        fail(str(e))
-    write_json(run_dir / "metrics.json", rep.to_dict())
-    plot_genes_per_cell(n_expr, args.min_genes, run_dir / "genes_per_cell.png", f"{Path(args.data).name}: {raw.n_obs} cells")
-    lines = [*rep.lines(), f"wrote {out} ({adata.n_obs} cells x {adata.n_vars} genes); run record in {run_dir}"]
-    (run_dir / "summary.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    log.info(lines[-1])
+    run(args)
 
 
 if __name__ == "__main__":

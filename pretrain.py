@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli import add_bool, add_common, add_model_args, add_training_args, fraction, parser, positive_int
+from model.cli.args import add_bool, add_common, add_model_args, add_training_args, fraction, parser, positive_int
 
 EXAMPLE = """
 python pretrain.py --data prep/pbmc3k.h5ad prep/immune.h5ad --out runs/pretrain \\
@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     p = build_parser()
     args = p.parse_args(argv)
 
-    from model.stages import run_pretrain
+    from model.cli.pretrain import run
 
-    run_pretrain(args)
+    run(args)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ to worker processes.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,9 @@ import numpy as np
 from scipy import sparse
 
 from data.io import InputError
-from data.preprocess import PREP_KEY
+from data.preprocess import MIN_GENES, PREP_KEY, read_prepared
+
+log = logging.getLogger("scbert")
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -172,3 +176,37 @@ class H5adCorpus:
         if total <= n:
             return self[np.arange(total)]
         return self[np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))]
+
+
+@dataclass
+class Corpus:
+    """Cells to pretrain on: ``X`` (an in-memory CSR matrix, or an on-disk :class:`H5adCorpus`) on
+    the vocabulary ``genes``, and the cells gene2vec is computed from (with ``backed``, a seeded
+    sample; None when not needed)."""
+
+    X: Any
+    genes: list[str]
+    gene2vec_cells: Any = None
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.X.shape[0])
+
+
+def read_corpus(paths: Sequence[str | Path], genes: Sequence[str] | None = None, min_genes: int | None = MIN_GENES,
+                backed: bool = False, gene2vec_cells: int | None = None, seed: int = 0) -> Corpus:
+    """The pretraining corpus of ``paths`` on ``genes`` (default: the first file's). In memory the
+    files are read and preprocessed (cells with fewer than ``min_genes`` genes dropped); with
+    ``backed`` they stay on disk (files written by preprocess.py) and ``gene2vec_cells`` cells are
+    sampled (seeded) for gene2vec."""
+    if not backed:
+        adata, vocab = read_prepared(paths, genes, min_genes or None)
+        return Corpus(adata.X, vocab, adata.X)
+    corpus = H5adCorpus(paths, genes)
+    for name, frac in corpus.coverage.items():
+        if frac < 0.5:
+            log.warning("WARNING: %s holds only %.0f%% of the %d vocabulary genes; the others are treated as not expressed",
+                        name, 100 * frac, len(corpus.genes))
+    log.info("reading %d cells from %d file(s) on disk, a batch at a time", corpus.shape[0], len(corpus.paths))
+    sample = corpus.sample(gene2vec_cells, seed) if gene2vec_cells else None
+    return Corpus(corpus, corpus.genes, sample)

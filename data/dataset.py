@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import sparse
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 IGNORE_INDEX = -100
 
@@ -69,6 +69,20 @@ class CellDataset(Dataset):
         rows = np.asarray(rows, dtype=np.int64)
         X = self.X.subset(rows) if is_row_source(self.X) else self.X[rows]
         return CellDataset(X, self.bin_num, None if self.labels is None else self.labels[torch.from_numpy(rows)].numpy())
+
+    def loader(self, batch_size: int, rows: Sequence[int] | np.ndarray | None = None, num_workers: int = 0) -> DataLoader:
+        """Batches of all cells in order, or of the cells ``rows`` in that order (``batch['index']``
+        are indices of this dataset), tokenised in ``num_workers`` processes (0: in this one).
+
+        A loader over all cells draws its workers' base seed from the global torch generator, as a
+        plain DataLoader does; one over given rows has its own generator and leaves the global
+        one untouched. (Training runs reproduce earlier releases' numbers only with both kept so.)
+        """
+        if rows is None:
+            return DataLoader(self, batch_size=batch_size, sampler=SequentialSampler(self), collate_fn=self.collate,
+                              num_workers=num_workers, persistent_workers=num_workers > 0)
+        return DataLoader(self, batch_size=batch_size, sampler=np.asarray(rows).tolist(), collate_fn=self.collate,
+                          num_workers=num_workers, generator=torch.Generator())
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)

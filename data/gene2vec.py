@@ -24,7 +24,6 @@ import io
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,9 @@ from typing import IO, Any
 import numpy as np
 import scipy.sparse as sp
 
-logger = logging.getLogger(__name__)
+from data.io import atomic_write
+
+log = logging.getLogger("scbert")
 
 PathLike = str | os.PathLike
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -186,6 +187,7 @@ def embeddings_for_vocab(
         missing_examples=_missing_examples(vocab, found_mask),
         extra={"n_table_genes": len(genes)},
     )
+    log.info("gene2vec: %s", report.summary())
     return out, report
 
 
@@ -318,22 +320,16 @@ def save_word2vec_text(path: PathLike, genes: Sequence[str], matrix: np.ndarray)
         if not str(g) or any(ch.isspace() for ch in str(g)):
             raise ValueError(f"gene name {g!r} is empty or contains whitespace")
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            # Closing the text wrapper closes the gzip stream (writing its trailer), not ``raw``.
-            stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="wb") if path.suffix == ".gz" else raw
-            with io.TextIOWrapper(stream, encoding="utf-8", newline="\n") as fh:
-                fh.write(f"{matrix.shape[0]} {matrix.shape[1]}\n")
-                for g, row in zip(genes, matrix):
-                    fh.write(str(g) + " " + " ".join(f"{v:.9g}" for v in row.tolist()) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as raw:
+        stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="wb") if path.suffix == ".gz" else raw
+        fh = io.TextIOWrapper(stream, encoding="utf-8", newline="\n")
+        fh.write(f"{matrix.shape[0]} {matrix.shape[1]}\n")
+        for g, row in zip(genes, matrix):
+            fh.write(str(g) + " " + " ".join(f"{v:.9g}" for v in row.tolist()) + "\n")
+        fh.flush()
+        fh.detach()  # leaves ``stream`` open: closing it is the gzip trailer's job, and ``raw`` is atomic_write's
+        if stream is not raw:
+            stream.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,5 +569,5 @@ def train_gene2vec(
             "seconds_training": round(t_train, 3),
         },
     )
-    logger.info(report.summary())
+    log.info("gene2vec: %s", report.summary())
     return out, report

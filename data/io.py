@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import anndata as ad
 import numpy as np
@@ -111,17 +114,53 @@ def record_dir(out: str | Path) -> Path:
     return out.with_name(f"{out.name[:-5] if out.name.endswith('.h5ad') else out.name}_run")
 
 
-def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> None:
-    """Write to a temporary file and rename, so a failure never leaves a half-written .h5ad."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path next to ``path`` to write to; when the block ends without an error it
+    replaces ``path`` (a crash or an error leaves no partial file, and the old file is kept)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".h5ad", dir=path.parent)
+    parent = path.parent if str(path.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=parent)
     os.close(fd)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            adata.write_h5ad(tmp, compression="gzip")
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w", fsync: bool = False) -> Iterator[IO[Any]]:
+    """An open file (text in UTF-8, or binary with ``mode="wb"``) whose content replaces ``path``
+    atomically when the block ends without an error; see :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": "\n"})) as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically (values JSON does not know are written as text)."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` atomically."""
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> None:
+    """Write a gzip-compressed .h5ad atomically (a failure never leaves a half-written file)."""
+    with atomic_path(path, suffix=".h5ad") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        adata.write_h5ad(tmp, compression="gzip")

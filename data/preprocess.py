@@ -26,6 +26,9 @@ log = logging.getLogger("scbert")
 
 TARGET_SUM = 1e4
 LOG_BASE = 2.0
+MIN_GENES = 200  # cells expressing fewer genes are dropped before training, as published
+# How a model's inputs were normalised; stored in every checkpoint (``Checkpoint.preprocessing``).
+DEFAULT_PREPROCESSING: dict[str, Any] = {"target_sum": TARGET_SUM, "log_base": LOG_BASE, "min_genes": MIN_GENES}
 MIN_VOCAB_FRACTION = 0.5
 SPECIES = ("auto", "human", "mouse")
 PREP_KEY = "scbert_preprocess"  # uns key preprocess.py writes: the values are log2-normalised already
@@ -240,7 +243,7 @@ def prepare(
     adata: ad.AnnData,
     genes: Sequence[str] | None = None,
     n_top_genes: int | None = None,
-    min_genes: int | None = 200,
+    min_genes: int | None = MIN_GENES,
     target_sum: float = TARGET_SUM,
     what: str = "the input",
     species: str = "auto",
@@ -352,21 +355,28 @@ def prepare(
     return out, rep
 
 
-def plot_genes_per_cell(n_genes: np.ndarray, min_genes: int | None, path: Path, title: str = "") -> None:
-    """Histogram of expressed genes per cell, with the --min-genes cut, as a PNG."""
-    import matplotlib
+def read_prepared(paths: Sequence[str | Path], genes: Sequence[str] | None = None, min_genes: int | None = MIN_GENES,
+                  species: str = "auto") -> tuple[ad.AnnData, list[str]]:
+    """Read one or more files and preprocess them onto one vocabulary: ``genes``, or else the
+    first file's genes (several files: their cells stacked, ``obs['source_file']`` naming each
+    cell's file). Files already written by preprocess.py are not normalised again."""
+    from data.io import read_cells
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.hist(n_genes, bins=50, color="tab:blue")
-    if min_genes:
-        ax.axvline(min_genes, color="tab:red", ls="--", label=f"--min-genes {min_genes}: {int((n_genes < min_genes).sum())} cells dropped")
-        ax.legend(fontsize=8)
-    ax.set_xlabel("expressed genes per cell")
-    ax.set_ylabel("cells")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    parts: list[ad.AnnData] = []
+    for path in paths:
+        raw = read_cells(path)
+        adata, rep = prepare(raw, genes=genes, min_genes=None if PREP_KEY in raw.uns else min_genes, what=str(path), species=species)
+        for line in rep.lines(with_warnings=False):
+            log.info("%s: %s", Path(path).name, line)
+        if genes is None:
+            genes = list(adata.var_names)
+        parts.append(adata)
+    assert genes is not None
+    if len(parts) == 1:
+        return parts[0], list(genes)
+    X = sparse.vstack([p.X for p in parts], format="csr")
+    obs = ad.concat([ad.AnnData(obs=p.obs) for p in parts], join="outer", label="source_file",
+                    keys=[Path(p).name for p in paths], index_unique="-").obs
+    out = ad.AnnData(X=X, obs=obs)
+    out.var_names = list(genes)
+    return out, list(genes)

@@ -7,6 +7,7 @@
 >>> adata.obs["scbert_celltype"].value_counts()
 >>> embed(adata, model="runs/pretrain/model.pt")        # obsm["X_scbert"] from any checkpoint
 
+For the result object itself (tables, reports, plots), use :func:`model.inference.annotate`.
 Bad input raises :class:`InputError` (a ``ValueError``) or :class:`CheckpointError` with a message
 saying what was wrong and what to do; corrections (mapped gene names, recovered counts...) are
 logged as warnings on the ``scbert`` logger and recorded in ``uns``.
@@ -22,30 +23,33 @@ import anndata as ad
 import numpy as np
 
 from data.io import InputError
-from data.preprocess import prepare
-from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from data.preprocess import MIN_GENES, prepare
+from data.vocab import read_name_list
+from model import inference
+from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_vocab
+from model.nn.config import ExecutionOptions
+from model.nn.network import POOLINGS
+from model.runtime import resolve_device
 
 __all__ = ["CheckpointError", "InputError", "annotate", "embed", "load_model", "preprocess"]
 
 ModelLike = str | Path | Checkpoint
+Names = list[str] | str | Path | None
 
 
-def load_model(model: ModelLike, genes: list[str] | str | Path | None = None, classes: list[str] | str | Path | None = None) -> Checkpoint:
+def _names(x: Names, kind: str) -> list[str] | None:
+    return None if x is None else read_name_list(x, kind) if isinstance(x, (str, Path)) else [str(v) for v in x]
+
+
+def load_model(model: ModelLike, genes: Names = None, classes: Names = None) -> Checkpoint:
     """A checkpoint: ours (model.pt) or a published scBERT .pth with its ``genes`` (and ``classes``),
     given as lists or as files with one name per line. Loaded without executing code."""
     if isinstance(model, Checkpoint):
         return model
-    from data.vocab import read_gene_list
-
-    def names(x: list[str] | str | Path | None) -> list[str] | None:
-        return None if x is None else read_gene_list(x) if isinstance(x, (str, Path)) else [str(v) for v in x]
-
-    return load_checkpoint(model, genes=names(genes), classes=names(classes))
+    return load_checkpoint(model, genes=_names(genes, "genes"), classes=_names(classes, "classes"))
 
 
 def _device(device: str | Any) -> Any:
-    from model.training import resolve_device
-
     return resolve_device(device) if isinstance(device, str) else device
 
 
@@ -75,21 +79,14 @@ def annotate(
 
     Every cell is kept, in order. Modifies ``adata`` in place and returns it (a copy with ``copy``).
     """
-    from model.pipeline import annotate as run
-
     _check_adata(adata)
     if not 0.0 <= threshold <= 1.0:
         raise InputError(f"threshold must be between 0 and 1, got {threshold}")
     ckpt = load_model(model)
     target = adata.copy() if copy else adata
-    annotated, _ = run(target, ckpt, threshold, batch_size, _device(device), precision, key_added, progress=progress, species=species)
-    for key in (f"{key_added}_celltype", f"{key_added}_confidence"):
-        target.obs[key] = annotated.obs[key].to_numpy()
-    for key in (f"{key_added}_probabilities", f"X_{key_added}"):
-        target.obsm[key] = annotated.obsm[key]
-    for key in (f"{key_added}_classes", f"{key_added}_threshold", f"{key_added}_annotation"):
-        target.uns[key] = annotated.uns[key]
-    return target
+    result = inference.annotate(target, ckpt, threshold, batch_size, _device(device), ExecutionOptions(precision=precision),
+                                progress=progress, species=species)
+    return result.to_adata(target, key_added)
 
 
 def embed(
@@ -108,15 +105,12 @@ def embed(
     """Cell embeddings from any checkpoint (pretrained or fine-tuned) into ``obsm[key_added]``:
     the final encodings averaged over all genes (``pooling='mean'``) or over expressed genes
     (``'expressed'``). Modifies ``adata`` in place and returns it (a copy with ``copy``)."""
-    from model.pipeline import embed_cells
-    from model.scbert import POOLINGS
-
     _check_adata(adata)
     if pooling not in POOLINGS:
         raise InputError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     ckpt = load_model(model)
     target = adata.copy() if copy else adata
-    emb, rep = embed_cells(target, ckpt, pooling, batch_size, _device(device), precision, progress, species)
+    emb, rep = inference.embed(target, ckpt, pooling, batch_size, _device(device), ExecutionOptions(precision=precision), progress, species)
     target.obsm[key_added] = emb.astype(np.float32)
     target.uns[f"{key_added}_embedding"] = json.dumps({"model": ckpt.source, "pooling": pooling, "preprocessing": rep}, default=str)
     return target
@@ -127,14 +121,12 @@ def preprocess(
     vocab: list[str] | str | Path | Checkpoint | None = None,
     *,
     n_top_genes: int | None = None,
-    min_genes: int | None = 200,
+    min_genes: int | None = MIN_GENES,
     species: str = "auto",
 ) -> ad.AnnData:
     """What preprocess.py does, in memory: a new AnnData of log2-normalised cells on ``vocab``
     (a gene list, a gene-list/.h5ad/checkpoint path, or a loaded checkpoint) or on the input's
     own genes (``n_top_genes`` most variable). The report is in ``uns['scbert_preprocess']``."""
-    from data.vocab import load_vocab
-
     _check_adata(adata)
     if isinstance(vocab, Checkpoint):
         genes: list[str] | None = list(vocab.genes)
@@ -144,4 +136,3 @@ def preprocess(
         genes = None if vocab is None else [str(g) for g in vocab]
     out, _ = prepare(adata, genes=genes, n_top_genes=None if genes else n_top_genes, min_genes=min_genes, species=species)
     return out
-

@@ -27,6 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
+from model.runtime import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -66,8 +68,6 @@ def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]
     ``auto``); a CPU job (``--device cpu``, or no GPU) uses Gloo. Returns the state and the device.
     """
     global _INFO
-    from model.training import resolve_device
-
     if not launched_by_torchrun():
         _INFO = DistInfo()
         return _INFO, resolve_device(device_name)

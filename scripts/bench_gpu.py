@@ -70,18 +70,15 @@ def _reset_memory(device: Any) -> None:
 def build_model(args: argparse.Namespace, head: str, fast: bool, device: Any) -> Any:
     import torch
 
-    from model.config import ScBERTConfig
-    from model.fast import disable_fast_attention, prepare_for_speed
-    from model.scbert import ScBERT
+    from model.nn.config import NAIVE, ExecutionOptions, ScBERTConfig
+    from model.nn.network import ScBERT
 
     torch.manual_seed(0)
     cfg = ScBERTConfig(n_genes=args.genes, dim=args.dim, depth=args.depth, heads=args.heads, dim_head=args.dim_head,
                        head=head, n_classes=8 if head == "classifier" else 0, gene_embedding="learned")
-    model = ScBERT(cfg)
+    options = ExecutionOptions(precision=args.precision, compile=args.compile) if fast else NAIVE.replace(precision=args.precision, compile=args.compile)
+    model = ScBERT(cfg, options=options)
     model.performer.proj_updater.feature_redraw_interval = None
-    model = prepare_for_speed(model, fast=fast, compile_model=args.compile)
-    if not fast:
-        disable_fast_attention(model)
     return model.to(device)
 
 
@@ -90,9 +87,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from torch import nn
 
     from data.dataset import IGNORE_INDEX, mask_tokens
-    from model.config import ScBERTConfig
-    from model.flops import forward_cost
-    from model.training import autocast
+    from model.nn.config import ScBERTConfig
+    from model.nn.flops import forward_cost
 
     device = torch.device(args.device)
     precision = args.precision
@@ -121,7 +117,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         _reset_memory(device)
 
         def forward(model: Any = model, tokens: Any = tokens) -> None:
-            with torch.inference_mode(), autocast(device, precision):
+            with torch.inference_mode(), model.autocast():
                 model(tokens)
 
         s = _timed(forward, device, args.repeats)
@@ -140,7 +136,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             batch = torch.randint(0, 6, (args.train_batch_size, args.genes + 1), generator=gen)
 
             def step(model: Any = model, opt: Any = opt, batch: Any = batch, kind: str = kind, loss_fn: Any = loss_fn) -> None:
-                with autocast(device, precision):
+                with model.autocast():
                     if kind == "finetune":
                         loss = loss_fn(model(batch.to(device)).float(), torch.zeros(len(batch), dtype=torch.long, device=device))
                     else:

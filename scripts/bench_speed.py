@@ -50,16 +50,15 @@ N_CLASSES = 8
 def _model(args: argparse.Namespace, head: str, fast: bool) -> Any:
     import torch
 
-    from model.config import ScBERTConfig
-    from model.fast import prepare_for_speed
-    from model.scbert import ScBERT
+    from model.nn.config import NAIVE, ExecutionOptions, ScBERTConfig
+    from model.nn.network import ScBERT
 
     torch.manual_seed(0)
     cfg = ScBERTConfig(n_genes=args.genes, dim=args.dim, depth=args.depth, heads=args.heads, dim_head=args.dim_head,
                        head=head, n_classes=N_CLASSES if head == "classifier" else 0, gene_embedding="learned")
-    model = ScBERT(cfg)
+    model = ScBERT(cfg, options=ExecutionOptions(compile=args.compile) if fast else NAIVE)
     model.performer.proj_updater.feature_redraw_interval = None  # identical features for every run
-    return prepare_for_speed(model, compile_model=args.compile) if fast else model
+    return model
 
 
 def _counts(n_cells: int, n_genes: int, seed: int = 0) -> Any:
@@ -94,14 +93,13 @@ def _naive_annotate(ckpt_path: Path, query: Path) -> tuple[Any, Any]:
 
     from data.dataset import tokenize_rows
     from data.io import read_cells
-    from data.preprocess import prepare
     from model.checkpoint import load_checkpoint
+    from model.nn.config import NAIVE
 
     ck = load_checkpoint(ckpt_path)
-    model = ck.build_model().eval()
+    model = ck.build_model(NAIVE).eval()
     model.performer.proj_updater.feature_redraw_interval = None
-    adata, _ = prepare(read_cells(query), genes=ck.genes, min_genes=None,
-                       target_sum=ck.preprocessing.get("target_sum", 1e4), what=str(query))
+    adata, _ = ck.prepare(read_cells(query), what=str(query))
     probs = []
     with torch.no_grad():
         for i in range(adata.n_obs):
@@ -150,28 +148,26 @@ def case_train(args: argparse.Namespace, kind: str, fast: bool) -> dict[str, Any
     from torch import nn
 
     from data.dataset import IGNORE_INDEX, mask_tokens, tokenize_rows
-    from model.training import autocast
 
     model = _model(args, "classifier" if kind == "finetune" else "mlm", fast)
     if kind == "finetune":
         model.freeze_for_finetuning()
-    model.gradient_checkpointing = fast and args.grad_checkpointing
-    model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = args.train_batch_size if fast else 3
     precision = args.train_precision if fast else "fp32"
+    model.configure(model.options.replace(precision=precision, grad_checkpointing=fast and args.grad_checkpointing))
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     steps = args.train_steps + 1  # the first is a warm-up
     X = _counts(steps * batch, args.genes)
     X.data = X.data.clip(max=7.0)
     gen = torch.Generator().manual_seed(1)
     loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
-    device = torch.device("cpu")
     t0 = 0.0
     for s in range(steps):
         if s == 1:
             t0 = time.perf_counter()
         tokens = tokenize_rows(X, range(s * batch, (s + 1) * batch), model.config.bin_num)
-        with autocast(device, precision):
+        with model.autocast():
             if kind == "finetune":
                 loss = loss_fn(model(tokens).float(), torch.zeros(len(tokens), dtype=torch.long))
             else:
@@ -201,7 +197,7 @@ def case_scaling(args: argparse.Namespace) -> dict[str, Any]:
     """Fast forward pass (or attention-received scores with ``--what attention``) at one gene count."""
     import torch
 
-    from model.attention import attention_received
+    from model.attention.scores import attention_received
 
     model = _model(args, "classifier", fast=True).eval()
     tokens = torch.randint(0, 6, (args.batch_size, args.genes + 1))
@@ -222,15 +218,16 @@ def case_kernel(args: argparse.Namespace) -> dict[str, Any]:
     """Seconds per cell and layer of the encoder, naive vs fast, with the same allocator setting on both."""
     import torch
 
-    from model.fast import disable_fast_attention, enable_fast_attention, tune_allocator
+    from model.nn.config import NAIVE, ExecutionOptions
+    from model.runtime import tune_allocator
 
     tune_allocator()
     model = _model(args, "classifier", fast=False).eval()
     rows = []
     for fast, batch, precision in ((False, 1, "fp32"), (True, 1, "fp32"), (True, args.batch_size, "fp32"), (True, args.batch_size, "bf16")):
-        (enable_fast_attention if fast else disable_fast_attention)(model)
+        model.configure(ExecutionOptions(precision=precision, first_layer_cache=False) if fast else NAIVE)  # the kernel alone
         tokens = torch.randint(0, 6, (batch, args.genes + 1))
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.inference_mode(), model.autocast():
             best = _best_seconds(lambda tokens=tokens: model(tokens), args.repeats)
         rows.append({"path": "fast" if fast else "naive", "batch_size": batch, "precision": precision,
                      "s_per_cell_layer": best / batch / args.depth})
@@ -242,8 +239,8 @@ def case_roofline(args: argparse.Namespace) -> dict[str, Any]:
     forward FLOPs: the ceiling any implementation of the same model can reach here."""
     import torch
 
-    from model.config import ScBERTConfig
-    from model.flops import forward_cost
+    from model.nn.config import ScBERTConfig
+    from model.nn.flops import forward_cost
 
     size = 2048
     peaks = {}
@@ -258,12 +255,12 @@ def case_roofline(args: argparse.Namespace) -> dict[str, Any]:
 
 def case_agreement(args: argparse.Namespace) -> dict[str, Any]:
     """Labels of a real fine-tuned model on real cells: naive fp32, fast fp32 and fast bf16."""
-    import numpy as np
     import torch
 
     from data.io import read_cells
     from model.checkpoint import load_checkpoint
-    from model.pipeline import annotate
+    from model.inference import annotate
+    from model.nn.config import ExecutionOptions
 
     ck = load_checkpoint(args.checkpoint)
     adata = read_cells(args.query)
@@ -274,9 +271,9 @@ def case_agreement(args: argparse.Namespace) -> dict[str, Any]:
     labels = {"naive_fp32": naive.argmax(1)}
     for precision in ("fp32", "bf16"):
         t0 = time.perf_counter()
-        out, _ = annotate(adata, ck, 0.0, args.batch_size, torch.device("cpu"), precision, progress=False)
+        out = annotate(adata, ck, 0.0, args.batch_size, torch.device("cpu"), ExecutionOptions(precision=precision), progress=False)
         res[f"fast_{precision}_s"] = time.perf_counter() - t0
-        labels[f"fast_{precision}"] = np.asarray(out.obsm["scbert_probabilities"]).argmax(1)
+        labels[f"fast_{precision}"] = out.probabilities.argmax(1)
     res["agree_fast_fp32_vs_naive"] = float((labels["fast_fp32"] == labels["naive_fp32"]).mean())
     res["agree_bf16_vs_fp32"] = float((labels["fast_bf16"] == labels["fast_fp32"]).mean())
     return res

@@ -16,8 +16,8 @@ import predict
 from model import annotate, embed, load_model, preprocess
 from model.api import CheckpointError, InputError
 from model.checkpoint import save_checkpoint
-from model.config import ScBERTConfig
-from model.scbert import ScBERT
+from model.nn.config import ScBERTConfig
+from model.nn.network import ScBERT
 
 from .conftest import PBMC, REPO
 

@@ -15,10 +15,9 @@ from scipy import sparse
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attn_analysis
-from model import analysis
-from model.attention import (
+from model.attention import analysis
+from model.attention.scores import (
     attention_modules,
-    attention_per_cell,
     attention_received,
     attention_received_per_layer,
     mean_attention_by_group,
@@ -26,8 +25,8 @@ from model.attention import (
     top_genes,
 )
 from model.checkpoint import save_checkpoint
-from model.config import ScBERTConfig
-from model.scbert import ScBERT
+from model.nn.config import ScBERTConfig
+from model.nn.network import ScBERT
 
 
 def tiny_model(n_genes: int = 40, depth: int = 3, heads: int = 4, head: str = "mlm", n_classes: int = 0, seed: int = 0) -> ScBERT:
@@ -133,7 +132,8 @@ def test_dataset_level_functions(model_and_tokens: tuple[ScBERT, torch.Tensor]) 
     model, _ = model_and_tokens
     rng = np.random.default_rng(0)
     X = sparse.random(11, model.config.n_genes, density=0.3, random_state=0, format="csr", dtype=np.float32) * 6
-    per_cell = attention_per_cell(model, X, batch_size=4, progress=False)
+    cells, per_cell, _ = mean_attention_by_group(model, X, [f"cell{i:02d}" for i in range(11)], batch_size=4, progress=False)
+    assert cells == [f"cell{i:02d}" for i in range(11)]  # one group per cell: the attention of each cell
     assert per_cell.shape == (11, model.config.n_genes)
     from data.dataset import tokenize_rows
 
@@ -147,7 +147,7 @@ def test_dataset_level_functions(model_and_tokens: tuple[ScBERT, torch.Tensor]) 
     table = top_genes(means, names, [f"g{i}" for i in range(model.config.n_genes)], 5)
     assert len(table) == 15 and (table.groupby("cell_type")["score"].apply(lambda s: s.is_monotonic_decreasing)).all()
     with pytest.raises(ValueError, match="align it to the model's genes"):
-        attention_per_cell(model, X[:, :10], progress=False)
+        mean_attention_by_group(model, X[:, :10], groups, progress=False)
 
 
 class LargestTensor(TorchDispatchMode):

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.config import ScBERTConfig
-from model.flops import forward_cost
-from model.scbert import ScBERT
+from model.nn.config import NAIVE, ScBERTConfig
+from model.nn.flops import forward_cost
+from model.nn.network import ScBERT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ def test_forward_cost_matches_counted_products() -> None:
     """The analytic count agrees with torch's FLOP counter on the plain performer model (which
     computes the key sum without a product: hence the 2% tolerance)."""
     cfg = ScBERTConfig(n_genes=300, dim=16, depth=2, heads=2, dim_head=8, head="classifier", n_classes=3)
-    model = ScBERT(cfg).eval()
+    model = ScBERT(cfg, options=NAIVE).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.randint(0, 6, (1, 301)))
     cost = forward_cost(cfg)

@@ -11,18 +11,10 @@ import numpy as np
 import pytest
 from scipy import sparse
 
-from model.baselines import CentroidCorrelation, KNNReference, LogisticL1, LogisticL2, method_factories
-from model.benchmark import (
-    check_same_splits,
-    cross_splits,
-    cv_splits,
-    evaluate,
-    fewshot_splits,
-    imbalance_splits,
-    novel_splits,
-    run_benchmark,
-    select_genes,
-)
+from model.accuracy.harness import run_benchmark
+from model.accuracy.methods import CentroidCorrelation, KNNReference, LogisticL1, LogisticL2, method_factories
+from model.accuracy.protocols import cross_splits, cv_splits, fewshot_splits, imbalance_splits, novel_splits, select_genes
+from model.accuracy.report import check_same_splits, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 GENES = ["CD3D", "CD3E", "CD2", "IL7R", "CD79A", "MS4A1", "CD19", "CD22", "LYZ", "CD14", "S100A8", "S100A9", "NKG7", "GNLY",
@@ -137,7 +129,7 @@ def test_every_method_gets_the_same_split() -> None:
 
 def test_celltypist_offline() -> None:
     pytest.importorskip("celltypist")
-    from model.baselines import CellTypist
+    from model.accuracy.methods import CellTypist
 
     X, y, genes = toy()
     X = X.log1p().tolil()
@@ -151,7 +143,7 @@ def test_celltypist_offline() -> None:
 
 
 def test_cli_cross_and_novel_with_tiny_scbert(tmp_path: Path) -> None:
-    from scripts.benchmark import main
+    from scripts.accuracy_benchmark import main
 
     data = toy_h5ad(tmp_path / "toy.h5ad")
     out = tmp_path / "cross"
@@ -180,7 +172,7 @@ def test_cli_cross_and_novel_with_tiny_scbert(tmp_path: Path) -> None:
 
 
 def test_cli_refuses_bad_input_plainly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from scripts.benchmark import main
+    from scripts.accuracy_benchmark import main
 
     data = toy_h5ad(tmp_path / "toy.h5ad")
     with pytest.raises(SystemExit):

@@ -12,7 +12,7 @@ import finetune
 import predict
 import preprocess
 import pretrain
-from model.cli import str2bool
+from model.cli.args import str2bool
 
 from .conftest import REPO
 

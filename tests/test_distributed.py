@@ -90,9 +90,11 @@ import anndata as ad
 import torch
 from data.dataset import CellDataset
 from model import distributed
-from model.config import ScBERTConfig
-from model.scbert import ScBERT
-from model.training import TrainConfig, pretrain, set_seed
+from model.nn.config import ScBERTConfig
+from model.nn.network import ScBERT
+from model.runtime import set_seed
+from model.train.config import TrainConfig
+from model.train.pretraining import pretrain
 
 data, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 info, device = distributed.init_distributed("cpu")
@@ -112,7 +114,8 @@ best, history = pretrain(model, train, val, cfg, device)
 if info.is_main:
     torch.save(model.state_dict(), f"{out}/model.pt")
 # mixed precision (bf16 autocast) with gradient accumulation and clipping
-cfg = TrainConfig(epochs=2, batch_size=batch, grad_acc=2, clip_norm=0.5, precision="bf16", lr=3e-3, warmup_steps=1, seed=0, progress=False)
+cfg = TrainConfig(epochs=2, batch_size=batch, grad_acc=2, clip_norm=0.5, lr=3e-3, warmup_steps=1, seed=0, progress=False)
+model.configure(model.options.replace(precision="bf16"))
 _, bf16 = pretrain(model, Recording(X[:43], 5), val, cfg, device)
 json.dump({"seen": seen[: 24], "history": history, "bf16": bf16, "rank": info.rank}, open(f"{out}/rank{info.rank}.json", "w"))
 distributed.shutdown()

@@ -28,8 +28,8 @@ import preprocess
 import pretrain
 from data.io import InputError
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.config import ScBERTConfig
-from model.scbert import ScBERT
+from model.nn.config import ScBERTConfig
+from model.nn.network import ScBERT
 
 from .conftest import PBMC, REPO
 

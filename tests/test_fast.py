@@ -8,30 +8,31 @@ import pytest
 import torch
 from performer_pytorch.performer_pytorch import FastAttention
 
-from model import fast as fast_module
-from model.config import ScBERTConfig
-from model.fast import (
-    FastFavorAttention,
-    disable_fast_attention,
-    enable_fast_attention,
-    fast_attention_enabled,
-    favor_attention,
-    prepare_for_speed,
-)
-from model.scbert import ScBERT
+from model.nn import favor as fast_module
+from model.nn.config import NAIVE, ExecutionOptions, ScBERTConfig
+from model.nn.favor import FastFavorAttention, disable_fast_attention, enable_fast_attention, favor_attention
+from model.nn.network import ScBERT
+
+KERNEL_ONLY = ExecutionOptions(first_layer_cache=False)
+
+
+def fast_attention_enabled(model: torch.nn.Module) -> bool:
+    return any(type(module) is FastFavorAttention for module in model.modules())
 
 
 def _pair(head: str = "classifier", n_genes: int = 40) -> tuple[ScBERT, ScBERT]:
+    """The plain package model and the same weights with the fast kernel (no first-layer cache)."""
     torch.manual_seed(0)
     cfg = ScBERTConfig(n_genes=n_genes, dim=16, depth=2, heads=2, dim_head=8, head=head,
                        n_classes=3 if head == "classifier" else 0, gene_embedding="learned")
-    plain = ScBERT(cfg)
-    return plain, enable_fast_attention(copy.deepcopy(plain))
+    plain = ScBERT(cfg, options=NAIVE)
+    return plain, copy.deepcopy(plain).configure(KERNEL_ONLY)
 
 
 def test_enable_is_a_class_swap_with_same_state() -> None:
     plain, fast = _pair()
     assert fast_attention_enabled(fast) and not fast_attention_enabled(plain)
+    assert fast_attention_enabled(enable_fast_attention(copy.deepcopy(plain)))
     assert plain.state_dict().keys() == fast.state_dict().keys()
     for k, v in plain.state_dict().items():
         assert torch.equal(v, fast.state_dict()[k])
@@ -104,8 +105,8 @@ def test_tiled_inference_matches_autograd_path(monkeypatch: pytest.MonkeyPatch) 
 
 def test_gradient_checkpointing_same_gradients() -> None:
     plain, _ = _pair("mlm")
-    ckpt = copy.deepcopy(plain)
-    ckpt.gradient_checkpointing = True
+    ckpt = copy.deepcopy(plain).configure(NAIVE.replace(grad_checkpointing=True))
+    assert ckpt.gradient_checkpointing
     tokens = torch.randint(0, 7, (2, 41))
     for m in (plain, ckpt):
         m.train()
@@ -119,7 +120,7 @@ def test_gradient_checkpointing_same_gradients() -> None:
 
 def test_compiled_encoder_same_outputs_and_state() -> None:
     plain, _ = _pair()
-    compiled = prepare_for_speed(copy.deepcopy(plain), fast=True, compile_model=True)
+    compiled = copy.deepcopy(plain).configure(ExecutionOptions(compile=True))
     assert compiled.state_dict().keys() == plain.state_dict().keys()
     tokens = torch.randint(0, 7, (3, 41))
     with torch.inference_mode():
@@ -152,6 +153,7 @@ def test_bf16_autocast_close_to_fp32(head: str, monkeypatch: pytest.MonkeyPatch)
     """Under bf16 autocast the fast path runs (products of features in bf16) and stays close to fp32."""
     monkeypatch.setattr(fast_module, "TILE_ELEMENTS", 16)
     plain, fast = _pair(head)
+    fast.configure(KERNEL_ONLY.replace(precision="bf16"))
     plain.eval(), fast.eval()
     tokens = torch.randint(0, 7, (3, 41))
     with torch.inference_mode():
@@ -164,6 +166,7 @@ def test_bf16_autocast_close_to_fp32(head: str, monkeypatch: pytest.MonkeyPatch)
 def test_bf16_autocast_gradients_close_to_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fast_module, "TILE_ELEMENTS", 16)
     plain, fast = _pair("mlm")
+    fast.configure(KERNEL_ONLY.replace(precision="bf16"))
     tokens = torch.randint(0, 7, (2, 41))
     for m, ctx in ((plain, None), (fast, _bf16())):
         m.train()
@@ -236,7 +239,7 @@ def test_first_layer_cache_same_outputs(path: str) -> None:
     """Inference with the cache of unexpressed genes equals the plain package model, in both ways
     of forming a cell's key context; the cache is rebuilt when a weight changes."""
     plain, _ = _pair("classifier", n_genes=60)
-    fast = prepare_for_speed(copy.deepcopy(plain))
+    fast = copy.deepcopy(plain).configure(ExecutionOptions())
     assert fast.first_layer_cache is not None
     if path == "direct sum":
         fast.first_layer_cache.max_rescale = -1.0
@@ -250,6 +253,7 @@ def test_first_layer_cache_same_outputs(path: str) -> None:
             m.performer.net.layers[0][0].fn.to_k.weight.mul_(1.5)
         torch.testing.assert_close(fast(tokens), plain(tokens), rtol=1e-4, atol=1e-5)
         assert fast.first_layer_cache.key != key
+        fast.configure(fast.options.replace(precision="bf16"))
         with _bf16():
             got = fast(tokens).float()
     torch.testing.assert_close(got, plain(tokens).detach(), rtol=0.05, atol=0.05)
@@ -257,7 +261,7 @@ def test_first_layer_cache_same_outputs(path: str) -> None:
 
 def test_first_layer_cache_not_used_in_training_or_with_gradients() -> None:
     _, fast = _pair("classifier", n_genes=60)
-    prepare_for_speed(fast)
+    fast.configure(ExecutionOptions())
     tokens = _sparse_tokens(3, 60)
     fast.train()
     fast(tokens).sum().backward()
@@ -273,10 +277,10 @@ def test_first_layer_cache_not_used_in_training_or_with_gradients() -> None:
 def test_first_layer_cache_steps_aside_for_hooks() -> None:
     """Attention scores hook the q/k projections of a layer: with hooks on the first layer the
     cache is not used, so the hooks see whole cells and the scores are those of the plain model."""
-    from model.attention import attention_received
+    from model.attention.scores import attention_received
 
     plain, _ = _pair("classifier", n_genes=60)
-    fast = prepare_for_speed(copy.deepcopy(plain))
+    fast = copy.deepcopy(plain).configure(ExecutionOptions())
     plain.eval(), fast.eval()
     tokens = _sparse_tokens(4, 60)
     for layer, cache_used in ((0, False), (-1, True)):

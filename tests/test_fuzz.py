@@ -17,11 +17,12 @@ from hypothesis import strategies as st
 from scipy import sparse
 
 from data.io import InputError, read_cells
+from data.labels import check_labels
 from data.preprocess import prepare
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.config import ScBERTConfig
-from model.pipeline import annotate, check_labels, prediction_report
-from model.scbert import ScBERT
+from model.inference import annotate
+from model.nn.config import ScBERTConfig
+from model.nn.network import ScBERT
 
 pytestmark = pytest.mark.filterwarnings("ignore:(Observation|Variable) names are not unique:UserWarning")
 
@@ -101,7 +102,8 @@ def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> object:
 def test_annotate_gives_valid_output_or_a_clean_error(tiny_classifier: object, a: ad.AnnData, threshold: float, truth: list) -> None:
     a.obs["truth"] = truth[: a.n_obs]
     try:
-        out, _ = annotate(a, tiny_classifier, threshold=threshold, batch_size=4, progress=False)
+        result = annotate(a, tiny_classifier, threshold=threshold, batch_size=4, progress=False)
+        out = result.to_adata(a.copy())
     except InputError as e:
         assert str(e)
         event(f"clean error: {str(e)[:40]}")
@@ -115,7 +117,7 @@ def test_annotate_gives_valid_output_or_a_clean_error(tiny_classifier: object, a
     assert set(labels) <= {"a", "b", "c", "Unassigned"}
     assert np.all((labels == "Unassigned") == (out.obs["scbert_confidence"].to_numpy() < threshold))
     assert np.all(np.isfinite(out.obsm["X_scbert"]))
-    metrics, lines = prediction_report(out, ["a", "b", "c"], threshold, "truth")
+    metrics, lines = result.report(out.obs["truth"])
     assert metrics["n_cells"] == a.n_obs and lines
     known = [t for t in truth[: a.n_obs] if t is not None]
     assert ("accuracy" in metrics) == bool(known)

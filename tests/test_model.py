@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.config import ScBERTConfig
-from model.scbert import ScBERT
+from model.nn.config import ScBERTConfig
+from model.nn.network import ScBERT
 
 TINY = {"n_genes": 30, "dim": 16, "depth": 3, "heads": 2, "dim_head": 8}
 
@@ -132,7 +132,7 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     m = ScBERT(ScBERTConfig(**TINY, head="classifier", n_classes=2)).eval()
     genes = [f"G{i}" for i in range(30)]
     path = tmp_path / "run" / "model.pt"
-    save_checkpoint(path, m, genes, ["a", "b"], train_args={"lr": 1e-4, "path": Path("x"), "nan": float("nan")}, metrics={"accuracy": 0.5})
+    save_checkpoint(path, m, genes, ["a", "b"], training={"lr": 1e-4, "path": Path("x"), "nan": float("nan")}, metrics={"accuracy": 0.5})
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"], "no temporary files left behind"
     raw = torch.load(path, weights_only=True)  # plain data only
     assert raw["format"] == "scbert-pytorch"

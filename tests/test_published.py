@@ -19,20 +19,25 @@ import pytest
 import torch
 
 from data.dataset import tokenize_rows
+from data.preprocess import DEFAULT_PREPROCESSING
 from model.checkpoint import CheckpointError, load_checkpoint
-from model.config import ScBERTConfig
-from model.convert import main as convert_main
-from model.published import (
-    PUBLISHED_PREPROCESSING,
+from model.checkpoint.published import (
     convert_state_dict,
     infer_config,
     is_published_checkpoint,
-    load_published,
     published_to_checkpoint,
+    read_published,
 )
-from model.scbert import ScBERT
+from model.convert import main as convert_main
+from model.nn.config import ScBERTConfig
+from model.nn.network import ScBERT
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_published(path: Path, genes: list[str] | None = None, classes: list[str] | None = None):  # noqa: ANN201
+    """A published file read safely and converted to our Checkpoint, as ``python -m model.convert`` does."""
+    return published_to_checkpoint(read_published(path), genes, classes, source=str(path))
 REF = Path(__file__).resolve().parent / "fixtures" / "scbert_reference"
 
 # Observed max |ours - published| on CPU: encodings 1.0e-3, pretrain logits 3.9e-4, fine-tune logits
@@ -111,8 +116,8 @@ def test_pretrained_checkpoint_reproduces_published_outputs(ref: dict, tokens: t
         cfg["n_genes"], cfg["dim"], cfg["depth"], cfg["heads"], cfg["dim_head"], cfg["bin_num"]
     )
     assert c.head == "mlm" and c.gene_embedding == "gene2vec" and ckpt.classes is None
-    assert ckpt.preprocessing == PUBLISHED_PREPROCESSING and ckpt.genes == ref["genes"]
-    assert ckpt.train_args["published_epoch"] == 3 and "published_last_loss" in ckpt.metrics
+    assert ckpt.preprocessing == DEFAULT_PREPROCESSING and ckpt.genes == ref["genes"]
+    assert ckpt.training["published_epoch"] == 3 and "published_last_loss" in ckpt.metrics
     assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt.state_dict.values())
     model = ckpt.build_model()
     np.testing.assert_array_equal(model.gene_vectors().numpy(), np.load(REF / "gene2vec.npy").astype(np.float32))
@@ -324,8 +329,8 @@ def test_bare_state_dict_is_accepted(ref: dict, tmp_path: Path) -> None:
     bare = tmp_path / "bare.pth"
     torch.save(obj["model_state_dict"], bare)
     ckpt = load_published(bare, ref["genes"], ref["config"]["classes"])
-    assert ckpt.config.head == "classifier" and "published_epoch" not in ckpt.train_args
-    assert published_to_checkpoint(obj, ref["genes"], ref["config"]["classes"]).train_args["published_epoch"] == 5
+    assert ckpt.config.head == "classifier" and "published_epoch" not in ckpt.training
+    assert published_to_checkpoint(obj, ref["genes"], ref["config"]["classes"]).training["published_epoch"] == 5
 
 
 def test_pickled_code_is_never_run(ref: dict, tmp_path: Path) -> None:
@@ -350,5 +355,5 @@ def test_pickled_code_is_never_run(ref: dict, tmp_path: Path) -> None:
     torch.save(obj, mixed)
     ckpt = load_published(mixed, ref["genes"])
     assert not marker.exists()
-    assert ckpt.train_args["published_epoch"] == 9 and ckpt.metrics["published_last_loss"] == 0.25
+    assert ckpt.training["published_epoch"] == 9 and ckpt.metrics["published_last_loss"] == 0.25
     assert ckpt.config.n_genes == 120

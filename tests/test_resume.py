@@ -15,7 +15,7 @@ import torch
 
 import finetune
 import pretrain
-from model.training import list_states
+from model.train.state import list_states
 
 from .test_distributed import REPO, TINY, kill_when, max_diff, model_state, run_env, write_tiny
 

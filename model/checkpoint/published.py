@@ -1,7 +1,7 @@
 """Reading checkpoints written by the published scBERT code (Yang et al. 2022).
 
 The published training scripts save ``{"epoch", "model_state_dict", "optimizer_state_dict",
-"scheduler_state_dict", "losses"}``. The state dict matches :class:`model.scbert.ScBERT` except
+"scheduler_state_dict", "losses"}``. The state dict matches :class:`model.nn.network.ScBERT` except
 for one buffer name (``performer.calls_since_last_redraw``) and the gene embedding table, which
 is stored as float64. Such files carry no hyperparameters, gene names or class names: the
 hyperparameters are inferred from tensor shapes here, and the gene and class lists must be given.
@@ -22,12 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.checkpoint import Checkpoint, CheckpointError
-from model.config import ScBERTConfig
-from model.scbert import ScBERT
-
-# The published preprocessing: total counts scaled to 1e4 per cell, log2(1 + x), cells with >= 200 genes.
-PUBLISHED_PREPROCESSING: dict[str, Any] = {"target_sum": 1e4, "log_base": 2.0, "min_genes": 200}
+from data.preprocess import DEFAULT_PREPROCESSING
+from model.checkpoint.format import Checkpoint, CheckpointError
+from model.nn.config import ScBERTConfig
+from model.nn.network import ScBERT
 
 _CALLS_PUBLISHED = "performer.calls_since_last_redraw"
 _CALLS_OURS = "performer.proj_updater.calls_since_last_redraw"
@@ -331,26 +329,16 @@ def _loss_summary(losses: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def load_published(
-    path: str | Path, genes: Sequence[str] | None = None, classes: Sequence[str] | None = None
-) -> Checkpoint:
-    """A checkpoint file of the published scBERT code as our :class:`Checkpoint`.
-
-    ``genes``: the ordered vocabulary the model was trained on (required: the file has no names).
-    ``classes``: class names in logit order, required for a fine-tuned (classifier) checkpoint
-    and refused for a pretrained one.
-    """
-    path = Path(path)
-    return published_to_checkpoint(read_published(path), genes=genes, classes=classes, source=str(path))
-
-
 def published_to_checkpoint(
     obj: Any,
     genes: Sequence[str] | None = None,
     classes: Sequence[str] | None = None,
     source: str = "the checkpoint",
 ) -> Checkpoint:
-    """Like :func:`load_published`, for an object already read (safely) from ``source``."""
+    """A published checkpoint's content (read safely from ``source`` by :func:`read_published`) as
+    our :class:`Checkpoint`. ``genes``: the ordered vocabulary the model was trained on (required:
+    the file has no names). ``classes``: class names in logit order, required for a fine-tuned
+    (classifier) checkpoint and refused for a pretrained one."""
     name = source
     if isinstance(obj, Mapping) and obj.get("format") == "scbert-pytorch":
         raise CheckpointError(f"{name} is already in this package's format: load it directly, no conversion needed")
@@ -413,12 +401,13 @@ def published_to_checkpoint(
         if len(set(class_list)) != len(class_list):
             raise CheckpointError("the class list has duplicated names")
 
-    train_args: dict[str, Any] = {"source": "published scBERT code", "converted_from": source}
+    # The published preprocessing is ours: total counts scaled to 1e4 per cell, log2(1 + x), cells with >= 200 genes.
+    training: dict[str, Any] = {"stage": "converted", "source": "published scBERT code", "converted_from": source}
     metrics: dict[str, Any] = {}
     if wrapped:
         epoch = obj.get("epoch")
         if isinstance(epoch, (int, np.integer)) and not isinstance(epoch, bool):
-            train_args["published_epoch"] = int(epoch)
+            training["published_epoch"] = int(epoch)
         loss = _loss_summary(obj.get("losses"))
         if loss is not None:
             metrics["published_last_loss"] = loss
@@ -427,8 +416,8 @@ def published_to_checkpoint(
         genes=genes,
         state_dict=converted,
         classes=class_list,
-        preprocessing=dict(PUBLISHED_PREPROCESSING),
-        train_args=train_args,
+        preprocessing=dict(DEFAULT_PREPROCESSING),
+        training=training,
         metrics=metrics,
         source=source,
     )

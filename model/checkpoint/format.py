@@ -1,32 +1,49 @@
-"""Self-describing checkpoints: written atomically, read with ``torch.load(weights_only=True)``.
+"""This package's checkpoint format: self-describing, written atomically, read with
+``torch.load(weights_only=True)`` (no code is ever run).
 
 A checkpoint is a plain dict of tensors, strings and numbers::
 
-    format, format_version, config (ScBERTConfig as dict), genes (ordered vocabulary),
-    classes (class names in logit order, or None), state_dict, preprocessing (how inputs were
-    normalised and binned), train_args, metrics
+    format          "scbert-pytorch"
+    format_version  1
+    config          the ScBERTConfig, as a dict (model size, head, number of classes)
+    genes           the ordered vocabulary: one name per token position
+    classes         class names in logit order (fine-tuned models), or None
+    state_dict      the weights
+    preprocessing   how inputs were normalised: target_sum, log_base, min_genes
+    training        the training settings (see below)
+    metrics         what the run measured (validation accuracy, masked accuracy, ...)
+
+``training`` is a plain dict of what produced the weights: ``stage`` (``pretrain``, ``finetune`` or
+``converted``) and, for our runs, ``data`` (the input files), ``optimisation`` (epochs, batch
+size, gradient accumulation, learning rate and schedule, clipping, weight decay, patience,
+selection, label smoothing, seed), ``execution`` (precision, gradient checkpointing, compile),
+``gene2vec`` (how the gene embedding was made), and per stage ``pretraining`` (mask and replace
+probabilities, held-out fraction) or ``finetuning`` (label column, pretrained checkpoint, folds,
+validation fraction, head dropout, class weights, freezing policy, head start); converted published
+checkpoints record ``source``, ``converted_from`` and ``published_epoch``. Checkpoints written
+before this dict existed carry ``train_args`` (the command-line flags) instead; they load as is,
+with those flags as their ``training``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anndata as ad
 import torch
 
-from model.config import ScBERTConfig
-from model.scbert import ScBERT
+from data.io import atomic_write
+from data.preprocess import DEFAULT_PREPROCESSING, PrepReport, prepare
+from model.nn.config import ExecutionOptions, ScBERTConfig
+from model.nn.network import ScBERT
 
 FORMAT = "scbert-pytorch"
 FORMAT_VERSION = 1
-
-DEFAULT_PREPROCESSING = {"target_sum": 1e4, "log_base": 2.0, "min_genes": 200}
 
 
 class CheckpointError(ValueError):
@@ -40,14 +57,19 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     classes: list[str] | None = None
     preprocessing: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PREPROCESSING))
-    train_args: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
-    def build_model(self) -> ScBERT:
-        """The network with these weights, in eval mode."""
+    @property
+    def is_classifier(self) -> bool:
+        """Whether the model names cell types (a fine-tuned classifier with class names)."""
+        return self.config.head == "classifier" and bool(self.classes)
+
+    def build_model(self, options: ExecutionOptions | None = None) -> ScBERT:
+        """The network with these weights, in eval mode, computing as ``options`` say."""
         try:
-            model = ScBERT(self.config)
+            model = ScBERT(self.config, options=options)
             model.load_state_dict(self.state_dict)
         except (RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(
@@ -55,6 +77,11 @@ class Checkpoint:
                 f"({' '.join(str(e).split())[:300] or type(e).__name__}). Use the model.pt of a finished run"
             ) from None
         return model.eval()
+
+    def prepare(self, adata: ad.AnnData, what: str = "the cells", species: str = "auto") -> tuple[ad.AnnData, PrepReport]:
+        """``adata`` (raw counts or log-normalised; every cell kept, in order) preprocessed as this
+        model's inputs were and aligned to its genes (genes it lacks count as not expressed)."""
+        return prepare(adata, genes=self.genes, min_genes=None, target_sum=self.preprocessing["target_sum"], what=what, species=species)
 
 
 def _plain(obj: Any) -> Any:
@@ -73,19 +100,9 @@ def _plain(obj: Any) -> Any:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash leaves no partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` to a temporary file in the same folder, synced, then renamed: a crash leaves no partial file."""
+    with atomic_write(path, "wb", fsync=True) as f:
+        torch.save(obj, f)
 
 
 def save_checkpoint(
@@ -94,10 +111,11 @@ def save_checkpoint(
     genes: list[str],
     classes: list[str] | None = None,
     preprocessing: dict[str, Any] | None = None,
-    train_args: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> None:
-    """Save ``model`` with everything needed to use it later."""
+    """Save ``model`` with everything needed to use it later; ``training``: the settings that
+    produced it (see the module docstring)."""
     if len(genes) != model.config.n_genes:
         raise ValueError(f"{len(genes)} gene names for a {model.config.n_genes}-gene model")
     if model.config.head == "classifier" and (classes is None or len(classes) != model.config.n_classes):
@@ -110,10 +128,12 @@ def save_checkpoint(
         "classes": None if classes is None else list(map(str, classes)),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "preprocessing": _plain(preprocessing or DEFAULT_PREPROCESSING),
-        "train_args": _plain(train_args or {}),
+        "training": _plain(training or {}),
         "metrics": _plain(metrics or {}),
     }
     atomic_torch_save(payload, path)
+
+
 
 
 def _first_line(e: BaseException) -> str:
@@ -122,7 +142,9 @@ def _first_line(e: BaseException) -> str:
     return line if isinstance(e, (RuntimeError, OSError, pickle.UnpicklingError)) and line else f"{type(e).__name__}: {line}".rstrip(": ")
 
 
-def _torch_load(path: Path) -> Any:
+def read_file(path: Path) -> Any:
+    """What ``path`` holds, read with ``weights_only`` (tensors, numbers, text only), or a
+    CheckpointError saying why the file cannot be used."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -139,36 +161,12 @@ def _torch_load(path: Path) -> Any:
         ) from None
 
 
-def load_checkpoint(path: str | Path, genes: list[str] | None = None, classes: list[str] | None = None) -> Checkpoint:
-    """Load one of our checkpoints, or one saved by the published scBERT code (which carries no
-    gene or class names: pass ``genes``, and ``classes`` for a fine-tuned one). Refuses anything
-    else, with a reason."""
-    from model import published
+def is_ours(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (or is a folder): give the path to a model.pt file")
-    try:
-        obj = _torch_load(path)
-    except CheckpointError as refusal:
-        # A published file may hold numpy scalars that weights_only refuses; its safe reader
-        # rebuilds only those and never runs code. Anything else keeps the original refusal.
-        try:
-            obj = published.read_published(path)
-        except CheckpointError:
-            raise refusal from None
-        if not published.is_published_checkpoint(obj):
-            raise refusal from None
-    if published.is_published_checkpoint(obj):
-        if genes is None:
-            raise CheckpointError(
-                f"{path} is a checkpoint of the published scBERT code, which stores no gene names. Give the ordered "
-                f"gene list it was trained on (the var_names of the published panglao_10000.h5ad) with --genes GENES.txt, "
-                f"or convert it once: python -m model.convert {path} --genes GENES.txt [--classes CLASSES.txt] --out model.pt"
-            )
-        return published.published_to_checkpoint(obj, genes, classes, source=str(path))
-    if genes is not None or classes is not None:
-        raise CheckpointError(f"{path} is already self-describing (it carries its genes and classes): drop --genes/--classes")
+
+def from_payload(obj: Any, path: Path) -> Checkpoint:
+    """The :class:`Checkpoint` of a dict read from one of our files, checked for consistency."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not an scBERT checkpoint (it holds a {type(obj).__name__}, not a dict)")
     if obj.get("format") != FORMAT:
@@ -183,7 +181,7 @@ def load_checkpoint(path: str | Path, genes: list[str] | None = None, classes: l
             state_dict=obj["state_dict"],
             classes=obj.get("classes"),
             preprocessing={**DEFAULT_PREPROCESSING, **(obj.get("preprocessing") or {})},
-            train_args=obj.get("train_args") or {},
+            training=obj.get("training") or obj.get("train_args") or {},  # train_args: written before "training" existed
             metrics=obj.get("metrics") or {},
             source=str(path),
         )

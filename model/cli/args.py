@@ -1,17 +1,11 @@
-"""Command-line plumbing shared by the stage scripts: argument types, run folders, logging."""
+"""The command line's argument types and the flag groups the stage scripts share, and turning
+parsed flags into the library's typed settings."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
-import subprocess
-import sys
-import tempfile
 import textwrap
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +60,32 @@ def add_bool(p: argparse._ActionsContainer, *names: str, default: bool, help: st
     p.add_argument(*names, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL", help=f"{help} (default: {default})")
 
 
+def add_min_genes(g: argparse._ActionsContainer, what: str = "") -> None:
+    g.add_argument("--min-genes", type=int, default=200,
+                   help=f"drop cells expressing fewer genes{what} (default: 200, as published; 0 keeps all)")
+
+
+def add_device(g: argparse._ActionsContainer, default: str = "auto") -> None:
+    g.add_argument("--device", default=default, help=f"cpu, cuda, cuda:N or auto (default: {default}; auto = cuda when available)")
+
+
+def add_precision(g: argparse._ActionsContainer) -> None:
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="arithmetic precision (default: fp32; bf16 pays off on GPUs and on CPUs with native bf16 (AVX-512 BF16/AMX), "
+                   "see BENCHMARKS.md; fp16: GPU only)")
+
+
+def add_batch_size(g: argparse._ActionsContainer, default: int, help: str = "cells per forward pass") -> None:
+    g.add_argument("--batch-size", "--batch_size", type=positive_int, default=default, help=f"{help} (default: {default})")
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
+    """The run flags of the training stages."""
     g = p.add_argument_group("run")
-    g.add_argument("--min-genes", type=int, default=200, help="drop cells expressing fewer genes, for input not written by preprocess.py (default: 200, as published; 0 keeps all)")
+    add_min_genes(g, ", for input not written by preprocess.py")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda when available)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="arithmetic precision (default: fp32; bf16 pays off on GPUs and on CPUs with native bf16 (AVX-512 BF16/AMX); fp16: GPU only)")
+    add_device(g)
+    add_precision(g)
     add_speed_args(g)
     add_bool(g, "--overwrite", default=False, help="replace an existing output")
     add_log_args(g)
@@ -118,11 +132,11 @@ def add_published_args(p: argparse._ActionsContainer) -> None:
 
 def published_names(args: argparse.Namespace) -> dict[str, list[str] | None]:
     """The keyword arguments of load_checkpoint for --genes/--classes."""
-    from data.vocab import read_gene_list
+    from data.vocab import read_name_list
 
     return {
-        "genes": read_gene_list(args.genes) if args.genes else None,
-        "classes": read_gene_list(args.classes) if args.classes else None,
+        "genes": read_name_list(args.genes, "genes") if args.genes else None,
+        "classes": read_name_list(args.classes, "classes") if args.classes else None,
     }
 
 
@@ -130,8 +144,7 @@ def add_training_args(p: argparse.ArgumentParser, epochs: int, epochs_help: str)
     """The optimisation flags pretrain.py and finetune.py share; returns the group for more."""
     g = p.add_argument_group("training")
     g.add_argument("--epochs", "--epoch", type=positive_int, default=epochs, help=f"{epochs_help} (default: {epochs})")
-    g.add_argument("--batch-size", "--batch_size", type=positive_int, default=8,
-                   help="cells per step of each process (default: 8; under torchrun the step has batch-size x processes cells)")
+    add_batch_size(g, 8, "cells per step of each process (under torchrun the step has batch-size x processes cells)")
     g.add_argument("--grad-acc", "--grad_acc", type=positive_int, default=1, help="gradient accumulation steps (default: 1; published: 60 with batch 3)")
     g.add_argument("--lr", "--learning_rate", type=float, default=1e-4, help="peak learning rate of Adam (default: 1e-4)")
     g.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up optimiser steps per cosine cycle (default: 5)")
@@ -153,85 +166,62 @@ def add_training_args(p: argparse.ArgumentParser, epochs: int, epochs_help: str)
     return g
 
 
-def setup_logging(quiet: bool = False, logfile: Path | None = None, level: str | None = None) -> None:
-    """Console messages at ``level`` (``quiet``: warnings) and up; ``logfile`` gets INFO and up
-    (DEBUG with level debug)."""
-    console_level = logging.WARNING if quiet else getattr(logging, (level or "info").upper(), logging.INFO)
-    file_level = min(logging.INFO, console_level)
-    log.setLevel(min(console_level, file_level))
-    log.propagate = False
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(console_level)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(console)
-    if logfile is not None:
-        fh = logging.FileHandler(logfile, encoding="utf-8")
-        fh.setLevel(file_level)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(fh)
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
+# --------------------------------------------------------------------------------------------
+# Parsed flags -> the library's typed settings
+# --------------------------------------------------------------------------------------------
+
+
+def execution_options(args: argparse.Namespace) -> Any:
+    """:class:`model.nn.config.ExecutionOptions` of --precision, --compile, --grad-checkpointing."""
+    from model.nn.config import ExecutionOptions
+
+    return ExecutionOptions(precision=args.precision, compile=bool(getattr(args, "compile", False)),
+                            grad_checkpointing=bool(getattr(args, "grad_checkpointing", False)))
+
+
+def model_size(args: argparse.Namespace) -> Any:
+    from model.nn.config import ModelSize
+
+    return ModelSize(dim=args.dim, depth=args.depth, heads=args.heads, dim_head=args.dim_head, bin_num=args.bin_num)
+
+
+def gene2vec_spec(args: argparse.Namespace) -> str:
+    """--gene2vec, with the published --pos_embed false meaning none."""
+    return "none" if args.pos_embed is False else args.gene2vec
+
+
+def train_config(args: argparse.Namespace, progress: bool, **fields: Any) -> Any:
+    """The :class:`model.train.config.TrainConfig` of the training flags; training states go to
+    OUT/checkpoints and --resume reads them from the run it names."""
+    from model.train.config import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, grad_acc=args.grad_acc, lr=args.lr, clip_norm=args.clip_norm,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, cycle_steps=args.cycle_steps, seed=args.seed,
+        num_workers=args.num_workers, progress=progress, checkpoint_dir=str(Path(args.out) / "checkpoints"), save_every=args.save_every,
+        keep_last=args.keep_last, resume_from=resume_source(args), max_steps=args.max_steps, **fields,
+    )
+
+
+def resume_source(args: argparse.Namespace) -> str | None:
+    """Where --resume finds training states: a state file, or DIR/checkpoints (or DIR) of a run."""
+    from data.io import InputError
+
+    if not getattr(args, "resume", None):
         return None
+    p = Path(args.resume)
+    if p.is_file():
+        return str(p)
+    if not p.is_dir() and p.resolve() != Path(args.out).resolve():
+        raise InputError(f"--resume {p}: no such run folder; give the --out folder of the run to go on with")
+    return str(p / "checkpoints" if (p / "checkpoints").is_dir() else p)
 
 
-def environment() -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
+def check_gene_num(args: argparse.Namespace, n_genes: int) -> None:
+    """The published --gene_num flag, checked against the vocabulary."""
+    from data.io import InputError
 
-    def v(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
-    return {
-        "python": platform.python_version(),
-        **{name: v(name) for name in ("torch", "performer-pytorch", "numpy", "scanpy", "anndata", "gensim")},
-        "platform": platform.platform(),
-        "git_commit": _git_commit(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-    }
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def start_run(out: str | Path, args: argparse.Namespace, protected: Sequence[str] = ("model.pt",)) -> Path:
-    """Create the run folder (refusing to overwrite a finished run without --overwrite), start
-    logging into it, and record the arguments and environment in config.json."""
-    out = Path(out)
-    level = getattr(args, "log_level", None)
-    setup_logging(args.quiet, level=level)
-    existing = [name for name in protected if (out / name).exists()]
-    if existing and not args.overwrite:
-        fail(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace it, or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        fail(f"cannot write to {out}: {e.strerror}; choose another --out")
-    setup_logging(args.quiet, out / "log.txt", level)
-    write_json(out / "config.json", {"args": vars(args), "environment": environment()})
-    return out
-
-
-def fail(message: str) -> None:
-    """Exit with a one-line error for the user (no traceback)."""
-    log.error("error: %s", message)
-    raise SystemExit(2)
+    if args.gene_num is not None and args.gene_num not in (n_genes, n_genes + 1):
+        raise InputError(f"--gene_num {args.gene_num} does not match the vocabulary of {n_genes} genes; drop the flag or fix the data")

@@ -84,3 +84,53 @@ class ScBERTConfig:
 
     def replace(self, **changes: Any) -> ScBERTConfig:
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """The size of a model to build, before its vocabulary is known (defaults: the published size)."""
+
+    dim: int = 200
+    depth: int = 6
+    heads: int = 10
+    dim_head: int = 64
+    bin_num: int = 5
+
+    def config(self, n_genes: int, **fields: Any) -> ScBERTConfig:
+        """The :class:`ScBERTConfig` of this size for ``n_genes`` genes (``fields``: the others)."""
+        return ScBERTConfig(n_genes=n_genes, bin_num=self.bin_num, dim=self.dim, depth=self.depth, heads=self.heads,
+                            dim_head=self.dim_head, **fields)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """How a built network computes; none of it changes the weights, the outputs (beyond float
+    rounding) or the state dict. Applied in one place, :meth:`model.nn.network.ScBERT.configure`.
+
+    ``precision``: fp32, bf16 or fp16 products (the network runs under autocast of that dtype and
+    its FAVOR+ kernel is told the dtype; fp16 on GPUs only). ``fast_attention``: the
+    :mod:`model.nn.favor` kernel instead of ``performer_pytorch``'s (same function, a fraction of
+    the memory and time). ``first_layer_cache``: inference skips the first layer's per-cell work on
+    unexpressed genes (:mod:`model.nn.first_layer_cache`; needs ``fast_attention``). ``compile``:
+    ``torch.compile`` the encoder. ``grad_checkpointing``: recompute activations in the backward
+    pass (training memory of one layer instead of all, ~1/3 more compute).
+    """
+
+    precision: str = "fp32"
+    fast_attention: bool = True
+    first_layer_cache: bool = True
+    compile: bool = False
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    def replace(self, **changes: Any) -> ExecutionOptions:
+        return dataclasses.replace(self, **changes)
+
+
+NAIVE = ExecutionOptions(fast_attention=False, first_layer_cache=False)  # plain performer_pytorch, for comparisons

@@ -1,4 +1,4 @@
-"""Benchmark scBERT against baselines on identical splits (protocols cv, cross, novel, imbalance, fewshot).
+"""Accuracy benchmark: scBERT against baselines on identical splits (protocols cv, cross, novel, imbalance, fewshot).
 
 Writes OUT/results.json (every run, its split fingerprint and predictions), OUT/results.md (mean ± sd
 accuracy and macro-F1 per method), OUT/per_class_f1.csv and OUT/confusion_<variant>_<method>.png.
@@ -11,22 +11,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.baselines import ALL_METHODS, BASELINES, PRESETS  # noqa: E402
-from model.cli import add_bool, parser, positive_int, setup_logging  # noqa: E402
+from model.accuracy.methods import ALL_METHODS, BASELINES, PRESETS  # noqa: E402
+from model.cli.args import add_bool, add_device, add_min_genes, parser, positive_int  # noqa: E402
+from model.cli.run import setup_logging  # noqa: E402
 
 EXAMPLE = """
 # 5-fold CV, 3 seeds, baselines and scBERT (pretrained and not) on the bundled PBMCs
-python scripts/benchmark.py --data data/pbmc3k_labeled.h5ad --label-key celltype --protocol cv --out runs/cv \\
+python scripts/accuracy_benchmark.py --data data/pbmc3k_labeled.h5ad --label-key celltype --protocol cv --out runs/cv \\
     --pretrained runs/pretrain/model.pt --methods logreg_l1 logreg_l2 knn_pca scbert scbert_nopretrain
 # train on human pancreas, test on mouse (one file, split by a column)
-python scripts/benchmark.py --data data/pancreas_baron_subset.h5ad --label-key celltype --protocol cross \\
+python scripts/accuracy_benchmark.py --data data/pancreas_baron_subset.h5ad --label-key celltype --protocol cross \\
     --split-key species --train-values human --test-values mouse --out runs/cross
 # hold out a type; imbalance; few-shot
-python scripts/benchmark.py ... --protocol novel --hold-out "NK" --threshold 0.5
-python scripts/benchmark.py ... --protocol imbalance --subsample "CD14+ Mono=10" "B=10"
-python scripts/benchmark.py ... --protocol fewshot --fractions 0.1 0.25 0.5 0.75
+python scripts/accuracy_benchmark.py ... --protocol novel --hold-out "NK" --threshold 0.5
+python scripts/accuracy_benchmark.py ... --protocol imbalance --subsample "CD14+ Mono=10" "B=10"
+python scripts/accuracy_benchmark.py ... --protocol fewshot --fractions 0.1 0.25 0.5 0.75
 # combine runs made separately (e.g. scBERT variants in parallel processes) into one table
-python scripts/benchmark.py --merge runs/cv_baselines runs/cv_scbert --out runs/cv_all
+python scripts/accuracy_benchmark.py --merge runs/cv_baselines runs/cv_scbert --out runs/cv_all
 """
 
 
@@ -43,7 +44,7 @@ def build_parser():
     g = p.add_argument_group("genes (every method gets the same matrix)")
     g.add_argument("--n-genes", type=int, default=2000, help="keep the N genes with the highest variance of log expression (default: 2000; "
                    "ignored with --pretrained or --vocab, which fix the genes)")
-    g.add_argument("--min-genes", type=int, default=200, help="drop cells expressing fewer genes (default: 200, as published; 0 keeps all)")
+    add_min_genes(g)
     g.add_argument("--vocab", default=None, help="gene list file, checkpoint or .h5ad whose genes to use")
     g = p.add_argument_group("scBERT")
     g.add_argument("--pretrained", default=None, help="pretrained checkpoint (pretrain.py) for scbert; scbert_nopretrain then uses its architecture and gene2vec")
@@ -64,7 +65,7 @@ def build_parser():
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: none)")
     g.add_argument("--select", choices=["best", "last"], default=None,
                    help="fine-tuned weights kept: best inner-validation epoch or last epoch (default: the preset's)")
-    g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    add_device(g, "cpu")
     g = p.add_argument_group("protocols")
     g.add_argument("--test-data", nargs="+", default=None, help="cross: the test dataset(s), put on the training data's genes")
     g.add_argument("--split-key", default=None, help="cross within one file: obs column naming the dataset of each cell (e.g. species, donor)")
@@ -95,9 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.train_all and args.head_only:
         p.error("--train-all and --head-only exclude each other: choose one")
     setup_logging(args.quiet)
-    from model.benchmark import run_from_args
+    from model.cli.accuracy_benchmark import run
 
-    run_from_args(args)
+    run(args)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,17 @@ Module names follow the published checkpoints (``token_emb``, ``pos_emb.emb``, `
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from model.config import ScBERTConfig
+from model.nn.config import ExecutionOptions, ScBERTConfig
+from model.nn.favor import disable_fast_attention, enable_fast_attention
+from model.nn.first_layer_cache import FirstLayerCache
+from model.runtime import autocast
 
 with warnings.catch_warnings():
     # performer_pytorch imports distutils and torch.cuda.amp.autocast, both deprecated.
@@ -125,7 +128,7 @@ class CellClassifier(nn.Module):
 class ScBERT(nn.Module):
     """scBERT: ``tokens`` (batch, n_genes + 1) of expression bins -> per-gene logits or class logits."""
 
-    def __init__(self, config: ScBERTConfig, gene_vectors: Tensor | None = None) -> None:
+    def __init__(self, config: ScBERTConfig, gene_vectors: Tensor | None = None, options: ExecutionOptions | None = None) -> None:
         super().__init__()
         self.config = c = config
         self.token_emb = nn.Embedding(c.num_tokens, c.dim)
@@ -156,17 +159,43 @@ class ScBERT(nn.Module):
         updater = self.performer.proj_updater
         object.__setattr__(updater, "instance", updater._modules.pop("instance"))
         self.norm = nn.LayerNorm(c.dim)
-        # Recompute each sub-layer's activations in the backward pass instead of keeping them:
-        # training memory then grows with one layer, not ``depth`` layers (at ~1/3 more compute).
-        self.gradient_checkpointing = False
         self.frozen_encoder = False  # set by freeze_for_finetuning(head_only=True)
-        # model.fast.FirstLayerCache, set by model.fast.prepare_for_speed: inference skips the
-        # first layer's per-cell work on unexpressed genes.
-        self.first_layer_cache: Any = None
         if c.head == "mlm":
             self.to_out: nn.Module = nn.Linear(c.dim, c.num_tokens)
         else:
             self.to_out = CellClassifier(c.seq_len, c.dim, c.n_classes, c.classifier_hidden, c.classifier_dropout)
+        self.options = ExecutionOptions()
+        self.gradient_checkpointing = False
+        self.first_layer_cache: FirstLayerCache | None = None
+        self.configure(options or ExecutionOptions())
+
+    def configure(self, options: ExecutionOptions) -> ScBERT:
+        """Apply ``options`` (precision, fast kernel, first-layer cache, compile, gradient
+        checkpointing): the one place where a network's execution is set. Weights, state dict and
+        outputs (to float rounding) stay as they are. Returns the network."""
+        if options.fast_attention:
+            enable_fast_attention(self, torch.bfloat16 if options.precision == "bf16" else torch.float32)
+        else:
+            disable_fast_attention(self)
+        if not (options.fast_attention and options.first_layer_cache):
+            self.first_layer_cache = None
+        elif self.first_layer_cache is None:
+            self.first_layer_cache = FirstLayerCache()
+        # Recompute each sub-layer's activations in the backward pass instead of keeping them:
+        # training memory then grows with one layer, not ``depth`` layers (at ~1/3 more compute).
+        self.gradient_checkpointing = options.grad_checkpointing
+        compiled = "encode" in self.__dict__
+        if options.compile and not compiled:
+            self.encode = torch.compile(self.encode)  # an instance attribute: parameters and keys stay as they are
+        elif compiled and not options.compile:
+            del self.encode
+        self.options = options
+        return self
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of the network's precision, on the device of its weights: forward
+        passes run inside it (the kernel's own dtype is set by :meth:`configure`)."""
+        return autocast(self.token_emb.weight.device, self.options.precision)
 
     def encode(self, tokens: Tensor) -> Tensor:
         """(batch, seq_len) int tokens -> (batch, seq_len, dim) encodings after the final LayerNorm."""

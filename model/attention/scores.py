@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from scipy import sparse
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from data.dataset import CellDataset
-from model.scbert import ScBERT
-from model.training import autocast, make_loader
+from model.inference import run_batches
+from model.nn.network import ScBERT
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -104,13 +102,12 @@ class _Done(Exception):
 
 
 @torch.no_grad()
-def attention_received_per_layer(model: ScBERT, tokens: Tensor, layers: Layer = -1, normalize: bool = True,
-                                 precision: str = "fp32") -> Tensor:
+def attention_received_per_layer(model: ScBERT, tokens: Tensor, layers: Layer = -1, normalize: bool = True) -> Tensor:
     """Attention each position receives, per chosen layer: (batch, n_layers, seq_len), head mean.
 
-    ``layers``: see :func:`resolve_layers`. Runs the encoder once, up to the last chosen layer.
-    With ``normalize`` the scores are divided by ``seq_len`` (mean attention received; each
-    cell's scores then sum to 1 per layer).
+    ``layers``: see :func:`resolve_layers`. Runs the encoder once (in the model's precision), up
+    to the last chosen layer. With ``normalize`` the scores are divided by ``seq_len`` (mean
+    attention received; each cell's scores then sum to 1 per layer).
     """
     chosen = resolve_layers(model, layers)
     mods = attention_modules(model)
@@ -140,7 +137,7 @@ def attention_received_per_layer(model: ScBERT, tokens: Tensor, layers: Layer = 
         model.eval()
         try:
             device = next(model.parameters()).device
-            with autocast(device, precision):
+            with model.autocast():
                 model.encode(tokens.to(device))
         except _Done:
             pass
@@ -157,49 +154,34 @@ def attention_received_per_layer(model: ScBERT, tokens: Tensor, layers: Layer = 
     return out
 
 
-def attention_received(model: ScBERT, tokens: Tensor, layer: Layer = -1, normalize: bool = True, precision: str = "fp32") -> Tensor:
+def attention_received(model: ScBERT, tokens: Tensor, layer: Layer = -1, normalize: bool = True) -> Tensor:
     """Attention each position (gene, plus the extra last position) receives: (batch, seq_len).
 
     Head mean of the column sums of the attention matrix of ``layer`` (default: the last one);
     ``layer="all"`` or a list of layers averages over those layers. See the module docstring.
     """
-    return attention_received_per_layer(model, tokens, layer, normalize, precision).mean(dim=1)
+    return attention_received_per_layer(model, tokens, layer, normalize).mean(dim=1)
 
 
 def _batches(model: ScBERT, X: sparse.csr_matrix, layer: Layer, batch_size: int, device: str | torch.device,
-             precision: str, normalize: bool, progress: bool, desc: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+             normalize: bool, progress: bool, desc: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(cell indices, (batch, n_genes) scores) per batch; the extra last position is dropped."""
     if X.shape[1] != model.config.n_genes:
         raise ValueError(f"the expression matrix has {X.shape[1]} genes, the model {model.config.n_genes}: align it to the model's genes first (data.preprocess.prepare)")
-    model.to(torch.device(device))
-    ds = CellDataset(X, model.config.bin_num)
-    bar = tqdm(total=len(ds), desc=desc, unit="cell", disable=not progress, leave=False)
-    try:
-        for batch in make_loader(ds, batch_size, False, 0):
-            scores = attention_received(model, batch["tokens"], layer, normalize, precision)
-            bar.update(len(batch["index"]))
-            yield batch["index"].numpy(), scores[:, :-1].cpu().numpy()
-    finally:
-        bar.close()
 
+    def scores(m: ScBERT, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"scores": attention_received(m, batch["tokens"], layer, normalize)[:, :-1]}
 
-def attention_per_cell(model: ScBERT, X: sparse.csr_matrix, layer: Layer = -1, batch_size: int = 16,
-                       device: str | torch.device = "cpu", precision: str = "fp32", normalize: bool = True,
-                       progress: bool = True) -> np.ndarray:
-    """Attention received by each vocabulary gene in each cell: (cells, n_genes) float32.
-
-    ``X``: cells x model genes, log-normalised and aligned (output of ``prepare``).
-    """
-    out = np.zeros((X.shape[0], model.config.n_genes), dtype=np.float32)
-    for idx, scores in _batches(model, sparse.csr_matrix(X), layer, batch_size, device, precision, normalize, progress, "attention"):
-        out[idx] = scores
-    return out
+    for idx, out in run_batches(model, CellDataset(X, model.config.bin_num), scores, batch_size, torch.device(device), progress=progress,
+                                desc=desc):
+        yield idx, out["scores"].numpy()
 
 
 def mean_attention_by_group(model: ScBERT, X: sparse.csr_matrix, groups: Sequence[str], layer: Layer = -1,
-                            batch_size: int = 16, device: str | torch.device = "cpu", precision: str = "fp32",
-                            normalize: bool = True, progress: bool = True) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Mean attention received per gene over the cells of each group (e.g. cell type).
+                            batch_size: int = 16, device: str | torch.device = "cpu", normalize: bool = True,
+                            progress: bool = True) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Mean attention received per gene over the cells of each group (e.g. cell type); ``X``: cells
+    x model genes, log-normalised and aligned (output of ``prepare``).
 
     Returns the sorted group names, a (groups, n_genes) float64 matrix and the cells per group.
     Memory stays at one batch of per-cell scores.
@@ -209,7 +191,7 @@ def mean_attention_by_group(model: ScBERT, X: sparse.csr_matrix, groups: Sequenc
         raise ValueError(f"{len(groups)} group labels for {X.shape[0]} cells")
     names, codes = np.unique(groups, return_inverse=True)
     sums = np.zeros((len(names), model.config.n_genes), dtype=np.float64)
-    for idx, scores in _batches(model, sparse.csr_matrix(X), layer, batch_size, device, precision, normalize, progress, "attention"):
+    for idx, scores in _batches(model, sparse.csr_matrix(X), layer, batch_size, device, normalize, progress, "attention"):
         np.add.at(sums, codes[idx], scores.astype(np.float64))
     counts = np.bincount(codes, minlength=len(names))
     return list(names), sums / counts[:, None], counts
@@ -223,47 +205,3 @@ def top_genes(scores: np.ndarray, groups: Sequence[str], genes: Sequence[str], k
         order = np.argsort(-row, kind="stable")[:k]
         rows += [(g, r + 1, genes[j], float(row[j])) for r, j in enumerate(order)]
     return pd.DataFrame(rows, columns=["cell_type", "rank", "gene", "score"])
-
-
-def plot_attention_heatmap(scores: np.ndarray, groups: Sequence[str], genes: Sequence[str], path: str | Path,
-                           n_per_type: int = 10, title: str = "") -> list[str]:
-    """Heatmap of the union of each group's ``n_per_type`` top genes (rows) x groups (columns).
-
-    Each gene's scores are z-scored across groups (raw scores with a single group); rows and
-    columns are ordered by hierarchical clustering. Returns the plotted genes, top to bottom.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from scipy.cluster.hierarchy import leaves_list, linkage
-
-    idx: list[int] = []
-    for row in scores:
-        for j in np.argsort(-row, kind="stable")[:n_per_type]:
-            if j not in idx:
-                idx.append(int(j))
-    M = scores[:, idx].T  # genes x groups
-    if M.shape[1] > 1:
-        sd = M.std(axis=1, keepdims=True)
-        Z = np.divide(M - M.mean(axis=1, keepdims=True), sd, out=np.zeros_like(M), where=sd > 0)
-        label = "z-score across cell types"
-    else:
-        Z, label = M, "mean attention received"
-    rows = leaves_list(linkage(Z, "average")) if Z.shape[0] > 2 else np.arange(Z.shape[0])
-    cols = leaves_list(linkage(Z.T, "average")) if Z.shape[1] > 2 else np.arange(Z.shape[1])
-    Z = Z[np.ix_(rows, cols)]
-    row_names = [genes[idx[i]] for i in rows]
-    col_names = [groups[i] for i in cols]
-    fig, ax = plt.subplots(figsize=(2.5 + 0.45 * len(col_names), 1.5 + 0.16 * len(row_names)))
-    lim = float(np.abs(Z).max()) or 1.0
-    im = ax.imshow(Z, aspect="auto", cmap="RdBu_r" if M.shape[1] > 1 else "viridis",
-                   vmin=-lim if M.shape[1] > 1 else None, vmax=lim if M.shape[1] > 1 else None, interpolation="nearest")
-    ax.set_yticks(range(len(row_names)), row_names, fontsize=6)
-    ax.set_xticks(range(len(col_names)), col_names, rotation=60, ha="right", fontsize=8)
-    ax.set_title(title or f"top {n_per_type} attended genes per cell type", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02, label=label)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return row_names

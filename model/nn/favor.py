@@ -22,11 +22,12 @@ matrix products. :func:`favor_attention` computes the same function:
   (features x dim_head) contexts, and recomputes the feature tiles: the memory of attention is
   that of its inputs, and nothing of size genes x genes (or genes x features per head) is kept.
 
-Gradients follow ``performer_pytorch``: the stabilising maxima are constants. Under bf16 autocast
-every product (the feature projections included) takes bf16 operands and the feature tiles are
-bf16, which halves their memory traffic (bf16 products run at ~3x the float32 rate on CPUs with
-AVX512-BF16 or AMX); maxima, per-row factors, normalisers, contexts and their gradients are
-accumulated in float32, and q, k, v are kept for the backward pass in bf16.
+Gradients follow ``performer_pytorch``: the stabilising maxima are constants. With bf16 products
+(``compute_dtype``, which the network passes from the precision it was built for) every product
+(the feature projections included) takes bf16 operands and the feature tiles are bf16, which
+halves their memory traffic (bf16 products run at ~3x the float32 rate on CPUs with AVX512-BF16
+or AMX); maxima, per-row factors, normalisers, contexts and their gradients are accumulated in
+float32, and q, k, v are kept for the backward pass in bf16.
 
 The class swap keeps every parameter and buffer, so state dicts and checkpoints are unchanged,
 and ``isinstance(m, FastAttention)`` still holds (feature redraws keep working).
@@ -34,9 +35,7 @@ and ``isinstance(m, FastAttention)`` still holds (feature redraws keep working).
 
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 import warnings
 from typing import Any
 
@@ -287,43 +286,52 @@ def _attend_graph(q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, c: _Consts) -
     return num[..., :e] / num[..., e:]
 
 
-def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, eps: float = 1e-4) -> Tensor:
+def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, eps: float = 1e-4,
+                    compute_dtype: torch.dtype | None = None) -> Tensor:
     """Non-causal FAVOR+ softmax-kernel attention of (batch, heads, n, d) ``q, k, v``.
 
     Same result as ``FastAttention.forward`` with its defaults (softmax kernel, non-causal),
-    computed in float32 and returned in ``q``'s dtype.
+    returned in ``q``'s dtype. ``compute_dtype``: ``torch.bfloat16`` for bf16 products (maxima,
+    factors, sums and contexts still in float32) or ``torch.float32``; None: bf16 when ``q`` is
+    bf16, else float32.
     """
     dtype, dev = q.dtype, q.device.type
-    # Under bf16 autocast the products (feature projections included) take bf16 operands and the
-    # feature tiles are bf16; maxima, per-row factors, sums and contexts are accumulated in float32.
-    bf16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    if compute_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"compute_dtype must be torch.bfloat16 or torch.float32, got {compute_dtype}")
+    mm_dtype = torch.bfloat16 if compute_dtype == torch.bfloat16 else None
     with torch.autocast(device_type=dev, enabled=False):
-        c = _Consts(q.shape[-1], projection.shape[0], eps, torch.bfloat16 if bf16 else None)
+        c = _Consts(q.shape[-1], projection.shape[0], eps, mm_dtype)
         proj_t = (projection.float() * c.normaliser).t().contiguous()
-        low = c.mm_dtype or torch.float32
         if torch.compiler.is_compiling():
             out = _attend_graph(q.float(), k.float(), v.float(), proj_t, c)
         elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            out = _Favor.apply(q.to(low), k.to(low), v.to(low), proj_t, eps, c.mm_dtype)
+            out = _Favor.apply(q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype), proj_t, eps, mm_dtype)
         else:
-            out = _forward(q.to(low), k.to(low), v.to(low), proj_t.to(low), c)[0]
+            out = _forward(q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype), proj_t.to(compute_dtype), c)[0]
     return out.to(dtype)
 
 
 class FastFavorAttention(FastAttention):
-    """``FastAttention`` with :func:`favor_attention` as its forward (other modes unchanged)."""
+    """``FastAttention`` with :func:`favor_attention` as its forward (other modes unchanged).
+    ``compute_dtype`` is the dtype of its products (set by :meth:`model.nn.network.ScBERT.configure`)."""
+
+    compute_dtype: torch.dtype = torch.float32
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # type: ignore[override]
         if self.causal or self.no_projection or self.generalized_attention:
             return super().forward(q, k, v)
-        return favor_attention(q, k, v, self.projection_matrix)
+        return favor_attention(q, k, v, self.projection_matrix, compute_dtype=self.compute_dtype)
 
 
-def enable_fast_attention(model: nn.Module) -> nn.Module:
-    """Switch every performer ``FastAttention`` in ``model`` to :class:`FastFavorAttention`, in place."""
+def enable_fast_attention(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Switch every performer ``FastAttention`` in ``model`` to :class:`FastFavorAttention` with
+    products in ``compute_dtype``, in place (parameters and buffers unchanged)."""
     for module in model.modules():
-        if type(module) is FastAttention:
+        if type(module) in (FastAttention, FastFavorAttention):
             module.__class__ = FastFavorAttention
+            module.compute_dtype = compute_dtype
     return model
 
 
@@ -332,200 +340,5 @@ def disable_fast_attention(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) is FastFavorAttention:
             module.__class__ = FastAttention
+            module.__dict__.pop("compute_dtype", None)
     return model
-
-
-def tune_allocator(threshold: int = 1 << 30) -> bool:
-    """Serve tensors up to ``threshold`` bytes from glibc's heap instead of fresh ``mmap`` pages.
-
-    PyTorch hands every freed CPU tensor back to ``malloc``; above glibc's mmap threshold (at most
-    32 MB by default) each activation of a 16,907-gene cell is a new mapping whose pages the kernel
-    faults in and zeroes again, layer after layer. Reusing heap memory instead cut the system time of
-    ``predict.py`` by more than half and its wall time by ~15% (BENCHMARKS.md), for ~25% more peak
-    memory. Used for annotation only: in training it doubled peak memory for no gain. Process-wide;
-    does nothing outside glibc. Returns whether the setting took effect."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        value = ctypes.c_int(min(threshold, (1 << 31) - 1))
-        # -3: M_MMAP_THRESHOLD; -1: M_TRIM_THRESHOLD (else freed memory at the top of the heap is
-        # returned to the kernel at once and faulted in again by the next tensor)
-        return bool(libc.mallopt(-3, value)) and bool(libc.mallopt(-1, value))
-    except (OSError, AttributeError):
-        return False
-
-
-def prepare_for_speed(model: nn.Module, fast: bool = True, compile_model: bool = False, grad_checkpointing: bool = False) -> nn.Module:
-    """Apply the speed options of a run to ``model`` in place (state dict unchanged).
-
-    ``fast``: :class:`FastFavorAttention`; ``compile_model``: ``torch.compile`` the encoder (the first
-    batches are slow while it compiles); ``grad_checkpointing``: recompute activations in backward.
-    """
-    if fast:
-        enable_fast_attention(model)
-        if getattr(model, "first_layer_cache", False) is None:
-            model.first_layer_cache = FirstLayerCache()
-    if compile_model and not hasattr(model.encode, "_torchdynamo_orig_callable"):
-        model.encode = torch.compile(model.encode)  # an instance attribute: parameters and keys stay as they are
-    if grad_checkpointing:
-        model.gradient_checkpointing = True
-    return model
-
-
-def fast_attention_enabled(model: nn.Module) -> bool:
-    """Whether any attention module of ``model`` runs the fast path."""
-    return any(type(module) is FastFavorAttention for module in model.modules())
-
-
-class FirstLayerCache:
-    """The first encoder layer's work on unexpressed genes, done once per model instead of per cell.
-
-    A cell enters the first layer as ``token_emb[bin] + gene_emb``, and most of its ~17k genes are
-    in bin 0 (not expressed). For those rows the LayerNorm, the q/k/v projections, the query
-    features and each key's term of the attention context are the same in every cell. The cache
-    keeps them (for the model's current weights and product dtype; any change of a weight rebuilds
-    it), and per cell only the expressed rows are computed: the key context is the cached sum minus
-    the cached terms of the expressed genes plus their real ones (in float32, rescaled to the cell's
-    key maximum), and the query features of the other rows are read from the cache. The output is
-    the first layer's (attention and feed-forward blocks) to float rounding. Used in eval mode
-    without gradients (annotation, embeddings, validation); memory: q, k, v and the query features
-    of one cell (~160 MB at the published size in bf16). A cell with more than ``max_expressed`` of
-    its genes expressed takes the ordinary path.
-    """
-
-    max_expressed = 0.5
-    # When the expressed genes hold the cached keys' maximum and the cell's other keys lie this far
-    # below it, the subtraction would cost precision: that head's context is then summed directly.
-    max_rescale = 8.0
-
-    def __init__(self) -> None:
-        self.key: tuple[Any, ...] | None = None
-        self.state: dict[str, Any] = {}
-
-    @staticmethod
-    def _blocks(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
-        """(pre-norm attention block, its attention module, feed-forward block) of layer 1."""
-        attn_block, ff_block = model.performer.net.layers[0]
-        return attn_block, attn_block.fn, ff_block
-
-    def usable(self, model: nn.Module, tokens: Tensor) -> bool:
-        """Whether this forward pass of ``model`` can use the cache."""
-        if model.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return False
-        attn_block, attn, _ = self._blocks(model)
-        if type(attn.fast_attention) is not FastFavorAttention or attn.local_attn is not None:
-            return False
-        # Hooks on these modules (e.g. the attention scores of model.attention) must see whole cells.
-        watched = (attn_block, attn_block.norm, attn, attn.to_q, attn.to_k, attn.to_v, attn.to_out, attn.fast_attention)
-        if any(m._forward_hooks or m._forward_pre_hooks for m in watched) or nn.modules.module._global_forward_hooks \
-                or nn.modules.module._global_forward_pre_hooks:
-            return False
-        fa = attn.fast_attention
-        if fa.causal or fa.no_projection or fa.generalized_attention:
-            return False
-        return bool(((tokens != 0).sum(dim=1) <= self.max_expressed * tokens.shape[1]).any())
-
-    def _weights_key(self, model: nn.Module, low: torch.dtype) -> tuple[Any, ...]:
-        attn_block, attn, _ = self._blocks(model)
-        tensors = [model.token_emb.weight, attn_block.norm.weight, attn_block.norm.bias, attn.fast_attention.projection_matrix,
-                   *(p for f in (attn.to_q, attn.to_k, attn.to_v) for p in (f.weight, f.bias) if p is not None)]
-        if model.pos_emb is not None:
-            tensors.append(model.pos_emb.emb.weight)
-        return (low, *((t.data_ptr(), t._version) for t in tensors))
-
-    def _qkv(self, model: nn.Module, x: Tensor, low: torch.dtype) -> list[Tensor]:
-        """(rows, heads, dim_head) q, k, v in ``low`` of first-layer inputs ``x`` (rows, dim)."""
-        attn_block, attn, _ = self._blocks(model)
-        h = attn_block.norm(x)
-        return [f(h).to(low).view(x.shape[0], attn.heads, f.out_features // attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v)]
-
-    def _build(self, model: nn.Module, n: int, device: torch.device, low: torch.dtype) -> None:
-        x = model.token_emb(torch.zeros(n, dtype=torch.long, device=device))
-        if model.pos_emb is not None:
-            x = x + model.pos_emb(n).to(x.dtype)
-        attn = self._blocks(model)[1]
-        fa = attn.fast_attention
-        c = _Consts(fa.dim_heads, fa.nb_features, 1e-4, None if low == torch.float32 else low)
-        proj = (fa.projection_matrix.float() * c.normaliser).t().contiguous()
-        proj_low = proj.to(low)
-        q, k, v = self._qkv(model, x, low)
-        heads = []
-        for hi in range(attn.heads):
-            kd = torch.matmul(k[:, hi].float(), proj)
-            row_max = kd.amax(dim=-1)
-            top = row_max.max()
-            heads.append({
-                "context": torch.matmul(kd.sub_(top).exp_().t(), _weighted_values(k[:, hi], v[:, hi], c)),  # relative to ``top``
-                "top": top, "row_max": row_max, "order": row_max.argsort(descending=True), "v_sum": v[:, hi].float().sum(dim=0),
-                "query_exp": _query_tile(q[:, hi], proj_low), "query_scale": _row_scale(q[:, hi], c),
-            })
-        self.state = {"q": q, "k": k, "v": v, "proj": proj, "proj_low": proj_low, "consts": c, "heads": heads, "n": n}
-
-    def first_layer(self, model: nn.Module, tokens: Tensor, x: Tensor) -> Tensor:
-        """``x`` (the embedded ``tokens``, batch x genes x dim) after the first encoder layer."""
-        attn_block, attn, ff_block = self._blocks(model)
-        dev = x.device.type
-        bf16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
-        low = torch.bfloat16 if bf16 else torch.float32
-        key = self._weights_key(model, low)
-        if key != self.key or self.state.get("n") != tokens.shape[1]:
-            self.key, self.state = None, {}
-            self._build(model, tokens.shape[1], x.device, low)
-            self.key = key
-        outs = []
-        for b in range(tokens.shape[0]):
-            expressed = (tokens[b] != 0).nonzero().squeeze(1)
-            if expressed.numel() > self.max_expressed * tokens.shape[1]:
-                outs.append(attn_block(x[b : b + 1])[0])
-            else:
-                outs.append(attn.dropout(attn.to_out(self._heads(model, x[b], expressed, low).flatten(1))))
-        x = x + torch.stack(outs)
-        return x + ff_block(x)
-
-    def _heads(self, model: nn.Module, x: Tensor, expressed: Tensor, low: torch.dtype) -> Tensor:
-        """The attention heads' output (genes, heads, dim_head) of one cell, in ``low``."""
-        st = self.state
-        c: _Consts = st["consts"]
-        n, e = x.shape[0], st["v"].shape[-1]
-        qs, ks, vs = self._qkv(model, x[expressed], low)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            unexpressed = torch.ones(n, dtype=torch.bool, device=x.device)
-            unexpressed[expressed] = False
-            out = torch.empty(n, len(st["heads"]), e, dtype=low, device=x.device)
-            for hi, hd in enumerate(st["heads"]):
-                context = self._key_context(hd, hi, ks[:, hi], vs[:, hi], expressed, unexpressed)
-                correction = c.ce * context.sum(dim=-2, keepdim=True)
-                cl = context.to(low)
-                num = _mm(hd["query_exp"], cl, c).mul_(hd["query_scale"])
-                if expressed.numel():
-                    num[expressed] = _query_numerators(qs[:, hi], st["proj_low"], cl, c)
-                num.add_(correction)
-                torch.div(num[:, :e], num[:, e:], out=out[:, hi])
-        return out
-
-    def _key_context(self, hd: dict[str, Tensor], hi: int, ks: Tensor, vs: Tensor, expressed: Tensor, unexpressed: Tensor) -> Tensor:
-        """The cell's key context (features, dim_head + 1) of head ``hi``, as :func:`_group_context`."""
-        st = self.state
-        c: _Consts = st["consts"]
-        proj = st["proj"]
-        n, e = unexpressed.shape[0], vs.shape[-1]
-        rest = hd["order"][unexpressed[hd["order"]]]  # unexpressed rows, largest key maximum first
-        rest_top = hd["row_max"][rest[0]] if rest.numel() else hd["row_max"].new_tensor(-math.inf)
-        kd = torch.matmul(ks.float(), proj)
-        top = torch.maximum(rest_top, kd.amax()) if ks.shape[0] else rest_top
-        acc = torch.matmul(kd.sub_(top).exp_().t(), _weighted_values(ks, vs, c))
-        k0, v0 = st["k"][:, hi], st["v"][:, hi]
-        if rest.numel() and float(hd["top"] - rest_top) <= self.max_rescale:
-            cached = hd["context"]
-            if expressed.numel():
-                kd0 = torch.matmul(k0[expressed].float(), proj).sub_(hd["top"]).exp_()
-                cached = cached - torch.matmul(kd0.t(), _weighted_values(k0[expressed], v0[expressed], c))
-            acc += cached * torch.exp(hd["top"] - top)
-        elif rest.numel():
-            kd0 = torch.matmul(k0[rest].float(), proj).sub_(top).exp_()
-            acc += torch.matmul(kd0.t(), _weighted_values(k0[rest], v0[rest], c))
-        v_sum = hd["v_sum"] + vs.float().sum(dim=0) - v0[expressed].float().sum(dim=0)
-        acc[:, :e] += c.ce * v_sum
-        acc[:, e] += n * c.ce
-        return acc

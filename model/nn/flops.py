@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.config import ScBERTConfig
+from model.nn.config import ScBERTConfig
 
 FF_MULT = 4  # performer_pytorch's FeedForward: dim -> 4 dim -> dim
 

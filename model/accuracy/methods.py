@@ -1,9 +1,9 @@
-"""The methods the benchmark compares: scBERT and the strong, cheap baselines.
+"""The methods the accuracy benchmark compares: scBERT and the strong, cheap baselines.
 
 Every method has the same interface: ``fit(X, y, genes)`` on a log2-normalised cells x genes CSR
 matrix and string labels, then ``predict_proba(X)`` -> (cells, classes) scores whose columns follow
 ``classes_``; the highest score is the prediction and, for the novel-type protocol, the confidence.
-All of them see the same preprocessed matrix and the same split (see :mod:`model.benchmark`).
+All of them see the same preprocessed matrix and the same split (see :mod:`model.accuracy.protocols`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,15 @@ import torch
 from scipy import sparse
 
 from data.dataset import CellDataset
+from data.labels import stratified_holdout
 from model.checkpoint import Checkpoint
-from model.config import ScBERTConfig
-from model.pipeline import gene_embedding
-from model.scbert import ScBERT
-from model.training import TrainConfig, balanced_class_weights, finetune, predict, set_seed
+from model.inference import predict
+from model.nn.config import ExecutionOptions, ScBERTConfig
+from model.nn.network import ScBERT
+from model.runtime import set_seed
+from model.train.config import TrainConfig
+from model.train.finetuning import balanced_class_weights, finetune
+from model.train.initialisation import gene_embedding, new_classifier
 
 log = logging.getLogger("scbert")
 
@@ -199,7 +203,8 @@ class ScBERTMethod:
     dropout: float = 0.0  # classifier-head dropout
     head_only: bool = False  # pretrained: train only the head on the frozen encoder
     class_weights: bool = False  # weight the loss by inverse class frequency (balanced)
-    head_init: str = "expression"  # see model.training.finetune
+    head_init: str = "expression"  # see model.train.finetuning.finetune
+    options: ExecutionOptions = field(default_factory=ExecutionOptions)  # precision and speed switches of the network
     val_frac: float = 0.1
     device: str = "cpu"
     history: list[dict[str, float]] = field(default_factory=list)
@@ -210,32 +215,24 @@ class ScBERTMethod:
                 raise ValueError(f"{self.name}: init={self.init!r} needs a pretrained checkpoint")
             if list(genes) != list(self.checkpoint.genes):
                 raise ValueError(f"{self.name}: the benchmark matrix is not on the checkpoint's gene vocabulary")
-            config = self.checkpoint.config.replace(head="classifier", n_classes=n_classes, classifier_dropout=self.dropout)
             if self.init == "pretrained":
-                model = ScBERT(config)
-                model.load_encoder_state(self.checkpoint.state_dict)
-                model.freeze_for_finetuning(train_all=self.train_all and not self.head_only, head_only=self.head_only)
-                return model
+                return new_classifier(self.checkpoint.config, n_classes, self.dropout, pretrained=self.checkpoint,
+                                      train_all=self.train_all and not self.head_only, head_only=self.head_only, options=self.options)
             vectors = self.checkpoint.build_model().gene_vectors()
-            model = ScBERT(config, vectors)
-        elif self.init == "scratch":
+            return new_classifier(self.checkpoint.config, n_classes, self.dropout, gene_vectors=vectors, options=self.options)
+        if self.init == "scratch":
             mode, vectors, _ = gene_embedding(self.gene2vec, None, genes, X, self.model_args["dim"], self.train.seed, progress=False)
-            model = ScBERT(ScBERTConfig(n_genes=len(genes), gene_embedding=mode, head="classifier", n_classes=n_classes,
-                                        classifier_dropout=self.dropout, **self.model_args), vectors)
-        else:
-            raise ValueError(f"unknown init {self.init!r}: pretrained, random or scratch")
-        model.freeze_for_finetuning(train_all=True)
-        return model
+            config = ScBERTConfig(n_genes=len(genes), gene_embedding=mode, **self.model_args)
+            return new_classifier(config, n_classes, self.dropout, gene_vectors=vectors, options=self.options)
+        raise ValueError(f"unknown init {self.init!r}: pretrained, random or scratch")
 
     def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str]) -> None:
-        from sklearn.model_selection import train_test_split
-
         self.classes_, codes = _classes(y)
         set_seed(self.train.seed)
         idx = np.arange(len(codes))
         counts = np.bincount(codes)
         n_val = max(len(self.classes_), round(self.val_frac * len(codes)))
-        tr, va = train_test_split(idx, test_size=n_val, stratify=codes if counts.min() >= 2 else None, random_state=self.train.seed)
+        tr, va = stratified_holdout(codes, n_val, self.train.seed, stratify=counts.min() >= 2)
         if counts.min() >= 2:
             # keep every type in the training part even when it has very few cells
             missing = np.setdiff1d(np.unique(codes), np.unique(codes[tr]))
@@ -249,7 +246,7 @@ class ScBERTMethod:
 
     def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
         probs, _ = predict(self.model, CellDataset(X, self.model.config.bin_num), self.train.batch_size, torch.device(self.device),
-                           self.train.precision, progress=False)
+                           progress=False)
         return probs
 
 

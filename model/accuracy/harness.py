@@ -1,0 +1,146 @@
+"""Running the accuracy benchmark: labelled data on one gene set, the splits of a protocol, and
+every method fitted and scored on every split."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import sparse
+
+from data.io import InputError
+from data.labels import label_column
+from data.preprocess import MIN_GENES, read_prepared
+from model.accuracy.protocols import Split, cross_splits, cv_splits, fewshot_splits, imbalance_splits, novel_splits, select_genes
+from model.accuracy.report import evaluate
+
+log = logging.getLogger("scbert")
+
+
+def load_labelled(paths: Sequence[str], label_key: str, genes: Sequence[str] | None, n_genes: int | None,
+                  min_genes: int | None = MIN_GENES) -> tuple[Any, np.ndarray, list[str]]:
+    """Preprocess ``paths`` onto ``genes`` (or onto the ``n_genes`` most variable genes of the data),
+    drop unlabelled cells; returns (AnnData, labels, genes)."""
+    adata, vocab = read_prepared(list(paths), genes, min_genes or None)
+    if genes is None and n_genes and n_genes < len(vocab):
+        vocab = select_genes(adata.X, vocab, n_genes)
+        adata = adata[:, vocab].copy()
+    col = label_column(adata, label_key, ", ".join(map(str, paths)))
+    y = col.astype(object).where(col.notna(), None).to_numpy()
+    keep = np.array([v is not None for v in y])
+    if not keep.all():
+        log.warning("%d cells have no %s label and are left out", int((~keep).sum()), label_key)
+        adata, y = adata[keep].copy(), y[keep]
+    return adata, y.astype(str), list(vocab)
+
+
+@dataclass
+class ProtocolSettings:
+    """Which protocol, and its settings (see :mod:`model.accuracy.protocols`)."""
+
+    protocol: str = "cv"
+    folds: int = 5
+    seeds: list[int] = field(default_factory=lambda: [0])
+    label_map: dict[str, str] = field(default_factory=dict)  # label in the data -> label to use
+    test_data: list[str] | None = None  # cross: the test files
+    split_key: str | None = None  # cross within one file
+    train_values: list[str] = field(default_factory=list)
+    test_values: list[str] = field(default_factory=list)
+    hold_out: list[str] | None = None  # novel
+    threshold: float = 0.5  # novel
+    subsample: dict[str, int] = field(default_factory=dict)  # imbalance: type -> training cells
+    fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75])  # fewshot
+
+
+def parse_subsample(items: Sequence[str]) -> dict[str, int]:
+    """``TYPE=N`` items as {TYPE: N}."""
+    sizes = {}
+    for item in items:
+        t, _, n = item.rpartition("=")
+        if not t or not n.isdigit():
+            raise InputError(f"--subsample expects TYPE=N (e.g. 'CD14+ Mono=20'), got {item!r}")
+        sizes[t] = int(n)
+    return sizes
+
+
+def protocol_splits(p: ProtocolSettings, adata: Any, y: np.ndarray, genes: Sequence[str], data: Sequence[str], label_key: str,
+                    min_genes: int | None) -> tuple[sparse.csr_matrix, np.ndarray, list[Split]]:
+    """The matrix, the labels (mapped through ``label_map``) and the splits of protocol ``p`` on
+    the labelled ``adata`` (the cross protocol with ``test_data`` adds those files' cells)."""
+    X = adata.X
+    if p.protocol == "cross":
+        if p.test_data:
+            test, y_test, _ = load_labelled(p.test_data, label_key, genes, None, min_genes)
+            train_mask = np.r_[np.ones(len(y), bool), np.zeros(len(y_test), bool)]
+            X, y = sparse.vstack([sparse.csr_matrix(X), sparse.csr_matrix(test.X)], format="csr"), np.r_[y, y_test]
+            variant = f"{'+'.join(Path(f).stem for f in data)} -> {'+'.join(Path(f).stem for f in p.test_data)}"
+            test_mask = ~train_mask
+        elif p.split_key:
+            if p.split_key not in adata.obs:
+                raise InputError(f"--split-key {p.split_key!r} is not a column of the data; available: {list(adata.obs.columns)}")
+            group = adata.obs[p.split_key].astype(str).to_numpy()
+            for vals in (p.train_values, p.test_values):
+                bad = sorted(set(vals) - set(group))
+                if bad:
+                    raise InputError(f"{p.split_key} has no value {bad}; available: {sorted(set(group))}")
+            train_mask, test_mask = np.isin(group, p.train_values), np.isin(group, p.test_values)
+            variant = f"{p.split_key}: {'+'.join(p.train_values)} -> {'+'.join(p.test_values)}"
+        else:
+            raise InputError("the cross protocol needs --test-data FILE, or --split-key with --train-values and --test-values")
+        y = np.array([p.label_map.get(v, v) for v in y])
+        return X, y, cross_splits(train_mask, test_mask, p.seeds, variant)
+    y = np.array([p.label_map.get(v, v) for v in y])
+    if p.protocol == "cv":
+        return X, y, cv_splits(y, p.folds, p.seeds)
+    if p.protocol == "novel":
+        if not p.hold_out:
+            raise InputError("the novel protocol needs --hold-out TYPE [TYPE ...]: the cell types to leave out of training")
+        return X, y, novel_splits(y, p.hold_out, p.folds, p.seeds)
+    if p.protocol == "imbalance":
+        if not p.subsample:
+            raise InputError("the imbalance protocol needs --subsample TYPE=N [TYPE=N ...]")
+        return X, y, imbalance_splits(y, p.subsample, p.folds, p.seeds)
+    if p.protocol == "fewshot":
+        return X, y, fewshot_splits(y, p.fractions, p.folds, p.seeds)
+    raise InputError(f"unknown protocol {p.protocol!r}: cv, cross, novel, imbalance or fewshot")
+
+
+def run_benchmark(
+    X: sparse.csr_matrix,
+    y: np.ndarray,
+    genes: Sequence[str],
+    splits: Sequence[Split],
+    methods: Sequence[tuple[str, Callable[[int], Any]]],
+    threshold: float | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Fit each method (``(name, factory(seed))``) on every split and score it; one record per
+    (split, method), with the test predictions."""
+    from tqdm.auto import tqdm
+
+    X = sparse.csr_matrix(X)
+    y = np.asarray(y).astype(str)
+    records = []
+    bar = tqdm(total=len(splits) * len(methods), desc="benchmark", unit="run", disable=not progress)
+    for split in splits:
+        for name, factory in methods:
+            bar.set_postfix_str(f"{name} {split.key}")
+            method = factory(split.seed)
+            t0 = time.time()
+            method.fit(X[split.train], y[split.train], genes)
+            probs = method.predict_proba(X[split.test])
+            seconds = time.time() - t0
+            m = evaluate(y[split.test], probs, method.classes_, threshold)
+            rec = {"method": name, "protocol": split.protocol, "variant": split.variant, "seed": split.seed, "fold": split.fold,
+                   "split": split.fingerprint(), "n_train": len(split.train), "n_test": len(split.test),
+                   "seconds": round(seconds, 2), "test_index": split.test.tolist(), **m}
+            records.append(rec)
+            log.info("%s %s: accuracy %.4f, macro-F1 %.4f (%.1f s)", name, split.key, m["accuracy"], m["macro_f1"], seconds)
+            bar.update()
+    bar.close()
+    return records

@@ -1,0 +1,150 @@
+"""Scoring the accuracy benchmark's runs and reporting them: metrics per run, mean ± sd per method,
+tables, per-class F1, confusion matrices, results.json."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data.io import InputError, write_text
+from model.accuracy.protocols import Split
+from model.evaluation import UNASSIGNED, classification_metrics
+from model.inference import assign_labels
+from model.plots import plot_confusion
+
+
+def evaluate(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], threshold: float | None = None) -> dict[str, Any]:
+    """Metrics of one run. Predictions are the top-scoring class. Test cells whose type the method
+    never saw are *novel*: with ``threshold`` (novel protocol), cells scoring below it are
+    ``Unassigned``, and the report adds the known-type accuracy (Unassigned counts as wrong), the
+    fraction of novel cells left Unassigned and the AUROC of the top score for known vs novel.
+    Accuracy and macro-F1 are computed on the known cells."""
+    from sklearn.metrics import roc_auc_score
+
+    y_true = np.asarray(y_true).astype(str)
+    pred, conf = assign_labels(probs, classes, threshold)
+    known = np.isin(y_true, np.asarray(classes, dtype=str))
+    m = classification_metrics(y_true[known], pred[known]) if known.any() else {"n_cells": 0, "accuracy": float("nan"), "macro_f1": float("nan"), "per_class": {}}
+    m["n_unseen_type"] = int((~known).sum())
+    if threshold is not None:
+        m["known_accuracy"] = m["accuracy"]
+        m["known_unassigned"] = float((pred[known] == UNASSIGNED).mean()) if known.any() else float("nan")
+        m["novel_unassigned"] = float((pred[~known] == UNASSIGNED).mean()) if (~known).any() else float("nan")
+        m["auroc_known_vs_novel"] = float(roc_auc_score(known, conf)) if known.any() and (~known).any() else float("nan")
+    m["y_pred"] = pred.tolist()
+    return m
+
+
+SUMMARY_KEYS = ("accuracy", "macro_f1", "known_accuracy", "known_unassigned", "novel_unassigned", "auroc_known_vs_novel")
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    v = np.asarray([x for x in values if x == x], dtype=float)  # drop NaN
+    if not len(v):
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sd over runs (folds x seeds) per (variant, method), and mean per-class F1."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["variant"], r["method"]), []).append(r)
+    out = []
+    for (variant, method), rs in groups.items():
+        row: dict[str, Any] = {"variant": variant, "method": method, "n_runs": len(rs), "seeds": sorted({r["seed"] for r in rs}),
+                               "seconds": round(float(np.mean([r["seconds"] for r in rs])), 1)}
+        for k in SUMMARY_KEYS:
+            if k in rs[0]:
+                row[k], row[k + "_sd"] = _mean_sd([r[k] for r in rs])
+        classes = sorted({c for r in rs for c, v in r["per_class"].items() if isinstance(v, dict) and c not in ("macro avg", "weighted avg")})
+        row["per_class_f1"] = {c: _mean_sd([r["per_class"][c]["f1-score"] for r in rs if c in r["per_class"]])[0] for c in classes}
+        out.append(row)
+    return out
+
+
+def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
+    """One table per variant: mean ± sd of the metrics over runs."""
+    lines: list[str] = []
+    for variant in dict.fromkeys(r["variant"] for r in summary):
+        rows = [r for r in summary if r["variant"] == variant]
+        keys = [k for k in SUMMARY_KEYS if k in rows[0] and (k != "accuracy" or "known_accuracy" not in rows[0])]
+        lines += [f"**{variant}**", "", "| method | runs | " + " | ".join(k.replace("_", " ") for k in keys) + " | s/run |",
+                  "|---|---|" + "---|" * len(keys) + "---|"]
+        for r in sorted(rows, key=lambda r: -np.nan_to_num(r[keys[0]], nan=-1)):
+            cells = [f"{r[k]:.4f} ± {r[k + '_sd']:.4f}" for k in keys]
+            lines.append(f"| {r['method']} | {r['n_runs']} | " + " | ".join(cells) + f" | {r['seconds']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def per_class_table(summary: Sequence[dict[str, Any]]) -> str:
+    """Per-class F1 (mean over runs) as CSV: one row per (variant, method)."""
+    classes = sorted({c for r in summary for c in r["per_class_f1"]})
+    lines = ["variant,method," + ",".join(f'"{c}"' for c in classes)]
+    for r in summary:
+        vals = [f"{r['per_class_f1'][c]:.4f}" if c in r["per_class_f1"] else "" for c in classes]
+        lines.append(f'"{r["variant"]}",{r["method"]},' + ",".join(vals))
+    return "\n".join(lines) + "\n"
+
+
+def check_same_splits(records: Sequence[dict[str, Any]]) -> None:
+    """Refuse results where two methods were scored on different cells under the same split name."""
+    seen: dict[str, str] = {}
+    for r in records:
+        key = f"{r['variant']}/seed{r['seed']}/fold{r['fold']}"
+        if seen.setdefault(key, r["split"]) != r["split"]:
+            raise ValueError(f"split {key} differs between runs ({seen[key]} vs {r['split']} for {r['method']}): "
+                             "merge only results made from the same data, protocol and seeds")
+
+
+def write_report(out: Path, records: Sequence[dict[str, Any]], y: np.ndarray | None, info: dict[str, Any]) -> list[dict[str, Any]]:
+    """results.json, results.md, per_class_f1.csv and one confusion matrix PNG per (variant, method),
+    pooling the test cells of the first seed's folds. ``y``: the labels the test indices refer to."""
+    check_same_splits(records)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(records)
+    table = markdown_table(summary)
+    header = f"# Benchmark: protocol {info.get('protocol')} on {info.get('data')}\n\n"
+    write_text(out / "results.md", header + table + "\n")
+    write_text(out / "per_class_f1.csv", per_class_table(summary))
+    write_text(out / "results.json", json.dumps({"info": info, "summary": summary, "runs": list(records)}, indent=1, default=_json_default))
+    if y is not None:
+        y = np.asarray(y).astype(str)
+        for r in summary:
+            rs = [x for x in records if x["variant"] == r["variant"] and x["method"] == r["method"] and x["seed"] == r["seeds"][0]]
+            idx = np.concatenate([x["test_index"] for x in rs]).astype(int)
+            pred = np.concatenate([np.asarray(x["y_pred"], dtype=str) for x in rs])
+            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{r['variant']}_{r['method']}")
+            plot_confusion(y[idx], pred, out / f"confusion_{safe}.png",
+                           f"{r['method']} ({r['variant']}, seed {r['seeds'][0]}): accuracy {r.get('accuracy', float('nan')):.3f}")
+    return summary
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer | np.floating):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Split):
+        return {k: v for k, v in asdict(o).items() if k not in ("train", "test")}
+    raise TypeError(type(o))
+
+
+def read_label_map(path: str | Path) -> dict[str, str]:
+    """Two columns per line (tab or comma separated): a label as it appears in the data, and the
+    name to use instead (e.g. a query's type name -> the reference's). Lines starting with # are skipped."""
+    mapping: dict[str, str] = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = [p.strip() for p in (line.split("\t") if "\t" in line else line.split(","))]
+        if len(parts) != 2 or not all(parts):
+            raise InputError(f"{path} line {n}: expected two columns (label in the data, label to use), got {line!r}")
+        mapping[parts[0]] = parts[1]
+    return mapping

@@ -1,0 +1,55 @@
+"""Loading any checkpoint a user may hold: ours, or one saved by the published scBERT code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data.io import InputError
+from data.vocab import read_vocab_file
+from model.checkpoint import published
+from model.checkpoint.format import Checkpoint, CheckpointError, from_payload, read_file
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def load_checkpoint(path: str | Path, genes: list[str] | None = None, classes: list[str] | None = None) -> Checkpoint:
+    """Load one of our checkpoints, or one saved by the published scBERT code (which carries no
+    gene or class names: pass ``genes``, and ``classes`` for a fine-tuned one). Refuses anything
+    else, with a reason; never runs code stored in the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (or is a folder): give the path to a model.pt file")
+    try:
+        obj = read_file(path)
+    except CheckpointError as refusal:
+        # A published file may hold numpy scalars that weights_only refuses; its safe reader
+        # rebuilds only those and never runs code. Anything else keeps the original refusal.
+        try:
+            obj = published.read_published(path)
+        except CheckpointError:
+            raise refusal from None
+        if not published.is_published_checkpoint(obj):
+            raise refusal from None
+    if published.is_published_checkpoint(obj):
+        if genes is None:
+            raise CheckpointError(
+                f"{path} is a checkpoint of the published scBERT code, which stores no gene names. Give the ordered "
+                f"gene list it was trained on (the var_names of the published panglao_10000.h5ad) with --genes GENES.txt, "
+                f"or convert it once: python -m model.convert {path} --genes GENES.txt [--classes CLASSES.txt] --out model.pt"
+            )
+        return published.published_to_checkpoint(obj, genes, classes, source=str(path))
+    if genes is not None or classes is not None:
+        raise CheckpointError(f"{path} is already self-describing (it carries its genes and classes): drop --genes/--classes")
+    return from_payload(obj, path)
+
+
+def load_vocab(source: str | Path) -> list[str]:
+    """The ordered vocabulary of a gene list (.txt/.tsv/.csv), an .h5ad (its var_names, e.g. the
+    output of preprocess.py) or one of our checkpoints."""
+    path = Path(source)
+    if path.is_file() and path.name.lower().endswith(CHECKPOINT_SUFFIXES):
+        try:
+            return list(load_checkpoint(path).genes)
+        except CheckpointError as e:
+            raise InputError(f"vocabulary: {e}") from None
+    return read_vocab_file(path)

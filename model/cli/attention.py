@@ -1,0 +1,68 @@
+"""What attn_analysis.py does with its parsed flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from data.io import InputError, read_cells, write_json
+from data.labels import label_column
+from model.attention.analysis import BUNDLED_GMT, BUNDLED_MARKERS, AttentionSettings, analyse_attention, resolve_gene_set_file
+from model.checkpoint import load_checkpoint
+from model.cli.args import execution_options, published_names
+from model.cli.run import start_run, user_errors, write_summary
+from model.inference import AnnotationKeys, annotate
+from model.plots import plot_umap
+from model.runtime import resolve_device
+
+log = logging.getLogger("scbert")
+
+
+def _existing(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise InputError(f"{path} does not exist: give an existing file (or a bundled name: markers panglaodb/immune, gmt hallmark/c2)")
+    return Path(path)
+
+
+def run(args: argparse.Namespace) -> None:
+    t0 = time.time()
+    out = start_run(args.out, args, protected=("attention_top_genes.csv",))
+    with user_errors():
+        gmt = [resolve_gene_set_file(spec, BUNDLED_GMT) for spec in args.gmt if spec.strip().lower() != "none"]
+        settings = AttentionSettings(
+            layer=args.layer, max_cells_per_type=args.max_cells_per_type, top_k=args.top_k,
+            markers=resolve_gene_set_file(args.markers, BUNDLED_MARKERS), species=args.species,
+            celltype_map=_existing(args.celltype_map), gmt=[p for p in gmt if p],
+            min_set_size=args.min_set_size, max_set_size=args.max_set_size, batch_size=args.batch_size, seed=args.seed)
+        ckpt = load_checkpoint(args.model, **published_names(args))
+        if args.umap and not ckpt.is_classifier:
+            raise InputError(f"--umap colours cells by the model's predictions, but {args.model} is a pretrained (not fine-tuned) model; drop --umap or use a fine-tuned model")
+        raw = read_cells(args.data)
+        known = label_column(raw, args.label_key, args.data).notna().to_numpy()
+        if not known.any():
+            raise InputError(f"column {args.label_key!r} of {args.data} is empty: no cell has a label")
+        if not known.all():
+            log.warning("%d cells have no %s label and are left out", int((~known).sum()), args.label_key)
+        labelled = raw[known].copy()
+        labels = labelled.obs[args.label_key].astype(str).to_numpy()
+        device, options = resolve_device(args.device), execution_options(args)
+        analysis = analyse_attention(ckpt, labelled, labels, settings, device, options, progress=not args.quiet, what=str(args.data))
+        analysis.write(out, args.heatmap_genes)
+        metrics = {"data": str(args.data), "model": str(args.model), "label_key": args.label_key, **analysis.metrics}
+        if args.umap:
+            log.info("embedding all %d cells for the UMAP", labelled.n_obs)
+            keys = AnnotationKeys()
+            result = annotate(labelled, ckpt, batch_size=args.batch_size, device=device, options=options, progress=not args.quiet)
+            plot_umap(result.to_adata(labelled.copy()), args.label_key, out / "umap.png", args.seed, keys.celltype, keys.embedding)
+            metrics["umap_accuracy_vs_label"] = float((result.labels == labels).mean())
+    metrics["seconds_attention"] = round(analysis.seconds, 1)
+    metrics["seconds"] = round(time.time() - t0, 1)
+    write_json(out / "metrics.json", metrics)
+    lines = analysis.summary_lines(args.max_cells_per_type)
+    lines[0] += f"; {metrics['seconds']} s in all ({metrics['seconds_attention']} s attention)"
+    write_summary(out, [*lines, f"outputs in {out}"])
+

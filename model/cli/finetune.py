@@ -1,0 +1,64 @@
+"""What finetune.py does with its parsed flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from data.io import InputError, write_json
+from data.labels import check_labels, label_column
+from data.preprocess import read_prepared
+from model import distributed
+from model.checkpoint import load_checkpoint, load_vocab
+from model.cli.args import check_gene_num, execution_options, gene2vec_spec, model_size, published_names, train_config
+from model.cli.pretrain import warn_if_nothing_to_resume
+from model.cli.run import start_training_run, user_errors, write_summary
+from model.plots import plot_confusion, plot_history
+from model.runtime import set_seed
+from model.train.finetuning import FinetuningSettings, run_finetuning
+
+log = logging.getLogger("scbert")
+
+
+def run(args: argparse.Namespace) -> None:
+    out, device = start_training_run(args)
+    main = distributed.current().is_main
+    with user_errors():
+        set_seed(args.seed)
+        pre = load_checkpoint(args.pretrained, **published_names(args)) if args.pretrained else None
+        genes = pre.genes if pre else (load_vocab(args.vocab) if args.vocab else None)
+        if pre and args.vocab and load_vocab(args.vocab) != pre.genes:
+            raise InputError(f"--vocab {args.vocab} is not the vocabulary of --pretrained {args.pretrained}: a pretrained model "
+                             f"reads its own genes; drop --vocab")
+        adata, genes = read_prepared([args.data], genes, args.min_genes or None)
+        check_gene_num(args, len(genes))
+        known = label_column(adata, args.label_key, args.data).notna().to_numpy()
+        if not known.all():
+            if main:
+                log.warning("%d cells have no %s label and are left out", int((~known).sum()), args.label_key)
+            adata = adata[known].copy()
+        y = adata.obs[args.label_key].astype(str).to_numpy()
+        classes, counts = check_labels(y, args.label_key, args.cv, args.val_frac)
+        log.info("fine-tuning on %d cells, %d cell types: %s", len(y), len(classes), counts)
+        settings = FinetuningSettings(
+            size=model_size(args), gene2vec=gene2vec_spec(args), gene2vec_genes=args.gene2vec_genes, cv=args.cv, val_frac=args.val_frac,
+            dropout=args.dropout, class_weights=args.class_weights, train_all=args.train_all, head_only=args.head_only,
+            head_init=args.head_init, options=execution_options(args),
+            train=train_config(args, progress=not args.quiet and main, patience=args.patience, label_smoothing=args.label_smoothing,
+                               select=args.select))
+        if not args.cv:
+            warn_if_nothing_to_resume(args, settings.train)
+        result = run_finetuning(adata.X, y, classes, genes, settings, device, pre, out,
+                                record=settings.record([str(args.data)], args.label_key, args.pretrained), progress=not args.quiet)
+        if main:
+            for k, fold in enumerate(result.folds):
+                folder = out / f"fold{k + 1}" if args.cv else out
+                folder.mkdir(exist_ok=True)
+                m = fold.metrics
+                plot_confusion(fold.y_true, fold.y_pred, folder / "confusion_matrix.png",
+                               f"{fold.name}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
+                plot_history(fold.history, ["train_loss", "val_loss", "val_accuracy"], folder / "training_curves.png", fold.name)
+            write_json(out / "metrics.json", result.metrics)
+    if main:
+        write_summary(out, [*result.summary_lines(), f"model: {out / 'model.pt'}"])
+    distributed.shutdown()

@@ -1,0 +1,52 @@
+"""What pretrain.py does with its parsed flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from data.corpus import read_corpus
+from data.io import write_json
+from model import distributed
+from model.checkpoint import load_vocab
+from model.cli.args import check_gene_num, execution_options, gene2vec_spec, model_size, train_config
+from model.cli.run import start_training_run, user_errors, write_summary
+from model.plots import plot_history
+from model.runtime import set_seed
+from model.train.config import TrainConfig
+from model.train.pretraining import PretrainingSettings, run_pretraining
+from model.train.state import list_states
+
+log = logging.getLogger("scbert")
+
+
+def warn_if_nothing_to_resume(args: argparse.Namespace, cfg: TrainConfig) -> None:
+    if cfg.resume_from and not Path(cfg.resume_from).is_file() and not list_states(cfg.resume_from) and distributed.current().is_main:
+        log.warning("WARNING: --resume %s: no saved training state in %s; starting from the beginning", args.resume, cfg.resume_from)
+
+
+def run(args: argparse.Namespace) -> None:
+    out, device = start_training_run(args)
+    main = distributed.current().is_main
+    with user_errors():
+        set_seed(args.seed)
+        spec = gene2vec_spec(args)
+        corpus = read_corpus(args.data, load_vocab(args.vocab) if args.vocab else None, args.min_genes or None, backed=args.backed,
+                             gene2vec_cells=args.gene2vec_cells if spec == "train" and main else None, seed=args.seed)
+        check_gene_num(args, len(corpus.genes))
+        settings = PretrainingSettings(size=model_size(args), gene2vec=spec, gene2vec_genes=args.gene2vec_genes, mask_prob=args.mask_prob,
+                                       replace_prob=args.replace_prob, val_frac=args.val_frac,
+                                       train=train_config(args, progress=not args.quiet and main), options=execution_options(args))
+        warn_if_nothing_to_resume(args, settings.train)
+        result = run_pretraining(corpus, settings, device, out, data=[str(d) for d in args.data], progress=not args.quiet)
+        if main:
+            write_json(out / "metrics.json", result.metrics)
+            plot_history(result.history, ["train_loss", "val_loss", "val_masked_accuracy"], out / "training_curves.png", "pretraining")
+            if args.export_gene2vec and result.model.config.gene_embedding == "gene2vec":
+                from data.gene2vec import save_word2vec_text
+
+                save_word2vec_text(out / "gene2vec.txt", result.genes, result.model.gene_vectors().numpy())
+    if main:
+        write_summary(out, [*result.summary_lines(), f"model: {out / 'model.pt'}"])
+    distributed.shutdown()

@@ -1,0 +1,70 @@
+"""Scoring predictions against known labels, and the readable lines that report them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger("scbert")
+
+UNASSIGNED = "Unassigned"  # the label of cells whose confidence is below the threshold (model.inference.assign_labels)
+
+
+def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str] | None = None) -> dict[str, Any]:
+    """Accuracy, macro-F1 (over the true labels) and the per-class report of scikit-learn."""
+    from sklearn.metrics import accuracy_score, classification_report, f1_score
+
+    labels = sorted(set(y_true)) if classes is None else list(classes)
+    return {
+        "n_cells": len(y_true),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=sorted(set(y_true)), average="macro", zero_division=0)),
+        "per_class": classification_report(y_true, y_pred, labels=labels, output_dict=True, zero_division=0),
+    }
+
+
+def known_truth(truth: pd.Series | np.ndarray | Sequence[Any] | None, n_cells: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(mask of the cells with a known label, those labels as text); labels None when there are none."""
+    if truth is None:
+        return np.zeros(n_cells, dtype=bool), None
+    col = truth if isinstance(truth, pd.Series) else pd.Series(list(truth))
+    ok = col.notna().to_numpy()
+    if not ok.any():
+        return ok, None
+    return ok, col[ok].astype(str).to_numpy()
+
+
+def annotation_report(pred: np.ndarray, conf: np.ndarray, classes: Sequence[str], threshold: float,
+                      truth: pd.Series | np.ndarray | None = None, truth_name: str = "the label column") -> tuple[dict[str, Any], list[str]]:
+    """Metrics and readable lines about an annotation: counts per predicted type, mean confidence,
+    and with ``truth`` accuracy and macro-F1 on the labelled cells (Unassigned counts as wrong)."""
+    pred = np.asarray(pred).astype(str)
+    conf = np.asarray(conf, dtype=float)
+    n_un = int((pred == UNASSIGNED).sum())
+    types = sorted(set(pred), key=lambda t: (t == UNASSIGNED, t))
+    metrics: dict[str, Any] = {
+        "n_cells": int(len(pred)), "n_unassigned": n_un, "threshold": float(threshold),
+        "predicted_counts": {t: int((pred == t).sum()) for t in types},
+        "mean_confidence": {t: float(conf[pred == t].mean()) for t in types},
+    }
+    lines = [f"{len(pred)} cells annotated, {n_un} Unassigned (confidence < {threshold:.2f}); "
+             + ", ".join(f"{t} {c}" for t, c in metrics["predicted_counts"].items())]
+    if truth is None:
+        return metrics, lines
+    ok, labels = known_truth(truth, len(pred))
+    if labels is None:
+        log.warning("WARNING: no cell has a label in %s: accuracy is not computed", truth_name)
+        return metrics, lines
+    m = classification_metrics(labels, pred[ok])
+    metrics.update(accuracy=m["accuracy"], macro_f1=m["macro_f1"], n_labelled=int(ok.sum()), per_class=m["per_class"])
+    lines.append(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  on {int(ok.sum())} labelled cells "
+                 f"(Unassigned counts as wrong; {n_un} Unassigned)")
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        metrics["unknown_types"] = unknown
+        lines.append(f"note: the query has cell types the model was not trained on: {unknown}")
+    return metrics, lines

@@ -1,0 +1,59 @@
+"""The settings of a training run (optimisation, stopping, resumable states) as one dataclass.
+
+How the network computes (precision, compile, gradient checkpointing) is not here: it belongs to
+the network (:class:`model.nn.config.ExecutionOptions`, set when the model is built).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SELECTIONS = ("best", "last")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 8  # cells per step of each process (the global batch is batch_size x processes)
+    grad_acc: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay; 0 = plain Adam, as published
+    label_smoothing: float = 0.0  # fine-tuning cross-entropy label smoothing
+    select: str = "best"  # the weights a run ends with: "best" validation epoch, or the "last" epoch
+    clip_norm: float = 1.0
+    warmup_steps: int = 5
+    cycle_steps: int | None = None  # default: the whole run is one cycle
+    patience: int | None = None  # early stopping (fine-tuning); None or 0 = never stop early
+    seed: int = 0
+    num_workers: int = 0
+    progress: bool = True
+    checkpoint_dir: str | None = None  # write resumable training states here (None: none)
+    save_every: int = 0  # also every this many optimiser steps (0: at epoch ends only)
+    keep_last: int = 2  # training states kept
+    resume_from: str | None = None  # a training state file, or a folder holding them (the latest is used)
+    max_steps: int | None = None  # stop after this many optimiser steps (the epoch in progress is scored)
+
+    def __post_init__(self) -> None:
+        if self.select not in SELECTIONS:
+            raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
+
+    def optimisation(self) -> dict[str, Any]:
+        """The settings that shape the weights (for a checkpoint's ``training`` record): everything
+        but progress display, workers and where states are kept."""
+        skip = {"progress", "num_workers", "checkpoint_dir", "save_every", "keep_last", "resume_from"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+    def for_part(self, part: str) -> TrainConfig:
+        """The settings of one part of a run (a cross-validation fold): its training states go to,
+        and are resumed from, the subfolder ``part`` of ``checkpoint_dir`` and of ``resume_from``
+        (a single state file is resumed from as it is)."""
+        if not part:
+            return self
+        resume = self.resume_from
+        if resume is not None and not Path(resume).is_file():
+            resume = str(Path(resume) / part)
+        return dataclasses.replace(self, checkpoint_dir=None if self.checkpoint_dir is None else str(Path(self.checkpoint_dir) / part),
+                                   resume_from=resume)

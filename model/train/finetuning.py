@@ -1,0 +1,233 @@
+"""Stage 2, fine-tuning a cell-type classifier: the objective with early stopping, class weights,
+and the whole stage from labelled cells to a saved classifier, on one split or K folds
+(:func:`run_finetuning`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import sparse
+from torch import nn
+
+from data.dataset import CellDataset
+from data.io import InputError
+from data.labels import stratified_folds, stratified_holdout
+from data.preprocess import DEFAULT_PREPROCESSING
+from model import distributed
+from model.checkpoint import Checkpoint, save_checkpoint
+from model.evaluation import classification_metrics
+from model.inference import predict_distributed
+from model.nn.config import ExecutionOptions, ModelSize
+from model.nn.network import ScBERT
+from model.runtime import set_seed
+from model.train.config import TrainConfig
+from model.train.initialisation import HEAD_INITS, freezing_policy, gene_embedding, init_head_from_expression, new_classifier
+from model.train.loop import fit
+
+log = logging.getLogger("scbert")
+
+
+def balanced_class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Loss weights ``n / (n_classes * count)`` per class id 0..n_classes-1 (sklearn's "balanced")."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    if len(np.unique(labels)) != n_classes:
+        raise ValueError("every cell type must occur in the training part to weight the classes")
+    return torch.tensor(compute_class_weight("balanced", classes=np.arange(n_classes), y=labels), dtype=torch.float32)
+
+
+def finetune(
+    model: ScBERT,
+    train: CellDataset,
+    val: CellDataset,
+    cfg: TrainConfig,
+    device: torch.device,
+    class_weights: torch.Tensor | None = None,
+    desc: str = "finetune",
+    on_epoch: Callable[[int, dict[str, float], bool], None] | None = None,
+    head_init: str = "expression",
+    head_init_cells: int = 64,
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Supervised fine-tuning with early stopping on validation accuracy. The model ends holding
+    the best weights; returns the best epoch's metrics and the history.
+    ``head_init="expression"`` first points the head's conv1 at the expression read-out of the
+    encodings of ``head_init_cells`` training cells (:func:`init_head_from_expression`);
+    ``"random"`` keeps the published random start. Under torchrun every rank calls it and the
+    validation cells are shared among the ranks (DDP then starts every rank from rank 0's head)."""
+    model.to(device)
+    if head_init == "expression":  # (a resumed run then restores its own weights over it)
+        r2 = init_head_from_expression(model, train, device, head_init_cells, seed=cfg.seed)
+        log.info("%s: classifier conv1 set to the read-out of expression from the encodings (R^2 %.3f on %d cells)",
+                 desc, r2, min(head_init_cells, len(train)))
+    elif head_init not in HEAD_INITS:
+        raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
+    weights = None if class_weights is None else class_weights.to(device)
+
+    def step_loss(net: nn.Module, batch: dict[str, torch.Tensor], epoch: int) -> tuple[torch.Tensor, float]:
+        with model.autocast():
+            logits = net(batch["tokens"].to(device))
+        labels = batch["labels"].to(device)
+        losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=cfg.label_smoothing)
+        if weights is None:
+            return losses.sum(), float(len(labels))
+        w = weights[labels]  # as CrossEntropyLoss(weight): sum of w_i * loss_i over sum of w_i
+        return (losses * w).sum(), float(w.sum())
+
+    def evaluate() -> dict[str, float]:
+        probs = predict_distributed(model, val, cfg.batch_size, device, num_workers=cfg.num_workers)
+        y = val.labels.numpy()
+        val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(y)))
+        return {"val_loss": val_loss, "val_accuracy": float((probs.argmax(1) == y).mean())}
+
+    def log_epoch(epoch: int, metrics: dict[str, float], improved: bool) -> None:
+        log.info("%s epoch %d: train loss %.4f, val loss %.4f, val accuracy %.4f", desc, epoch + 1, metrics["train_loss"],
+                 metrics["val_loss"], metrics["val_accuracy"])
+        if on_epoch is not None:
+            on_epoch(epoch, metrics, improved)
+
+    return fit(model, train, cfg, device, step_loss, evaluate, "val_accuracy", desc, log_epoch)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage: labelled cells -> classifier
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuningSettings:
+    """Everything :func:`run_finetuning` needs besides the cells and the pretrained checkpoint."""
+
+    size: ModelSize = field(default_factory=ModelSize)  # from scratch only (a pretrained model keeps its size)
+    gene2vec: str = "train"  # from scratch only: see model.train.initialisation.gene_embedding
+    gene2vec_genes: str | None = None
+    cv: int | None = None  # K folds instead of one split
+    val_frac: float = 0.2
+    dropout: float = 0.0  # classifier head
+    class_weights: bool = False
+    train_all: bool = False
+    head_only: bool = False
+    head_init: str = "expression"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    options: ExecutionOptions = field(default_factory=ExecutionOptions)
+
+    def record(self, data: list[str], label_key: str, pretrained: str | None) -> dict[str, Any]:
+        """The checkpoint's ``training`` dict (see :mod:`model.checkpoint.format`)."""
+        o = self.options
+        rec: dict[str, Any] = {
+            "stage": "finetune", "data": data,
+            "finetuning": {"label_key": label_key, "pretrained": pretrained, "cv": self.cv, "val_frac": self.val_frac,
+                           "dropout": self.dropout, "class_weights": self.class_weights,
+                           "trained_layers": freezing_policy(pretrained is not None, self.train_all, self.head_only),
+                           "head_init": self.head_init},
+            "optimisation": self.train.optimisation(),
+            "execution": {"precision": o.precision, "grad_checkpointing": o.grad_checkpointing, "compile": o.compile},
+            "world_size": distributed.current().world_size,
+        }
+        if pretrained is None:
+            rec["model_size"] = dataclasses.asdict(self.size)
+            rec["gene2vec"] = {"spec": self.gene2vec, "genes": self.gene2vec_genes}
+        return rec
+
+
+@dataclass
+class FoldResult:
+    """One split: the metrics on its validation cells (with ``best_epoch``, ``n_train``, ``n_val``,
+    ``history``), and their true and predicted labels."""
+
+    name: str
+    metrics: dict[str, Any]
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    history: list[dict[str, float]]
+
+
+@dataclass
+class FinetuningResult:
+    model: ScBERT  # the kept model: the only one, or the fold with the highest validation accuracy
+    classes: list[str]
+    folds: list[FoldResult]
+    kept_fold: int  # 0-based
+    metrics: dict[str, Any]  # what metrics.json holds
+    cv: int | None = None
+
+    def summary_lines(self) -> list[str]:
+        m = self.metrics
+        if self.cv:
+            n = sum(f.metrics["n_val"] for f in self.folds)
+            return [f"{self.cv}-fold cross-validation on {n} cells: accuracy {m['accuracy']:.4f} ± {m['accuracy_sd']:.4f}, "
+                    f"macro-F1 {m['macro_f1']:.4f} ± {m['macro_f1_sd']:.4f}",
+                    f"model.pt is the model of fold {self.kept_fold + 1} (highest validation accuracy)"]
+        return [f"validation ({self.folds[0].metrics['n_val']} cells): accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} "
+                f"(best epoch {m['best_epoch']})"]
+
+
+def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[str], genes: list[str], settings: FinetuningSettings,
+                   device: torch.device, pretrained: Checkpoint | None = None, out: Path | None = None,
+                   record: dict[str, Any] | None = None, progress: bool = True) -> FinetuningResult:
+    """Fine-tune a classifier of ``classes`` on the cells ``X`` (on ``genes``) labelled ``labels``:
+    from ``pretrained`` (its encoder and the freezing policy of ``settings``) or from scratch, on
+    one stratified split (validation fraction ``val_frac``) or on ``cv`` folds. With ``out``, rank 0
+    saves the kept model to ``out/model.pt`` (``record``: its ``training`` dict) and each fold's
+    model to ``out/foldK/model.pt``. Every rank of a torchrun job calls it."""
+    s = settings
+    main = distributed.current().is_main
+    y_str = np.asarray(labels).astype(str)
+    y = np.array([classes.index(c) for c in y_str])
+    if pretrained is None:
+        mode, vectors, g2v = gene_embedding(s.gene2vec, s.gene2vec_genes, genes, X, s.size.dim, s.train.seed, progress)
+        base = s.size.config(len(genes), gene_embedding=mode)
+    else:
+        vectors, g2v, base = None, {"source": f"pretrained:{pretrained.source}"}, pretrained.config
+    if s.cv:
+        splits = stratified_folds(y, s.cv, s.train.seed)
+    else:
+        splits = [stratified_holdout(y, s.val_frac, s.train.seed)]
+
+    folds: list[FoldResult] = []
+    kept, kept_state = -1, None
+    for k, (tr, va) in enumerate(splits):
+        set_seed(s.train.seed + k)
+        model = new_classifier(base, len(classes), s.dropout, pretrained=pretrained, gene_vectors=vectors, train_all=s.train_all,
+                               head_only=s.head_only, options=s.options)
+        weights = None
+        if s.class_weights:
+            try:
+                weights = balanced_class_weights(y[tr], len(classes))
+            except ValueError as e:
+                raise InputError(str(e)) from None
+        train_ds = CellDataset(X[tr], model.config.bin_num, y[tr])
+        val_ds = CellDataset(X[va], model.config.bin_num, y[va])
+        name = f"fold {k + 1}/{len(splits)}" if s.cv else "finetune"
+        cfg = s.train.for_part(f"fold{k + 1}" if s.cv else "")
+        best, history = finetune(model, train_ds, val_ds, cfg, device, weights, name, head_init=s.head_init)
+        pred = np.asarray(classes)[predict_distributed(model, val_ds, cfg.batch_size, device, num_workers=cfg.num_workers).argmax(1)]
+        m = classification_metrics(y_str[va], pred, classes)
+        m.update(best_epoch=best["epoch"], n_train=len(tr), n_val=len(va), history=history)
+        folds.append(FoldResult(name, m, y_str[va], pred, history))
+        if s.cv and main and out is not None:
+            save_checkpoint(out / f"fold{k + 1}" / "model.pt", model, genes, classes, DEFAULT_PREPROCESSING, record,
+                            {k2: v for k2, v in m.items() if k2 != "history"})
+        if kept < 0 or m["accuracy"] > folds[kept].metrics["accuracy"]:
+            kept, kept_state = k, {k2: v.detach().clone() for k2, v in model.state_dict().items()}
+        log.info("%s: accuracy %.4f, macro-F1 %.4f on %d validation cells", name, m["accuracy"], m["macro_f1"], len(va))
+
+    model.load_state_dict(kept_state)
+    metrics: dict[str, Any] = {"classes": classes, "class_counts": {c: int((y_str == c).sum()) for c in classes}, "gene2vec": g2v}
+    if s.cv:
+        acc = np.array([f.metrics["accuracy"] for f in folds])
+        f1 = np.array([f.metrics["macro_f1"] for f in folds])
+        metrics.update(accuracy=float(acc.mean()), accuracy_sd=float(acc.std(ddof=1)), macro_f1=float(f1.mean()),
+                       macro_f1_sd=float(f1.std(ddof=1)), folds=[f.metrics for f in folds], model_fold=kept + 1)
+    else:
+        metrics.update(folds[0].metrics)
+    if main and out is not None:
+        summary = {"accuracy": folds[kept].metrics["accuracy"], "macro_f1": folds[kept].metrics["macro_f1"], "cv": s.cv}
+        save_checkpoint(out / "model.pt", model, genes, classes, DEFAULT_PREPROCESSING, record, summary)
+    return FinetuningResult(model, classes, folds, kept, metrics, s.cv)

@@ -1,0 +1,91 @@
+"""Optimiser and learning-rate schedule, and the optimiser steps of a run: gradient accumulation,
+clipping, loss scaling."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.train.config import TrainConfig
+
+
+def warmup_cosine_restarts(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    cycle_steps: int,
+    cycle_mult: float = 2.0,
+    gamma: float = 0.9,
+    min_lr_ratio: float = 0.01,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine annealing with warm restarts (as in the published training): each cycle warms up
+    linearly for ``warmup_steps``, then decays to ``min_lr_ratio`` of its peak; cycles grow by
+    ``cycle_mult`` and each peak is ``gamma`` times the previous one. Stepped once per optimiser step."""
+    warmup_steps = max(0, warmup_steps)
+    cycle_steps = max(cycle_steps, warmup_steps + 1)
+
+    def factor(step: int) -> float:
+        length, start, peak = cycle_steps, 0, 1.0
+        while step >= start + length:
+            start += length
+            length = int(math.ceil(length * cycle_mult))
+            peak *= gamma
+        t = step - start
+        if t < warmup_steps:
+            return peak * (t + 1) / (warmup_steps + 1)
+        progress = (t - warmup_steps) / max(1, length - warmup_steps)
+        low = min_lr_ratio * peak
+        return low + (peak - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    """Gradient accumulation, clipping, scheduling: the parts both stages share."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, device: torch.device, precision: str = "fp32") -> None:
+        self.model, self.cfg, self.device = model, cfg, device
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        if cfg.weight_decay:
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        total = max(1, math.ceil(steps_per_epoch / cfg.grad_acc) * cfg.epochs)
+        self.scheduler = warmup_cosine_restarts(self.optimizer, cfg.warmup_steps, cfg.cycle_steps or total)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.micro = 0
+
+    def closes_group(self, last_in_epoch: bool) -> bool:
+        """Whether the next backward ends an accumulation group (and is followed by a step)."""
+        return (self.micro + 1) % self.cfg.grad_acc == 0 or last_in_epoch
+
+    def backward(self, loss: torch.Tensor, last_in_epoch: bool) -> bool:
+        """Accumulate ``loss``'s gradients; step the optimiser at the end of a group. Returns
+        whether it stepped."""
+        self.scaler.scale(loss / self.cfg.grad_acc).backward()
+        self.micro += 1
+        if self.micro % self.cfg.grad_acc == 0 or last_in_epoch:
+            self.scaler.unscale_(self.optimizer)
+            if self.cfg.clip_norm:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.micro = 0
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.micro = 0
