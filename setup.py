@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 here = Path(__file__).parent
 requirements = [
@@ -19,7 +19,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["model", "data"],
+    packages=find_packages(include=["model", "model.*", "data"]),
     package_data={"data": ["gene_table.tsv.gz", "README.md", "genesets/*"]},
     py_modules=["preprocess", "pretrain", "finetune", "predict", "attn_analysis"],
     install_requires=requirements,

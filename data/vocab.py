@@ -44,11 +44,6 @@ def read_name_list(path: str | Path, kind: str = "genes") -> list[str]:
     return names
 
 
-def read_gene_list(path: str | Path) -> list[str]:
-    """A gene list file: :func:`read_name_list` with ``kind="genes"``."""
-    return read_name_list(path, "genes")
-
-
 def read_vocab_file(source: str | Path) -> list[str]:
     """The ordered vocabulary of a gene list (.txt/.tsv/.csv) or of an .h5ad (its var_names, e.g.
     the output of preprocess.py). Checkpoints: see :func:`model.checkpoint.load_vocab`."""
@@ -60,4 +55,4 @@ def read_vocab_file(source: str | Path) -> list[str]:
         if len(set(genes)) != len(genes):
             raise InputError(f"{path} has duplicated gene names; run it through preprocess.py first")
         return genes
-    return read_gene_list(path)
+    return read_name_list(path, "genes")

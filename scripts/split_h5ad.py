@@ -6,11 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from sklearn.model_selection import train_test_split
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.io import InputError, read_cells, write_h5ad_atomic  # noqa: E402
+from data.labels import label_column, stratified_holdout  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,16 +23,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         adata = read_cells(args.data)
+        labels = label_column(adata, args.label_key, args.data)
     except InputError as e:
         p.exit(2, f"error: {e}\n")
-    if args.label_key not in adata.obs:
-        p.error(f"--label-key {args.label_key!r} is not a column of {args.data}; available: {list(adata.obs.columns)}")
     try:
-        tr, te = train_test_split(range(adata.n_obs), test_size=args.test_frac, stratify=adata.obs[args.label_key], random_state=args.seed)
+        tr, te = stratified_holdout(labels.to_numpy(), args.test_frac, args.seed)
     except ValueError as e:
         p.exit(2, f"error: cannot split {args.data} by {args.label_key!r}: {e}\n")
-    write_h5ad_atomic(adata[sorted(tr)].copy(), args.out_train)
-    write_h5ad_atomic(adata[sorted(te)].copy(), args.out_test)
+    write_h5ad_atomic(adata[tr].copy(), args.out_train)
+    write_h5ad_atomic(adata[te].copy(), args.out_test)
     print(f"{len(tr)} training cells -> {args.out_train}; {len(te)} test cells -> {args.out_test}")
 
 

@@ -68,3 +68,28 @@ def test_pretrain_from_scratch_with_a_published_style_gene2vec_npy(names: tuple[
     emb = ck.state_dict["pos_emb.emb.weight"].numpy()
     np.testing.assert_allclose(emb[:n_genes], vectors[:n_genes].astype(np.float32), rtol=1e-6)
     assert ck.metrics["val_masked_tokens"] > 0
+
+
+def test_class_names_with_commas_survive_every_reader(names: tuple[Path, Path], tmp_path: Path) -> None:
+    """One reader of class lists: predict.py --classes, the API and python -m model.convert keep
+    'B cell, naive' whole (gene lists still take the first field of a line)."""
+    from data.vocab import read_name_list
+    from model import load_model
+    from model.convert import main as convert_main
+
+    genes, _ = names
+    classes = ["B cell, naive", "T cell, CD4+", "delta", "gamma", "ductal"]
+    class_file = tmp_path / "classes.txt"
+    class_file.write_text("".join(f"{c}\n" for c in classes))
+    table = tmp_path / "genes.tsv"
+    table.write_text("".join(f"{g}\t{i}\n" for i, g in enumerate(genes.read_text().split())))
+    assert read_name_list(class_file, "classes") == classes
+    assert read_name_list(table, "genes") == genes.read_text().split()
+
+    out = tmp_path / "pred.h5ad"
+    predict.main(["--data", str(FIX / "input.h5ad"), "--model", str(FIX / "finetune.pth"), "--genes", str(genes),
+                  "--classes", str(class_file), "--out", str(out), "--threshold", "0", "--quiet"])
+    assert ad.read_h5ad(out).uns["scbert_classes"].tolist() == classes
+    assert load_model(FIX / "finetune.pth", genes=genes, classes=class_file).classes == classes
+    assert convert_main([str(FIX / "finetune.pth"), "--genes", str(table), "--classes", str(class_file), "--out", str(tmp_path / "c.pt")]) == 0
+    assert load_checkpoint(tmp_path / "c.pt").classes == classes

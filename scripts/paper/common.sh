@@ -22,8 +22,8 @@
 #   --methods "..."          baselines to run [logreg_l1 logreg_l2 knn_pca centroid_corr, + celltypist if installed]
 #   --pretrain-epochs N      [10]
 #   --no-ablation            skip the no-gene2vec pretraining and scbert_nogene2vec (ablation.sh only)
-#   -- ARGS                  passed on to scripts/benchmark.py (protocol options such as --hold-out)
-# Benchmarks run torch on one thread (scripts/benchmark.py --threads); on a busy or 2-core machine also
+#   -- ARGS                  passed on to scripts/accuracy_benchmark.py (protocol options such as --hold-out)
+# Benchmarks run torch on one thread (scripts/accuracy_benchmark.py --threads); on a busy or 2-core machine also
 # run the scripts with OMP_NUM_THREADS=1, or pretraining threads fight the other processes for the cores.
 # Finished steps (genes.txt, prep_*.h5ad, pretrain_*/metrics.json) are reused when a script is run again.
 set -euo pipefail
@@ -89,9 +89,9 @@ prepare_and_pretrain() {
     local genes="$OUT/genes.txt"
     if [ ! -f "$genes" ]; then
         if [ -n "$VOCAB" ]; then
-            "$PY" "$REPO/scripts/benchmark.py" --data "${DATA[@]}" --label-key "$LABEL_KEY" --vocab "$VOCAB" --min-genes "$MIN_GENES" --write-genes "$genes"
+            "$PY" "$REPO/scripts/accuracy_benchmark.py" --data "${DATA[@]}" --label-key "$LABEL_KEY" --vocab "$VOCAB" --min-genes "$MIN_GENES" --write-genes "$genes"
         else
-            "$PY" "$REPO/scripts/benchmark.py" --data "${DATA[@]}" --label-key "$LABEL_KEY" --n-genes "$N_GENES" --min-genes "$MIN_GENES" --write-genes "$genes"
+            "$PY" "$REPO/scripts/accuracy_benchmark.py" --data "${DATA[@]}" --label-key "$LABEL_KEY" --n-genes "$N_GENES" --min-genes "$MIN_GENES" --write-genes "$genes"
         fi
     fi
     local corpus=() f i=0
@@ -119,15 +119,15 @@ run_protocol() {
     local name=$1 scbert_methods=$2; shift 2
     local common=(--data "${DATA[@]}" --label-key "$LABEL_KEY" --pretrained "$CKPT" --folds "$FOLDS" --min-genes "$MIN_GENES" --preset "$PRESET" --overwrite "$@" "${EXTRA[@]}")
     # shellcheck disable=SC2086
-    "$PY" "$REPO/scripts/benchmark.py" "${common[@]}" --methods $METHODS --seeds $SEEDS --out "$OUT/${name}_baselines"
+    "$PY" "$REPO/scripts/accuracy_benchmark.py" "${common[@]}" --methods $METHODS --seeds $SEEDS --out "$OUT/${name}_baselines"
     local parts=("$OUT/${name}_baselines")
     if [ -n "$scbert_methods" ]; then
         local nog2v=()
         if [ -n "$CKPT_NOG2V" ]; then nog2v=(--pretrained-nogene2vec "$CKPT_NOG2V"); fi
         # shellcheck disable=SC2086
-        "$PY" "$REPO/scripts/benchmark.py" "${common[@]}" "${nog2v[@]}" --methods $scbert_methods --seeds $SCBERT_SEEDS --out "$OUT/${name}_scbert"
+        "$PY" "$REPO/scripts/accuracy_benchmark.py" "${common[@]}" "${nog2v[@]}" --methods $scbert_methods --seeds $SCBERT_SEEDS --out "$OUT/${name}_scbert"
         parts+=("$OUT/${name}_scbert")
     fi
-    "$PY" "$REPO/scripts/benchmark.py" --merge "${parts[@]}" --out "$OUT/$name" --overwrite
+    "$PY" "$REPO/scripts/accuracy_benchmark.py" --merge "${parts[@]}" --out "$OUT/$name" --overwrite
     echo "results: $OUT/$name/results.md"
 }
