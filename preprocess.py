@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli.args import add_bool, add_log_args, add_min_genes, parser
+from model.cli.args import add_bool, add_library_size, add_log_args, add_min_genes, parser
 
 EXAMPLE = """
 python preprocess.py --data data/pbmc3k_labeled.h5ad --out prep/pbmc3k.h5ad --n-top-genes 2000
@@ -17,8 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = parser(
         "Filter cells (>= --min-genes expressed genes), normalise each cell to 10,000 counts over ALL its genes, "
         "take log2(1 + x), revise gene symbols to current NCBI symbols, then keep either the genes of a vocabulary "
-        "(--vocab; missing genes become zero) or the --n-top-genes most variable genes. Input that is already "
-        "log-normalised is detected and not normalised twice.",
+        "(--vocab; missing genes become zero) or the --n-top-genes most variable genes. With --library-size vocab "
+        "(the published preprocessing) the cells are aligned to the vocabulary first and filtered and normalised over "
+        "its genes. Input that is already log-normalised is detected and not normalised twice.",
         EXAMPLE,
     )
     p.add_argument("--data", "--data_path", required=True, help="input: .h5ad, 10x .h5, 10x matrix folder, .mtx or .csv (cells x genes)")
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", default=None, help="target vocabulary: a gene list (one per line), a checkpoint, or an .h5ad whose genes to use (default: none)")
     p.add_argument("--n-top-genes", type=int, default=None, help="keep only this many highly variable genes (smaller, faster models; ignored with --vocab; default: all genes)")
     add_min_genes(p)
+    add_library_size(p)
     p.add_argument("--species", choices=["auto", "human", "mouse"], default="auto",
                    help="gene names: 'auto' (default) maps names that look like mouse symbols (Gapdh) to human ones by "
                    "upper-casing, with a warning; 'mouse' always does; 'human' never does")

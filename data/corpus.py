@@ -24,7 +24,7 @@ import numpy as np
 from scipy import sparse
 
 from data.io import InputError
-from data.preprocess import MIN_GENES, PREP_KEY, read_prepared
+from data.preprocess import MIN_GENES, PREP_KEY, read_prepared, recorded_library_size
 
 log = logging.getLogger("scbert")
 
@@ -194,14 +194,19 @@ class Corpus:
 
 
 def read_corpus(paths: Sequence[str | Path], genes: Sequence[str] | None = None, min_genes: int | None = MIN_GENES,
-                backed: bool = False, gene2vec_cells: int | None = None, seed: int = 0) -> Corpus:
+                backed: bool = False, gene2vec_cells: int | None = None, seed: int = 0, library_size: str = "all") -> Corpus:
     """The pretraining corpus of ``paths`` on ``genes`` (default: the first file's). In memory the
     files are read and preprocessed (cells with fewer than ``min_genes`` genes dropped); with
     ``backed`` they stay on disk (files written by preprocess.py) and ``gene2vec_cells`` cells are
-    sampled (seeded) for gene2vec."""
+    sampled (seeded) for gene2vec; their values are used as preprocess.py wrote them, so they must
+    have been normalised with ``library_size``."""
     if not backed:
-        adata, vocab = read_prepared(paths, genes, min_genes or None)
+        adata, vocab = read_prepared(paths, genes, min_genes or None, library_size=library_size)
         return Corpus(adata.X, vocab, adata.X)
+    recorded = recorded_library_size(expand_paths(paths)) or "all"
+    if recorded != library_size:
+        raise InputError(f"--backed reads the values as preprocess.py wrote them, normalised with library size {recorded!r}, but "
+                         f"{library_size!r} was asked for: preprocess the files with --library-size {library_size}, or drop --backed")
     corpus = H5adCorpus(paths, genes)
     for name, frac in corpus.coverage.items():
         if frac < 0.5:

@@ -1,7 +1,16 @@
-"""Preprocessing as published: filter cells, normalise to 1e4 per cell, log2(1 + x), align genes.
+"""Preprocessing: filter cells, normalise to 1e4 per cell, log2(1 + x), align to a vocabulary.
 
-Order matters: library sizes are computed from *all* genes of the input, before any subsetting
-to a vocabulary or to highly variable genes, in training and prediction alike.
+Where each cell's library size (its total) is taken is a setting, stored with every model
+(``library_size``):
+
+- ``"all"`` (our default): over *all* genes of the input, before any subsetting to a vocabulary
+  or to highly variable genes, in training and prediction alike;
+- ``"vocab"`` (the published scBERT preprocessing, used for published checkpoints): the cells are
+  first aligned to the vocabulary, then cells with fewer than ``min_genes`` expressed vocabulary
+  genes are dropped, then each is normalised to 1e4 over its vocabulary genes only, then log2(1 + x).
+
+Either is consistent when training and prediction use the same one; a model must be fed the one
+it was trained with (``Checkpoint.prepare`` does that).
 """
 
 from __future__ import annotations
@@ -27,8 +36,11 @@ log = logging.getLogger("scbert")
 TARGET_SUM = 1e4
 LOG_BASE = 2.0
 MIN_GENES = 200  # cells expressing fewer genes are dropped before training, as published
+LIBRARY_SIZES = ("all", "vocab")
+PUBLISHED_VOCAB_SIZE = 16906  # genes of the published scBERT vocabulary (panglao_10000.h5ad)
 # How a model's inputs were normalised; stored in every checkpoint (``Checkpoint.preprocessing``).
-DEFAULT_PREPROCESSING: dict[str, Any] = {"target_sum": TARGET_SUM, "log_base": LOG_BASE, "min_genes": MIN_GENES}
+DEFAULT_PREPROCESSING: dict[str, Any] = {"target_sum": TARGET_SUM, "log_base": LOG_BASE, "min_genes": MIN_GENES, "library_size": "all"}
+PUBLISHED_PREPROCESSING: dict[str, Any] = {**DEFAULT_PREPROCESSING, "library_size": "vocab"}
 MIN_VOCAB_FRACTION = 0.5
 SPECIES = ("auto", "human", "mouse")
 PREP_KEY = "scbert_preprocess"  # uns key preprocess.py writes: the values are log2-normalised already
@@ -102,16 +114,21 @@ def _pow_minus_one(X: sparse.csr_matrix, base: float) -> sparse.csr_matrix:
     return Y
 
 
-def normalize_log2(X: sparse.csr_matrix, state: ValueState, target_sum: float = TARGET_SUM) -> tuple[sparse.csr_matrix, str]:
-    """Bring any supported input to log2(1 + x) of counts normalised to ``target_sum`` per cell.
+def normalize_log2(X: sparse.csr_matrix, state: ValueState, target_sum: float = TARGET_SUM,
+                   over: str | None = None) -> tuple[sparse.csr_matrix, str]:
+    """Bring any supported input to log2(1 + x) of counts normalised to ``target_sum`` per cell
+    over the columns of ``X``: all input genes, or (``over``, e.g. "the 16906 vocabulary genes")
+    the vocabulary the cells were aligned to, in which case log-normalised input is always
+    renormalised over those genes.
 
     Returns the matrix and one line saying what was done.
     """
     X = sparse.csr_matrix(X, dtype=np.float32, copy=True)
+    where = over or f"all {X.shape[1]} genes"
     if state.kind == "log_counts":
         X = sparse.csr_matrix(np.round(_pow_minus_one(X, state.log_base or 2.0)), dtype=np.float32)
         X.eliminate_zeros()
-        X, how = normalize_log2(X, ValueState("counts"), target_sum)
+        X, how = normalize_log2(X, ValueState("counts"), target_sum, over)
         base_name = "2" if abs((state.log_base or 2.0) - 2.0) < 1e-9 else "e"
         return X, f"log{base_name}(1 + raw counts) (not normalised per cell): counts recovered, then {how.split(': ', 1)[1]}"
     if state.kind == "counts" or state.kind == "normalized":
@@ -120,10 +137,11 @@ def normalize_log2(X: sparse.csr_matrix, state: ValueState, target_sum: float = 
         X = sparse.csr_matrix(sparse.diags(scale.astype(np.float32)) @ X)
         X.data = np.log2(1.0 + X.data, dtype=np.float32)
         how = "raw counts" if state.kind == "counts" else "normalised (not logged) values"
-        return X, f"{how}: normalised to {target_sum:g} per cell over all {X.shape[1]} genes, then log2(1 + x)"
+        return X, f"{how}: normalised to {target_sum:g} per cell over {where}, then log2(1 + x)"
     if state.log_base is None:
         return X, f"log-normalised input used as is, assumed log2(1 + x) at {target_sum:g} per cell ({state.note})"
-    if abs(state.log_base - 2.0) < 1e-9 and state.row_sum is not None and abs(state.row_sum / target_sum - 1) < 0.01:
+    at_target = abs(state.log_base - 2.0) < 1e-9 and state.row_sum is not None and abs(state.row_sum / target_sum - 1) < 0.01
+    if at_target and over is None:
         return X, f"already log2-normalised at {target_sum:g} per cell: used as is"
     # Undo the log, rescale the per-cell total, and redo it in base 2.
     base_name = "2" if abs(state.log_base - 2.0) < 1e-9 else "e"
@@ -132,9 +150,19 @@ def normalize_log2(X: sparse.csr_matrix, state: ValueState, target_sum: float = 
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
     Y = sparse.csr_matrix(sparse.diags(scale) @ Y)
     Y.data = np.log2(1.0 + Y.data)
+    if over is not None:
+        return sparse.csr_matrix(Y, dtype=np.float32), (
+            f"log{base_name}-normalised input undone, renormalised to {target_sum:g} per cell over {over}, then log2(1 + x)")
     return sparse.csr_matrix(Y, dtype=np.float32), (
         f"log{base_name}-normalised input at ~{state.row_sum:.3g} per cell converted to log2(1 + x) at {target_sum:g} per cell"
     )
+
+
+def expressed_per_cell(X: sparse.csr_matrix) -> np.ndarray:
+    """Genes with a value > 0 in each cell (explicitly stored zeros do not count, as in scanpy)."""
+    X = sparse.csr_matrix(X)
+    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+    return np.bincount(rows[X.data > 0], minlength=X.shape[0])
 
 
 def align_to_genes(X: sparse.csr_matrix, names: Sequence[str], genes: Sequence[str]) -> tuple[sparse.csr_matrix, int]:
@@ -169,6 +197,7 @@ class PrepReport:
     n_top_genes: int | None = None
     warnings: list[str] = field(default_factory=list)
     symbols_species: str = "human"
+    library_size: str = "all"
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -239,6 +268,35 @@ def _check_names(adata: ad.AnnData, rep: PrepReport, what: str) -> None:
                          f"models are human: check that their genes were mapped to human orthologs")
 
 
+def _min_genes_filter(X: sparse.csr_matrix, obs: pd.DataFrame, min_genes: int | None, what: str, among: str = "genes"
+                      ) -> tuple[sparse.csr_matrix, pd.DataFrame]:
+    """Drop the cells with fewer than ``min_genes`` expressed (value > 0) genes."""
+    if not min_genes:
+        return X, obs
+    n_expr = expressed_per_cell(X)
+    keep = n_expr >= min_genes
+    if not keep.any():
+        raise InputError(
+            f"no cell of {what} expresses at least {min_genes} {among} (the most any cell has is {int(n_expr.max())}); "
+            f"lower --min-genes if these cells are genuine"
+        )
+    if keep.all():
+        return X, obs
+    return X[keep], obs.iloc[np.flatnonzero(keep)]
+
+
+def _prepared_state(adata: ad.AnnData, X: sparse.csr_matrix, state: ValueState, rep: PrepReport, what: str,
+                    target_sum: float) -> ValueState:
+    """For output of an earlier ``prepare`` (``uns[PREP_KEY]``): log2 at ``target_sum``, unless its
+    values were changed afterwards."""
+    vmax = float(X.data.max()) if X.nnz else 0.0
+    if X.nnz and (state.kind in ("counts", "normalized", "log_counts") or vmax > math.log2(1 + target_sum) + 0.01):
+        rep.warn(f"{what} is marked as written by preprocess.py, but its values are not log2-normalised "
+                 f"({state.kind}, max {vmax:.3g}): it was changed afterwards; normalising it again")
+        return state
+    return ValueState("log", LOG_BASE, target_sum)
+
+
 def prepare(
     adata: ad.AnnData,
     genes: Sequence[str] | None = None,
@@ -247,47 +305,45 @@ def prepare(
     target_sum: float = TARGET_SUM,
     what: str = "the input",
     species: str = "auto",
+    library_size: str = "all",
 ) -> tuple[ad.AnnData, PrepReport]:
     """Full preprocessing: cells x genes of any supported kind -> log2-normalised cells x vocabulary.
 
     ``genes``: the target vocabulary (ordered); ``None`` builds one from the input (all revised
-    genes, or the ``n_top_genes`` most variable). ``min_genes``: drop cells expressing fewer genes
-    (``None`` keeps every cell, as prediction must). Output of an earlier ``prepare`` (marked by
-    ``uns[PREP_KEY]``) is only re-aligned, never normalised twice. Never densifies the matrix.
-    ``species``: "auto" maps genes named like mouse symbols (Gapdh) to human ones by upper-casing,
-    with a warning; "mouse" always does, "human" never does. Problems that are corrected are
-    logged as warnings and listed in ``report.warnings``; problems that cannot be raise InputError.
+    genes, or the ``n_top_genes`` most variable). ``min_genes``: drop cells with fewer expressed
+    genes (``None`` keeps every cell, as prediction must). ``library_size``: ``"all"`` normalises
+    each cell over all its input genes, then aligns; ``"vocab"`` aligns first, then filters and
+    normalises over the vocabulary genes, as the published preprocessing did (see the module
+    docstring). Output of an earlier ``prepare`` (marked by ``uns[PREP_KEY]``) is never normalised
+    twice; with ``"vocab"`` it is renormalised over the vocabulary unless it was prepared so already.
+    Never densifies the matrix. ``species``: "auto" maps genes named like mouse symbols (Gapdh) to
+    human ones by upper-casing, with a warning; "mouse" always does, "human" never does. Problems
+    that are corrected are logged as warnings and listed in ``report.warnings``; problems that
+    cannot be raise InputError.
     """
     if species not in SPECIES:
         raise InputError(f"species must be one of {SPECIES}, got {species!r}")
-    rep = PrepReport(n_cells_in=adata.n_obs, n_genes_in=adata.n_vars)
+    if library_size not in LIBRARY_SIZES:
+        raise InputError(f"library_size must be one of {LIBRARY_SIZES}, got {library_size!r}")
+    if library_size == "vocab" and n_top_genes is not None and genes is None:
+        raise InputError("library sizes over the vocabulary need a vocabulary: give --vocab, or use --library-size all with --n-top-genes")
+    rep = PrepReport(n_cells_in=adata.n_obs, n_genes_in=adata.n_vars, library_size=library_size)
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"{what} holds {adata.n_obs} cells x {adata.n_vars} genes: nothing to work on")
     X = sparse.csr_matrix(adata.X, dtype=np.float32)
     check_values(X, what)
     _check_names(adata, rep, what)
     obs = adata.obs.copy()
-    if min_genes:
-        n_expr = np.diff(X.indptr)
-        keep = n_expr >= min_genes
-        if not keep.any():
-            raise InputError(
-                f"no cell of {what} expresses at least {min_genes} genes (the most any cell has is {int(n_expr.max())}); "
-                f"lower --min-genes if these cells are genuine"
-            )
-        if not keep.all():
-            X, obs = X[keep], obs.iloc[np.flatnonzero(keep)]
-    state = detect_state(X)
-    if PREP_KEY in adata.uns:
-        vmax = float(X.data.max()) if X.nnz else 0.0
-        if X.nnz and (state.kind in ("counts", "normalized", "log_counts") or vmax > math.log2(1 + target_sum) + 0.01):
-            rep.warn(f"{what} is marked as written by preprocess.py, but its values are not log2-normalised "
-                     f"({state.kind}, max {vmax:.3g}): it was changed afterwards; normalising it again")
-        else:
-            state = ValueState("log", LOG_BASE, target_sum)
-    X, rep.normalisation = normalize_log2(X, state, target_sum)
-    if state.kind == "log" and state.log_base is None:
-        rep.warn(rep.normalisation)
+    if library_size == "all":
+        X, obs = _min_genes_filter(X, obs, min_genes, what)
+    state = detect_state(X)  # over all input genes, whatever the library size: aligning first would hide the per-cell totals
+    prepared = PREP_KEY in adata.uns
+    if prepared:
+        state = _prepared_state(adata, X, state, rep, what, target_sum)
+    if library_size == "all":
+        X, rep.normalisation = normalize_log2(X, state, target_sum)
+        if state.kind == "log" and state.log_base is None:
+            rep.warn(rep.normalisation)
 
     names = list(adata.var_names)
     sp = check_species(names, vocab=genes)
@@ -326,27 +382,18 @@ def prepare(
             raise InputError(f"no gene of {what} matches a human NCBI gene symbol. {naming_hint(adata.var_names)}"
                              f"scBERT needs human gene symbols (e.g. CD3E) or Ensembl ids (ENSG...); first input genes: "
                              f"{list(adata.var_names[:5])}")
-        if n_top_genes is not None and n_top_genes < len(var_names):
-            if X.nnz == 0:
-                raise InputError(f"every value of {what} is zero: no gene is expressed, so none can be ranked by --n-top-genes")
-            if X.shape[0] < 2:
-                raise InputError(f"--n-top-genes ranks genes by their variability across cells, but {what} has {X.shape[0]} cell "
-                                 f"after filtering; use more cells or drop --n-top-genes")
-            # scanpy's dispersion statistics assume natural-log data.
-            tmp = ad.AnnData(X=X * np.float32(math.log(2.0)))
-            import scanpy as sc  # imported on use: it takes seconds
-
-            try:
-                sc.pp.highly_variable_genes(tmp, n_top_genes=n_top_genes, flavor="seurat")
-            except (IndexError, ValueError) as e:  # scanpy fails on degenerate data (e.g. no variable gene)
-                raise InputError(f"could not rank the genes of {what} by variability ({type(e).__name__}: {e}); "
-                                 f"drop --n-top-genes or use more cells") from None
-            # Rank by normalised dispersion ourselves: scanpy may return more than n_top_genes on ties.
-            disp = np.nan_to_num(tmp.var["dispersions_norm"].to_numpy(dtype=np.float64), nan=-np.inf)
-            hv = np.sort(np.argsort(-disp, kind="stable")[:n_top_genes])
-            X = X[:, hv]
-            var_names = [var_names[j] for j in hv]
-            rep.n_top_genes = n_top_genes
+    if library_size == "vocab":
+        X, obs = _min_genes_filter(X, obs, min_genes, what, "vocabulary genes")
+        done_before = prepared and _prepared_library_size(adata) == "vocab" and list(adata.var_names) == var_names
+        if done_before and state.kind == "log" and state.log_base == LOG_BASE:
+            rep.normalisation = f"already log2-normalised at {target_sum:g} per cell over these {len(var_names)} genes: used as is"
+        else:
+            X, rep.normalisation = normalize_log2(X, state, target_sum, over=f"the {len(var_names)} vocabulary genes")
+            if state.kind == "log" and state.log_base is None:
+                rep.warn(rep.normalisation)
+    elif genes is None and n_top_genes is not None and n_top_genes < len(var_names):
+        X, var_names = _highly_variable(X, var_names, n_top_genes, what)
+        rep.n_top_genes = n_top_genes
 
     out = ad.AnnData(X=sparse.csr_matrix(X, dtype=np.float32), obs=obs)
     out.var_names = var_names
@@ -355,17 +402,67 @@ def prepare(
     return out, rep
 
 
+def _prepared_library_size(adata: ad.AnnData) -> str:
+    """The library_size an earlier ``prepare`` recorded in ``uns[PREP_KEY]`` ("all" before the setting existed)."""
+    try:
+        return str(json.loads(adata.uns[PREP_KEY]).get("library_size", "all"))
+    except (TypeError, ValueError, AttributeError):
+        return "all"
+
+
+def _highly_variable(X: sparse.csr_matrix, var_names: list[str], n_top_genes: int, what: str) -> tuple[sparse.csr_matrix, list[str]]:
+    """The ``n_top_genes`` most variable genes (scanpy's seurat flavour on log2 data), in input order."""
+    if X.nnz == 0:
+        raise InputError(f"every value of {what} is zero: no gene is expressed, so none can be ranked by --n-top-genes")
+    if X.shape[0] < 2:
+        raise InputError(f"--n-top-genes ranks genes by their variability across cells, but {what} has {X.shape[0]} cell "
+                         f"after filtering; use more cells or drop --n-top-genes")
+    # scanpy's dispersion statistics assume natural-log data.
+    tmp = ad.AnnData(X=X * np.float32(math.log(2.0)))
+    import scanpy as sc  # imported on use: it takes seconds
+
+    try:
+        sc.pp.highly_variable_genes(tmp, n_top_genes=n_top_genes, flavor="seurat")
+    except (IndexError, ValueError) as e:  # scanpy fails on degenerate data (e.g. no variable gene)
+        raise InputError(f"could not rank the genes of {what} by variability ({type(e).__name__}: {e}); "
+                         f"drop --n-top-genes or use more cells") from None
+    # Rank by normalised dispersion ourselves: scanpy may return more than n_top_genes on ties.
+    disp = np.nan_to_num(tmp.var["dispersions_norm"].to_numpy(dtype=np.float64), nan=-np.inf)
+    hv = np.sort(np.argsort(-disp, kind="stable")[:n_top_genes])
+    return X[:, hv], [var_names[j] for j in hv]
+
+
+def recorded_library_size(paths: Sequence[str | Path]) -> str | None:
+    """The ``library_size`` preprocess.py recorded in these .h5ad files; None when none records one
+    (raw counts, other formats). Files that disagree are refused."""
+    found = {}
+    for path in paths:
+        if str(path).lower().endswith(".h5ad") and Path(path).is_file():
+            try:
+                uns = ad.read_h5ad(path, backed="r").uns
+            except Exception:  # noqa: BLE001 - unreadable files are reported by the reader itself
+                continue
+            if PREP_KEY in uns:
+                found[str(path)] = _prepared_library_size(ad.AnnData(uns={PREP_KEY: uns[PREP_KEY]}))
+    if len(set(found.values())) > 1:
+        raise InputError(f"these files were normalised with different library sizes ({found}): preprocess them the same way "
+                         f"(preprocess.py --library-size)")
+    return next(iter(found.values()), None)
+
+
 def read_prepared(paths: Sequence[str | Path], genes: Sequence[str] | None = None, min_genes: int | None = MIN_GENES,
-                  species: str = "auto") -> tuple[ad.AnnData, list[str]]:
+                  species: str = "auto", library_size: str = "all") -> tuple[ad.AnnData, list[str]]:
     """Read one or more files and preprocess them onto one vocabulary: ``genes``, or else the
     first file's genes (several files: their cells stacked, ``obs['source_file']`` naming each
-    cell's file). Files already written by preprocess.py are not normalised again."""
+    cell's file). Files already written by preprocess.py are not normalised again (with
+    ``library_size="vocab"`` they are renormalised over the vocabulary unless prepared so)."""
     from data.io import read_cells
 
     parts: list[ad.AnnData] = []
     for path in paths:
         raw = read_cells(path)
-        adata, rep = prepare(raw, genes=genes, min_genes=None if PREP_KEY in raw.uns else min_genes, what=str(path), species=species)
+        adata, rep = prepare(raw, genes=genes, min_genes=None if PREP_KEY in raw.uns else min_genes, what=str(path), species=species,
+                             library_size=library_size)
         for line in rep.lines(with_warnings=False):
             log.info("%s: %s", Path(path).name, line)
         if genes is None:

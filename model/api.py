@@ -26,7 +26,7 @@ from data.io import InputError
 from data.preprocess import MIN_GENES, prepare
 from data.vocab import read_name_list
 from model import inference
-from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_vocab
+from model.checkpoint import Checkpoint, CheckpointError, choose_library_size, load_checkpoint, load_vocab
 from model.nn.config import ExecutionOptions
 from model.nn.network import POOLINGS
 from model.runtime import resolve_device
@@ -123,16 +123,22 @@ def preprocess(
     n_top_genes: int | None = None,
     min_genes: int | None = MIN_GENES,
     species: str = "auto",
+    library_size: str = "auto",
 ) -> ad.AnnData:
     """What preprocess.py does, in memory: a new AnnData of log2-normalised cells on ``vocab``
     (a gene list, a gene-list/.h5ad/checkpoint path, or a loaded checkpoint) or on the input's
-    own genes (``n_top_genes`` most variable). The report is in ``uns['scbert_preprocess']``."""
+    own genes (``n_top_genes`` most variable). ``library_size``: ``"all"``, ``"vocab"`` (the
+    published order) or ``"auto"`` (a checkpoint's own setting; ``"vocab"`` for the published
+    16,906-gene vocabulary; else ``"all"``). The report is in ``uns['scbert_preprocess']``."""
     _check_adata(adata)
-    if isinstance(vocab, Checkpoint):
-        genes: list[str] | None = list(vocab.genes)
+    ckpt = vocab if isinstance(vocab, Checkpoint) else None
+    if ckpt is not None:
+        genes: list[str] | None = list(ckpt.genes)
     elif isinstance(vocab, (str, Path)):
         genes = load_vocab(vocab)
     else:
         genes = None if vocab is None else [str(g) for g in vocab]
-    out, _ = prepare(adata, genes=genes, n_top_genes=None if genes else n_top_genes, min_genes=min_genes, species=species)
+    size, _ = choose_library_size(library_size, pretrained=ckpt, vocab=vocab if isinstance(vocab, (str, Path)) else None, genes=genes)
+    out, _ = prepare(adata, genes=genes, n_top_genes=None if genes else n_top_genes, min_genes=min_genes, species=species,
+                     library_size=size)
     return out

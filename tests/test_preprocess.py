@@ -114,3 +114,89 @@ def test_bad_values_are_refused(bad: float, match: str) -> None:
     raw.X = sparse.csr_matrix(X)
     with pytest.raises(InputError, match=match):
         prepare(raw, min_genes=None)
+
+
+# ---------------------------------------------------------------- where library sizes are taken
+
+
+def _published_by_hand(X: np.ndarray, names: list[str], vocab: list[str], min_genes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The published preprocess.py, written out: align to the vocabulary, keep cells with at least
+    ``min_genes`` genes > 0 (sc.pp.filter_cells), scale each to 1e4 (sc.pp.normalize_total), log2(1 + x)."""
+    aligned = np.zeros((X.shape[0], len(vocab)), dtype=np.float64)
+    for j, g in enumerate(vocab):
+        if g in names:
+            aligned[:, j] = X[:, names.index(g)]
+    keep = (aligned > 0).sum(1) >= min_genes
+    aligned = aligned[keep]
+    return np.log2(1 + aligned / aligned.sum(1, keepdims=True) * 1e4), keep
+
+
+def _with_outside_genes(seed: int = 1) -> ad.AnnData:
+    """Raw counts on the vocabulary genes plus mitochondrial and other genes the vocabulary lacks."""
+    rng = np.random.default_rng(seed)
+    names = [*GENES[:8], "MT-CO1", "MT-ND1", "ACTB", "MALAT1"]
+    X = rng.poisson(rng.uniform(0.5, 8, size=(1, len(names))), size=(30, len(names))).astype(np.float32)
+    X[:, 8:10] *= 5  # a few percent of the counts in MT- genes, outside the vocabulary
+    X[0, :8] = 0
+    X[0, 0] = 3  # cell 0: one vocabulary gene only
+    a = ad.AnnData(X=sparse.csr_matrix(X))
+    a.var_names, a.obs_names = names, [f"c{i}" for i in range(30)]
+    return a
+
+
+def test_vocab_library_size_is_the_published_preprocessing() -> None:
+    a = _with_outside_genes()
+    vocab = GENES  # CD3E ... S100A8; FCGR3A and S100A8 are absent from the input
+    out, rep = prepare(a, genes=vocab, min_genes=3, library_size="vocab")
+    expected, keep = _published_by_hand(a.X.toarray(), list(a.var_names), vocab, 3)
+    assert not keep[0] and list(out.obs_names) == list(a.obs_names[keep]), "filtered on vocabulary genes, after aligning"
+    np.testing.assert_allclose(out.X.toarray(), expected, rtol=1e-5, atol=1e-5)
+    assert rep.library_size == "vocab" and "vocabulary genes" in rep.normalisation
+    # ours: the totals include the genes outside the vocabulary, so every value is lower
+    ours, _ = prepare(a[keep].copy(), genes=vocab, min_genes=3, library_size="all")
+    nz = expected > 0
+    assert np.all(ours.X.toarray()[nz] < expected[nz])
+
+
+def test_vocab_library_size_renormalises_log_input_and_prepared_files() -> None:
+    a = _with_outside_genes()
+    expected, keep = _published_by_hand(a.X.toarray(), list(a.var_names), GENES, 0)
+    logged = a.copy()
+    logged.X = sparse.csr_matrix(_lognorm(a.X.toarray(), math.e, 1e4).astype(np.float32))  # ln(1 + x) at 1e4 over all genes
+    out, _ = prepare(logged, genes=GENES, min_genes=None, library_size="vocab")
+    np.testing.assert_allclose(out.X.toarray(), expected, rtol=1e-4, atol=1e-4)
+    prepared_all, _ = prepare(a, min_genes=None)  # preprocess.py output over all genes
+    again, rep = prepare(prepared_all, genes=GENES, min_genes=None, library_size="vocab")
+    np.testing.assert_allclose(again.X.toarray(), expected, rtol=1e-4, atol=1e-4)
+    twice, rep = prepare(again, genes=GENES, min_genes=None, library_size="vocab")
+    assert "used as is" in rep.normalisation and (twice.X != again.X).nnz == 0, "never normalised twice"
+    with pytest.raises(InputError, match="need a vocabulary"):
+        prepare(a, n_top_genes=5, library_size="vocab")
+
+
+def test_min_genes_counts_values_above_zero() -> None:
+    a = _counts(6)
+    X = a.X.toarray()
+    X[0] = 0
+    X[0, :3] = 1.0  # cell 0: 3 expressed genes ...
+    M = sparse.csr_matrix(X)
+    rows, cols = M.nonzero()
+    extra = np.arange(3, 8)  # ... and 5 explicitly stored zeros
+    M = sparse.csr_matrix((np.r_[M.data, np.zeros(5, np.float32)], (np.r_[rows, np.zeros(5, int)], np.r_[cols, extra])), shape=M.shape)
+    assert M.getrow(0).nnz == 8
+    a.X = M
+    assert "cell0" not in list(prepare(a, min_genes=4)[0].obs_names), "stored zeros are not expressed genes"
+    assert "cell0" in list(prepare(a, min_genes=3)[0].obs_names)
+
+
+def test_choose_library_size(tmp_path) -> None:  # noqa: ANN001
+    from model.checkpoint import choose_library_size
+
+    assert choose_library_size("all")[0] == "all" and choose_library_size("vocab")[0] == "vocab"
+    assert choose_library_size()[0] == "all"
+    assert choose_library_size(genes=[f"G{i}" for i in range(16906)])[0] == "vocab"
+    prepared, _ = prepare(_with_outside_genes(), genes=GENES, min_genes=None, library_size="vocab")
+    prepared.write_h5ad(tmp_path / "p.h5ad")
+    assert choose_library_size(data=[tmp_path / "p.h5ad"]) == ("vocab", "as preprocess.py recorded in the input")
+    with pytest.raises(InputError, match="auto or one of"):
+        choose_library_size("total")

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from data.dataset import tokenize_rows
-from data.preprocess import DEFAULT_PREPROCESSING
+from data.preprocess import PUBLISHED_PREPROCESSING
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.checkpoint.published import (
     convert_state_dict,
@@ -116,7 +116,7 @@ def test_pretrained_checkpoint_reproduces_published_outputs(ref: dict, tokens: t
         cfg["n_genes"], cfg["dim"], cfg["depth"], cfg["heads"], cfg["dim_head"], cfg["bin_num"]
     )
     assert c.head == "mlm" and c.gene_embedding == "gene2vec" and ckpt.classes is None
-    assert ckpt.preprocessing == DEFAULT_PREPROCESSING and ckpt.genes == ref["genes"]
+    assert ckpt.preprocessing == PUBLISHED_PREPROCESSING and ckpt.genes == ref["genes"]
     assert ckpt.training["published_epoch"] == 3 and "published_last_loss" in ckpt.metrics
     assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt.state_dict.values())
     model = ckpt.build_model()

@@ -93,3 +93,24 @@ def test_class_names_with_commas_survive_every_reader(names: tuple[Path, Path], 
     assert load_model(FIX / "finetune.pth", genes=genes, classes=class_file).classes == classes
     assert convert_main([str(FIX / "finetune.pth"), "--genes", str(table), "--classes", str(class_file), "--out", str(tmp_path / "c.pt")]) == 0
     assert load_checkpoint(tmp_path / "c.pt").classes == classes
+
+
+def test_published_checkpoints_preprocess_as_published(names: tuple[Path, Path]) -> None:
+    """A published checkpoint takes library sizes over its vocabulary (align, then normalise), so
+    counts in genes it does not know (here 30 extra genes) change nothing; ours are taken over all genes."""
+    from scipy import sparse
+
+    genes = names[0].read_text().split()
+    ckpt = load_checkpoint(FIX / "finetune.pth", genes=genes, classes=names[1].read_text().splitlines())
+    assert ckpt.preprocessing["library_size"] == "vocab"
+    cells = ad.read_h5ad(FIX / "input.h5ad")
+    cells.var_names = genes
+    rng = np.random.default_rng(0)
+    extra = ad.AnnData(X=sparse.csr_matrix(rng.poisson(20.0, (cells.n_obs, 30)).astype(np.float32)))
+    extra.var_names, extra.obs_names = [f"MT-X{i}" for i in range(30)], cells.obs_names
+    wide = ad.concat([cells, extra], axis=1)
+    X = cells.X.toarray().astype(np.float64)
+    expected = np.log2(1 + X / X.sum(1, keepdims=True) * 1e4)
+    np.testing.assert_allclose(ckpt.prepare(wide)[0].X.toarray(), expected, rtol=1e-5, atol=1e-5)
+    ckpt.preprocessing["library_size"] = "all"
+    assert not np.allclose(ckpt.prepare(wide)[0].X.toarray(), expected, atol=1e-3)

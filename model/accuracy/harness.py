@@ -23,10 +23,10 @@ log = logging.getLogger("scbert")
 
 
 def load_labelled(paths: Sequence[str], label_key: str, genes: Sequence[str] | None, n_genes: int | None,
-                  min_genes: int | None = MIN_GENES) -> tuple[Any, np.ndarray, list[str]]:
+                  min_genes: int | None = MIN_GENES, library_size: str = "all") -> tuple[Any, np.ndarray, list[str]]:
     """Preprocess ``paths`` onto ``genes`` (or onto the ``n_genes`` most variable genes of the data),
     drop unlabelled cells; returns (AnnData, labels, genes)."""
-    adata, vocab = read_prepared(list(paths), genes, min_genes or None)
+    adata, vocab = read_prepared(list(paths), genes, min_genes or None, library_size=library_size)
     if genes is None and n_genes and n_genes < len(vocab):
         vocab = select_genes(adata.X, vocab, n_genes)
         adata = adata[:, vocab].copy()
@@ -69,13 +69,13 @@ def parse_subsample(items: Sequence[str]) -> dict[str, int]:
 
 
 def protocol_splits(p: ProtocolSettings, adata: Any, y: np.ndarray, genes: Sequence[str], data: Sequence[str], label_key: str,
-                    min_genes: int | None) -> tuple[sparse.csr_matrix, np.ndarray, list[Split]]:
+                    min_genes: int | None, library_size: str = "all") -> tuple[sparse.csr_matrix, np.ndarray, list[Split]]:
     """The matrix, the labels (mapped through ``label_map``) and the splits of protocol ``p`` on
     the labelled ``adata`` (the cross protocol with ``test_data`` adds those files' cells)."""
     X = adata.X
     if p.protocol == "cross":
         if p.test_data:
-            test, y_test, _ = load_labelled(p.test_data, label_key, genes, None, min_genes)
+            test, y_test, _ = load_labelled(p.test_data, label_key, genes, None, min_genes, library_size)
             train_mask = np.r_[np.ones(len(y), bool), np.zeros(len(y_test), bool)]
             X, y = sparse.vstack([sparse.csr_matrix(X), sparse.csr_matrix(test.X)], format="csr"), np.r_[y, y_test]
             variant = f"{'+'.join(Path(f).stem for f in data)} -> {'+'.join(Path(f).stem for f in p.test_data)}"

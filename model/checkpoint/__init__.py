@@ -2,6 +2,6 @@
 (:mod:`.published`), and loading either (:mod:`.loading`)."""
 
 from model.checkpoint.format import Checkpoint, CheckpointError, atomic_torch_save, save_checkpoint
-from model.checkpoint.loading import load_checkpoint, load_vocab
+from model.checkpoint.loading import choose_library_size, load_checkpoint, load_vocab
 
-__all__ = ["Checkpoint", "CheckpointError", "atomic_torch_save", "load_checkpoint", "load_vocab", "save_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "atomic_torch_save", "choose_library_size", "load_checkpoint", "load_vocab", "save_checkpoint"]

@@ -9,7 +9,8 @@ A checkpoint is a plain dict of tensors, strings and numbers::
     genes           the ordered vocabulary: one name per token position
     classes         class names in logit order (fine-tuned models), or None
     state_dict      the weights
-    preprocessing   how inputs were normalised: target_sum, log_base, min_genes
+    preprocessing   how inputs were normalised: target_sum, log_base, min_genes, library_size
+                    ("all": over all input genes; "vocab": over the vocabulary genes, as published)
     training        the training settings (see below)
     metrics         what the run measured (validation accuracy, masked accuracy, ...)
 
@@ -81,7 +82,8 @@ class Checkpoint:
     def prepare(self, adata: ad.AnnData, what: str = "the cells", species: str = "auto") -> tuple[ad.AnnData, PrepReport]:
         """``adata`` (raw counts or log-normalised; every cell kept, in order) preprocessed as this
         model's inputs were and aligned to its genes (genes it lacks count as not expressed)."""
-        return prepare(adata, genes=self.genes, min_genes=None, target_sum=self.preprocessing["target_sum"], what=what, species=species)
+        return prepare(adata, genes=self.genes, min_genes=None, target_sum=self.preprocessing["target_sum"], what=what, species=species,
+                       library_size=self.preprocessing["library_size"])
 
 
 def _plain(obj: Any) -> Any:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from data.io import InputError
+from data.preprocess import LIBRARY_SIZES, PUBLISHED_VOCAB_SIZE, recorded_library_size
 from data.vocab import read_vocab_file
 from model.checkpoint import published
 from model.checkpoint.format import Checkpoint, CheckpointError, from_payload, read_file
@@ -53,3 +55,29 @@ def load_vocab(source: str | Path) -> list[str]:
         except CheckpointError as e:
             raise InputError(f"vocabulary: {e}") from None
     return read_vocab_file(path)
+
+
+def choose_library_size(requested: str = "auto", pretrained: Checkpoint | None = None, data: Sequence[str | Path] = (),
+                        vocab: str | Path | None = None, genes: Sequence[str] | None = None) -> tuple[str, str]:
+    """Where library sizes are taken (``"all"`` or ``"vocab"``, see :mod:`data.preprocess`) and why.
+
+    ``requested`` other than ``"auto"`` wins. Otherwise, in order: the ``pretrained`` model's
+    setting; the one preprocess.py recorded in the ``data`` files; the setting of a checkpoint given
+    as ``vocab``; ``"vocab"`` for a gene list of the published vocabulary's size (16,906 genes,
+    the published preprocessing); else ``"all"``.
+    """
+    if requested != "auto":
+        if requested not in LIBRARY_SIZES:
+            raise InputError(f"--library-size must be auto or one of {LIBRARY_SIZES}, got {requested!r}")
+        return requested, "as asked"
+    if pretrained is not None:
+        return pretrained.preprocessing["library_size"], f"as {pretrained.source or 'the pretrained model'} was trained"
+    recorded = recorded_library_size(list(data))
+    if recorded is not None:
+        return recorded, "as preprocess.py recorded in the input"
+    if vocab is not None and Path(vocab).name.lower().endswith(CHECKPOINT_SUFFIXES):
+        ckpt = load_checkpoint(vocab)
+        return ckpt.preprocessing["library_size"], f"as {vocab} was trained"
+    if genes is not None and len(genes) == PUBLISHED_VOCAB_SIZE:
+        return "vocab", f"the vocabulary has the published {PUBLISHED_VOCAB_SIZE} genes: the published preprocessing"
+    return "all", "the default"

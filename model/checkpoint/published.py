@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data.preprocess import DEFAULT_PREPROCESSING
+from data.preprocess import PUBLISHED_PREPROCESSING
 from model.checkpoint.format import Checkpoint, CheckpointError
 from model.nn.config import ScBERTConfig
 from model.nn.network import ScBERT
@@ -401,7 +401,6 @@ def published_to_checkpoint(
         if len(set(class_list)) != len(class_list):
             raise CheckpointError("the class list has duplicated names")
 
-    # The published preprocessing is ours: total counts scaled to 1e4 per cell, log2(1 + x), cells with >= 200 genes.
     training: dict[str, Any] = {"stage": "converted", "source": "published scBERT code", "converted_from": source}
     metrics: dict[str, Any] = {}
     if wrapped:
@@ -416,7 +415,7 @@ def published_to_checkpoint(
         genes=genes,
         state_dict=converted,
         classes=class_list,
-        preprocessing=dict(DEFAULT_PREPROCESSING),
+        preprocessing=dict(PUBLISHED_PREPROCESSING),  # aligned first, then >= 200 genes, 1e4 over the vocabulary, log2(1 + x)
         training=training,
         metrics=metrics,
         source=source,

@@ -74,9 +74,10 @@ def run(args: argparse.Namespace) -> None:
         if pre is not None and pre_nog2v is not None and pre.genes != pre_nog2v.genes:
             raise InputError("--pretrained and --pretrained-nogene2vec have different gene vocabularies; pretrain both on the same genes")
         genes = pre.genes if pre else (pre_nog2v.genes if pre_nog2v else (load_vocab(args.vocab) if args.vocab else None))
-        adata, y, genes = load_labelled(args.data, args.label_key, genes, args.n_genes, args.min_genes)
+        library_size = (pre or pre_nog2v).preprocessing["library_size"] if (pre or pre_nog2v) else "all"
+        adata, y, genes = load_labelled(args.data, args.label_key, genes, args.n_genes, args.min_genes, library_size)
         protocol = _protocol(args)
-        X, y, splits = protocol_splits(protocol, adata, y, genes, args.data, args.label_key, args.min_genes)
+        X, y, splits = protocol_splits(protocol, adata, y, genes, args.data, args.label_key, args.min_genes, library_size)
         overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "patience": args.patience,
                      "weight_decay": args.weight_decay, "select": args.select}
         dropout = PRESETS[args.preset].get("dropout", 0.0) if args.dropout is None else args.dropout

@@ -65,6 +65,13 @@ def add_min_genes(g: argparse._ActionsContainer, what: str = "") -> None:
                    help=f"drop cells expressing fewer genes{what} (default: 200, as published; 0 keeps all)")
 
 
+def add_library_size(g: argparse._ActionsContainer) -> None:
+    g.add_argument("--library-size", choices=["auto", "all", "vocab"], default="auto",
+                   help="where each cell's total (library size) is taken before normalising to 10,000: 'all' its input genes (ours), "
+                   "'vocab' the vocabulary genes after aligning, with --min-genes counted among them (the published preprocessing). "
+                   "Default auto: as the pretrained model or the input file says; vocab for a 16,906-gene (published) vocabulary; else all")
+
+
 def add_device(g: argparse._ActionsContainer, default: str = "auto") -> None:
     g.add_argument("--device", default=default, help=f"cpu, cuda, cuda:N or auto (default: {default}; auto = cuda when available)")
 
@@ -83,6 +90,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     """The run flags of the training stages."""
     g = p.add_argument_group("run")
     add_min_genes(g, ", for input not written by preprocess.py")
+    add_library_size(g)
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     add_device(g)
     add_precision(g)
@@ -225,3 +233,10 @@ def check_gene_num(args: argparse.Namespace, n_genes: int) -> None:
 
     if args.gene_num is not None and args.gene_num not in (n_genes, n_genes + 1):
         raise InputError(f"--gene_num {args.gene_num} does not match the vocabulary of {n_genes} genes; drop the flag or fix the data")
+
+
+def preprocessing_record(args: argparse.Namespace, library_size: str) -> dict[str, Any]:
+    """The checkpoint's ``preprocessing`` of a training run: how its cells were normalised."""
+    from data.preprocess import DEFAULT_PREPROCESSING
+
+    return {**DEFAULT_PREPROCESSING, "min_genes": args.min_genes, "library_size": library_size}

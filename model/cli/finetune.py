@@ -9,8 +9,8 @@ from data.io import InputError, write_json
 from data.labels import check_labels, label_column
 from data.preprocess import read_prepared
 from model import distributed
-from model.checkpoint import load_checkpoint, load_vocab
-from model.cli.args import check_gene_num, execution_options, gene2vec_spec, model_size, published_names, train_config
+from model.checkpoint import choose_library_size, load_checkpoint, load_vocab
+from model.cli.args import check_gene_num, execution_options, gene2vec_spec, model_size, preprocessing_record, published_names, train_config
 from model.cli.pretrain import warn_if_nothing_to_resume
 from model.cli.run import start_training_run, user_errors, write_summary
 from model.plots import plot_confusion, plot_history
@@ -30,7 +30,9 @@ def run(args: argparse.Namespace) -> None:
         if pre and args.vocab and load_vocab(args.vocab) != pre.genes:
             raise InputError(f"--vocab {args.vocab} is not the vocabulary of --pretrained {args.pretrained}: a pretrained model "
                              f"reads its own genes; drop --vocab")
-        adata, genes = read_prepared([args.data], genes, args.min_genes or None)
+        library_size, why = choose_library_size(args.library_size, pretrained=pre, data=[args.data], vocab=args.vocab, genes=genes)
+        log.info("library sizes over %s (%s)", "the vocabulary genes" if library_size == "vocab" else "all input genes", why)
+        adata, genes = read_prepared([args.data], genes, args.min_genes or None, library_size=library_size)
         check_gene_num(args, len(genes))
         known = label_column(adata, args.label_key, args.data).notna().to_numpy()
         if not known.all():
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> None:
         settings = FinetuningSettings(
             size=model_size(args), gene2vec=gene2vec_spec(args), gene2vec_genes=args.gene2vec_genes, cv=args.cv, val_frac=args.val_frac,
             dropout=args.dropout, class_weights=args.class_weights, train_all=args.train_all, head_only=args.head_only,
-            head_init=args.head_init, options=execution_options(args),
+            head_init=args.head_init, options=execution_options(args), preprocessing=preprocessing_record(args, library_size),
             train=train_config(args, progress=not args.quiet and main, patience=args.patience, label_smoothing=args.label_smoothing,
                                select=args.select))
         if not args.cv:

@@ -6,12 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from data.io import check_writable, read_cells, record_dir, write_h5ad_atomic, write_json
 from data.labels import label_column
-from data.preprocess import prepare
-from model.checkpoint import load_vocab
+from data.preprocess import expressed_per_cell, prepare
+from model.checkpoint import choose_library_size, load_vocab
 from model.cli.run import setup_logging, start_run, user_errors, write_summary
 from model.plots import plot_genes_per_cell
 
@@ -28,9 +26,11 @@ def run(args: argparse.Namespace) -> None:
         raw = read_cells(args.data, transpose=args.transpose)
         if args.label_key:
             label_column(raw, args.label_key, args.data)
-        n_expr = np.diff(raw.X.indptr)
+        library_size, why = choose_library_size(args.library_size, data=[args.data], vocab=args.vocab, genes=genes)
+        log.info("library sizes over %s (%s)", "the vocabulary genes" if library_size == "vocab" else "all input genes", why)
+        n_expr = expressed_per_cell(raw.X)
         adata, rep = prepare(raw, genes=genes, n_top_genes=None if genes else args.n_top_genes, min_genes=args.min_genes or None,
-                             what=str(args.data), species=args.species)
+                             what=str(args.data), species=args.species, library_size=library_size)
         for line in rep.lines(with_warnings=False):
             log.info(line)
         write_h5ad_atomic(adata, out)

@@ -9,8 +9,8 @@ from pathlib import Path
 from data.corpus import read_corpus
 from data.io import write_json
 from model import distributed
-from model.checkpoint import load_vocab
-from model.cli.args import check_gene_num, execution_options, gene2vec_spec, model_size, train_config
+from model.checkpoint import choose_library_size, load_vocab
+from model.cli.args import check_gene_num, execution_options, gene2vec_spec, model_size, preprocessing_record, train_config
 from model.cli.run import start_training_run, user_errors, write_summary
 from model.plots import plot_history
 from model.runtime import set_seed
@@ -32,12 +32,16 @@ def run(args: argparse.Namespace) -> None:
     with user_errors():
         set_seed(args.seed)
         spec = gene2vec_spec(args)
-        corpus = read_corpus(args.data, load_vocab(args.vocab) if args.vocab else None, args.min_genes or None, backed=args.backed,
-                             gene2vec_cells=args.gene2vec_cells if spec == "train" and main else None, seed=args.seed)
+        vocab = load_vocab(args.vocab) if args.vocab else None
+        library_size, why = choose_library_size(args.library_size, data=args.data, vocab=args.vocab, genes=vocab)
+        log.info("library sizes over %s (%s)", "the vocabulary genes" if library_size == "vocab" else "all input genes", why)
+        corpus = read_corpus(args.data, vocab, args.min_genes or None, backed=args.backed,
+                             gene2vec_cells=args.gene2vec_cells if spec == "train" and main else None, seed=args.seed, library_size=library_size)
         check_gene_num(args, len(corpus.genes))
         settings = PretrainingSettings(size=model_size(args), gene2vec=spec, gene2vec_genes=args.gene2vec_genes, mask_prob=args.mask_prob,
                                        replace_prob=args.replace_prob, val_frac=args.val_frac,
-                                       train=train_config(args, progress=not args.quiet and main), options=execution_options(args))
+                                       train=train_config(args, progress=not args.quiet and main), options=execution_options(args),
+                                       preprocessing=preprocessing_record(args, library_size))
         warn_if_nothing_to_resume(args, settings.train)
         result = run_pretraining(corpus, settings, device, out, data=[str(d) for d in args.data], progress=not args.quiet)
         if main:

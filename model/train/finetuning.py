@@ -116,6 +116,7 @@ class FinetuningSettings:
     head_init: str = "expression"
     train: TrainConfig = field(default_factory=TrainConfig)
     options: ExecutionOptions = field(default_factory=ExecutionOptions)
+    preprocessing: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PREPROCESSING))  # how the cells were normalised
 
     def record(self, data: list[str], label_key: str, pretrained: str | None) -> dict[str, Any]:
         """The checkpoint's ``training`` dict (see :mod:`model.checkpoint.format`)."""
@@ -212,7 +213,7 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
         m.update(best_epoch=best["epoch"], n_train=len(tr), n_val=len(va), history=history)
         folds.append(FoldResult(name, m, y_str[va], pred, history))
         if s.cv and main and out is not None:
-            save_checkpoint(out / f"fold{k + 1}" / "model.pt", model, genes, classes, DEFAULT_PREPROCESSING, record,
+            save_checkpoint(out / f"fold{k + 1}" / "model.pt", model, genes, classes, s.preprocessing, record,
                             {k2: v for k2, v in m.items() if k2 != "history"})
         if kept < 0 or m["accuracy"] > folds[kept].metrics["accuracy"]:
             kept, kept_state = k, {k2: v.detach().clone() for k2, v in model.state_dict().items()}
@@ -229,5 +230,5 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
         metrics.update(folds[0].metrics)
     if main and out is not None:
         summary = {"accuracy": folds[kept].metrics["accuracy"], "macro_f1": folds[kept].metrics["macro_f1"], "cv": s.cv}
-        save_checkpoint(out / "model.pt", model, genes, classes, DEFAULT_PREPROCESSING, record, summary)
+        save_checkpoint(out / "model.pt", model, genes, classes, s.preprocessing, record, summary)
     return FinetuningResult(model, classes, folds, kept, metrics, s.cv)

@@ -117,6 +117,7 @@ class PretrainingSettings:
     val_frac: float = 0.05
     train: TrainConfig = field(default_factory=TrainConfig)
     options: ExecutionOptions = field(default_factory=ExecutionOptions)
+    preprocessing: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PREPROCESSING))  # how the cells were normalised
 
     def record(self, data: list[str]) -> dict[str, Any]:
         """The checkpoint's ``training`` dict (see :mod:`model.checkpoint.format`)."""
@@ -180,7 +181,7 @@ def run_pretraining(corpus: Corpus, settings: PretrainingSettings, device: torch
 
     def save(metrics: dict[str, Any]) -> None:
         if out is not None:
-            save_checkpoint(out / "model.pt", model, genes, preprocessing=DEFAULT_PREPROCESSING, training=record, metrics=metrics)
+            save_checkpoint(out / "model.pt", model, genes, preprocessing=s.preprocessing, training=record, metrics=metrics)
 
     t0 = time.time()
     best, history = pretrain(model, train_ds, val_ds, s.train, device, s.mask_prob, s.replace_prob,
