@@ -69,7 +69,7 @@ def add_library_size(g: argparse._ActionsContainer) -> None:
     g.add_argument("--library-size", choices=["auto", "all", "vocab"], default="auto",
                    help="where each cell's total (library size) is taken before normalising to 10,000: 'all' its input genes (ours), "
                    "'vocab' the vocabulary genes after aligning, with --min-genes counted among them (the published preprocessing). "
-                   "Default auto: as the pretrained model or the input file says; vocab for a 16,906-gene (published) vocabulary; else all")
+                   "(default: auto = as the pretrained model or the input file says; vocab for a 16,906-gene, published, vocabulary; else all)")
 
 
 def add_device(g: argparse._ActionsContainer, default: str = "auto") -> None:
