@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli.args import add_bool, add_common, add_model_args, add_published_args, add_training_args, fraction, parser
+from model.cli.args import (
+    add_bool,
+    add_common,
+    add_model_args,
+    add_published_args,
+    add_training_args,
+    apply_recipe,
+    fraction,
+    parser,
+    recipe_help,
+)
 
 EXAMPLE = """
 python finetune.py --data prep/pbmc3k.h5ad --label-key celltype --pretrained runs/pretrain/model.pt --out runs/finetune
@@ -31,18 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_published_args(p)
     p.add_argument("--vocab", default=None, help="gene vocabulary when training from scratch (default: the data's genes)")
     add_model_args(p)
-    g = add_training_args(p, 20, "maximum epochs")
+    g = add_training_args(p, "finetune", "maximum epochs")
     g.add_argument("--cv", type=int, default=None, help="K-fold stratified cross-validation instead of one split (reports mean ± sd)")
     g.add_argument("--val-frac", type=fraction, default=0.2, help="validation fraction of a single split (default: 0.2)")
-    g.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better validation accuracy (default: 5; 0 = never stop early)")
+    g.add_argument("--patience", type=int, default=None,
+                   help=recipe_help("finetune", "patience", "stop after this many epochs without a better validation accuracy (0 = never stop early)"))
+    g.add_argument("--patience-rule", choices=["ours", "published"], default=None,
+                   help=recipe_help("finetune", "patience_rule", "ours stops after --patience stale epochs, published after --patience + 1"))
     g.add_argument("--dropout", type=float, default=0.0, help="dropout in the classifier head (default: 0, as published)")
     add_bool(g, "--class-weights", default=False, help="weight the loss by inverse class frequency (balanced)")
     add_bool(g, "--train-all", default=False, help="train every layer, not only the published subset")
     add_bool(g, "--head-only", default=False, help="train only the classifier head on the frozen pretrained encoder (faster; "
              "the best recipe on small training sets, see RESULTS.md)")
-    g.add_argument("--head-init", choices=["expression", "random"], default="expression",
-                   help="start of the head's per-gene reduction (conv1): expression = the least-squares read-out of each gene's "
-                   "expression bin from its encoding (default); random = as published")
+    g.add_argument("--head-init", choices=["expression", "random"], default=None,
+                   help=recipe_help("finetune", "head_init", "start of the head's per-gene reduction (conv1): expression = the "
+                                    "least-squares read-out of each gene's expression bin from its encoding; random = as published"))
     g.add_argument("--select", choices=["best", "last"], default="best",
                    help="weights the model ends with: the best validation epoch (default) or the last epoch (with a fixed --epochs "
                    "and --patience 0: robust when the validation part is small)")
@@ -53,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     p = build_parser()
-    args = p.parse_args(argv)
+    args = apply_recipe(p.parse_args(argv), "finetune")
     if args.cv is not None and args.cv < 2:
         p.error("--cv needs at least 2 folds")
     if args.train_all and args.head_only:

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli.args import add_bool, add_common, add_model_args, add_training_args, fraction, parser, positive_int
+from model.cli.args import (
+    add_bool,
+    add_common,
+    add_model_args,
+    add_training_args,
+    apply_recipe,
+    fraction,
+    parser,
+    positive_int,
+    recipe_help,
+)
 
 EXAMPLE = """
 python pretrain.py --data prep/pbmc3k.h5ad prep/immune.h5ad --out runs/pretrain \\
@@ -28,8 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "--ckpt_dir", required=True, help="output folder")
     p.add_argument("--vocab", default=None, help="gene vocabulary (gene list, checkpoint or .h5ad); default: the first file's genes")
     add_model_args(p)
-    g = add_training_args(p, 10, "passes over the corpus")
+    g = add_training_args(p, "pretrain", "passes over the corpus")
     g.add_argument("--mask-prob", "--mask_prob", type=fraction, default=0.15, help="fraction of non-zero genes masked per cell (default: 0.15)")
+    g.add_argument("--mask-rounding", choices=["round", "ceil"], default=None,
+                   help=recipe_help("pretrain", "mask_rounding", "masked genes per cell: round(mask-prob x expressed genes) or ceil (at least 1)"))
+    g.add_argument("--masked-accuracy", choices=["all_tokens", "expression_bins"], default=None,
+                   help=recipe_help("pretrain", "masked_accuracy", "held-out masked accuracy: the most likely of all 7 tokens, or of the "
+                                    "expression bins 1..bin-num (a masked gene is always expressed)"))
     g.add_argument("--replace-prob", "--replace_prob", type=float, default=0.9, help="of the masked, fraction replaced by the mask token (default: 0.9)")
     g.add_argument("--val-frac", type=fraction, default=0.05, help="cells held out to score masked accuracy (default: 0.05)")
     g.add_argument("--valid_every", type=int, default=1, help=argparse.SUPPRESS)
@@ -46,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     p = build_parser()
-    args = p.parse_args(argv)
+    args = apply_recipe(p.parse_args(argv), "pretrain")
 
     from model.cli.pretrain import run
 

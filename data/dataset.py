@@ -16,6 +16,7 @@ from scipy import sparse
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 IGNORE_INDEX = -100
+MASK_ROUNDINGS = ("round", "ceil")
 
 
 def bin_values(values: np.ndarray, bin_num: int) -> np.ndarray:
@@ -117,8 +118,10 @@ def mask_tokens(
     replace_prob: float = 0.9,
     generator: torch.Generator | None = None,
     row_seeds: Sequence[int] | None = None,
+    rounding: str = "round",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose round(mask_prob * k) of each cell's k non-zero gene tokens (at least one when k > 0).
+    """Choose round(mask_prob * k) of each cell's k non-zero gene tokens (at least one when k > 0;
+    ``rounding="ceil"``: ceil(mask_prob * k), as the published code).
 
     Of the chosen positions, ``replace_prob`` are replaced by ``mask_token`` and the rest keep
     their value. Zero tokens and the appended last position are never chosen. Returns the model
@@ -129,7 +132,10 @@ def mask_tokens(
     candidates = tokens > 0
     candidates[:, -1] = False
     k = candidates.sum(dim=1)
-    n_mask = torch.where(k > 0, torch.clamp(torch.round(k.double() * mask_prob).long(), min=1), torch.zeros_like(k))
+    if rounding not in MASK_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {MASK_ROUNDINGS}, got {rounding!r}")
+    want = torch.ceil(k.double() * mask_prob) if rounding == "ceil" else torch.round(k.double() * mask_prob)
+    n_mask = torch.where(k > 0, torch.clamp(want.long(), min=1), torch.zeros_like(k))
     if row_seeds is not None:
         if len(row_seeds) != tokens.shape[0]:
             raise ValueError(f"{len(row_seeds)} row seeds for {tokens.shape[0]} cells")

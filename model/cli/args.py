@@ -148,16 +148,39 @@ def published_names(args: argparse.Namespace) -> dict[str, list[str] | None]:
     }
 
 
-def add_training_args(p: argparse.ArgumentParser, epochs: int, epochs_help: str) -> argparse._ArgumentGroup:
-    """The optimisation flags pretrain.py and finetune.py share; returns the group for more."""
+def recipe_help(stage: str, key: str, what: str) -> str:
+    """Help text of a setting that ``--recipe`` chooses: both values, as defaults."""
+    from model.train.recipes import RECIPES
+
+    ours, published = RECIPES["ours"][stage][key], RECIPES["published"][stage][key]
+    return f"{what} (default: {ours}; with --recipe published: {published})"
+
+
+def add_recipe(p: argparse._ActionsContainer, stage: str) -> None:
+    p.add_argument("--recipe", choices=["ours", "published"], default="ours",
+                   help="the defaults of the settings where our training differs from the published scBERT code: 'ours' (default) or "
+                   "'published' (batch 3 x 60 accumulation, per-epoch schedule, clipping, "
+                   + ("ceil mask count, accuracy over bins 1..5" if stage == "pretrain" else "random head start, patience + 1")
+                   + "; see README). A flag given explicitly wins over the recipe")
+
+
+def add_training_args(p: argparse.ArgumentParser, stage: str, epochs_help: str) -> argparse._ArgumentGroup:
+    """The optimisation flags pretrain.py and finetune.py share; returns the group for more. Flags
+    that ``--recipe`` sets default to None here and are filled in by :func:`apply_recipe`."""
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", "--epoch", type=positive_int, default=epochs, help=f"{epochs_help} (default: {epochs})")
-    add_batch_size(g, 8, "cells per step of each process (under torchrun the step has batch-size x processes cells)")
-    g.add_argument("--grad-acc", "--grad_acc", type=positive_int, default=1, help="gradient accumulation steps (default: 1; published: 60 with batch 3)")
-    g.add_argument("--lr", "--learning_rate", type=float, default=1e-4, help="peak learning rate of Adam (default: 1e-4)")
-    g.add_argument("--warmup-steps", type=int, default=5, help="linear warm-up optimiser steps per cosine cycle (default: 5)")
-    g.add_argument("--cycle-steps", type=int, default=None, help="optimiser steps of the first cosine cycle; cycles double (default: the whole run)")
-    g.add_argument("--clip-norm", type=float, default=1.0, help="gradient norm clipping (default: 1.0; 0 = off)")
+    add_recipe(g, stage)
+    g.add_argument("--epochs", "--epoch", type=positive_int, default=None, help=recipe_help(stage, "epochs", epochs_help))
+    g.add_argument("--batch-size", "--batch_size", type=positive_int, default=None,
+                   help=recipe_help(stage, "batch_size", "cells per step of each process (under torchrun the step has batch-size x processes cells)"))
+    g.add_argument("--grad-acc", "--grad_acc", type=positive_int, default=None, help=recipe_help(stage, "grad_acc", "gradient accumulation steps"))
+    g.add_argument("--lr", "--learning_rate", type=float, default=1e-4, help="peak learning rate of Adam (default: 1e-4, as published)")
+    g.add_argument("--schedule", choices=["ours", "published"], default=None,
+                   help=recipe_help(stage, "schedule", "learning-rate schedule: 'ours' = linear warm-up from peak/(warm-up + 1) then cosine "
+                                    "restarts, per optimiser step (--warmup-steps, --cycle-steps); 'published' = per epoch, warm-up from 1e-6 "
+                                    "over 5 epochs, cycles of 15/25/45... epochs, peaks x 0.9"))
+    g.add_argument("--warmup-steps", type=int, default=5, help="schedule ours: linear warm-up optimiser steps per cosine cycle (default: 5)")
+    g.add_argument("--cycle-steps", type=int, default=None, help="schedule ours: optimiser steps of the first cosine cycle; cycles double (default: the whole run)")
+    g.add_argument("--clip-norm", type=float, default=None, help=recipe_help(stage, "clip_norm", "gradient norm clipping (0 = off)"))
     g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (AdamW); 0 = plain Adam, as published (default: 0)")
     add_bool(g, "--grad-checkpointing", default=False,
              help="recompute activations in the backward pass: training memory of one layer instead of all, ~1/3 more compute")
@@ -207,7 +230,7 @@ def train_config(args: argparse.Namespace, progress: bool, **fields: Any) -> Any
 
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, grad_acc=args.grad_acc, lr=args.lr, clip_norm=args.clip_norm,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, cycle_steps=args.cycle_steps, seed=args.seed,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, cycle_steps=args.cycle_steps, schedule=args.schedule, seed=args.seed,
         num_workers=args.num_workers, progress=progress, checkpoint_dir=str(Path(args.out) / "checkpoints"), save_every=args.save_every,
         keep_last=args.keep_last, resume_from=resume_source(args), max_steps=args.max_steps, **fields,
     )
@@ -240,3 +263,13 @@ def preprocessing_record(args: argparse.Namespace, library_size: str) -> dict[st
     from data.preprocess import DEFAULT_PREPROCESSING
 
     return {**DEFAULT_PREPROCESSING, "min_genes": args.min_genes, "library_size": library_size}
+
+
+def apply_recipe(args: argparse.Namespace, stage: str) -> argparse.Namespace:
+    """Fill the recipe's settings into the flags not given explicitly (those left at None)."""
+    from model.train.recipes import recipe_settings
+
+    for key, value in recipe_settings(args.recipe, stage).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args

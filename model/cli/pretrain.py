@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> None:
                              gene2vec_cells=args.gene2vec_cells if spec == "train" and main else None, seed=args.seed, library_size=library_size)
         check_gene_num(args, len(corpus.genes))
         settings = PretrainingSettings(size=model_size(args), gene2vec=spec, gene2vec_genes=args.gene2vec_genes, mask_prob=args.mask_prob,
-                                       replace_prob=args.replace_prob, val_frac=args.val_frac,
+                                       replace_prob=args.replace_prob, val_frac=args.val_frac, mask_rounding=args.mask_rounding,
+                                       accuracy=args.masked_accuracy, recipe=args.recipe,
                                        train=train_config(args, progress=not args.quiet and main), options=execution_options(args),
                                        preprocessing=preprocessing_record(args, library_size))
         warn_if_nothing_to_resume(args, settings.train)

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 SELECTIONS = ("best", "last")
+SCHEDULES = ("ours", "published")
+PATIENCE_RULES = ("ours", "published")
 
 
 @dataclass
@@ -26,7 +28,12 @@ class TrainConfig:
     clip_norm: float = 1.0
     warmup_steps: int = 5
     cycle_steps: int | None = None  # default: the whole run is one cycle
+    # "ours": warm-up cosine restarts per optimiser step (warmup_steps, cycle_steps); "published":
+    # the published per-epoch schedule (model.train.optim.published_warmup_cosine)
+    schedule: str = "ours"
     patience: int | None = None  # early stopping (fine-tuning); None or 0 = never stop early
+    # "ours": stop after `patience` epochs without a better validation score; "published": after patience + 1
+    patience_rule: str = "ours"
     seed: int = 0
     num_workers: int = 0
     progress: bool = True
@@ -39,6 +46,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.patience_rule not in PATIENCE_RULES:
+            raise ValueError(f"patience_rule must be one of {PATIENCE_RULES}, got {self.patience_rule!r}")
 
     def optimisation(self) -> dict[str, Any]:
         """The settings that shape the weights (for a checkpoint's ``training`` record): everything

@@ -114,6 +114,7 @@ class FinetuningSettings:
     train_all: bool = False
     head_only: bool = False
     head_init: str = "expression"
+    recipe: str = "ours"
     train: TrainConfig = field(default_factory=TrainConfig)
     options: ExecutionOptions = field(default_factory=ExecutionOptions)
     preprocessing: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PREPROCESSING))  # how the cells were normalised
@@ -122,7 +123,7 @@ class FinetuningSettings:
         """The checkpoint's ``training`` dict (see :mod:`model.checkpoint.format`)."""
         o = self.options
         rec: dict[str, Any] = {
-            "stage": "finetune", "data": data,
+            "stage": "finetune", "data": data, "recipe": self.recipe,
             "finetuning": {"label_key": label_key, "pretrained": pretrained, "cv": self.cv, "val_frac": self.val_frac,
                            "dropout": self.dropout, "class_weights": self.class_weights,
                            "trained_layers": freezing_policy(pretrained is not None, self.train_all, self.head_only),
@@ -220,7 +221,8 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
         log.info("%s: accuracy %.4f, macro-F1 %.4f on %d validation cells", name, m["accuracy"], m["macro_f1"], len(va))
 
     model.load_state_dict(kept_state)
-    metrics: dict[str, Any] = {"classes": classes, "class_counts": {c: int((y_str == c).sum()) for c in classes}, "gene2vec": g2v}
+    metrics: dict[str, Any] = {"classes": classes, "class_counts": {c: int((y_str == c).sum()) for c in classes}, "gene2vec": g2v,
+                               "recipe": s.recipe}
     if s.cv:
         acc = np.array([f.metrics["accuracy"] for f in folds])
         f1 = np.array([f.metrics["macro_f1"] for f in folds])

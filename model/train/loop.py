@@ -88,7 +88,8 @@ def fit(
         if info.is_main and on_epoch is not None:
             on_epoch(epoch, metrics, improved)
         run.epoch, run.cells_done, run.total, run.count = epoch + 1, 0, 0.0, 0.0
-        if cfg.patience and run.stale >= cfg.patience:
+        trainer.end_epoch()
+        if cfg.patience and run.stale >= cfg.patience + (cfg.patience_rule == "published"):
             log.info("%s: no improvement for %d epochs, stopping early", desc, run.stale)
             run.finished = True
         if cfg.checkpoint_dir:

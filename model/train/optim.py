@@ -42,6 +42,40 @@ def warmup_cosine_restarts(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def published_warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    first_cycle: int = 15,
+    cycle_mult: float = 2.0,
+    warmup: int = 5,
+    min_lr: float = 1e-6,
+    gamma: float = 0.9,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The published scBERT schedule (its ``CosineAnnealingWarmupRestarts``), stepped once per
+    epoch: each cycle warms up linearly from ``min_lr`` to its peak over ``warmup`` epochs, then
+    decays by a cosine to ``min_lr``; the first cycle lasts ``first_cycle`` epochs, each next one
+    ``(length - warmup) * cycle_mult + warmup`` (15, 25, 45, ...), and each peak is ``gamma`` times
+    the previous one. The optimiser's learning rate is the first peak."""
+    max_lr = optimizer.param_groups[0]["lr"]
+
+    def factor(epoch: int) -> float:
+        length, start, cycle = first_cycle, 0, 0
+        while epoch >= start + length:
+            start += length
+            cycle += 1
+            length = int((length - warmup) * cycle_mult) + warmup
+        t, peak = epoch - start, max_lr * gamma**cycle
+        if t < warmup:
+            lr = (peak - min_lr) * t / warmup + min_lr
+        else:
+            lr = min_lr + (peak - min_lr) * (1.0 + math.cos(math.pi * (t - warmup) / max(1, length - warmup))) / 2.0
+        return lr / max_lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+
+
+
 class Trainer:
     """Gradient accumulation, clipping, scheduling: the parts both stages share."""
 
@@ -55,7 +89,10 @@ class Trainer:
         else:
             self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
         total = max(1, math.ceil(steps_per_epoch / cfg.grad_acc) * cfg.epochs)
-        self.scheduler = warmup_cosine_restarts(self.optimizer, cfg.warmup_steps, cfg.cycle_steps or total)
+        if cfg.schedule == "published":
+            self.scheduler = published_warmup_cosine(self.optimizer)
+        else:
+            self.scheduler = warmup_cosine_restarts(self.optimizer, cfg.warmup_steps, cfg.cycle_steps or total)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.micro = 0
 
@@ -75,10 +112,16 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+            if self.cfg.schedule != "published":  # the published schedule steps per epoch (end_epoch)
+                self.scheduler.step()
             self.micro = 0
             return True
         return False
+
+    def end_epoch(self) -> None:
+        """At the end of each epoch: the published schedule's step."""
+        if self.cfg.schedule == "published":
+            self.scheduler.step()
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}

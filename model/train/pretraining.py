@@ -42,17 +42,20 @@ def pretrain(
     mask_prob: float = 0.15,
     replace_prob: float = 0.9,
     on_epoch: Callable[[int, dict[str, float], bool], None] | None = None,
+    mask_rounding: str = "round",
+    accuracy: str = "all_tokens",
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Masked-expression pretraining. Returns the best (by held-out masked accuracy) validation
     metrics and the per-epoch history; the model ends holding the best weights. Under torchrun
     every rank calls it; ``on_epoch`` runs on rank 0 only. Each cell's masking is drawn from
-    (seed, epoch, cell)."""
+    (seed, epoch, cell); ``mask_rounding`` and ``accuracy``: see :func:`mask_tokens` and
+    :func:`evaluate_mlm`."""
     model.to(device)
     mask_token = model.config.mask_token
 
     def step_loss(net: nn.Module, batch: dict[str, torch.Tensor], epoch: int) -> tuple[torch.Tensor, float]:
         seeds = cell_seeds(batch["index"], cfg.seed, epoch)
-        inputs, labels = mask_tokens(batch["tokens"], mask_token, mask_prob, replace_prob, row_seeds=seeds)
+        inputs, labels = mask_tokens(batch["tokens"], mask_token, mask_prob, replace_prob, row_seeds=seeds, rounding=mask_rounding)
         inputs, labels = inputs.to(device), labels.to(device)
         with model.autocast():
             logits = net(inputs)
@@ -67,26 +70,37 @@ def pretrain(
         if on_epoch is not None:
             on_epoch(epoch, metrics, improved)
 
-    return fit(model, train, cfg, device, step_loss, lambda: evaluate_mlm(model, val, cfg, device, mask_prob, replace_prob),
+    return fit(model, train, cfg, device, step_loss,
+               lambda: evaluate_mlm(model, val, cfg, device, mask_prob, replace_prob, mask_rounding, accuracy),
                "val_masked_accuracy", "pretrain", log_epoch)
 
 
+ACCURACIES = ("all_tokens", "expression_bins")
+
+
 def evaluate_mlm(
-    model: ScBERT, ds: CellDataset, cfg: TrainConfig, device: torch.device, mask_prob: float = 0.15, replace_prob: float = 0.9
+    model: ScBERT, ds: CellDataset, cfg: TrainConfig, device: torch.device, mask_prob: float = 0.15, replace_prob: float = 0.9,
+    mask_rounding: str = "round", accuracy: str = "all_tokens",
 ) -> dict[str, float]:
     """Held-out masked-token loss and accuracy, and the accuracy of predicting each cell's most
     common visible non-zero bin on the same masked positions. Each cell's mask is drawn from a
     fixed seed and its index, so every epoch (and any number of processes, each scoring its own
-    share of the cells) scores the same positions."""
-    mask_token = model.config.mask_token
+    share of the cells) scores the same positions. ``accuracy``: the prediction is the most likely
+    of all tokens (``all_tokens``) or of the expression bins 1..bin_num (``expression_bins``, as
+    the published code scores it: a masked position always holds a non-zero bin)."""
+    if accuracy not in ACCURACIES:
+        raise ValueError(f"accuracy must be one of {ACCURACIES}, got {accuracy!r}")
+    mask_token, bins = model.config.mask_token, model.config.bin_num
 
     def score(m: ScBERT, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        inputs, labels = mask_tokens(batch["tokens"].cpu(), mask_token, mask_prob, replace_prob, row_seeds=cell_seeds(batch["index"], MASK_SEED))
+        inputs, labels = mask_tokens(batch["tokens"].cpu(), mask_token, mask_prob, replace_prob, row_seeds=cell_seeds(batch["index"], MASK_SEED),
+                                     rounding=mask_rounding)
         baseline = most_common_bin_baseline(inputs, mask_token)
         sel = labels != IGNORE_INDEX
         logits = m(inputs.to(device)).float().cpu()
+        pred = logits[sel].argmax(-1) if accuracy == "all_tokens" else logits[sel][:, 1 : bins + 1].argmax(-1) + 1
         return {"loss": nn.functional.cross_entropy(logits[sel], labels[sel], reduction="sum"),
-                "correct": (logits[sel].argmax(-1) == labels[sel]).sum(),
+                "correct": (pred == labels[sel]).sum(),
                 "baseline": (baseline[:, None].expand_as(labels)[sel] == labels[sel]).sum(), "n": sel.sum()}
 
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, correct, baseline correct, masked tokens
@@ -114,7 +128,10 @@ class PretrainingSettings:
     gene2vec_genes: str | None = None
     mask_prob: float = 0.15
     replace_prob: float = 0.9
+    mask_rounding: str = "round"  # masked genes per cell: round(mask_prob * k), or "ceil" as published
+    accuracy: str = "all_tokens"  # held-out masked accuracy over all tokens, or "expression_bins" as published
     val_frac: float = 0.05
+    recipe: str = "ours"
     train: TrainConfig = field(default_factory=TrainConfig)
     options: ExecutionOptions = field(default_factory=ExecutionOptions)
     preprocessing: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PREPROCESSING))  # how the cells were normalised
@@ -124,7 +141,9 @@ class PretrainingSettings:
         o = self.options
         return {"stage": "pretrain", "data": data, "model_size": dataclasses.asdict(self.size),
                 "gene2vec": {"spec": self.gene2vec, "genes": self.gene2vec_genes},
-                "pretraining": {"mask_prob": self.mask_prob, "replace_prob": self.replace_prob, "val_frac": self.val_frac},
+                "recipe": self.recipe,
+                "pretraining": {"mask_prob": self.mask_prob, "replace_prob": self.replace_prob, "val_frac": self.val_frac,
+                                "mask_rounding": self.mask_rounding, "accuracy": self.accuracy},
                 "optimisation": self.train.optimisation(),
                 "execution": {"precision": o.precision, "grad_checkpointing": o.grad_checkpointing, "compile": o.compile},
                 "world_size": distributed.current().world_size}
@@ -185,13 +204,14 @@ def run_pretraining(corpus: Corpus, settings: PretrainingSettings, device: torch
 
     t0 = time.time()
     best, history = pretrain(model, train_ds, val_ds, s.train, device, s.mask_prob, s.replace_prob,
-                             on_epoch=lambda epoch, metrics, improved: save(metrics) if improved else None)
+                             on_epoch=lambda epoch, metrics, improved: save(metrics) if improved else None,
+                             mask_rounding=s.mask_rounding, accuracy=s.accuracy)
     if info.is_main:
         save(best)  # the best weights, also when they predate a --resume into another folder
     metrics = {
         **best,
         "beats_baseline": best["val_masked_accuracy"] > best["baseline_accuracy"],
         "n_cells_train": len(train_idx), "n_cells_val": len(val_idx), "n_genes": len(genes),
-        "seconds": round(time.time() - t0, 1), "gene2vec": g2v, "history": history,
+        "seconds": round(time.time() - t0, 1), "gene2vec": g2v, "recipe": s.recipe, "accuracy_over": s.accuracy, "history": history,
     }
     return PretrainingResult(model, list(genes), best, history, metrics)
