@@ -357,3 +357,16 @@ def test_pickled_code_is_never_run(ref: dict, tmp_path: Path) -> None:
     assert not marker.exists()
     assert ckpt.training["published_epoch"] == 9 and ckpt.metrics["published_last_loss"] == 0.25
     assert ckpt.config.n_genes == 120
+
+
+def test_numeric_class_lists_follow_the_published_label_dict(ref: dict) -> None:
+    """np.unique sorts numeric labels as numbers: a list sorted as text would mis-map the outputs."""
+    from model.checkpoint.published import check_label_dict_order
+
+    check_label_dict_order(["1", "2", "10"])
+    check_label_dict_order(["alpha", "beta"])
+    with pytest.raises(CheckpointError, match=r"\['1', '2', '10'\]"):
+        check_label_dict_order(["1", "10", "2"])
+    with pytest.raises(CheckpointError, match="numerically"):
+        load_published(REF / "finetune.pth", ref["genes"], ["0", "1", "10", "11", "2"])
+    assert load_published(REF / "finetune.pth", ref["genes"], ["0", "1", "2", "10", "11"]).classes == ["0", "1", "2", "10", "11"]

@@ -10,6 +10,7 @@ hyperparameters are inferred from tensor shapes here, and the gene and class lis
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import pickle
 import re
@@ -26,6 +27,8 @@ from data.preprocess import PUBLISHED_PREPROCESSING
 from model.checkpoint.format import Checkpoint, CheckpointError
 from model.nn.config import ScBERTConfig
 from model.nn.network import ScBERT
+
+log = logging.getLogger("scbert")
 
 _CALLS_PUBLISHED = "performer.calls_since_last_redraw"
 _CALLS_OURS = "performer.proj_updater.calls_since_last_redraw"
@@ -160,6 +163,33 @@ def infer_config(state_dict: Mapping[str, Tensor], n_genes: int | None = None) -
         return ScBERTConfig(**kwargs)
     except ValueError as e:
         raise CheckpointError(f"the tensor shapes give an impossible configuration: {e}") from None
+
+
+def _number(name: str) -> float | None:
+    try:
+        value = float(name)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def check_label_dict_order(classes: Sequence[str]) -> None:
+    """The published code numbers classes by ``np.unique(labels)``: sorted, and for numeric labels
+    sorted as numbers (1, 2, 10). Class lists of numbers in another order (e.g. sorted as text: 1,
+    10, 2) would mis-map every output: refused. Names in an order that is not sorted as text are
+    allowed (they may name numeric labels), with a warning."""
+    numbers = [_number(c) for c in classes]
+    if all(v is not None for v in numbers):
+        if numbers != sorted(numbers):
+            expected = [c for _, c in sorted(zip(numbers, classes))]
+            raise CheckpointError(
+                f"the class names are numbers in the order {list(classes)}, but the published code numbers its classes by "
+                f"np.unique of the labels, which sorts numbers numerically: give them in the order {expected}"
+            )
+        return
+    if list(classes) != sorted(classes):
+        log.warning("WARNING: the class names are not in sorted order; the published label_dict is np.unique of the training labels "
+                    "(sorted). That is right only if these names stand, in order, for sorted labels (e.g. readable names of numeric labels)")
 
 
 def _listing(keys: Sequence[str], limit: int = 5) -> str:
@@ -400,6 +430,7 @@ def published_to_checkpoint(
             )
         if len(set(class_list)) != len(class_list):
             raise CheckpointError("the class list has duplicated names")
+        check_label_dict_order(class_list)
 
     training: dict[str, Any] = {"stage": "converted", "source": "published scBERT code", "converted_from": source}
     metrics: dict[str, Any] = {}
