@@ -66,3 +66,21 @@ def stratified_folds(y: Sequence[Any], k: int, seed: int) -> list[tuple[np.ndarr
         rare = {str(t): int(c) for t, c in zip(names, counts) if c < k}
         raise ValueError(f"cell types with fewer than {k} cells cannot be split into {k} folds: {rare}; use fewer folds or remove them")
     return [(np.sort(tr), np.sort(te)) for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)]
+
+
+def holdout_per_class(y: Sequence[Any], frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) sorted, disjoint cell indices covering every cell: of each label with at
+    least 2 cells, round(``frac`` x its cells) are held out, at least 1 and at most all but 1;
+    a label with a single cell stays in the kept part. For validation splits of small training
+    parts (a fold's, a benchmark run's), where a stratified split may fail or drop a rare type."""
+    y = np.asarray(y)
+    rng = np.random.default_rng(seed)
+    held: list[int] = []
+    for label in np.unique(y):
+        cells = np.flatnonzero(y == label)
+        if len(cells) < 2:
+            continue
+        n = min(len(cells) - 1, max(1, int(round(frac * len(cells)))))
+        held.extend(rng.choice(cells, n, replace=False).tolist())
+    held_arr = np.sort(np.asarray(held, dtype=np.int64))
+    return np.setdiff1d(np.arange(len(y)), held_arr), held_arr

@@ -181,3 +181,27 @@ def test_cli_refuses_bad_input_plainly(tmp_path: Path, capsys: pytest.CaptureFix
     with pytest.raises(SystemExit):
         main(["--data", str(data), "--min-genes", "0", "--protocol", "novel", "--hold-out", "delta", "--out", str(tmp_path / "o2"), "--quiet"])
     assert "not in the data" in capsys.readouterr().err
+
+
+def test_scbert_inner_split_never_puts_a_cell_on_both_sides() -> None:
+    """Rare types (2 cells, 1 cell) in a run's training part: validation and training stay disjoint,
+    every type is trained on, and a 2-cell type is validated too."""
+    from model.accuracy.methods import ScBERTMethod
+    from model.train.config import TrainConfig
+
+    X, y, genes = toy(n_per=10)
+    keep = np.r_[np.flatnonzero(y == "alpha"), np.flatnonzero(y == "beta")[:2], np.flatnonzero(y == "gamma")[:1]]
+    m = ScBERTMethod(init="scratch", gene2vec="none", model_args={"dim": 8, "depth": 1, "heads": 2, "dim_head": 4},
+                     train=TrainConfig(epochs=1, batch_size=8, progress=False), val_frac=0.3)
+    m.fit(X[keep], y[keep], genes)
+    tr, va = m.split_
+    assert len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == len(keep)
+    assert set(y[keep][tr]) == {"alpha", "beta", "gamma"} and "beta" in set(y[keep][va])
+
+
+def test_macro_f1_over_true_and_over_true_and_predicted_labels() -> None:
+    from model.evaluation import classification_metrics
+
+    m = classification_metrics(["a", "a", "b", "b"], ["a", "Unassigned", "b", "c"])
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 2)  # a and b only
+    assert m["macro_f1_union"] == pytest.approx((2 / 3 + 2 / 3 + 0 + 0) / 4)  # Unassigned and c count with F1 0

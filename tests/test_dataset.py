@@ -96,3 +96,14 @@ def test_most_common_bin_baseline() -> None:
         [0, 0, 0, 6, 0, 0, 0, 0],  # nothing visible -> 1
     ])
     assert most_common_bin_baseline(inputs, mask_token=6).tolist() == [2, 1, 1]
+
+
+def test_holdout_per_class_is_disjoint_and_keeps_every_type() -> None:
+    from data.labels import holdout_per_class
+
+    y = np.array(["a"] * 20 + ["b"] * 3 + ["c"] * 2 + ["d"])
+    for seed in range(5):
+        kept, held = holdout_per_class(y, 0.1, seed)
+        assert len(np.intersect1d(kept, held)) == 0 and sorted(np.r_[kept, held].tolist()) == list(range(len(y)))
+        assert set(y[kept]) == {"a", "b", "c", "d"} and set(y[held]) == {"a", "b", "c"}, "rare types on both sides, singletons kept"
+        assert (y[held] == "a").sum() == 2

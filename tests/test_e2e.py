@@ -109,7 +109,9 @@ def test_cross_validation_from_scratch_without_gene2vec(runs: dict[str, Path]) -
                    "--gene2vec", "none", "--class-weights", *TINY_MODEL, *FAST])
     m = json.loads((out / "metrics.json").read_text())
     assert len(m["folds"]) == 2 and "accuracy_sd" in m and "macro_f1_sd" in m
-    assert sum(f["n_val"] for f in m["folds"]) == 240, "every cell validated exactly once"
+    assert sum(f["n_test"] for f in m["folds"]) == 240, "every cell tested exactly once"
+    assert all(f["n_train"] + f["n_val"] + f["n_test"] == 240 and f["n_val"] > 0 for f in m["folds"]), "inner validation inside each training part"
+    assert "test cells" in m["what"]["accuracy"] and m["model_fold"] in (1, 2)
     assert (out / "fold1" / "model.pt").is_file() and (out / "fold2" / "confusion_matrix.png").is_file()
     assert load_checkpoint(out / "model.pt").config.gene_embedding == "none"
 
@@ -135,3 +137,12 @@ def test_head_only_needs_a_pretrained_encoder(runs: dict[str, Path], capsys: pyt
         finetune.main(["--data", str(runs["prep"]), "--label-key", "celltype", "--out", str(runs["dir"] / "bad_head"),
                        "--head-only", *TINY_MODEL, "--quiet"])
     assert e.value.code == 2 and "--head-only needs a pretrained encoder" in capsys.readouterr().err
+
+
+def test_gene2vec_from_scratch_sees_only_the_training_cells(runs: dict[str, Path]) -> None:
+    """Fine-tuning from scratch computes gene2vec from the cells it fits, not the validation cells."""
+    out = runs["dir"] / "g2v_train_only"
+    finetune.main(["--data", str(runs["prep"]), "--label-key", "celltype", "--out", str(out), "--epochs", "1", *TINY_MODEL, *FAST])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["gene2vec"]["extra"]["n_cells_used"] == m["n_train"] == 240 - m["n_val"]
+    assert "also chose the best epoch" in m["what"]["accuracy"]

@@ -18,7 +18,7 @@ import torch
 from scipy import sparse
 
 from data.dataset import CellDataset
-from data.labels import stratified_holdout
+from data.labels import holdout_per_class
 from model.checkpoint import Checkpoint
 from model.inference import predict
 from model.nn.config import ExecutionOptions, ScBERTConfig
@@ -182,8 +182,8 @@ class CellTypist:
 
 @dataclass
 class ScBERTMethod:
-    """scBERT fine-tuned on the training cells, with early stopping on a stratified ``val_frac`` of
-    them (the test cells are never looked at). ``init``:
+    """scBERT fine-tuned on the training cells, with early stopping on a ``val_frac`` of them taken
+    per type (:func:`data.labels.holdout_per_class`; the test cells are never looked at). ``init``:
 
     - ``pretrained``: encoder from ``checkpoint``, published freezing policy (``train_all`` to train
       everything, ``head_only`` to train only the head);
@@ -229,20 +229,14 @@ class ScBERTMethod:
     def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str]) -> None:
         self.classes_, codes = _classes(y)
         set_seed(self.train.seed)
-        idx = np.arange(len(codes))
-        counts = np.bincount(codes)
-        n_val = max(len(self.classes_), round(self.val_frac * len(codes)))
-        tr, va = stratified_holdout(codes, n_val, self.train.seed, stratify=counts.min() >= 2)
-        if counts.min() >= 2:
-            # keep every type in the training part even when it has very few cells
-            missing = np.setdiff1d(np.unique(codes), np.unique(codes[tr]))
-            tr = np.union1d(tr, idx[np.isin(codes, missing)])
-        self.model = self._build(len(self.classes_), genes, X)
+        # every type with 2 or more cells on both sides, a type with one cell in the training part; no cell on both
+        tr, va = holdout_per_class(codes, self.val_frac, self.train.seed)
+        self.split_ = (tr, va)
+        self.model = self._build(len(self.classes_), genes, X[tr])
         bin_num = self.model.config.bin_num
         weights = balanced_class_weights(codes[tr], len(self.classes_)) if self.class_weights else None
-        _, self.history = finetune(self.model, CellDataset(X[np.sort(tr)], bin_num, codes[np.sort(tr)]),
-                                   CellDataset(X[np.sort(va)], bin_num, codes[np.sort(va)]), self.train, torch.device(self.device), weights,
-                                   desc=self.name, head_init=self.head_init)
+        _, self.history = finetune(self.model, CellDataset(X[tr], bin_num, codes[tr]), CellDataset(X[va], bin_num, codes[va]),
+                                   self.train, torch.device(self.device), weights, desc=self.name, head_init=self.head_init)
 
     def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
         probs, _ = predict(self.model, CellDataset(X, self.model.config.bin_num), self.train.batch_size, torch.device(self.device),

@@ -29,7 +29,7 @@ def evaluate(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], thre
     y_true = np.asarray(y_true).astype(str)
     pred, conf = assign_labels(probs, classes, threshold)
     known = np.isin(y_true, np.asarray(classes, dtype=str))
-    m = classification_metrics(y_true[known], pred[known]) if known.any() else {"n_cells": 0, "accuracy": float("nan"), "macro_f1": float("nan"), "per_class": {}}
+    m = classification_metrics(y_true[known], pred[known]) if known.any() else {"n_cells": 0, "accuracy": float("nan"), "macro_f1": float("nan"), "macro_f1_union": float("nan"), "per_class": {}}
     m["n_unseen_type"] = int((~known).sum())
     if threshold is not None:
         m["known_accuracy"] = m["accuracy"]
@@ -40,7 +40,7 @@ def evaluate(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], thre
     return m
 
 
-SUMMARY_KEYS = ("accuracy", "macro_f1", "known_accuracy", "known_unassigned", "novel_unassigned", "auroc_known_vs_novel")
+SUMMARY_KEYS = ("accuracy", "macro_f1", "macro_f1_union", "known_accuracy", "known_unassigned", "novel_unassigned", "auroc_known_vs_novel")
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -110,7 +110,9 @@ def write_report(out: Path, records: Sequence[dict[str, Any]], y: np.ndarray | N
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(records)
     table = markdown_table(summary)
-    header = f"# Benchmark: protocol {info.get('protocol')} on {info.get('data')}\n\n"
+    header = (f"# Benchmark: protocol {info.get('protocol')} on {info.get('data')}\n\n"
+              "macro f1: averaged over the true types; macro f1 union: over the true and the predicted types (a predicted type no "
+              "test cell has, Unassigned included, counts with F1 0).\n\n")
     write_text(out / "results.md", header + table + "\n")
     write_text(out / "per_class_f1.csv", per_class_table(summary))
     write_text(out / "results.json", json.dumps({"info": info, "summary": summary, "runs": list(records)}, indent=1, default=_json_default))

@@ -18,7 +18,7 @@ from torch import nn
 
 from data.dataset import CellDataset
 from data.io import InputError
-from data.labels import stratified_folds, stratified_holdout
+from data.labels import holdout_per_class, stratified_folds, stratified_holdout
 from data.preprocess import DEFAULT_PREPROCESSING
 from model import distributed
 from model.checkpoint import Checkpoint, save_checkpoint
@@ -140,8 +140,11 @@ class FinetuningSettings:
 
 @dataclass
 class FoldResult:
-    """One split: the metrics on its validation cells (with ``best_epoch``, ``n_train``, ``n_val``,
-    ``history``), and their true and predicted labels."""
+    """One split. With cross-validation: the metrics on the fold's test cells, which neither trained
+    the model nor chose its epoch (``inner_val_accuracy``: the best accuracy on the inner validation
+    cells that chose it); on one split: the metrics on the validation cells, which also chose the
+    epoch. With ``best_epoch``, ``n_train``, ``n_val``, ``n_test`` and ``history``, and the true and
+    predicted labels of the scored cells."""
 
     name: str
     metrics: dict[str, Any]
@@ -150,9 +153,21 @@ class FoldResult:
     history: list[dict[str, float]]
 
 
+CV_METRICS_MEANING = {
+    "accuracy": "mean over the folds of the accuracy on each fold's test cells (never trained on, never used to choose an epoch "
+                "or the kept model: early stopping used an inner validation part of the fold's training cells)",
+    "macro_f1": "the same for macro-F1 (over the test cells' true labels)",
+    "model_fold": "the fold whose model is model.pt: the highest inner validation accuracy (test cells not looked at)",
+}
+SPLIT_METRICS_MEANING = {
+    "accuracy": "accuracy on the validation cells, which also chose the best epoch (early stopping): an optimistic estimate; "
+                "--cv K reports accuracy on test cells that played no part in training",
+}
+
+
 @dataclass
 class FinetuningResult:
-    model: ScBERT  # the kept model: the only one, or the fold with the highest validation accuracy
+    model: ScBERT  # the kept model: the only one, or the fold with the highest inner validation accuracy
     classes: list[str]
     folds: list[FoldResult]
     kept_fold: int  # 0-based
@@ -162,39 +177,45 @@ class FinetuningResult:
     def summary_lines(self) -> list[str]:
         m = self.metrics
         if self.cv:
-            n = sum(f.metrics["n_val"] for f in self.folds)
+            n = sum(f.metrics["n_test"] for f in self.folds)
             return [f"{self.cv}-fold cross-validation on {n} cells: accuracy {m['accuracy']:.4f} ± {m['accuracy_sd']:.4f}, "
-                    f"macro-F1 {m['macro_f1']:.4f} ± {m['macro_f1_sd']:.4f}",
-                    f"model.pt is the model of fold {self.kept_fold + 1} (highest validation accuracy)"]
+                    f"macro-F1 {m['macro_f1']:.4f} ± {m['macro_f1_sd']:.4f} on each fold's test cells (early stopping on an inner "
+                    f"validation part of its training cells)",
+                    f"model.pt is the model of fold {self.kept_fold + 1} (highest inner validation accuracy)"]
         return [f"validation ({self.folds[0].metrics['n_val']} cells): accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} "
-                f"(best epoch {m['best_epoch']})"]
+                f"(best epoch {m['best_epoch']}; these cells also chose it)"]
 
 
 def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[str], genes: list[str], settings: FinetuningSettings,
                    device: torch.device, pretrained: Checkpoint | None = None, out: Path | None = None,
                    record: dict[str, Any] | None = None, progress: bool = True) -> FinetuningResult:
     """Fine-tune a classifier of ``classes`` on the cells ``X`` (on ``genes``) labelled ``labels``:
-    from ``pretrained`` (its encoder and the freezing policy of ``settings``) or from scratch, on
-    one stratified split (validation fraction ``val_frac``) or on ``cv`` folds. With ``out``, rank 0
+    from ``pretrained`` (its encoder and the freezing policy of ``settings``) or from scratch
+    (gene2vec computed from the training cells only), on one stratified split (validation fraction
+    ``val_frac``, which chooses the epoch and is scored) or on ``cv`` folds (each fold's test cells
+    are scored; a ``val_frac`` of its training cells, per type, chooses the epoch). With ``out``, rank 0
     saves the kept model to ``out/model.pt`` (``record``: its ``training`` dict) and each fold's
     model to ``out/foldK/model.pt``. Every rank of a torchrun job calls it."""
     s = settings
     main = distributed.current().is_main
     y_str = np.asarray(labels).astype(str)
     y = np.array([classes.index(c) for c in y_str])
-    if pretrained is None:
-        mode, vectors, g2v = gene_embedding(s.gene2vec, s.gene2vec_genes, genes, X, s.size.dim, s.train.seed, progress)
-        base = s.size.config(len(genes), gene_embedding=mode)
+    if s.cv:  # outer folds; each fold's training part is split again for early stopping
+        splits = [(*holdout_per_class(y[tr], s.val_frac, s.train.seed + k), tr, te)
+                  for k, (tr, te) in enumerate(stratified_folds(y, s.cv, s.train.seed))]
+        splits = [(tr[fit], tr[va], te) for fit, va, tr, te in splits]
     else:
-        vectors, g2v, base = None, {"source": f"pretrained:{pretrained.source}"}, pretrained.config
-    if s.cv:
-        splits = stratified_folds(y, s.cv, s.train.seed)
-    else:
-        splits = [stratified_holdout(y, s.val_frac, s.train.seed)]
+        fit_idx, val_idx = stratified_holdout(y, s.val_frac, s.train.seed)
+        splits = [(fit_idx, val_idx, None)]
 
     folds: list[FoldResult] = []
-    kept, kept_state = -1, None
-    for k, (tr, va) in enumerate(splits):
+    kept, kept_state, kept_score = -1, None, -1.0
+    for k, (tr, va, te) in enumerate(splits):
+        if pretrained is None:  # gene2vec sees only the cells the model is fitted on
+            mode, vectors, g2v = gene_embedding(s.gene2vec, s.gene2vec_genes, genes, X[tr], s.size.dim, s.train.seed, progress)
+            base = s.size.config(len(genes), gene_embedding=mode)
+        else:
+            vectors, g2v, base = None, {"source": f"pretrained:{pretrained.source}"}, pretrained.config
         set_seed(s.train.seed + k)
         model = new_classifier(base, len(classes), s.dropout, pretrained=pretrained, gene_vectors=vectors, train_all=s.train_all,
                                head_only=s.head_only, options=s.options)
@@ -209,16 +230,22 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
         name = f"fold {k + 1}/{len(splits)}" if s.cv else "finetune"
         cfg = s.train.for_part(f"fold{k + 1}" if s.cv else "")
         best, history = finetune(model, train_ds, val_ds, cfg, device, weights, name, head_init=s.head_init)
-        pred = np.asarray(classes)[predict_distributed(model, val_ds, cfg.batch_size, device, num_workers=cfg.num_workers).argmax(1)]
-        m = classification_metrics(y_str[va], pred, classes)
+        scored = va if te is None else te
+        scored_ds = val_ds if te is None else CellDataset(X[te], model.config.bin_num, y[te])
+        pred = np.asarray(classes)[predict_distributed(model, scored_ds, cfg.batch_size, device, num_workers=cfg.num_workers).argmax(1)]
+        m = classification_metrics(y_str[scored], pred, classes)
         m.update(best_epoch=best["epoch"], n_train=len(tr), n_val=len(va), history=history)
-        folds.append(FoldResult(name, m, y_str[va], pred, history))
+        if te is not None:
+            m.update(n_test=len(te), inner_val_accuracy=best["val_accuracy"])
+        folds.append(FoldResult(name, m, y_str[scored], pred, history))
         if s.cv and main and out is not None:
             save_checkpoint(out / f"fold{k + 1}" / "model.pt", model, genes, classes, s.preprocessing, record,
                             {k2: v for k2, v in m.items() if k2 != "history"})
-        if kept < 0 or m["accuracy"] > folds[kept].metrics["accuracy"]:
-            kept, kept_state = k, {k2: v.detach().clone() for k2, v in model.state_dict().items()}
-        log.info("%s: accuracy %.4f, macro-F1 %.4f on %d validation cells", name, m["accuracy"], m["macro_f1"], len(va))
+        score = best["val_accuracy"] if s.cv else m["accuracy"]
+        if kept < 0 or score > kept_score:
+            kept, kept_score, kept_state = k, score, {k2: v.detach().clone() for k2, v in model.state_dict().items()}
+        where = "test" if te is not None else "validation"
+        log.info("%s: accuracy %.4f, macro-F1 %.4f on %d %s cells", name, m["accuracy"], m["macro_f1"], len(scored), where)
 
     model.load_state_dict(kept_state)
     metrics: dict[str, Any] = {"classes": classes, "class_counts": {c: int((y_str == c).sum()) for c in classes}, "gene2vec": g2v,
@@ -227,9 +254,10 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
         acc = np.array([f.metrics["accuracy"] for f in folds])
         f1 = np.array([f.metrics["macro_f1"] for f in folds])
         metrics.update(accuracy=float(acc.mean()), accuracy_sd=float(acc.std(ddof=1)), macro_f1=float(f1.mean()),
-                       macro_f1_sd=float(f1.std(ddof=1)), folds=[f.metrics for f in folds], model_fold=kept + 1)
+                       macro_f1_sd=float(f1.std(ddof=1)), folds=[f.metrics for f in folds], model_fold=kept + 1,
+                       what=CV_METRICS_MEANING)
     else:
-        metrics.update(folds[0].metrics)
+        metrics.update(folds[0].metrics, what=SPLIT_METRICS_MEANING)
     if main and out is not None:
         summary = {"accuracy": folds[kept].metrics["accuracy"], "macro_f1": folds[kept].metrics["macro_f1"], "cv": s.cv}
         save_checkpoint(out / "model.pt", model, genes, classes, s.preprocessing, record, summary)
