@@ -49,6 +49,14 @@ def build_parser():
     g = p.add_argument_group("scBERT")
     g.add_argument("--pretrained", default=None, help="pretrained checkpoint (pretrain.py) for scbert; scbert_nopretrain then uses its architecture and gene2vec")
     g.add_argument("--pretrained-nogene2vec", default=None, help="checkpoint pretrained with --gene2vec none, for scbert_nogene2vec")
+    add_bool(g, "--pretrain-per-split", default=False,
+             help="pretrain a new encoder for every run, on --pretrain-corpus plus that run's training cells (gene2vec too): no test "
+             "cell is ever seen by pretraining. Needs fixed genes (--vocab or --n-genes); replaces --pretrained for scbert and scbert_nogene2vec")
+    g.add_argument("--pretrain-corpus", nargs="+", default=[], help="with --pretrain-per-split: unlabelled cells added to each run's training "
+                   "cells (put on the benchmark's genes; default: none)")
+    g.add_argument("--pretrain-epochs", type=positive_int, default=10, help="with --pretrain-per-split: pretraining epochs (default: 10)")
+    g.add_argument("--pretrain-batch-size", type=positive_int, default=16, help="with --pretrain-per-split: pretraining batch size (default: 16)")
+    g.add_argument("--pretrain-lr", type=float, default=1e-3, help="with --pretrain-per-split: pretraining learning rate (default: 1e-3)")
     g.add_argument("--preset", choices=list(PRESETS), default="cpu", help="fine-tuning (and from-scratch model) size: "
                    + "; ".join(f"{k}: {v['train']}, head dropout {v.get('dropout', 0.0)}" for k, v in PRESETS.items()))
     g.add_argument("--epochs", type=positive_int, default=None, help="override the preset's fine-tuning epochs")

@@ -205,3 +205,34 @@ def test_macro_f1_over_true_and_over_true_and_predicted_labels() -> None:
     m = classification_metrics(["a", "a", "b", "b"], ["a", "Unassigned", "b", "c"])
     assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 2)  # a and b only
     assert m["macro_f1_union"] == pytest.approx((2 / 3 + 2 / 3 + 0 + 0) / 4)  # Unassigned and c count with F1 0
+
+
+def test_pretraining_per_split_never_sees_the_test_cells(tmp_path: Path) -> None:
+    """--pretrain-per-split: each run pretrains its own encoder on the corpus plus its training cells
+    (the novel type held out of both), and the report says which cells the encoder saw."""
+    from scripts.accuracy_benchmark import main
+
+    data = toy_h5ad(tmp_path / "toy.h5ad")
+    corpus = toy_h5ad(tmp_path / "corpus.h5ad", n_per=4, seed=3)
+    out = tmp_path / "novel"
+    main(["--data", str(data), "--label-key", "celltype", "--min-genes", "0", "--n-genes", "20", "--quiet", "--epochs", "1",
+          "--batch-size", "8", "--protocol", "novel", "--hold-out", "gamma", "--folds", "2", "--methods", "scbert",
+          "--pretrain-per-split", "--pretrain-corpus", str(corpus), "--pretrain-epochs", "1", "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert res["info"]["encoder"]["includes_test_cells"] is False
+    for r in res["runs"]:
+        p = r["pretraining"]
+        assert p["n_cells_train"] + p["n_cells_val"] == r["n_train"] + 12  # the run's training cells (no gamma) + the corpus
+    assert "no test cell was seen" in (out / "results.md").read_text()
+
+
+def test_encoder_exposure_names_a_checkpoint_pretrained_on_the_evaluation_data(tmp_path: Path) -> None:
+    from model.accuracy.harness import encoder_exposure
+    from model.checkpoint import Checkpoint
+    from model.nn.config import ScBERTConfig
+
+    cfg = ScBERTConfig(n_genes=3, dim=8, depth=1, heads=2, dim_head=4)
+    seen = Checkpoint(cfg, ["a", "b", "c"], {}, training={"data": ["runs/x/prep_1_pbmc3k_labeled.h5ad", "immune.h5ad"]}, source="pre.pt")
+    assert encoder_exposure(seen, ["data/pbmc3k_labeled.h5ad"], False)["includes_test_cells"] is True
+    assert encoder_exposure(seen, ["data/pancreas.h5ad"], False)["includes_test_cells"] is False
+    assert encoder_exposure(Checkpoint(cfg, ["a", "b", "c"], {}, source="old.pt"), ["d.h5ad"], False)["includes_test_cells"] is None

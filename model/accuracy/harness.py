@@ -139,8 +139,32 @@ def run_benchmark(
             rec = {"method": name, "protocol": split.protocol, "variant": split.variant, "seed": split.seed, "fold": split.fold,
                    "split": split.fingerprint(), "n_train": len(split.train), "n_test": len(split.test),
                    "seconds": round(seconds, 2), "test_index": split.test.tolist(), **m}
+            if getattr(method, "pretraining_", None):
+                rec["pretraining"] = method.pretraining_
             records.append(rec)
             log.info("%s %s: accuracy %.4f, macro-F1 %.4f (%.1f s)", name, split.key, m["accuracy"], m["macro_f1"], seconds)
             bar.update()
     bar.close()
     return records
+
+
+def encoder_exposure(pretrained: Any, data: Sequence[str], per_split: bool, corpus: Sequence[str] = ()) -> dict[str, Any]:
+    """Which cells the scBERT encoder saw before fine-tuning, for the report: pretrained per run on
+    ``corpus`` plus the run's training cells (never a test cell), or a given checkpoint, whose
+    recorded pretraining files are compared with the evaluation ``data``."""
+    if per_split:
+        return {"pretraining": "per run", "corpus": [str(c) for c in corpus], "includes_test_cells": False,
+                "text": f"encoder pretrained for each run on {', '.join(Path(c).name for c in corpus) or 'no extra corpus'} plus the run's "
+                        f"training cells only: no test cell was seen by pretraining or gene2vec"}
+    if pretrained is None:
+        return {"pretraining": "none", "includes_test_cells": False, "text": "no pretrained encoder"}
+    files = [str(f) for f in (pretrained.training.get("data") or [])]
+    if not files:
+        return {"pretraining": str(pretrained.source), "includes_test_cells": None,
+                "text": f"encoder {pretrained.source}: its pretraining cells are not recorded (an older or converted checkpoint)"}
+
+    # the same file, or a preprocessed copy named after it (the paper scripts write prep_<i>_<name>.h5ad)
+    seen = any(Path(f).resolve() == Path(d).resolve() or Path(d).stem in Path(f).stem for f in files for d in data)
+    text = (f"encoder {pretrained.source} was pretrained on {', '.join(Path(f).name for f in files)}: "
+            + ("THESE INCLUDE THE EVALUATION CELLS (without their labels), test cells included" if seen else "not the evaluation data"))
+    return {"pretraining": str(pretrained.source), "files": files, "includes_test_cells": seen, "text": text}

@@ -190,7 +190,10 @@ class ScBERTMethod:
     - ``random``: same architecture and the same (frozen) gene2vec vectors as ``checkpoint``, random
       encoder, every layer trained: the "no pretraining" ablation;
     - ``scratch``: no checkpoint; the model is built from ``model_args`` with gene2vec trained on the
-      training cells (``gene2vec='train'``) or without gene embedding (``'none'``).
+      training cells (``gene2vec='train'``) or without gene embedding (``'none'``);
+    - ``pretrain``: an encoder pretrained for this run alone, on ``pretrain_corpus`` (unlabelled
+      cells on the same genes) plus the run's training cells, with ``pretrain_train`` (gene2vec
+      from the same cells), then fine-tuned as ``pretrained``: no test cell is seen by pretraining.
     """
 
     name: str = "scbert"
@@ -207,20 +210,36 @@ class ScBERTMethod:
     options: ExecutionOptions = field(default_factory=ExecutionOptions)  # precision and speed switches of the network
     val_frac: float = 0.1
     device: str = "cpu"
+    pretrain_corpus: sparse.csr_matrix | None = None  # init "pretrain": unlabelled cells added to the training cells
+    pretrain_train: TrainConfig | None = None  # init "pretrain": the pretraining settings
     history: list[dict[str, float]] = field(default_factory=list)
 
+    def _pretrain(self, genes: Sequence[str], X: sparse.csr_matrix) -> Checkpoint:
+        """An encoder pretrained on the corpus plus the training cells ``X``."""
+        from data.corpus import Corpus
+        from model.nn.config import ModelSize
+        from model.train.pretraining import PretrainingSettings, run_pretraining
+
+        cells = X if self.pretrain_corpus is None else sparse.vstack([sparse.csr_matrix(self.pretrain_corpus), X], format="csr")
+        settings = PretrainingSettings(size=ModelSize(**self.model_args), gene2vec=self.gene2vec, options=self.options,
+                                       train=self.pretrain_train or TrainConfig(epochs=10, batch_size=16, lr=1e-3, progress=False))
+        result = run_pretraining(Corpus(cells, list(genes), cells), settings, torch.device(self.device), progress=False)
+        self.pretraining_ = {k: v for k, v in result.metrics.items() if k != "history"}
+        return Checkpoint(config=result.model.config, genes=list(genes), state_dict=result.model.state_dict(), source=f"{self.name}: this run")
+
     def _build(self, n_classes: int, genes: Sequence[str], X: sparse.csr_matrix) -> ScBERT:
-        if self.init in ("pretrained", "random"):
+        init = "pretrained" if self.init == "pretrain" else self.init  # (fit pretrained self.checkpoint for this run)
+        if init in ("pretrained", "random"):
             if self.checkpoint is None:
                 raise ValueError(f"{self.name}: init={self.init!r} needs a pretrained checkpoint")
             if list(genes) != list(self.checkpoint.genes):
                 raise ValueError(f"{self.name}: the benchmark matrix is not on the checkpoint's gene vocabulary")
-            if self.init == "pretrained":
+            if init == "pretrained":
                 return new_classifier(self.checkpoint.config, n_classes, self.dropout, pretrained=self.checkpoint,
                                       train_all=self.train_all and not self.head_only, head_only=self.head_only, options=self.options)
             vectors = self.checkpoint.build_model().gene_vectors()
             return new_classifier(self.checkpoint.config, n_classes, self.dropout, gene_vectors=vectors, options=self.options)
-        if self.init == "scratch":
+        if init == "scratch":
             mode, vectors, _ = gene_embedding(self.gene2vec, None, genes, X, self.model_args["dim"], self.train.seed, progress=False)
             config = ScBERTConfig(n_genes=len(genes), gene_embedding=mode, **self.model_args)
             return new_classifier(config, n_classes, self.dropout, gene_vectors=vectors, options=self.options)
@@ -228,6 +247,9 @@ class ScBERTMethod:
 
     def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str]) -> None:
         self.classes_, codes = _classes(y)
+        if self.init == "pretrain":  # pretrained on all of this run's training cells, labels unseen
+            set_seed(self.train.seed)
+            self.checkpoint = self._pretrain(genes, X)
         set_seed(self.train.seed)
         # every type with 2 or more cells on both sides, a type with one cell in the training part; no cell on both
         tr, va = holdout_per_class(codes, self.val_frac, self.train.seed)
@@ -272,14 +294,20 @@ def method_factories(
     head_init: str = "expression",
     dropout: float | None = None,
     class_weights: bool = False,
+    pretrain_per_split: bool = False,
+    pretrain_corpus: sparse.csr_matrix | None = None,
+    pretrain_train: dict[str, Any] | None = None,
 ) -> list[tuple[str, Any]]:
     """``(name, factory(seed) -> method)`` for each method name. scBERT variants:
 
-    - ``scbert``: fine-tunes ``pretrained``;
+    - ``scbert``: fine-tunes ``pretrained``; with ``pretrain_per_split``, an encoder pretrained for
+      each run on ``pretrain_corpus`` plus the run's training cells (``pretrain_train``: TrainConfig
+      fields; model size from the preset), so no test cell is ever seen by pretraining or gene2vec;
     - ``scbert_nopretrain``: the same architecture and gene2vec as ``pretrained`` with a random
       encoder (without ``pretrained``: a ``preset``-sized model with gene2vec trained on the training cells);
     - ``scbert_nogene2vec``: fine-tunes ``pretrained_nogene2vec`` (a checkpoint pretrained with
-      ``--gene2vec none``); without it, a ``preset``-sized model without gene embedding, not pretrained.
+      ``--gene2vec none``; with ``pretrain_per_split``: pretrained per run without gene embedding);
+      without it, a ``preset``-sized model without gene embedding, not pretrained.
     """
     unknown = sorted(set(names) - set(ALL_METHODS))
     if unknown:
@@ -288,11 +316,15 @@ def method_factories(
     dropout = cfg.get("dropout", 0.0) if dropout is None else dropout
     train_kw = {**cfg["train"], **{k: v for k, v in (train_overrides or {}).items() if v is not None}}
 
+    pre_kw = {"epochs": 10, "batch_size": 16, "lr": 1e-3, **(pretrain_train or {})}
+
     def scbert(name: str, init: str, ckpt: Checkpoint | None, gene2vec: str = "train") -> Any:
         # head_only applies to pretrained encoders: an encoder without pretraining is always trained whole
         return lambda seed: ScBERTMethod(name=name, init=init, checkpoint=ckpt, gene2vec=gene2vec, train_all=train_all, device=device,
-                                         head_only=head_only and init == "pretrained", head_init=head_init, dropout=dropout,
-                                         class_weights=class_weights, model_args=dict(cfg["model"]), train=TrainConfig(seed=seed, progress=progress, **train_kw))
+                                         head_only=head_only and init in ("pretrained", "pretrain"), head_init=head_init, dropout=dropout,
+                                         class_weights=class_weights, model_args=dict(cfg["model"]), train=TrainConfig(seed=seed, progress=progress, **train_kw),
+                                         pretrain_corpus=pretrain_corpus if init == "pretrain" else None,
+                                         pretrain_train=TrainConfig(seed=seed, progress=progress, **pre_kw) if init == "pretrain" else None)
 
     out: list[tuple[str, Any]] = []
     for name in names:
@@ -307,13 +339,19 @@ def method_factories(
         elif name == "celltypist":
             out.append((name, lambda seed: CellTypist(seed=seed)))
         elif name == "scbert":
-            if pretrained is None:
-                raise ValueError("method scbert needs a pretrained checkpoint (--pretrained); scbert_nopretrain runs without one")
-            out.append((name, scbert(name, "pretrained", pretrained)))
+            if pretrain_per_split:
+                out.append((name, scbert(name, "pretrain", None)))
+            elif pretrained is None:
+                raise ValueError("method scbert needs a pretrained checkpoint (--pretrained) or --pretrain-per-split; "
+                                 "scbert_nopretrain runs without one")
+            else:
+                out.append((name, scbert(name, "pretrained", pretrained)))
         elif name == "scbert_nopretrain":
             out.append((name, scbert(name, "random", pretrained) if pretrained is not None else scbert(name, "scratch", None)))
         elif name == "scbert_nogene2vec":
-            if pretrained_nogene2vec is not None:
+            if pretrain_per_split:
+                out.append((name, scbert(name, "pretrain", None, gene2vec="none")))
+            elif pretrained_nogene2vec is not None:
                 out.append((name, scbert(name, "pretrained", pretrained_nogene2vec)))
             else:
                 out.append((name, scbert(name, "scratch", None, gene2vec="none")))

@@ -112,7 +112,8 @@ def write_report(out: Path, records: Sequence[dict[str, Any]], y: np.ndarray | N
     table = markdown_table(summary)
     header = (f"# Benchmark: protocol {info.get('protocol')} on {info.get('data')}\n\n"
               "macro f1: averaged over the true types; macro f1 union: over the true and the predicted types (a predicted type no "
-              "test cell has, Unassigned included, counts with F1 0).\n\n")
+              "test cell has, Unassigned included, counts with F1 0).\n\n"
+              + (f"scBERT: {info['encoder']['text']}.\n\n" if info.get("encoder") else ""))
     write_text(out / "results.md", header + table + "\n")
     write_text(out / "per_class_f1.csv", per_class_table(summary))
     write_text(out / "results.json", json.dumps({"info": info, "summary": summary, "runs": list(records)}, indent=1, default=_json_default))

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from data.io import InputError, write_json, write_text
-from model.accuracy.harness import ProtocolSettings, load_labelled, parse_subsample, protocol_splits, run_benchmark
+from data.preprocess import read_prepared
+from model.accuracy.harness import ProtocolSettings, encoder_exposure, load_labelled, parse_subsample, protocol_splits, run_benchmark
 from model.accuracy.methods import PRESETS, method_factories
 from model.accuracy.report import markdown_table, read_label_map, write_report
 from model.checkpoint import CheckpointError, load_checkpoint, load_vocab
@@ -81,8 +82,18 @@ def run(args: argparse.Namespace) -> None:
         overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "patience": args.patience,
                      "weight_decay": args.weight_decay, "select": args.select}
         dropout = PRESETS[args.preset].get("dropout", 0.0) if args.dropout is None else args.dropout
+        corpus = None
+        if args.pretrain_per_split and args.pretrain_corpus:
+            corpus = read_prepared(args.pretrain_corpus, genes, args.min_genes or None, library_size=library_size)[0].X
+            log.info("pretraining corpus: %d unlabelled cells, added to each run's training cells", corpus.shape[0])
         methods = method_factories(args.methods, pre, pre_nog2v, args.preset, overrides, args.train_all, args.device,
-                                   head_only=args.head_only, head_init=args.head_init, dropout=dropout, class_weights=args.class_weights)
+                                   head_only=args.head_only, head_init=args.head_init, dropout=dropout, class_weights=args.class_weights,
+                                   pretrain_per_split=args.pretrain_per_split, pretrain_corpus=corpus,
+                                   pretrain_train={"epochs": args.pretrain_epochs, "batch_size": args.pretrain_batch_size, "lr": args.pretrain_lr})
+        scbert_runs = any(m.startswith("scbert") for m in args.methods)
+        encoder = encoder_exposure(pre, list(args.data), args.pretrain_per_split, args.pretrain_corpus) if scbert_runs else None
+        if encoder and encoder["includes_test_cells"]:
+            log.warning("WARNING: %s", encoder["text"])
         if "celltypist" in args.methods and importlib.util.find_spec("celltypist") is None:
             raise InputError("method celltypist needs the celltypist package: pip install -e '.[bench]' (or leave it out of --methods)")
         log.info("%s: %d cells x %d genes, %d types; %d splits x %d methods", args.protocol, X.shape[0], len(genes), len(set(y)), len(splits), len(methods))
@@ -95,6 +106,8 @@ def run(args: argparse.Namespace) -> None:
             "scbert_finetuning": {"train_all": args.train_all, "head_only": args.head_only, "head_init": args.head_init,
                                   "class_weights": args.class_weights, "dropout": dropout, **{k: v for k, v in overrides.items() if v is not None}},
             "pretrained": args.pretrained, "pretrained_nogene2vec": args.pretrained_nogene2vec, "methods": list(args.methods),
+            "encoder": encoder, "genes_chosen_from": "the given vocabulary" if (args.vocab or pre or pre_nog2v) else
+            f"the {len(genes)} genes of highest variance over all labelled cells (label-free)",
             "labels": y.tolist(),
             "splits": [{"key": s.key, "fingerprint": s.fingerprint(), "n_train": len(s.train), "n_test": len(s.test)} for s in splits]}
         write_json(out / "genes.json", genes)
