@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-key", required=True, help="obs column naming each cell's type (usually the true labels; the scbert_celltype column written by predict.py works too)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--top-k", type=positive_int, default=50, help="top genes per cell type that are listed and tested (default: 50)")
-    p.add_argument("--layer", default="-1", help="attention layer: 0 = first, -1 = last (default), or 'all' (mean over layers)")
+    p.add_argument("--layer", default="all", help="attention layers whose scores are averaged: 'all' (default, as the published analysis), "
+                   "or one layer: 0 = first, -1 = last")
     p.add_argument("--max-cells-per-type", type=int, default=100, help="cells per type scored, drawn at random with --seed; 0 = all cells (default: 100)")
     g = p.add_argument_group("known markers and gene sets")
     g.add_argument("--markers", default="panglaodb",

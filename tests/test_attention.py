@@ -243,6 +243,7 @@ def test_analysis_outputs(tiny_run: dict) -> None:
     assert set(en["gene_set"]) == {"BCELL_SET", "NK_SET"} and len(en) == 6, "TOO_SMALL is not tested"
     m = json.loads((out / "metrics.json").read_text())
     assert m["n_cells_scored"] == {"B": 10, "CD14+ Mono": 10, "NK": 10} and m["n_cells_total"] == 45
+    assert m["layers"] == [0, 1], "by default the mean over all layers, as the published analysis"
     assert (out / "umap.png").stat().st_size > 5000 and (out / "attention_heatmap.png").stat().st_size > 5000
     assert "known markers" in (out / "summary.txt").read_text()
 

@@ -65,7 +65,7 @@ def mean_by_group(X: Any, groups: np.ndarray, names: list[str]) -> np.ndarray:
 
 @dataclass
 class AttentionSettings:
-    layer: Layer = -1  # a layer number (negative from the last), "all", or several
+    layer: Layer = "all"  # "all" (the mean over layers, as published), a layer number (negative from the last), or several
     max_cells_per_type: int = 100  # 0 = all
     top_k: int = 50
     markers: Path | None = None  # marker table (resolve_gene_set_file)
