@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights the model ends with: the best validation epoch (default) or the last epoch (with a fixed --epochs "
                    "and --patience 0: robust when the validation part is small)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy loss (default: 0)")
+    g.add_argument("--reject-rate", type=fraction, default=0.05,
+                   help="novelty calibration: the thresholds stored with the model reject this fraction of the validation cells, i.e. "
+                   "of new cells of known types (default: 0.05); predict.py --threshold auto uses them")
     add_common(p)
     return p
 
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     args = apply_recipe(p.parse_args(argv), "finetune")
     if args.cv is not None and args.cv < 2:
         p.error("--cv needs at least 2 folds")
+    if args.reject_rate <= 0:
+        p.error("--reject-rate must be above 0")
     if args.train_all and args.head_only:
         p.error("--train-all and --head-only exclude each other: choose one")
 

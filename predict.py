@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli.args import add_batch_size, add_bool, add_device, add_log_args, add_precision, add_published_args, add_speed_args, parser
+from model.cli.args import (
+    add_batch_size,
+    add_bool,
+    add_device,
+    add_log_args,
+    add_precision,
+    add_published_args,
+    add_speed_args,
+    fraction,
+    parser,
+    threshold_value,
+)
 
 EXAMPLE = """
 python predict.py --data query.h5ad --model runs/finetune/model.pt --out query_annotated.h5ad --csv query_labels.csv
@@ -15,8 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = parser(
         "Annotate cells (raw counts or log-normalised; every cell kept, in order) with a fine-tuned scBERT model. "
         "The query is aligned to the model's genes (missing genes count as not expressed). Writes a copy of the input "
-        "with obs['scbert_celltype'] ('Unassigned' when the top probability is below --threshold), "
-        "obs['scbert_confidence'], obsm['scbert_probabilities'] (columns: uns['scbert_classes']) and obsm['X_scbert'] "
+        "with obs['scbert_celltype'] ('Unassigned' where the novelty score passes its threshold: by default the one "
+        "calibrated at fine-tuning to reject 5%% of known cells; --threshold 0.5 --novelty softmax is the published rule), "
+        "obs['scbert_celltype_raw'] (the top type), obs['scbert_confidence'], obs['scbert_novelty'], "
+        "obsm['scbert_probabilities'] (columns: uns['scbert_classes']) and obsm['X_scbert'] "
         "(cell embeddings: mean of the final encodings over all genes), and a run record in OUT_run/ (config.json, "
         "log.txt, metrics.json, summary.txt, predictions.png; confusion_matrix.png with --label-key). Gene names are "
         "revised (Ensembl ids mapped; mouse symbols upper-cased, with a warning); NaN or negative values are refused.",
@@ -28,9 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="folder for the run record (default: OUT without .h5ad, plus _run)")
     add_published_args(p)
     p.add_argument("--csv", default=None, help="also write a table: cell, label, confidence, one probability column per type (default: none)")
-    p.add_argument("--threshold", "--unassign_thres", type=float, default=0.5,
-                   help="minimum top probability (0-1) to assign a type; below it a cell is 'Unassigned' (default: 0.5)")
-    add_bool(p, "--novel_type", "--novel-type", default=True, help="published flag: false never reports Unassigned")
+    g = p.add_argument_group("novel cell types (Unassigned)")
+    g.add_argument("--novelty", choices=["auto", "softmax", "energy", "mahalanobis", "knn"], default="auto",
+                   help="the score that makes a cell Unassigned (higher: more novel): softmax = 1 - top probability (published), energy = "
+                   "-logsumexp of the logits, mahalanobis = distance of the head's features to the nearest type, knn = distance of the "
+                   "embedding to the 10th nearest training cell (default: auto = the model's default score, the best measured, with "
+                   "--threshold auto; softmax with a number)")
+    g.add_argument("--threshold", "--unassign_thres", type=threshold_value, default="auto",
+                   help="auto = the threshold calibrated at fine-tuning (models fine-tuned before: the published 0.5), or a number: for "
+                   "softmax the top probability below which a cell is Unassigned (0-1; 0.5 as published), for the others the score "
+                   "above which it is (default: auto)")
+    g.add_argument("--reject-rate", type=fraction, default=None,
+                   help="with --threshold auto: recalibrate for this fraction of known cells rejected (default: the model's, 0.05)")
+    add_bool(g, "--majority-voting", default=False,
+             help="also give each cell the majority label of its over-cluster (obs['scbert_majority_voting'], as CellTypist)")
+    g.add_argument("--over-clustering", default=None,
+                   help="obs column of the over-clustering for --majority-voting (default: Leiden clusters of the scBERT embedding, "
+                   "resolution growing with the number of cells)")
+    add_bool(g, "--novel_type", "--novel-type", default=True, help="published flag: false never reports Unassigned")
     p.add_argument("--label-key", default=None, help="obs column with known labels: prints accuracy and macro-F1, plots a confusion matrix (default: none)")
     add_batch_size(p, 16)
     add_device(p)
@@ -44,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     p = build_parser()
     args = p.parse_args(argv)
-    if not 0.0 <= args.threshold <= 1.0:
-        p.error("--threshold must be between 0 and 1")
+    if args.reject_rate is not None and args.reject_rate <= 0:
+        p.error("--reject-rate must be above 0")
 
     from model.cli.predict import run
 

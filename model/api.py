@@ -63,7 +63,11 @@ def annotate(
     adata: ad.AnnData,
     model: ModelLike,
     *,
-    threshold: float = 0.5,
+    threshold: float | str | None = "auto",
+    novelty: str = "auto",
+    reject_rate: float | None = None,
+    majority_voting: bool = False,
+    over_clustering: str | None = None,
     batch_size: int = 16,
     device: str = "auto",
     precision: str = "fp32",
@@ -73,19 +77,31 @@ def annotate(
     progress: bool = True,
 ) -> ad.AnnData:
     """Annotate cells with a fine-tuned model, writing the keys predict.py writes:
-    ``obs['scbert_celltype']`` (``Unassigned`` below ``threshold``), ``obs['scbert_confidence']``,
+    ``obs['scbert_celltype']`` (``Unassigned`` where the novelty rule rejects the cell),
+    ``obs['scbert_celltype_raw']`` (the top type), ``obs['scbert_confidence']``, ``obs['scbert_novelty']``,
     ``obsm['scbert_probabilities']`` (columns: ``uns['scbert_classes']``), ``obsm['X_scbert']``,
-    ``uns['scbert_threshold']`` and ``uns['scbert_annotation']`` (the preprocessing report, JSON).
+    ``uns['scbert_threshold']``, ``uns['scbert_novelty']`` (the rule) and ``uns['scbert_annotation']``
+    (the preprocessing report, JSON); with ``majority_voting`` also ``obs['scbert_majority_voting']``
+    and ``obs['scbert_over_clustering']`` (``over_clustering``: an obs column, default Leiden clusters).
 
-    Every cell is kept, in order. Modifies ``adata`` in place and returns it (a copy with ``copy``).
+    ``threshold``: ``"auto"`` (calibrated at fine-tuning; the published 0.5 for older models), a
+    number (for ``novelty="softmax"``, the default with a number: the top probability below which a
+    cell is Unassigned, as published), or None (never). ``novelty``: the score (see
+    :mod:`model.novelty`). Every cell is kept, in order. Modifies ``adata`` in place and returns it
+    (a copy with ``copy``).
     """
     _check_adata(adata)
-    if not 0.0 <= threshold <= 1.0:
-        raise InputError(f"threshold must be between 0 and 1, got {threshold}")
     ckpt = load_model(model)
     target = adata.copy() if copy else adata
+    clusters = None
+    if over_clustering is not None:
+        if over_clustering not in adata.obs:
+            raise InputError(f"over_clustering {over_clustering!r} is not a column of the AnnData; available: {list(adata.obs.columns)}")
+        clusters = adata.obs[over_clustering].astype(str).to_numpy()
     result = inference.annotate(target, ckpt, threshold, batch_size, _device(device), ExecutionOptions(precision=precision),
-                                progress=progress, species=species)
+                                progress=progress, species=species, novelty=novelty, reject_rate=reject_rate)
+    if majority_voting or clusters is not None:
+        result.vote(clusters)
     return result.to_adata(target, key_added)
 
 

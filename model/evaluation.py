@@ -41,20 +41,24 @@ def known_truth(truth: pd.Series | np.ndarray | Sequence[Any] | None, n_cells: i
     return ok, col[ok].astype(str).to_numpy()
 
 
-def annotation_report(pred: np.ndarray, conf: np.ndarray, classes: Sequence[str], threshold: float,
-                      truth: pd.Series | np.ndarray | None = None, truth_name: str = "the label column") -> tuple[dict[str, Any], list[str]]:
+def annotation_report(pred: np.ndarray, conf: np.ndarray, classes: Sequence[str], threshold: float | None,
+                      truth: pd.Series | np.ndarray | None = None, truth_name: str = "the label column",
+                      rule: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """Metrics and readable lines about an annotation: counts per predicted type, mean confidence,
-    and with ``truth`` accuracy and macro-F1 on the labelled cells (Unassigned counts as wrong)."""
+    and with ``truth`` accuracy and macro-F1 on the labelled cells (Unassigned counts as wrong).
+    ``rule``: how cells became Unassigned, in words (default: confidence below ``threshold``)."""
     pred = np.asarray(pred).astype(str)
     conf = np.asarray(conf, dtype=float)
     n_un = int((pred == UNASSIGNED).sum())
     types = sorted(set(pred), key=lambda t: (t == UNASSIGNED, t))
     metrics: dict[str, Any] = {
-        "n_cells": int(len(pred)), "n_unassigned": n_un, "threshold": float(threshold),
+        "n_cells": int(len(pred)), "n_unassigned": n_un, "threshold": None if threshold is None else float(threshold),
         "predicted_counts": {t: int((pred == t).sum()) for t in types},
         "mean_confidence": {t: float(conf[pred == t].mean()) for t in types},
     }
-    lines = [f"{len(pred)} cells annotated, {n_un} Unassigned (confidence < {threshold:.2f}); "
+    if rule is None:
+        rule = "never Unassigned" if threshold is None else f"confidence < {threshold:.2f}"
+    lines = [f"{len(pred)} cells annotated, {n_un} Unassigned ({rule}); "
              + ", ".join(f"{t} {c}" for t, c in metrics["predicted_counts"].items())]
     if truth is None:
         return metrics, lines

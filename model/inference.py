@@ -68,6 +68,22 @@ class AnnotationKeys:
     def report(self) -> str:
         return f"{self.key_added}_annotation"  # uns: JSON of the model and the preprocessing report
 
+    @property
+    def celltype_raw(self) -> str:
+        return f"{self.key_added}_celltype_raw"  # obs: the top class, never Unassigned
+
+    @property
+    def novelty(self) -> str:
+        return f"{self.key_added}_novelty"  # obs: the novelty score that decides Unassigned; uns: the rule (score, threshold, reject rate)
+
+    @property
+    def majority_voting(self) -> str:
+        return f"{self.key_added}_majority_voting"  # obs: the majority label of the cell's over-cluster
+
+    @property
+    def over_clustering(self) -> str:
+        return f"{self.key_added}_over_clustering"  # obs: the over-cluster of each cell
+
     def obs(self) -> tuple[str, ...]:
         return self.celltype, self.confidence
 
@@ -78,15 +94,60 @@ class AnnotationKeys:
         return self.classes, self.threshold, self.report
 
 
-def assign_labels(probs: np.ndarray, classes: Sequence[str], threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, confidence) of each cell: the top class, or ``Unassigned`` when its probability
-    (the confidence) is below ``threshold`` (None: never Unassigned)."""
+@dataclass(frozen=True)
+class NoveltyRule:
+    """When a cell is ``Unassigned``: when its novelty ``score`` (see :mod:`model.novelty`) is above
+    ``cutoff`` (None: never). ``reject_rate``: the rate the cutoff was calibrated for (None: set by
+    hand). The published rule is ``NoveltyRule.published(0.5)``: top probability below 0.5."""
+
+    score: str = "softmax"
+    cutoff: float | None = 0.5
+    reject_rate: float | None = None
+
+    @classmethod
+    def published(cls, threshold: float | None = 0.5) -> NoveltyRule:
+        """Unassigned when the top class probability is below ``threshold`` (None: never)."""
+        return cls("softmax", None if threshold is None else 1.0 - float(threshold))
+
+    @property
+    def threshold(self) -> float | None:
+        """The cutoff in the score's own terms: for ``softmax`` the top probability below which a cell
+        is Unassigned, for the others the score above which it is."""
+        if self.cutoff is None:
+            return None
+        return 1.0 - self.cutoff if self.score == "softmax" else self.cutoff
+
+    def describe(self) -> str:
+        if self.cutoff is None:
+            return "never Unassigned"
+        if self.score == "softmax":
+            how = f"confidence < {self.threshold:.2f}"
+        else:
+            how = f"{self.score} novelty > {self.cutoff:.4g}"
+        return how + (f", calibrated to reject {self.reject_rate:.0%} of known cells" if self.reject_rate is not None else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"score": self.score, "threshold": self.threshold, "cutoff": self.cutoff, "reject_rate": self.reject_rate,
+                "calibrated": self.reject_rate is not None}
+
+
+PUBLISHED_RULE = NoveltyRule.published(0.5)
+
+
+def assign_labels(probs: np.ndarray, classes: Sequence[str], rule: NoveltyRule | None = PUBLISHED_RULE,
+                  novelty: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, top labels, confidence) of each cell: the top class, or ``Unassigned`` when its
+    novelty score is above the rule's cutoff. ``novelty``: the rule's score per cell (default, and
+    always for ``softmax``: 1 - the top probability). The one place where cells become Unassigned."""
     classes = np.asarray(classes, dtype=object)
     conf = probs.max(axis=1)
-    labels = classes[probs.argmax(axis=1)].astype(str)
-    if threshold is not None:
-        labels = np.where(conf >= threshold, labels, UNASSIGNED)
-    return labels.astype(str), conf
+    top = classes[probs.argmax(axis=1)].astype(str)
+    labels = top
+    if rule is not None and rule.cutoff is not None:
+        if novelty is None or rule.score == "softmax":
+            novelty = 1.0 - conf.astype(np.float64)
+        labels = np.where(novelty > rule.cutoff, UNASSIGNED, top)
+    return labels.astype(str), top, conf
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,25 +178,37 @@ def run_batches(model: ScBERT, ds: CellDataset, fn: BatchFn, batch_size: int, de
         bar.close()
 
 
-def _probabilities(embed: bool, pooling: str) -> BatchFn:
+def _probabilities(embed: bool, pooling: str, features: bool = False) -> BatchFn:
     def fn(model: ScBERT, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tokens = batch["tokens"]
         h = model.encode(tokens)
-        out = {"probs": torch.softmax(model.to_out(h).float(), dim=-1)}
+        feats = model.to_out.features(h)  # the classifier's penultimate activations; fc3 of them is its output
+        logits = model.to_out.fc3(feats).float()
+        out = {"probs": torch.softmax(logits, dim=-1), "logits": logits}
+        if features:
+            out["features"] = feats.float()
         if embed:
             out["embedding"] = pool_encodings(h, tokens, pooling)
         return out
     return fn
 
 
+def predict_outputs(model: ScBERT, ds: CellDataset, batch_size: int, device: torch.device, embed: bool = False, features: bool = False,
+                    pooling: str = "mean", progress: bool = True, num_workers: int = 0) -> dict[str, np.ndarray]:
+    """Per cell, in dataset order, from one encoder pass per batch: ``probs`` and ``logits``
+    (cells x classes), with ``features`` the classifier's penultimate activations (cells x hidden),
+    with ``embed`` the cell embeddings (cells x dim)."""
+    parts = [out for _, out in run_batches(model, ds, _probabilities(embed, pooling, features), batch_size, device, progress=progress,
+                                           num_workers=num_workers)]
+    return {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]} if parts else {}
+
+
 def predict(model: ScBERT, ds: CellDataset, batch_size: int, device: torch.device, embed: bool = False, pooling: str = "mean",
             progress: bool = True, num_workers: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """Class probabilities (cells x classes) and, with ``embed``, cell embeddings (cells x dim),
     in dataset order, from one encoder pass per batch."""
-    parts = [out for _, out in run_batches(model, ds, _probabilities(embed, pooling), batch_size, device, progress=progress,
-                                           num_workers=num_workers)]
-    probs = torch.cat([p["probs"] for p in parts]).numpy()
-    return probs, (torch.cat([p["embedding"] for p in parts]).numpy() if embed else None)
+    out = predict_outputs(model, ds, batch_size, device, embed, pooling=pooling, progress=progress, num_workers=num_workers)
+    return out["probs"], out.get("embedding")
 
 
 def predict_distributed(model: ScBERT, ds: CellDataset, batch_size: int, device: torch.device, num_workers: int = 0) -> np.ndarray:
@@ -173,24 +246,51 @@ def embed_cells(model: ScBERT, ds: CellDataset, batch_size: int, device: torch.d
 @dataclass
 class AnnotationResult:
     """What annotating cells with a fine-tuned model gives: per cell (in input order) the class
-    probabilities, the label (``Unassigned`` below ``threshold``) and its confidence, and the
-    embedding; plus the model's classes and the preprocessing report."""
+    probabilities, the top label, the label (``Unassigned`` where the novelty ``rule`` rejects the
+    cell), its confidence, its novelty scores and its embedding; plus the model's classes and the
+    preprocessing report. :meth:`vote` adds majority voting over an over-clustering."""
 
     probabilities: np.ndarray  # cells x classes
     classes: list[str]
     embedding: np.ndarray  # cells x dim
-    threshold: float
+    rule: NoveltyRule
     cell_names: list[str]
+    novelty: dict[str, np.ndarray] = field(default_factory=dict)  # every score computed, per cell
     model: str = ""
     preprocessing: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0  # preprocessing and model included
+    over_clustering: np.ndarray | None = None
+    majority_voting: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        self.labels, self.confidence = assign_labels(self.probabilities, self.classes, self.threshold)
+        if self.rule.cutoff is not None and self.rule.score not in self.novelty and self.rule.score != "softmax":
+            raise ValueError(f"the rule's score {self.rule.score!r} was not computed")
+        self.labels, self.labels_raw, self.confidence = assign_labels(self.probabilities, self.classes, self.rule,
+                                                                      self.novelty.get(self.rule.score))
 
     @property
     def n_cells(self) -> int:
         return len(self.cell_names)
+
+    @property
+    def threshold(self) -> float | None:
+        return self.rule.threshold
+
+    @property
+    def novelty_score(self) -> np.ndarray:
+        """The score the rule uses, per cell (1 - confidence for softmax)."""
+        return self.novelty.get(self.rule.score, 1.0 - self.confidence.astype(np.float64))
+
+    def vote(self, clusters: Sequence[Any] | None = None, seed: int = 0) -> AnnotationResult:
+        """Majority voting (CellTypist's): each cell gets the most common label of its cluster,
+        ``clusters`` given, or Leiden over-clusters of the embedding. Returns the result."""
+        from model.majority_voting import majority_vote, over_cluster
+
+        self.over_clustering = np.asarray(clusters).astype(str) if clusters is not None else over_cluster(self.embedding, seed=seed)
+        if len(self.over_clustering) != self.n_cells:
+            raise InputError(f"the over-clustering has {len(self.over_clustering)} entries for {self.n_cells} cells")
+        self.majority_voting = majority_vote(self.labels, self.over_clustering)
+        return self
 
     def to_adata(self, adata: ad.AnnData, key_added: str = "scbert") -> ad.AnnData:
         """Write the annotation into ``adata`` (in place; the same cells, in order) under the keys
@@ -199,36 +299,61 @@ class AnnotationResult:
             raise ValueError(f"the annotation has {self.n_cells} cells, the AnnData {adata.n_obs}")
         keys = AnnotationKeys(key_added)
         adata.obs[keys.celltype] = self.labels
+        adata.obs[keys.celltype_raw] = self.labels_raw
         adata.obs[keys.confidence] = self.confidence.astype(np.float32)
+        adata.obs[keys.novelty] = self.novelty_score.astype(np.float32)
+        if self.majority_voting is not None:
+            adata.obs[keys.over_clustering] = pd.Categorical(self.over_clustering)
+            adata.obs[keys.majority_voting] = self.majority_voting
         adata.obsm[keys.probabilities] = self.probabilities.astype(np.float32)
         adata.obsm[keys.embedding] = self.embedding.astype(np.float32)
         adata.uns[keys.classes] = list(self.classes)
-        adata.uns[keys.threshold] = float(self.threshold)
+        adata.uns[keys.threshold] = float("nan") if self.threshold is None else float(self.threshold)
+        adata.uns[keys.novelty] = json.dumps(self.rule.to_dict())
         adata.uns[keys.report] = json.dumps({"model": self.model, "preprocessing": self.preprocessing}, default=str)
         return adata
 
     def to_table(self, key_added: str = "scbert") -> pd.DataFrame:
-        """One row per cell (index ``cell``): label, confidence, and ``p_<class>`` per class."""
+        """One row per cell (index ``cell``): label, confidence, novelty, top label, majority
+        voting (when done), and ``p_<class>`` per class."""
         keys = AnnotationKeys(key_added)
         index = pd.Index(self.cell_names, name="cell")
-        table = pd.DataFrame({keys.celltype: self.labels, keys.confidence: self.confidence.astype(np.float32)}, index=index)
+        cols: dict[str, Any] = {keys.celltype: self.labels, keys.confidence: self.confidence.astype(np.float32),
+                                keys.novelty: self.novelty_score.astype(np.float32), keys.celltype_raw: self.labels_raw}
+        if self.majority_voting is not None:
+            cols[keys.majority_voting] = self.majority_voting
+        table = pd.DataFrame(cols, index=index)
         probs = pd.DataFrame(self.probabilities.astype(np.float32), index=index, columns=[f"p_{c}" for c in self.classes])
         return pd.concat([table, probs], axis=1)
 
     def report(self, truth: pd.Series | np.ndarray | None = None) -> tuple[dict[str, Any], list[str]]:
         """Metrics and readable lines; with ``truth`` (known labels, missing ones as NaN/None; a
-        Series' name is used in messages) also accuracy and macro-F1 (Unassigned counts as wrong)
-        and the types the model never saw."""
+        Series' name is used in messages) also accuracy and macro-F1 (Unassigned counts as wrong),
+        the types the model never saw, and how majority voting scores."""
         name = f"column {truth.name!r}" if isinstance(truth, pd.Series) and truth.name is not None else "the label column"
-        return annotation_report(self.labels, self.confidence, self.classes, self.threshold, truth, name)
+        metrics, lines = annotation_report(self.labels, self.confidence, self.classes, self.threshold, truth, name, self.rule.describe())
+        metrics["novelty"] = self.rule.to_dict()
+        if self.majority_voting is not None:
+            ok, known = known_truth(truth, self.n_cells)
+            n_clusters = len(set(self.over_clustering))
+            changed = int((self.majority_voting != self.labels).sum())
+            metrics["majority_voting"] = {"n_clusters": n_clusters, "changed": changed}
+            line = f"majority voting over {n_clusters} over-clusters changed {changed} labels"
+            if known is not None:
+                acc = float((self.majority_voting[ok] == known).mean())
+                metrics["majority_voting"]["accuracy"] = acc
+                line += f"; accuracy {acc:.4f}"
+            lines.append(line)
+        return metrics, lines
 
     def to_plots(self, folder: Path, truth: pd.Series | np.ndarray | None = None) -> list[Path]:
-        """predictions.png (cells per type, confidences and the threshold) and, with ``truth``,
+        """predictions.png (cells per type, novelty scores and the cutoff) and, with ``truth``,
         confusion_matrix.png in ``folder``; returns the files written."""
         from model import plots
 
         written = [folder / "predictions.png"]
-        plots.plot_predictions(self.labels, self.confidence, self.threshold, written[0])
+        plots.plot_predictions(self.labels, self.novelty_score if self.rule.score != "softmax" else self.confidence,
+                               self.threshold, written[0], self.rule.score)
         ok, labels = known_truth(truth, self.n_cells)
         if labels is not None:
             metrics = self.report(truth)[0]
@@ -238,10 +363,50 @@ class AnnotationResult:
         return written
 
 
+def novelty_rule(ckpt: Checkpoint, novelty: str = "auto", threshold: float | str | None = "auto",
+                 reject_rate: float | None = None) -> tuple[NoveltyRule, Any]:
+    """The rule that makes cells Unassigned, and the novelty statistics it needs.
+
+    ``threshold``: ``"auto"`` (the cutoff calibrated at the end of fine-tuning, for ``reject_rate``
+    or the rate it was calibrated for), a number (for ``softmax`` the top probability below which
+    a cell is Unassigned, as published; for the others the score above which it is), or None
+    (never). ``novelty``: a score of :data:`model.novelty.SCORES`, or ``"auto"``: the checkpoint's
+    default with ``threshold="auto"``, ``softmax`` with a number. A checkpoint fine-tuned before
+    novelty calibration existed falls back to the published rule (top probability < 0.5)."""
+    from model.novelty import DEFAULT_SCORE, SCORES, read_novelty_record
+
+    stats, cal = read_novelty_record(ckpt.novelty)
+    if novelty != "auto" and novelty not in SCORES:
+        raise InputError(f"--novelty must be auto or one of {SCORES}, got {novelty!r}")
+    if threshold is None:
+        return NoveltyRule(novelty if novelty != "auto" else "softmax", None), stats
+    if threshold == "auto":
+        if cal is None:
+            log.info("%s has no novelty calibration (fine-tuned before it existed): using the published rule, Unassigned when the "
+                     "top probability is below 0.5", ckpt.source or "the model")
+            if novelty not in ("auto", "softmax"):
+                raise InputError(f"--novelty {novelty} needs the calibration that fine-tuning now stores: give a --threshold, or "
+                                 f"fine-tune the model again")
+            return PUBLISHED_RULE, stats
+        score = (ckpt.novelty or {}).get("default", DEFAULT_SCORE) if novelty == "auto" else novelty
+        rate = cal.reject_rate if reject_rate is None else reject_rate
+        return NoveltyRule(score, cal.threshold(score, rate), rate), stats
+    t = float(threshold)
+    score = "softmax" if novelty == "auto" else novelty
+    if score == "softmax":
+        if not 0.0 <= t <= 1.0:
+            raise InputError(f"a softmax threshold is a probability between 0 and 1, got {t}")
+        return NoveltyRule.published(t), stats
+    if stats is None and score in ("mahalanobis", "knn"):
+        raise InputError(f"--novelty {score} needs the training statistics that fine-tuning now stores: fine-tune the model again, "
+                         f"or use --novelty softmax or energy")
+    return NoveltyRule(score, t), stats
+
+
 def annotate(
     adata: ad.AnnData,
     model: str | Path | Checkpoint,
-    threshold: float = 0.5,
+    threshold: float | str | None = "auto",
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     options: ExecutionOptions | None = None,
@@ -249,25 +414,32 @@ def annotate(
     progress: bool = True,
     num_workers: int = 0,
     species: str = "auto",
+    novelty: str = "auto",
+    reject_rate: float | None = None,
 ) -> AnnotationResult:
     """Annotate the cells of ``adata`` (raw counts or log-normalised; every cell kept, in order)
     with a fine-tuned checkpoint: preprocessed as the model's inputs were, aligned to its genes,
-    scored in batches (``options``: precision and speed switches of the network)."""
+    scored in batches (``options``: precision and speed switches of the network), with every
+    novelty score the checkpoint allows computed in the same pass; ``threshold``, ``novelty`` and
+    ``reject_rate`` choose the rule (:func:`novelty_rule`)."""
     import time
+
+    from model.novelty import novelty_scores
 
     ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
     if not ckpt.is_classifier:
         raise InputError(f"{ckpt.source or 'the model'} is a pretrained (not fine-tuned) model: it cannot name cell types; fine-tune it with finetune.py first")
+    rule, stats = novelty_rule(ckpt, novelty, threshold, reject_rate)
     t0 = time.time()
     prepared, rep = ckpt.prepare(adata, what="the query", species=species)
     net = ckpt.build_model(options)
     tune_allocator()
-    probs, emb = predict(net, CellDataset(prepared.X, ckpt.config.bin_num), batch_size, torch.device(device), embed=True,
-                         pooling=pooling, progress=progress, num_workers=num_workers)
-    assert emb is not None
-    return AnnotationResult(probabilities=probs, classes=list(ckpt.classes or []), embedding=emb, threshold=float(threshold),
-                            cell_names=list(map(str, adata.obs_names)), model=ckpt.source, preprocessing=rep.to_dict(),
-                            seconds=time.time() - t0)
+    out = predict_outputs(net, CellDataset(prepared.X, ckpt.config.bin_num), batch_size, torch.device(device), embed=True,
+                          features=stats is not None, pooling=pooling, progress=progress, num_workers=num_workers)
+    scores = novelty_scores(out["probs"], out["logits"], out.get("features"), out["embedding"], stats)
+    return AnnotationResult(probabilities=out["probs"], classes=list(ckpt.classes or []), embedding=out["embedding"], rule=rule,
+                            cell_names=list(map(str, adata.obs_names)), novelty=scores, model=ckpt.source,
+                            preprocessing=rep.to_dict(), seconds=time.time() - t0)
 
 
 def embed(adata: ad.AnnData, model: str | Path | Checkpoint, pooling: str = "mean", batch_size: int = 16,

@@ -67,8 +67,9 @@ def plot_history(history: list[dict[str, float]], keys: Sequence[str], path: Pat
     plt.close(fig)
 
 
-def plot_predictions(pred: np.ndarray, conf: np.ndarray, threshold: float, path: Path) -> None:
-    """Cells per predicted type, and the distribution of confidences with the threshold, as a PNG."""
+def plot_predictions(pred: np.ndarray, values: np.ndarray, threshold: float | None, path: Path, score: str = "softmax") -> None:
+    """Cells per predicted type, and the distribution of the values that decide Unassigned (the
+    confidence for the softmax rule, else the novelty score) with the threshold, as a PNG."""
     plt = _pyplot()
 
     types = sorted(set(pred), key=lambda t: (t == UNASSIGNED, t))
@@ -77,12 +78,16 @@ def plot_predictions(pred: np.ndarray, conf: np.ndarray, threshold: float, path:
     axes[0].set_xlabel("cells")
     axes[0].set_title("predicted cell types", fontsize=10)
     axes[0].tick_params(axis="y", labelsize=8)
-    axes[1].hist(conf, bins=np.linspace(0, 1, 41), color="tab:gray")
-    axes[1].axvline(threshold, color="tab:red", ls="--", label=f"threshold {threshold:.2f}")
-    axes[1].set_xlabel("confidence (top class probability)")
+    softmax = score == "softmax"
+    finite = values[np.isfinite(values)]
+    bins = np.linspace(0, 1, 41) if softmax else 40
+    axes[1].hist(finite, bins=bins, color="tab:gray")
+    if threshold is not None and np.isfinite(threshold):
+        axes[1].axvline(threshold, color="tab:red", ls="--", label=f"threshold {threshold:.3g}")
+        axes[1].legend(fontsize=8)
+    axes[1].set_xlabel("confidence (top class probability)" if softmax else f"{score} novelty score (higher: more novel)")
     axes[1].set_ylabel("cells")
-    axes[1].legend(fontsize=8)
-    axes[1].set_title("confidence", fontsize=10)
+    axes[1].set_title("confidence" if softmax else "novelty", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

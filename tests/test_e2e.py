@@ -30,7 +30,7 @@ def runs(pbmc_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     finetune.main(["--data", str(prep), "--label-key", "celltype", "--pretrained", str(d / "pre" / "model.pt"),
                    "--out", str(d / "ft"), "--epochs", "3", *FAST])
     predict.main(["--data", str(pbmc_small), "--model", str(d / "ft" / "model.pt"), "--out", str(d / "pred.h5ad"),
-                  "--csv", str(d / "pred.csv"), "--label-key", "celltype", "--quiet"])
+                  "--csv", str(d / "pred.csv"), "--label-key", "celltype", "--threshold", "0.5", "--novelty", "softmax", "--quiet"])
     return {"dir": d, "prep": prep, "raw": pbmc_small}
 
 
@@ -67,6 +67,7 @@ def test_finetune_outputs(runs: dict[str, Path]) -> None:
 
 
 def test_predict_outputs(runs: dict[str, Path]) -> None:
+    """The published rule, one flag away: Unassigned exactly when the top probability is below 0.5."""
     raw = ad.read_h5ad(runs["raw"])
     pred = ad.read_h5ad(runs["dir"] / "pred.h5ad")
     assert list(pred.obs_names) == list(raw.obs_names), "every cell kept, in order"

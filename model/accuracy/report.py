@@ -14,7 +14,7 @@ import numpy as np
 from data.io import InputError, write_text
 from model.accuracy.protocols import Split
 from model.evaluation import UNASSIGNED, classification_metrics
-from model.inference import assign_labels
+from model.inference import NoveltyRule, assign_labels
 from model.plots import plot_confusion
 
 
@@ -27,7 +27,7 @@ def evaluate(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], thre
     from sklearn.metrics import roc_auc_score
 
     y_true = np.asarray(y_true).astype(str)
-    pred, conf = assign_labels(probs, classes, threshold)
+    pred, _, conf = assign_labels(probs, classes, None if threshold is None else NoveltyRule.published(threshold))
     known = np.isin(y_true, np.asarray(classes, dtype=str))
     m = classification_metrics(y_true[known], pred[known]) if known.any() else {"n_cells": 0, "accuracy": float("nan"), "macro_f1": float("nan"), "macro_f1_union": float("nan"), "per_class": {}}
     m["n_unseen_type"] = int((~known).sum())

@@ -13,6 +13,10 @@ A checkpoint is a plain dict of tensors, strings and numbers::
                     ("all": over all input genes; "vocab": over the vocabulary genes, as published)
     training        the training settings (see below)
     metrics         what the run measured (validation accuracy, masked accuracy, ...)
+    novelty         fine-tuned models: what the novelty scores need (class means and shared precision of
+                    the head's penultimate features, reference embeddings of up to 5,000 training
+                    cells) and the thresholds calibrated on validation cells, with their scores
+                    (see model/novelty.py); absent in checkpoints fine-tuned before it existed
 
 ``training`` is a plain dict of what produced the weights: ``stage`` (``pretrain``, ``finetune`` or
 ``converted``) and, for our runs, ``data`` (the input files), ``optimisation`` (epochs, batch
@@ -61,6 +65,7 @@ class Checkpoint:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    novelty: dict[str, Any] | None = None  # model.novelty.novelty_record: training statistics and calibrated thresholds
 
     @property
     def is_classifier(self) -> bool:
@@ -115,6 +120,7 @@ def save_checkpoint(
     preprocessing: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    novelty: dict[str, Any] | None = None,
 ) -> None:
     """Save ``model`` with everything needed to use it later; ``training``: the settings that
     produced it (see the module docstring)."""
@@ -133,6 +139,8 @@ def save_checkpoint(
         "training": _plain(training or {}),
         "metrics": _plain(metrics or {}),
     }
+    if novelty is not None:
+        payload["novelty"] = novelty  # tensors and numbers (model.novelty.novelty_record)
     atomic_torch_save(payload, path)
 
 
@@ -186,6 +194,7 @@ def from_payload(obj: Any, path: Path) -> Checkpoint:
             training=obj.get("training") or obj.get("train_args") or {},  # train_args: written before "training" existed
             metrics=obj.get("metrics") or {},
             source=str(path),
+            novelty=obj.get("novelty"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is a damaged scBERT checkpoint: {e}") from None

@@ -47,6 +47,16 @@ def fraction(value: str) -> float:
     return x
 
 
+def threshold_value(value: str) -> str | float:
+    """``auto`` or a number."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number, got {value!r}") from None
+
+
 def parser(description: str, example: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         description=description,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from data.io import atomic_path, check_writable, read_cells, record_dir, write_h5ad_atomic, write_json
+from data.io import InputError, atomic_path, check_writable, read_cells, record_dir, write_h5ad_atomic, write_json
 from data.labels import label_column
 from model.checkpoint import load_checkpoint
 from model.cli.args import execution_options, published_names
@@ -24,9 +24,17 @@ def run(args: argparse.Namespace) -> None:
         ckpt = load_checkpoint(args.model, **published_names(args))
         adata = read_cells(args.data)
         truth = label_column(adata, args.label_key, args.data) if args.label_key else None
-        threshold = 0.0 if args.novel_type is False else args.threshold
+        threshold = None if args.novel_type is False else args.threshold
         result = annotate(adata, ckpt, threshold, args.batch_size, resolve_device(args.device), execution_options(args),
-                          progress=not args.quiet, num_workers=args.num_workers)
+                          progress=not args.quiet, num_workers=args.num_workers, novelty=args.novelty, reject_rate=args.reject_rate)
+        if args.majority_voting:
+            clusters = None
+            if args.over_clustering:
+                if args.over_clustering not in adata.obs:
+                    raise InputError(f"--over-clustering {args.over_clustering!r} is not a column of {args.data}; available columns: "
+                                     f"{list(adata.obs.columns)}")
+                clusters = adata.obs[args.over_clustering].astype(str).to_numpy()
+            result.vote(clusters)
         metrics, lines = result.report(truth)
         result.to_plots(run_dir, truth)
         lines.insert(0, f"annotated {result.n_cells} cells in {result.seconds:.1f} s ({result.n_cells / max(result.seconds, 1e-9):.1f} cells/s)")

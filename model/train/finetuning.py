@@ -114,6 +114,7 @@ class FinetuningSettings:
     train_all: bool = False
     head_only: bool = False
     head_init: str = "expression"
+    reject_rate: float = 0.05  # novelty thresholds reject this fraction of the validation cells (known types)
     recipe: str = "ours"
     train: TrainConfig = field(default_factory=TrainConfig)
     options: ExecutionOptions = field(default_factory=ExecutionOptions)
@@ -209,7 +210,7 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
         splits = [(fit_idx, val_idx, None)]
 
     folds: list[FoldResult] = []
-    kept, kept_state, kept_score = -1, None, -1.0
+    kept, kept_state, kept_score, kept_split = -1, None, -1.0, splits[0][:2]
     for k, (tr, va, te) in enumerate(splits):
         if pretrained is None:  # gene2vec sees only the cells the model is fitted on
             mode, vectors, g2v = gene_embedding(s.gene2vec, s.gene2vec_genes, genes, X[tr], s.size.dim, s.train.seed, progress)
@@ -244,6 +245,7 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
         score = best["val_accuracy"] if s.cv else m["accuracy"]
         if kept < 0 or score > kept_score:
             kept, kept_score, kept_state = k, score, {k2: v.detach().clone() for k2, v in model.state_dict().items()}
+            kept_split = (tr, va)
         where = "test" if te is not None else "validation"
         log.info("%s: accuracy %.4f, macro-F1 %.4f on %d %s cells", name, m["accuracy"], m["macro_f1"], len(scored), where)
 
@@ -258,7 +260,31 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
                        what=CV_METRICS_MEANING)
     else:
         metrics.update(folds[0].metrics, what=SPLIT_METRICS_MEANING)
+    novelty = None
+    if main:
+        novelty = calibrate_novelty(model, X, y, *kept_split, len(classes), s.reject_rate, s.train.seed, cfg.batch_size, device)
+        cal = novelty["calibration"]
+        metrics["novelty"] = {"reject_rate": cal["reject_rate"], "n_calibration_cells": cal["n_cells"], "thresholds": cal["thresholds"],
+                              "what": "novelty thresholds: each rejects at most reject_rate of new cells of known types (split-conformal "
+                                      "quantile of the scores of the validation cells, which did not train the model)"}
     if main and out is not None:
         summary = {"accuracy": folds[kept].metrics["accuracy"], "macro_f1": folds[kept].metrics["macro_f1"], "cv": s.cv}
-        save_checkpoint(out / "model.pt", model, genes, classes, s.preprocessing, record, summary)
+        save_checkpoint(out / "model.pt", model, genes, classes, s.preprocessing, record, summary, novelty=novelty)
     return FinetuningResult(model, classes, folds, kept, metrics, s.cv)
+
+
+def calibrate_novelty(model: ScBERT, X: sparse.csr_matrix, y: np.ndarray, train: np.ndarray, val: np.ndarray, n_classes: int,
+                      reject_rate: float, seed: int, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """The checkpoint's ``novelty`` record: statistics of (up to MAX_REFERENCE_CELLS, seeded) training
+    cells, and the thresholds of every score calibrated on the validation cells ``val``."""
+    from model.inference import predict_outputs
+    from model.novelty import MAX_REFERENCE_CELLS, NoveltyStats, calibrate, novelty_record, novelty_scores
+
+    if len(train) > MAX_REFERENCE_CELLS:
+        train = np.sort(np.random.default_rng(seed).choice(train, MAX_REFERENCE_CELLS, replace=False))
+    bins = model.config.bin_num
+    ref = predict_outputs(model, CellDataset(X[train], bins), batch_size, device, embed=True, features=True, progress=False)
+    stats = NoveltyStats.fit(ref["features"], ref["embedding"], y[train], n_classes, seed)
+    cal = predict_outputs(model, CellDataset(X[val], bins), batch_size, device, embed=True, features=True, progress=False)
+    scores = novelty_scores(cal["probs"], cal["logits"], cal["features"], cal["embedding"], stats)
+    return novelty_record(stats, calibrate(scores, reject_rate, seed))

@@ -1,0 +1,214 @@
+"""Novelty scores (is this cell of a type the model was not trained on?) and their calibration.
+
+Four scores, higher = more novel, all computed from what one forward pass gives (logits, the
+classifier's penultimate features, the cell embedding):
+
+- ``softmax``: 1 - the top class probability (the published rule is ``softmax`` > 0.5);
+- ``energy``: -logsumexp of the logits (Liu et al. 2020);
+- ``mahalanobis``: the smallest squared Mahalanobis distance of the penultimate head features to a
+  class mean, with one covariance shared by the classes, shrunk (Ledoit-Wolf) (Lee et al. 2018);
+- ``knn``: the Euclidean distance of the cell embedding to its k-th nearest training cell (Sun et
+  al. 2022), on L2-normalised embeddings.
+
+:class:`NoveltyStats` holds what the last two need from the training cells (at most
+``MAX_REFERENCE_CELLS`` of them, a seeded sample). :func:`calibrate` sets, on cells of known
+types that did not train the model (validation cells), the threshold of each score above which a
+cell is rejected: the split-conformal quantile, so that at most ``reject_rate`` of new cells of
+known types are rejected (for exchangeable cells; Vovk et al. 2005, Angelopoulos & Bates 2021).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SCORES = ("softmax", "energy", "mahalanobis", "knn")
+MAX_REFERENCE_CELLS = 5000  # training cells kept for the kNN score and the class statistics (seeded sample)
+MAX_CALIBRATION_CELLS = 10000  # validation scores kept, so that predict.py can use another reject rate
+KNN_K = 10
+# The score predict.py uses by default: the one with the highest mean AUROC (known vs held-out
+# type) in the leave-one-type-out benchmark of RESULTS.md.
+DEFAULT_SCORE = "knn"
+
+
+def logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=1, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def softmax_score(probs: np.ndarray) -> np.ndarray:
+    """1 - the top class probability, in float64 (the published rule rejects above 0.5)."""
+    return 1.0 - probs.max(axis=1).astype(np.float64)
+
+
+def energy_score(logits: np.ndarray) -> np.ndarray:
+    return -logsumexp(logits.astype(np.float64))
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class NoveltyStats:
+    """What the ``mahalanobis`` and ``knn`` scores need from the training cells."""
+
+    class_means: np.ndarray  # classes x features (penultimate head features)
+    precision: np.ndarray  # features x features: inverse of the shared, shrunk covariance
+    reference: np.ndarray  # cells x dim: L2-normalised embeddings of (up to MAX_REFERENCE_CELLS) training cells
+    k: int = KNN_K
+    _index: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def fit(cls, features: np.ndarray, embeddings: np.ndarray, labels: np.ndarray, n_classes: int, seed: int = 0,
+            max_cells: int = MAX_REFERENCE_CELLS, k: int = KNN_K) -> NoveltyStats:
+        """From the training cells' features, embeddings and class ids (0..n_classes-1)."""
+        from sklearn.covariance import LedoitWolf
+
+        labels = np.asarray(labels)
+        if len(labels) > max_cells:
+            keep = np.sort(np.random.default_rng(seed).choice(len(labels), max_cells, replace=False))
+            features, embeddings, labels = features[keep], embeddings[keep], labels[keep]
+        f = features.astype(np.float64)
+        means = np.zeros((n_classes, f.shape[1]))
+        for c in range(n_classes):
+            rows = labels == c
+            means[c] = f[rows].mean(axis=0) if rows.any() else np.nan
+        centred = f - means[labels]
+        precision = LedoitWolf(assume_centered=True).fit(centred).precision_
+        return cls(means, precision, _normalise(embeddings).astype(np.float32), min(k, len(labels)))
+
+    def mahalanobis(self, features: np.ndarray) -> np.ndarray:
+        f = features.astype(np.float64)
+        best = np.full(len(f), np.inf)
+        for mean in self.class_means:
+            if np.isnan(mean).any():
+                continue
+            d = f - mean
+            best = np.minimum(best, np.einsum("ij,jk,ik->i", d, self.precision, d))
+        return best
+
+    def knn(self, embeddings: np.ndarray) -> np.ndarray:
+        from sklearn.neighbors import NearestNeighbors
+
+        if self._index is None:
+            self._index = NearestNeighbors(n_neighbors=self.k).fit(self.reference)
+        dist, _ = self._index.kneighbors(_normalise(embeddings).astype(np.float32), n_neighbors=self.k)
+        return dist[:, -1].astype(np.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        import torch
+
+        return {"class_means": torch.from_numpy(self.class_means), "precision": torch.from_numpy(self.precision),
+                "reference": torch.from_numpy(self.reference), "k": int(self.k)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> NoveltyStats:
+        def arr(x: Any) -> np.ndarray:
+            return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+
+        return cls(arr(d["class_means"]), arr(d["precision"]), arr(d["reference"]), int(d["k"]))
+
+
+def novelty_scores(probs: np.ndarray, logits: np.ndarray, features: np.ndarray | None = None, embeddings: np.ndarray | None = None,
+                   stats: NoveltyStats | None = None) -> dict[str, np.ndarray]:
+    """Every score that the inputs allow: ``softmax`` and ``energy`` always, ``mahalanobis`` and
+    ``knn`` with ``stats`` (and the features / embeddings)."""
+    out = {"softmax": softmax_score(probs), "energy": energy_score(logits)}
+    if stats is not None and features is not None:
+        out["mahalanobis"] = stats.mahalanobis(features)
+    if stats is not None and embeddings is not None:
+        out["knn"] = stats.knn(embeddings)
+    return out
+
+
+def conformal_threshold(scores: np.ndarray, reject_rate: float) -> float:
+    """The split-conformal threshold: the ceil((n + 1)(1 - reject_rate))-th smallest of the ``n``
+    calibration ``scores``; a new cell of a known type has a score above it with probability at
+    most ``reject_rate``. Infinite (reject nothing) when n is too small for that rate."""
+    if not 0.0 < reject_rate < 1.0:
+        raise ValueError(f"reject_rate must be in (0, 1), got {reject_rate}")
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    rank = math.ceil((len(s) + 1) * (1.0 - reject_rate))
+    return math.inf if rank > len(s) else float(s[rank - 1])
+
+
+@dataclass
+class Calibration:
+    """Thresholds of each score, set on ``n`` calibration cells for ``reject_rate``, and the
+    calibration scores themselves (for another rate later)."""
+
+    reject_rate: float
+    thresholds: dict[str, float]
+    scores: dict[str, np.ndarray]
+
+    @property
+    def n(self) -> int:
+        return len(next(iter(self.scores.values())))
+
+    def threshold(self, score: str, reject_rate: float | None = None) -> float:
+        if reject_rate is None or reject_rate == self.reject_rate:
+            return self.thresholds[score]
+        return conformal_threshold(self.scores[score], reject_rate)
+
+
+def calibrate(scores: Mapping[str, np.ndarray], reject_rate: float = 0.05, seed: int = 0,
+              max_cells: int = MAX_CALIBRATION_CELLS) -> Calibration:
+    """Thresholds for ``reject_rate`` from the scores of calibration cells (known types, not
+    trained on)."""
+    kept = {k: np.asarray(v, dtype=np.float64) for k, v in scores.items()}
+    n = len(next(iter(kept.values())))
+    if n > max_cells:
+        rows = np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False))
+        kept = {k: v[rows] for k, v in kept.items()}
+    return Calibration(reject_rate, {k: conformal_threshold(v, reject_rate) for k, v in kept.items()}, kept)
+
+
+def novelty_record(stats: NoveltyStats | None, calibration: Calibration | None) -> dict[str, Any]:
+    """What a checkpoint stores (its ``novelty`` entry): plain tensors and numbers."""
+    import torch
+
+    out: dict[str, Any] = {"scores": list(SCORES), "default": DEFAULT_SCORE}
+    if stats is not None:
+        out["stats"] = stats.to_dict()
+    if calibration is not None:
+        out["calibration"] = {"reject_rate": calibration.reject_rate, "n_cells": calibration.n,
+                              "thresholds": {k: (v if math.isfinite(v) else "inf") for k, v in calibration.thresholds.items()},
+                              "scores": {k: torch.from_numpy(v) for k, v in calibration.scores.items()}}
+    return out
+
+
+def read_novelty_record(record: Mapping[str, Any] | None) -> tuple[NoveltyStats | None, Calibration | None]:
+    """The stats and calibration of a checkpoint's ``novelty`` entry (None where absent)."""
+    if not record:
+        return None, None
+    stats = NoveltyStats.from_dict(record["stats"]) if record.get("stats") else None
+    cal = None
+    if record.get("calibration"):
+        c = record["calibration"]
+        scores = {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)).astype(np.float64) for k, v in c["scores"].items()}
+        thresholds = {k: math.inf if v == "inf" else float(v) for k, v in c["thresholds"].items()}
+        cal = Calibration(float(c["reject_rate"]), thresholds, scores)
+    return stats, cal
+
+
+def auroc(known: np.ndarray, novel: np.ndarray) -> float:
+    """Probability that a novel cell scores above a known one (ties half)."""
+    from sklearn.metrics import roc_auc_score
+
+    if not len(known) or not len(novel):
+        return float("nan")
+    return float(roc_auc_score(np.r_[np.zeros(len(known)), np.ones(len(novel))], np.r_[known, novel]))
+
+
+def fpr_at_tpr(known: np.ndarray, novel: np.ndarray, tpr: float = 0.95) -> float:
+    """Fraction of known cells rejected by the threshold that rejects ``tpr`` of the novel cells."""
+    if not len(known) or not len(novel):
+        return float("nan")
+    cut = np.quantile(novel, 1.0 - tpr)
+    return float((known >= cut).mean())
