@@ -1,0 +1,164 @@
+"""Novelty scores against direct numpy computations, the conformal calibration, the checkpoint
+record, majority voting, the published rule unchanged, and the old-checkpoint fallback."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+import finetune
+import predict
+import preprocess
+import pretrain
+from model.checkpoint import load_checkpoint
+from model.inference import PUBLISHED_RULE, NoveltyRule, annotate, assign_labels, novelty_rule
+from model.majority_voting import majority_vote, over_clustering_resolution
+from model.novelty import NoveltyStats, calibrate, conformal_threshold, fpr_at_tpr, novelty_scores, read_novelty_record
+
+from .conftest import TINY_MODEL
+
+LEGACY = Path(__file__).parent / "fixtures" / "legacy_v1"
+
+
+def _toy(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(3), 40)
+    features = rng.normal(size=(120, 6)) + 3 * labels[:, None]
+    embeddings = rng.normal(size=(120, 5)) + labels[:, None]
+    logits = rng.normal(size=(120, 3)) * 2
+    return labels, features, embeddings, logits
+
+
+def test_scores_against_direct_computations() -> None:
+    labels, features, embeddings, logits = _toy()
+    stats = NoveltyStats.fit(features, embeddings, labels, 3, k=4)
+    q_logits, q_feat, q_emb = logits[:7] + 1, features[:7] + 0.5, embeddings[:7] * 1.3
+    probs = np.exp(q_logits) / np.exp(q_logits).sum(1, keepdims=True)
+    s = novelty_scores(probs, q_logits, q_feat, q_emb, stats)
+    np.testing.assert_allclose(s["softmax"], 1 - probs.max(1))
+    np.testing.assert_allclose(s["energy"], -np.log(np.exp(q_logits).sum(1)))
+    # Mahalanobis: shared covariance of the class-centred features, Ledoit-Wolf shrunk
+    from sklearn.covariance import ledoit_wolf
+
+    means = np.stack([features[labels == c].mean(0) for c in range(3)])
+    cov, _ = ledoit_wolf(features - means[labels], assume_centered=True)
+    prec = np.linalg.inv(cov)
+    direct = np.min([np.einsum("ij,jk,ik->i", q_feat - m, prec, q_feat - m) for m in means], axis=0)
+    np.testing.assert_allclose(s["mahalanobis"], direct, rtol=1e-6)
+    # kNN: distance to the 4th nearest training cell, on unit-length embeddings
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    d = np.linalg.norm(unit(q_emb)[:, None] - unit(embeddings)[None], axis=2)
+    np.testing.assert_allclose(s["knn"], np.sort(d, axis=1)[:, 3], rtol=1e-5)
+
+
+def test_conformal_threshold_rejects_at_most_the_rate() -> None:
+    scores = np.arange(100, dtype=float)
+    t = conformal_threshold(scores, 0.05)
+    assert t == 95.0  # the ceil(101 x 0.95) = 96th smallest score
+    assert (scores > t).mean() == 0.04 <= 0.05
+    assert conformal_threshold(scores[:10], 0.05) == np.inf  # too few cells for 5%: reject nothing
+    rng = np.random.default_rng(1)
+    cal, new = rng.normal(size=2000), rng.normal(size=200_000)
+    assert abs((new > conformal_threshold(cal, 0.1)).mean() - 0.1) < 0.02  # new cells of known types: ~the rate
+    with pytest.raises(ValueError):
+        conformal_threshold(scores, 0.0)
+
+
+def test_record_round_trip_and_rule() -> None:
+    labels, features, embeddings, logits = _toy()
+    stats = NoveltyStats.fit(features, embeddings, labels, 3)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    cal = calibrate(novelty_scores(probs, logits, features, embeddings, stats), 0.1)
+    from model.novelty import novelty_record
+
+    s2, c2 = read_novelty_record(novelty_record(stats, cal))
+    np.testing.assert_array_equal(s2.precision, stats.precision)
+    np.testing.assert_array_equal(s2.reference, stats.reference)
+    assert c2.thresholds == cal.thresholds and c2.reject_rate == 0.1
+    assert c2.threshold("knn", 0.5) < c2.threshold("knn")  # another rate from the stored scores
+    assert fpr_at_tpr(np.zeros(10), np.ones(10)) == 0.0
+
+
+def test_published_rule_unchanged() -> None:
+    probs = np.array([[0.5, 0.5], [0.49, 0.51], [0.6, 0.4], [0.2, 0.8]], dtype=np.float32)
+    labels, top, conf = assign_labels(probs, ["a", "b"], PUBLISHED_RULE)
+    assert labels.tolist() == ["a", "b", "a", "b"] and top.tolist() == labels.tolist()
+    labels, _, _ = assign_labels(probs, ["a", "b"], NoveltyRule.published(0.55))
+    assert labels.tolist() == ["Unassigned", "Unassigned", "a", "b"]
+    assert (labels == "Unassigned").tolist() == (conf < 0.55).tolist()
+    assert assign_labels(probs, ["a", "b"], None)[0].tolist() == ["a", "b", "a", "b"]
+
+
+def test_majority_voting_on_a_toy_clustering() -> None:
+    labels = ["T", "T", "B", "T", "B", "B", "NK"]
+    clusters = [0, 0, 0, 0, 1, 1, 1]
+    assert majority_vote(labels, clusters).tolist() == ["T", "T", "T", "T", "B", "B", "B"]
+    assert over_clustering_resolution(3000) == 5 and over_clustering_resolution(50_000) == 20 and over_clustering_resolution(10**6) == 30
+
+
+def test_old_checkpoints_fall_back_to_the_published_rule(caplog: pytest.LogCaptureFixture) -> None:
+    ckpt = load_checkpoint(LEGACY / "classifier.pt")
+    with caplog.at_level(logging.INFO, logger="scbert"):
+        rule, stats = novelty_rule(ckpt)
+    assert rule == PUBLISHED_RULE and stats is None and "published rule" in caplog.text
+    result = annotate(ad.read_h5ad(LEGACY / "query.h5ad"), ckpt, progress=False)
+    assert set(result.novelty) == {"softmax", "energy"}
+    assert ((result.labels == "Unassigned") == (result.confidence < 0.5)).all()
+    with pytest.raises(ValueError, match="fine-tune the model again"):
+        novelty_rule(ckpt, "knn", 1.0)
+
+
+@pytest.fixture(scope="module")
+def calibrated(pbmc_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("novelty")
+    preprocess.main(["--data", str(pbmc_small), "--out", str(d / "prep.h5ad"), "--n-top-genes", "200", "--quiet"])
+    pretrain.main(["--data", str(d / "prep.h5ad"), "--out", str(d / "pre"), *TINY_MODEL, "--epochs", "1", "--batch-size", "16", "--quiet"])
+    finetune.main(["--data", str(d / "prep.h5ad"), "--label-key", "celltype", "--pretrained", str(d / "pre" / "model.pt"),
+                   "--out", str(d / "ft"), "--epochs", "2", "--batch-size", "16", "--reject-rate", "0.1", "--quiet"])
+    return d
+
+
+def test_fine_tuning_stores_a_calibration_that_rejects_the_rate(calibrated: Path) -> None:
+    from data.dataset import CellDataset
+    from model.inference import predict_outputs
+
+    ckpt = load_checkpoint(calibrated / "ft" / "model.pt")
+    stats, cal = read_novelty_record(ckpt.novelty)
+    assert stats is not None and cal.reject_rate == 0.1 and cal.n == 48  # the 48 validation cells
+    m = json.loads((calibrated / "ft" / "metrics.json").read_text())
+    assert m["novelty"]["reject_rate"] == 0.1 and set(m["novelty"]["thresholds"]) == {"softmax", "energy", "mahalanobis", "knn"}
+    for score, values in cal.scores.items():
+        assert (values > cal.thresholds[score]).mean() <= 0.1, score
+    # the stored scores are those of the model: recomputed on the validation cells
+    prep = ad.read_h5ad(calibrated / "prep.h5ad")
+    y = prep.obs["celltype"].astype(str).to_numpy()
+    from data.labels import stratified_holdout
+
+    _, val = stratified_holdout(np.array([ckpt.classes.index(c) for c in y]), 0.2, 0)
+    out = predict_outputs(ckpt.build_model(), CellDataset(prep.X[val], 5), 16, torch.device("cpu"), embed=True, features=True, progress=False)
+    again = novelty_scores(out["probs"], out["logits"], out["features"], out["embedding"], stats)
+    np.testing.assert_allclose(np.sort(again["knn"]), np.sort(cal.scores["knn"]), rtol=1e-4)
+
+
+def test_predict_uses_the_calibration_and_writes_the_keys(calibrated: Path, pbmc_small: Path) -> None:
+    out = calibrated / "pred.h5ad"
+    predict.main(["--data", str(pbmc_small), "--model", str(calibrated / "ft" / "model.pt"), "--out", str(out), "--quiet",
+                  "--novelty", "mahalanobis", "--majority-voting", "--csv", str(calibrated / "pred.csv")])
+    a = ad.read_h5ad(out)
+    rule = json.loads(a.uns["scbert_novelty"])
+    assert rule["score"] == "mahalanobis" and rule["calibrated"] and rule["reject_rate"] == 0.1
+    rejected = a.obs["scbert_novelty"].to_numpy() > rule["cutoff"]
+    assert ((a.obs["scbert_celltype"] == "Unassigned").to_numpy() == rejected).all()
+    assert (a.obs["scbert_celltype_raw"] != "Unassigned").all()
+    assert {"scbert_majority_voting", "scbert_over_clustering"} <= set(a.obs.columns)
+    published = calibrated / "pub.h5ad"
+    predict.main(["--data", str(pbmc_small), "--model", str(calibrated / "ft" / "model.pt"), "--out", str(published), "--quiet",
+                  "--threshold", "0.5", "--novelty", "softmax"])
+    b = ad.read_h5ad(published)
+    assert ((b.obs["scbert_celltype"] == "Unassigned") == (b.obs["scbert_confidence"] < 0.5)).all()
