@@ -23,6 +23,7 @@ python scripts/accuracy_benchmark.py --data data/pbmc3k_labeled.h5ad --label-key
 python scripts/accuracy_benchmark.py --data data/pancreas_baron_subset.h5ad --label-key celltype --protocol cross \\
     --split-key species --train-values human --test-values mouse --out runs/cross
 # hold out a type; imbalance; few-shot
+python scripts/accuracy_benchmark.py ... --protocol novel                 # leave-one-type-out, every novelty score
 python scripts/accuracy_benchmark.py ... --protocol novel --hold-out "NK" --threshold 0.5
 python scripts/accuracy_benchmark.py ... --protocol imbalance --subsample "CD14+ Mono=10" "B=10"
 python scripts/accuracy_benchmark.py ... --protocol fewshot --fractions 0.1 0.25 0.5 0.75
@@ -80,8 +81,12 @@ def build_parser():
     g.add_argument("--train-values", nargs="+", default=[], help="cross: values of --split-key to train on")
     g.add_argument("--test-values", nargs="+", default=[], help="cross: values of --split-key to test on")
     g.add_argument("--label-map", default=None, help="two columns (label in the data, label to use) when datasets name types differently")
-    g.add_argument("--hold-out", nargs="+", default=None, help="novel: cell types left out of training")
-    g.add_argument("--threshold", type=float, default=0.5, help="novel: cells whose top score is below this are Unassigned (default: 0.5, as published)")
+    g.add_argument("--hold-out", nargs="+", default=None,
+                   help="novel: cell types left out of training (default: leave-one-type-out, each type with >= 20 cells in turn)")
+    g.add_argument("--threshold", type=float, default=0.5,
+                   help="novel: the published rule, a row of its own: Unassigned below this top probability (default: 0.5, as published)")
+    g.add_argument("--reject-rate", type=float, default=0.05,
+                   help="novel: each novelty score's threshold rejects this fraction of calibration cells of known types (default: 0.05)")
     g.add_argument("--subsample", nargs="+", default=None, help="imbalance: TYPE=N, training cells of TYPE subsampled to N")
     g.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75], help="fewshot: fractions of each training fold")
     g = p.add_argument_group("run")

@@ -236,3 +236,28 @@ def test_encoder_exposure_names_a_checkpoint_pretrained_on_the_evaluation_data(t
     assert encoder_exposure(seen, ["data/pbmc3k_labeled.h5ad"], False)["includes_test_cells"] is True
     assert encoder_exposure(seen, ["data/pancreas.h5ad"], False)["includes_test_cells"] is False
     assert encoder_exposure(Checkpoint(cfg, ["a", "b", "c"], {}, source="old.pt"), ["d.h5ad"], False)["includes_test_cells"] is None
+
+
+def test_leave_one_type_out_with_calibrated_novelty_scores(tmp_path: Path) -> None:
+    """Without --hold-out the novel protocol holds out each type with >= 20 cells in turn; every
+    method gets one row per novelty score (thresholds calibrated on the same calibration cells) and
+    a row for the published rule; results.md adds the mean over the held-out types."""
+    from scripts.accuracy_benchmark import main
+
+    data = toy_h5ad(tmp_path / "toy.h5ad", n_per=30)
+    out = tmp_path / "loto"
+    main(["--data", str(data), "--label-key", "celltype", "--min-genes", "0", "--n-genes", "20", "--quiet", "--protocol", "novel",
+          "--folds", "2", "--methods", "logreg_l2", "centroid_corr", "scbert_nopretrain", "--epochs", "1", "--batch-size", "8", "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert {r["variant"] for r in res["runs"]} == {"novel=alpha", "novel=beta", "novel=gamma"}
+    methods = {r["method"] for r in res["runs"]}
+    assert {"logreg_l2 [softmax]", "logreg_l2 [energy]", "logreg_l2 [mahalanobis]", "logreg_l2 [knn]", "centroid_corr [softmax]",
+            "scbert_nopretrain [knn]", "scbert_nopretrain [mahalanobis]"} <= methods
+    assert any(m.startswith("logreg_l2 [published") for m in methods)
+    splits = {(r["variant"], r["fold"]): r["n_train"] for r in res["runs"]}
+    assert all(r["n_train"] == splits[(r["variant"], r["fold"])] for r in res["runs"]), "every method fits the same cells"
+    for r in res["runs"]:
+        assert 0 <= r["auroc_known_vs_novel"] <= 1 and 0 <= r["fpr_at_95_tpr"] <= 1
+    maha = [r for r in res["runs"] if r["method"] == "logreg_l2 [mahalanobis]"]
+    assert np.mean([r["auroc_known_vs_novel"] for r in maha]) > 0.9  # three well-separated types
+    assert "mean over the 3 held-out types" in (out / "results.md").read_text()

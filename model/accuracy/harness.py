@@ -3,6 +3,7 @@ every method fitted and scored on every split."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ from data.io import InputError
 from data.labels import label_column
 from data.preprocess import MIN_GENES, read_prepared
 from model.accuracy.protocols import Split, cross_splits, cv_splits, fewshot_splits, imbalance_splits, novel_splits, select_genes
-from model.accuracy.report import evaluate
+from model.accuracy.report import evaluate, evaluate_novelty
 
 log = logging.getLogger("scbert")
 
@@ -51,8 +52,10 @@ class ProtocolSettings:
     split_key: str | None = None  # cross within one file
     train_values: list[str] = field(default_factory=list)
     test_values: list[str] = field(default_factory=list)
-    hold_out: list[str] | None = None  # novel
-    threshold: float = 0.5  # novel
+    hold_out: list[str] | None = None  # novel: these types; None: each type with min_novel_cells or more in turn
+    min_novel_cells: int = 20
+    threshold: float = 0.5  # novel: the published rule's threshold (a row of its own)
+    reject_rate: float = 0.05  # novel: the calibrated thresholds reject this fraction of the calibration cells
     subsample: dict[str, int] = field(default_factory=dict)  # imbalance: type -> training cells
     fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75])  # fewshot
 
@@ -98,9 +101,13 @@ def protocol_splits(p: ProtocolSettings, adata: Any, y: np.ndarray, genes: Seque
     if p.protocol == "cv":
         return X, y, cv_splits(y, p.folds, p.seeds)
     if p.protocol == "novel":
-        if not p.hold_out:
-            raise InputError("the novel protocol needs --hold-out TYPE [TYPE ...]: the cell types to leave out of training")
-        return X, y, novel_splits(y, p.hold_out, p.folds, p.seeds)
+        if p.hold_out:
+            return X, y, novel_splits(y, p.hold_out, p.folds, p.seeds)
+        names, counts = np.unique(y, return_counts=True)
+        types = [str(t) for t, n in zip(names, counts) if n >= p.min_novel_cells]
+        if len(types) < 2:
+            raise InputError(f"leave-one-type-out needs at least 2 cell types with {p.min_novel_cells} or more cells; give --hold-out TYPE")
+        return X, y, [s for t in types for s in novel_splits(y, [t], p.folds, p.seeds)]
     if p.protocol == "imbalance":
         if not p.subsample:
             raise InputError("the imbalance protocol needs --subsample TYPE=N [TYPE=N ...]")
@@ -108,6 +115,13 @@ def protocol_splits(p: ProtocolSettings, adata: Any, y: np.ndarray, genes: Seque
     if p.protocol == "fewshot":
         return X, y, fewshot_splits(y, p.fractions, p.folds, p.seeds)
     raise InputError(f"unknown protocol {p.protocol!r}: cv, cross, novel, imbalance or fewshot")
+
+
+def _novelty(method: Any, X: sparse.csr_matrix, probs: np.ndarray) -> dict[str, np.ndarray]:
+    """The novelty scores a method gives (at least softmax: 1 - its top probability)."""
+    if hasattr(method, "novelty_scores"):
+        return method.novelty_scores(X)
+    return {"softmax": 1.0 - probs.max(axis=1).astype(np.float64)}
 
 
 def run_benchmark(
@@ -118,30 +132,56 @@ def run_benchmark(
     methods: Sequence[tuple[str, Callable[[int], Any]]],
     threshold: float | None = None,
     progress: bool = True,
+    reject_rate: float | None = None,
 ) -> list[dict[str, Any]]:
     """Fit each method (``(name, factory(seed))``) on every split and score it; one record per
-    (split, method), with the test predictions."""
+    (split, method), with the test predictions. With ``reject_rate`` (the novel protocol) each
+    split's training part first gives up a tenth of its cells per type for calibration (the same
+    cells for every method; scBERT stops early on them too), and there is one record per novelty
+    score of the method, thresholded to reject ``reject_rate`` of the calibration cells (split-
+    conformal), plus the published rule (top probability below ``threshold``)."""
     from tqdm.auto import tqdm
+
+    from data.labels import holdout_per_class
+    from model.novelty import conformal_threshold
 
     X = sparse.csr_matrix(X)
     y = np.asarray(y).astype(str)
     records = []
     bar = tqdm(total=len(splits) * len(methods), desc="benchmark", unit="run", disable=not progress)
     for split in splits:
+        fit_idx, cal_idx = split.train, None
+        if reject_rate is not None:
+            kept, held = holdout_per_class(y[split.train], 0.1, split.seed)
+            fit_idx, cal_idx = split.train[kept], split.train[held]
         for name, factory in methods:
             bar.set_postfix_str(f"{name} {split.key}")
             method = factory(split.seed)
             t0 = time.time()
-            method.fit(X[split.train], y[split.train], genes)
+            if cal_idx is not None and "val" in inspect.signature(method.fit).parameters:
+                method.fit(X[fit_idx], y[fit_idx], genes, val=(X[cal_idx], y[cal_idx]))
+            else:
+                method.fit(X[fit_idx], y[fit_idx], genes)
             probs = method.predict_proba(X[split.test])
+            base = {"protocol": split.protocol, "variant": split.variant, "seed": split.seed, "fold": split.fold,
+                    "split": split.fingerprint(), "n_train": len(fit_idx), "n_test": len(split.test), "test_index": split.test.tolist()}
+            if cal_idx is None:
+                results = [(name, evaluate(y[split.test], probs, method.classes_, threshold))]
+            else:
+                test_scores = _novelty(method, X[split.test], probs)
+                cal_scores = _novelty(method, X[cal_idx], method.predict_proba(X[cal_idx]))
+                results = [(f"{name} [published: top probability < {threshold:g}]",
+                            evaluate_novelty(y[split.test], probs, method.classes_, "softmax", test_scores["softmax"], 1.0 - threshold))]
+                for score, values in test_scores.items():
+                    cutoff = conformal_threshold(cal_scores[score], reject_rate)
+                    results.append((f"{name} [{score}]", evaluate_novelty(y[split.test], probs, method.classes_, score, values, cutoff)))
             seconds = time.time() - t0
-            m = evaluate(y[split.test], probs, method.classes_, threshold)
-            rec = {"method": name, "protocol": split.protocol, "variant": split.variant, "seed": split.seed, "fold": split.fold,
-                   "split": split.fingerprint(), "n_train": len(split.train), "n_test": len(split.test),
-                   "seconds": round(seconds, 2), "test_index": split.test.tolist(), **m}
-            if getattr(method, "pretraining_", None):
-                rec["pretraining"] = method.pretraining_
-            records.append(rec)
+            for label, m in results:
+                rec = {"method": label, **base, "seconds": round(seconds, 2), **m}
+                if getattr(method, "pretraining_", None):
+                    rec["pretraining"] = method.pretraining_
+                records.append(rec)
+            m = results[-1][1] if cal_idx is None else results[0][1]
             log.info("%s %s: accuracy %.4f, macro-F1 %.4f (%.1f s)", name, split.key, m["accuracy"], m["macro_f1"], seconds)
             bar.update()
     bar.close()

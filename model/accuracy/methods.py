@@ -40,12 +40,39 @@ class Method(Protocol):
     def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray: ...
 
 
+class InputSpaceNovelty:
+    """Novelty scores for a classifier on the expression matrix itself: softmax and energy of its
+    logits (``decision_function``), Mahalanobis and kNN in a PCA of its training cells (the
+    scores :mod:`model.novelty` gives scBERT, in the baseline's own input space)."""
+
+    n_pcs = 50
+
+    def _fit_novelty(self, X: sparse.csr_matrix, codes: np.ndarray) -> None:
+        from sklearn.decomposition import PCA
+
+        from model.novelty import NoveltyStats
+
+        dense = np.asarray(X.todense()) if sparse.issparse(X) else np.asarray(X)
+        self.pca_ = PCA(n_components=min(self.n_pcs, dense.shape[0] - 1, dense.shape[1]), random_state=0).fit(dense)
+        z = self.pca_.transform(dense)
+        self.stats_ = NoveltyStats.fit(z, z, codes, len(self.classes_))
+
+    def novelty_scores(self, X: sparse.csr_matrix) -> dict[str, np.ndarray]:
+        from model.novelty import novelty_scores
+
+        dense = np.asarray(X.todense()) if sparse.issparse(X) else np.asarray(X)
+        z = self.pca_.transform(dense)
+        logits = self.model.decision_function(X)
+        logits = logits[:, None] if logits.ndim == 1 else logits
+        return novelty_scores(self.predict_proba(X), logits, z, z, self.stats_)
+
+
 def _classes(y: np.ndarray) -> tuple[list[str], np.ndarray]:
     classes = sorted(set(map(str, y)))
     return classes, np.searchsorted(np.asarray(classes, dtype=object), np.asarray(y, dtype=object))
 
 
-class LogisticL1:
+class LogisticL1(InputSpaceNovelty):
     """L1 logistic regression (one-vs-rest, liblinear) with C chosen by stratified inner CV on the
     training cells, as in the published baseline that matched scBERT on Zheng68K."""
 
@@ -72,12 +99,13 @@ class LogisticL1:
         else:  # a type with one cell cannot be cross-validated: use the middle of the grid
             self.C_ = float(self.Cs[len(self.Cs) // 2])
             self.model = base.set_params(estimator__C=self.C_).fit(X, codes)
+        self._fit_novelty(X, codes)
 
     def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
         return self.model.predict_proba(X)
 
 
-class LogisticL2:
+class LogisticL2(InputSpaceNovelty):
     """Multinomial L2 logistic regression at C = 1 (lbfgs)."""
 
     def __init__(self, C: float = 1.0, seed: int = 0, name: str = "logreg_l2") -> None:
@@ -88,6 +116,7 @@ class LogisticL2:
 
         self.classes_, codes = _classes(y)
         self.model = LogisticRegression(C=self.C, max_iter=2000, random_state=self.seed).fit(X, codes)
+        self._fit_novelty(X, codes)
 
     def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
         return self.model.predict_proba(X)
@@ -245,20 +274,44 @@ class ScBERTMethod:
             return new_classifier(config, n_classes, self.dropout, gene_vectors=vectors, options=self.options)
         raise ValueError(f"unknown init {self.init!r}: pretrained, random or scratch")
 
-    def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str]) -> None:
+    def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str],
+            val: tuple[sparse.csr_matrix, np.ndarray] | None = None) -> None:
+        """Fine-tune on ``X``, ``y``; early stopping on ``val`` (cells and labels) when given (the
+        novel protocol's calibration cells), else on a ``val_frac`` of the cells, per type."""
         self.classes_, codes = _classes(y)
+        if val is not None:
+            X_val, codes_val = val[0], np.searchsorted(np.asarray(self.classes_, dtype=object), np.asarray(val[1], dtype=object))
+            X, X_all, codes_all = X, sparse.vstack([sparse.csr_matrix(X), sparse.csr_matrix(X_val)], format="csr"), np.r_[codes, codes_val]
         if self.init == "pretrain":  # pretrained on all of this run's training cells, labels unseen
             set_seed(self.train.seed)
             self.checkpoint = self._pretrain(genes, X)
         set_seed(self.train.seed)
-        # every type with 2 or more cells on both sides, a type with one cell in the training part; no cell on both
-        tr, va = holdout_per_class(codes, self.val_frac, self.train.seed)
+        if val is None:
+            # every type with 2 or more cells on both sides, a type with one cell in the training part; no cell on both
+            tr, va = holdout_per_class(codes, self.val_frac, self.train.seed)
+        else:
+            tr, va = np.arange(len(codes)), np.arange(len(codes), len(codes_all))
+            X, codes = X_all, codes_all
         self.split_ = (tr, va)
         self.model = self._build(len(self.classes_), genes, X[tr])
         bin_num = self.model.config.bin_num
         weights = balanced_class_weights(codes[tr], len(self.classes_)) if self.class_weights else None
         _, self.history = finetune(self.model, CellDataset(X[tr], bin_num, codes[tr]), CellDataset(X[va], bin_num, codes[va]),
                                    self.train, torch.device(self.device), weights, desc=self.name, head_init=self.head_init)
+        from model.novelty import read_novelty_record
+        from model.train.finetuning import calibrate_novelty
+
+        record = calibrate_novelty(self.model, X, codes, tr, va, len(self.classes_), 0.05, self.train.seed, self.train.batch_size,
+                                   torch.device(self.device))
+        self.stats_, _ = read_novelty_record(record)
+
+    def novelty_scores(self, X: sparse.csr_matrix) -> dict[str, np.ndarray]:
+        from model.inference import predict_outputs
+        from model.novelty import novelty_scores
+
+        out = predict_outputs(self.model, CellDataset(X, self.model.config.bin_num), self.train.batch_size, torch.device(self.device),
+                              embed=True, features=True, progress=False)
+        return novelty_scores(out["probs"], out["logits"], out["features"], out["embedding"], self.stats_)
 
     def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
         probs, _ = predict(self.model, CellDataset(X, self.model.config.bin_num), self.train.batch_size, torch.device(self.device),

@@ -40,7 +40,31 @@ def evaluate(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], thre
     return m
 
 
-SUMMARY_KEYS = ("accuracy", "macro_f1", "macro_f1_union", "known_accuracy", "known_unassigned", "novel_unassigned", "auroc_known_vs_novel")
+def evaluate_novelty(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], score: str, novelty: np.ndarray,
+                     cutoff: float) -> dict[str, Any]:
+    """Metrics of one run of the novel protocol for one novelty score: cells whose ``novelty`` is
+    above ``cutoff`` are Unassigned. Known cells: accuracy (Unassigned counts as wrong), accuracy
+    without rejection, the fraction wrongly rejected; novel cells: the fraction rejected (recall);
+    both: the AUROC of the score (novel vs known) and the fraction of known cells rejected at the
+    cutoff that rejects 95% of the novel ones."""
+    from model.novelty import auroc, fpr_at_tpr
+
+    y_true = np.asarray(y_true).astype(str)
+    pred, top, _ = assign_labels(probs, classes, NoveltyRule(score, cutoff), novelty)
+    known = np.isin(y_true, np.asarray(classes, dtype=str))
+    m = classification_metrics(y_true[known], pred[known]) if known.any() else {"n_cells": 0, "accuracy": float("nan"), "macro_f1": float("nan"), "macro_f1_union": float("nan"), "per_class": {}}
+    rejected = pred == UNASSIGNED
+    m.update(n_unseen_type=int((~known).sum()), known_accuracy=m["accuracy"], threshold=cutoff,
+             accuracy_no_rejection=float((top[known] == y_true[known]).mean()) if known.any() else float("nan"),
+             known_unassigned=float(rejected[known].mean()) if known.any() else float("nan"),
+             novel_unassigned=float(rejected[~known].mean()) if (~known).any() else float("nan"),
+             auroc_known_vs_novel=auroc(novelty[known], novelty[~known]), fpr_at_95_tpr=fpr_at_tpr(novelty[known], novelty[~known]),
+             y_pred=pred.tolist())
+    return m
+
+
+SUMMARY_KEYS = ("accuracy", "macro_f1", "macro_f1_union", "known_accuracy", "accuracy_no_rejection", "known_unassigned", "novel_unassigned",
+                "auroc_known_vs_novel", "fpr_at_95_tpr")
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -83,6 +107,24 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def mean_over_variants(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For leave-one-type-out (several ``novel=TYPE`` variants): per method the mean over the
+    held-out types of each metric's mean (sd: across the types)."""
+    novel = [r for r in summary if str(r["variant"]).startswith("novel=")]
+    if len({r["variant"] for r in novel}) < 2:
+        return []
+    out = []
+    for method in dict.fromkeys(r["method"] for r in novel):
+        rows = [r for r in novel if r["method"] == method]
+        row: dict[str, Any] = {"variant": f"mean over the {len(rows)} held-out types", "method": method, "n_runs": len(rows),
+                               "seconds": round(float(np.mean([r["seconds"] for r in rows])), 1), "per_class_f1": {}}
+        for k in SUMMARY_KEYS:
+            if k in rows[0]:
+                row[k], row[k + "_sd"] = _mean_sd([r[k] for r in rows])
+        out.append(row)
+    return out
+
+
 def per_class_table(summary: Sequence[dict[str, Any]]) -> str:
     """Per-class F1 (mean over runs) as CSV: one row per (variant, method)."""
     classes = sorted({c for r in summary for c in r["per_class_f1"]})
@@ -109,7 +151,7 @@ def write_report(out: Path, records: Sequence[dict[str, Any]], y: np.ndarray | N
     check_same_splits(records)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(records)
-    table = markdown_table(summary)
+    table = markdown_table(summary + mean_over_variants(summary))
     header = (f"# Benchmark: protocol {info.get('protocol')} on {info.get('data')}\n\n"
               "macro f1: averaged over the true types; macro f1 union: over the true and the predicted types (a predicted type no "
               "test cell has, Unassigned included, counts with F1 0).\n\n"

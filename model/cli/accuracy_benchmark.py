@@ -98,11 +98,13 @@ def run(args: argparse.Namespace) -> None:
             raise InputError("method celltypist needs the celltypist package: pip install -e '.[bench]' (or leave it out of --methods)")
         log.info("%s: %d cells x %d genes, %d types; %d splits x %d methods", args.protocol, X.shape[0], len(genes), len(set(y)), len(splits), len(methods))
         threshold = args.threshold if args.protocol == "novel" else None
-        records = run_benchmark(X, y, genes, splits, methods, threshold, progress=not args.quiet)
+        records = run_benchmark(X, y, genes, splits, methods, threshold, progress=not args.quiet,
+                                reject_rate=args.reject_rate if args.protocol == "novel" else None)
         info: dict[str, Any] = {
             "protocol": args.protocol, "data": [str(p) for p in args.data] + [str(p) for p in (args.test_data or [])],
             "label_key": args.label_key, "n_cells": int(X.shape[0]), "n_genes": len(genes), "seeds": protocol.seeds,
             "folds": args.folds, "threshold": threshold, "preset": args.preset,
+            "reject_rate": args.reject_rate if args.protocol == "novel" else None,
             "scbert_finetuning": {"train_all": args.train_all, "head_only": args.head_only, "head_init": args.head_init,
                                   "class_weights": args.class_weights, "dropout": dropout, **{k: v for k, v in overrides.items() if v is not None}},
             "pretrained": args.pretrained, "pretrained_nogene2vec": args.pretrained_nogene2vec, "methods": list(args.methods),
