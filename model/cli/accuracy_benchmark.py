@@ -35,6 +35,7 @@ def merge(args: argparse.Namespace) -> None:
         fail(f"cannot read the results to merge: {e}")
     records = [r for res in results for r in res["runs"]]
     info = {**results[0]["info"], "merged_from": [str(d) for d in args.merge]}
+    info["encoder"] = next((r["info"]["encoder"] for r in results if r["info"].get("encoder")), None)  # the scBERT part's
     labels = results[0]["info"].get("labels")
     try:
         summary = write_report(out, records, np.asarray(labels) if labels else None, info)
