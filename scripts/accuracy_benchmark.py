@@ -85,6 +85,9 @@ def build_parser():
                    help="novel: cell types left out of training (default: leave-one-type-out, each type with >= 20 cells in turn)")
     g.add_argument("--threshold", type=float, default=0.5,
                    help="novel: the published rule, a row of its own: Unassigned below this top probability (default: 0.5, as published)")
+    add_bool(g, "--majority-voting", default=False,
+             help="also score each method's predictions after majority voting within Leiden over-clusters of the test cells "
+             "(scBERT: its embedding; logistic regression: its PCA), as '<method> [majority voting]' (not with novel)")
     g.add_argument("--reject-rate", type=float, default=0.05,
                    help="novel: each novelty score's threshold rejects this fraction of calibration cells of known types (default: 0.05)")
     g.add_argument("--subsample", nargs="+", default=None, help="imbalance: TYPE=N, training cells of TYPE subsampled to N")

@@ -261,3 +261,14 @@ def test_leave_one_type_out_with_calibrated_novelty_scores(tmp_path: Path) -> No
     maha = [r for r in res["runs"] if r["method"] == "logreg_l2 [mahalanobis]"]
     assert np.mean([r["auroc_known_vs_novel"] for r in maha]) > 0.9  # three well-separated types
     assert "mean over the 3 held-out types" in (out / "results.md").read_text()
+
+
+def test_majority_voting_rows(tmp_path: Path) -> None:
+    from scripts.accuracy_benchmark import main
+
+    data = toy_h5ad(tmp_path / "toy.h5ad", n_per=30)
+    out = tmp_path / "mv"
+    main(["--data", str(data), "--label-key", "celltype", "--min-genes", "0", "--n-genes", "20", "--quiet", "--folds", "2",
+          "--methods", "logreg_l2", "centroid_corr", "--majority-voting", "--out", str(out)])
+    methods = {r["method"] for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert methods == {"logreg_l2", "logreg_l2 [majority voting]", "centroid_corr"}

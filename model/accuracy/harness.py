@@ -133,13 +133,16 @@ def run_benchmark(
     threshold: float | None = None,
     progress: bool = True,
     reject_rate: float | None = None,
+    majority_voting: bool = False,
 ) -> list[dict[str, Any]]:
     """Fit each method (``(name, factory(seed))``) on every split and score it; one record per
     (split, method), with the test predictions. With ``reject_rate`` (the novel protocol) each
     split's training part first gives up a tenth of its cells per type for calibration (the same
     cells for every method; scBERT stops early on them too), and there is one record per novelty
     score of the method, thresholded to reject ``reject_rate`` of the calibration cells (split-
-    conformal), plus the published rule (top probability below ``threshold``)."""
+    conformal), plus the published rule (top probability below ``threshold``). With
+    ``majority_voting``, methods with an ``embedding`` also get a ``[majority voting]`` record: the
+    test cells' predictions voted within Leiden over-clusters of their embeddings."""
     from tqdm.auto import tqdm
 
     from data.labels import holdout_per_class
@@ -167,6 +170,13 @@ def run_benchmark(
                     "split": split.fingerprint(), "n_train": len(fit_idx), "n_test": len(split.test), "test_index": split.test.tolist()}
             if cal_idx is None:
                 results = [(name, evaluate(y[split.test], probs, method.classes_, threshold))]
+                if majority_voting and hasattr(method, "embedding"):
+                    from model.majority_voting import majority_vote, over_cluster
+
+                    clusters = over_cluster(method.embedding(X[split.test]), seed=split.seed)
+                    voted = majority_vote(np.asarray(method.classes_)[probs.argmax(1)], clusters)
+                    onehot = (voted[:, None] == np.asarray(method.classes_)[None]).astype(float)
+                    results.append((f"{name} [majority voting]", evaluate(y[split.test], onehot, method.classes_, threshold)))
             else:
                 test_scores = _novelty(method, X[split.test], probs)
                 cal_scores = _novelty(method, X[cal_idx], method.predict_proba(X[cal_idx]))

@@ -57,6 +57,10 @@ class InputSpaceNovelty:
         z = self.pca_.transform(dense)
         self.stats_ = NoveltyStats.fit(z, z, codes, len(self.classes_))
 
+    def embedding(self, X: sparse.csr_matrix) -> np.ndarray:
+        """The cells in the PCA of the training cells (for majority voting's over-clustering)."""
+        return self.pca_.transform(np.asarray(X.todense()) if sparse.issparse(X) else np.asarray(X))
+
     def novelty_scores(self, X: sparse.csr_matrix) -> dict[str, np.ndarray]:
         from model.novelty import novelty_scores
 
@@ -304,6 +308,13 @@ class ScBERTMethod:
         record = calibrate_novelty(self.model, X, codes, tr, va, len(self.classes_), 0.05, self.train.seed, self.train.batch_size,
                                    torch.device(self.device))
         self.stats_, _ = read_novelty_record(record)
+
+    def embedding(self, X: sparse.csr_matrix) -> np.ndarray:
+        """The scBERT cell embeddings (for majority voting's over-clustering)."""
+        from model.inference import embed_cells
+
+        return embed_cells(self.model, CellDataset(X, self.model.config.bin_num), self.train.batch_size, torch.device(self.device),
+                           progress=False)
 
     def novelty_scores(self, X: sparse.csr_matrix) -> dict[str, np.ndarray]:
         from model.inference import predict_outputs

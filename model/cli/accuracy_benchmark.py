@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> None:
         log.info("%s: %d cells x %d genes, %d types; %d splits x %d methods", args.protocol, X.shape[0], len(genes), len(set(y)), len(splits), len(methods))
         threshold = args.threshold if args.protocol == "novel" else None
         records = run_benchmark(X, y, genes, splits, methods, threshold, progress=not args.quiet,
-                                reject_rate=args.reject_rate if args.protocol == "novel" else None)
+                                reject_rate=args.reject_rate if args.protocol == "novel" else None, majority_voting=args.majority_voting)
         info: dict[str, Any] = {
             "protocol": args.protocol, "data": [str(p) for p in args.data] + [str(p) for p in (args.test_data or [])],
             "label_key": args.label_key, "n_cells": int(X.shape[0]), "n_genes": len(genes), "seeds": protocol.seeds,
