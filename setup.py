@@ -31,6 +31,7 @@ setup(
             "scbert-finetune=finetune:main",
             "scbert-predict=predict:main",
             "scbert-attention=attn_analysis:main",
+            "scbert-info=model.cli.info:main",
         ]
     },
 )

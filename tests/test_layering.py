@@ -9,8 +9,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("data", "model")
-# `python -m model.convert` must stay where users call it: a command entry point, not library code.
-ENTRY_POINTS = {"model.convert"}
+# `python -m model.convert` and `python -m model.info` must stay where users call them: a command entry point, not library code.
+ENTRY_POINTS = {"model.convert", "model.info"}
 
 
 def _modules() -> dict[str, Path]:

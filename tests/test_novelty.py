@@ -162,3 +162,21 @@ def test_predict_uses_the_calibration_and_writes_the_keys(calibrated: Path, pbmc
                   "--threshold", "0.5", "--novelty", "softmax"])
     b = ad.read_h5ad(published)
     assert ((b.obs["scbert_celltype"] == "Unassigned") == (b.obs["scbert_confidence"] < 0.5)).all()
+
+
+def test_checkpoint_card(calibrated: Path, capsys: pytest.CaptureFixture) -> None:
+    """python -m model.info: what a checkpoint holds, as text and JSON."""
+    from model.cli.info import main as info_main
+
+    assert info_main([str(calibrated / "ft" / "model.pt")]) == 0
+    text = capsys.readouterr().out
+    assert "fine-tuned classifier, this package" in text and "B (60 cells)" in text
+    assert "novelty: default score" in text and "rejecting 10% of 48 validation cells" in text and "git commit" in text
+    assert info_main([str(calibrated / "ft" / "model.pt"), "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["model"]["genes"] == 200 and card["recipe"] == "ours" and card["training"]["stage"] == "finetune"
+    assert {c["name"] for c in card["classes"]} == {"B", "CD14+ Mono", "NK", "Naive CD4 T"} and all(c["training_cells"] for c in card["classes"])
+    assert card["provenance"]["package"] == "scbert-pytorch"
+    assert info_main([str(LEGACY / "classifier.pt")]) == 0
+    assert "no calibration" in capsys.readouterr().out
+    assert info_main([str(calibrated / "missing.pt")]) == 2

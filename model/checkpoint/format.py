@@ -17,6 +17,7 @@ A checkpoint is a plain dict of tensors, strings and numbers::
                     the head's penultimate features, reference embeddings of up to 5,000 training
                     cells) and the thresholds calibrated on validation cells, with their scores
                     (see model/novelty.py); absent in checkpoints fine-tuned before it existed
+    provenance      the package version and git commit that wrote the file
 
 ``training`` is a plain dict of what produced the weights: ``stage`` (``pretrain``, ``finetune`` or
 ``converted``) and, for our runs, ``data`` (the input files), ``optimisation`` (epochs, batch
@@ -66,6 +67,7 @@ class Checkpoint:
     metrics: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     novelty: dict[str, Any] | None = None  # model.novelty.novelty_record: training statistics and calibrated thresholds
+    provenance: dict[str, Any] = field(default_factory=dict)  # package version and git commit that wrote it
 
     @property
     def is_classifier(self) -> bool:
@@ -106,6 +108,23 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
+def provenance() -> dict[str, Any]:
+    """What wrote a checkpoint: this package's version and git commit (None when unknown)."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("scbert-pytorch")
+    except PackageNotFoundError:
+        pkg = None
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5)
+        commit = out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"package": "scbert-pytorch", "version": pkg, "git_commit": commit}
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, synced, then renamed: a crash leaves no partial file."""
     with atomic_write(path, "wb", fsync=True) as f:
@@ -141,6 +160,7 @@ def save_checkpoint(
     }
     if novelty is not None:
         payload["novelty"] = novelty  # tensors and numbers (model.novelty.novelty_record)
+    payload["provenance"] = provenance()
     atomic_torch_save(payload, path)
 
 
@@ -195,6 +215,7 @@ def from_payload(obj: Any, path: Path) -> Checkpoint:
             metrics=obj.get("metrics") or {},
             source=str(path),
             novelty=obj.get("novelty"),
+            provenance=obj.get("provenance") or {},
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is a damaged scBERT checkpoint: {e}") from None

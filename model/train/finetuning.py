@@ -268,7 +268,8 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
                               "what": "novelty thresholds: each rejects at most reject_rate of new cells of known types (split-conformal "
                                       "quantile of the scores of the validation cells, which did not train the model)"}
     if main and out is not None:
-        summary = {"accuracy": folds[kept].metrics["accuracy"], "macro_f1": folds[kept].metrics["macro_f1"], "cv": s.cv}
+        summary = {"accuracy": folds[kept].metrics["accuracy"], "macro_f1": folds[kept].metrics["macro_f1"], "cv": s.cv,
+                   "class_counts": metrics["class_counts"]}
         save_checkpoint(out / "model.pt", model, genes, classes, s.preprocessing, record, summary, novelty=novelty)
     return FinetuningResult(model, classes, folds, kept, metrics, s.cv)
 
