@@ -104,8 +104,13 @@ def test_majority_voting_on_a_toy_clustering() -> None:
 
 def test_old_checkpoints_fall_back_to_the_published_rule(caplog: pytest.LogCaptureFixture) -> None:
     ckpt = load_checkpoint(LEGACY / "classifier.pt")
-    with caplog.at_level(logging.INFO, logger="scbert"):
-        rule, stats = novelty_rule(ckpt)
+    log = logging.getLogger("scbert")  # the stages' logger does not propagate: listen on it directly
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="scbert"):
+            rule, stats = novelty_rule(ckpt)
+    finally:
+        log.removeHandler(caplog.handler)
     assert rule == PUBLISHED_RULE and stats is None and "published rule" in caplog.text
     result = annotate(ad.read_h5ad(LEGACY / "query.h5ad"), ckpt, progress=False)
     assert set(result.novelty) == {"softmax", "energy"}
