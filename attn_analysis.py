@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli.args import add_batch_size, add_bool, add_device, add_log_args, add_precision, add_published_args, parser, positive_int
+from model.cli.args import (
+    add_batch_size,
+    add_bool,
+    add_device,
+    add_input_args,
+    add_log_args,
+    add_precision,
+    add_published_args,
+    parser,
+    positive_int,
+)
 
 EXAMPLE = """
 python attn_analysis.py --data prep_train.h5ad --model runs/finetune/model.pt --label-key celltype --out runs/attention
@@ -32,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default="all", help="attention layers whose scores are averaged: 'all' (default, as the published analysis), "
                    "or one layer: 0 = first, -1 = last")
     p.add_argument("--max-cells-per-type", type=int, default=100, help="cells per type scored, drawn at random with --seed; 0 = all cells (default: 100)")
+    add_input_args(p.add_argument_group("input matrix (--layer above is the attention layer)"), layer_flags=("--data-layer",))
     g = p.add_argument_group("known markers and gene sets")
     g.add_argument("--markers", default="panglaodb",
                    help="marker table: 'panglaodb' (bundled PanglaoDB 2020-03-27, default), 'immune' (bundled pegasus human immune "

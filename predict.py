@@ -8,12 +8,15 @@ from model.cli.args import (
     add_batch_size,
     add_bool,
     add_device,
+    add_input_args,
     add_log_args,
     add_precision,
     add_published_args,
     add_speed_args,
     fraction,
     parser,
+    positive_int,
+    str2bool,
     threshold_value,
 )
 
@@ -40,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .h5ad (refused if it exists, unless --overwrite)")
     p.add_argument("--run-dir", default=None, help="folder for the run record (default: OUT without .h5ad, plus _run)")
     add_published_args(p)
+    add_input_args(p.add_argument_group("input matrix"))
     p.add_argument("--csv", default=None, help="also write a table: cell, label, confidence, one probability column per type (default: none)")
     g = p.add_argument_group("novel cell types (Unassigned)")
     g.add_argument("--novelty", choices=["auto", "softmax", "energy", "mahalanobis", "knn"], default="auto",
@@ -61,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool(g, "--novel_type", "--novel-type", default=True, help="published flag: false never reports Unassigned")
     p.add_argument("--label-key", default=None, help="obs column with known labels: prints accuracy and macro-F1, plots a confusion matrix (default: none)")
     add_batch_size(p, 16)
+    g = p.add_argument_group("large queries and torchrun")
+    g.add_argument("--backed", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                   help="read the .h5ad a chunk of cells at a time and write the output as it goes, with memory that does not grow with "
+                   "the number of cells (same outputs as in memory; not with --majority-voting). Default: auto = when the file would "
+                   "not fit in the free memory, and always under torchrun, where the processes annotate disjoint chunks and the first "
+                   "writes the output")
+    g.add_argument("--chunk-size", type=positive_int, default=10_000, help="cells per chunk with --backed (default: 10000)")
     add_device(p)
     add_precision(p)
     add_speed_args(p)

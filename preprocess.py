@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli.args import add_bool, add_library_size, add_log_args, add_min_genes, parser
+from model.cli.args import add_bool, add_input_args, add_library_size, add_log_args, add_min_genes, parser
 
 EXAMPLE = """
 python preprocess.py --data data/pbmc3k_labeled.h5ad --out prep/pbmc3k.h5ad --n-top-genes 2000
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "genes_per_cell.png (default: OUT without .h5ad, plus _run)")
     p.add_argument("--vocab", default=None, help="target vocabulary: a gene list (one per line), a checkpoint, or an .h5ad whose genes to use (default: none)")
     p.add_argument("--n-top-genes", type=int, default=None, help="keep only this many highly variable genes (smaller, faster models; ignored with --vocab; default: all genes)")
+    add_input_args(p.add_argument_group("input matrix"))
     add_min_genes(p)
     add_library_size(p)
     p.add_argument("--species", choices=["auto", "human", "mouse"], default="auto",

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-from data.io import InputError
+from data.io import CellSource, InputError
 from data.preprocess import MIN_GENES, PREP_KEY, read_prepared, recorded_library_size
 
 log = logging.getLogger("scbert")
@@ -194,15 +194,20 @@ class Corpus:
 
 
 def read_corpus(paths: Sequence[str | Path], genes: Sequence[str] | None = None, min_genes: int | None = MIN_GENES,
-                backed: bool = False, gene2vec_cells: int | None = None, seed: int = 0, library_size: str = "all") -> Corpus:
+                backed: bool = False, gene2vec_cells: int | None = None, seed: int = 0, library_size: str = "all",
+                source: CellSource | None = None) -> Corpus:
     """The pretraining corpus of ``paths`` on ``genes`` (default: the first file's). In memory the
     files are read and preprocessed (cells with fewer than ``min_genes`` genes dropped); with
     ``backed`` they stay on disk (files written by preprocess.py) and ``gene2vec_cells`` cells are
     sampled (seeded) for gene2vec; their values are used as preprocess.py wrote them, so they must
-    have been normalised with ``library_size``."""
+    have been normalised with ``library_size``. ``source``: which matrix and gene names of each
+    file to read (in memory only: files on disk are read as preprocess.py wrote them)."""
     if not backed:
-        adata, vocab = read_prepared(paths, genes, min_genes or None, library_size=library_size)
+        adata, vocab = read_prepared(paths, genes, min_genes or None, library_size=library_size, source=source)
         return Corpus(adata.X, vocab, adata.X)
+    if source is not None and not source.is_default:
+        raise InputError(f"--backed reads the X that preprocess.py wrote, not {source.describe()}: run preprocess.py with these "
+                         f"input flags first (e.g. --layer counts), then pretrain on its output with --backed")
     recorded = recorded_library_size(expand_paths(paths)) or "all"
     if recorded != library_size:
         raise InputError(f"--backed reads the values as preprocess.py wrote them, normalised with library size {recorded!r}, but "

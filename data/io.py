@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -15,7 +17,9 @@ import anndata as ad
 import numpy as np
 from scipy import sparse
 
-READABLE = ".h5ad, 10x .h5, a 10x matrix folder (matrix.mtx[.gz] + genes/features + barcodes), .mtx, .csv/.tsv[.gz]"
+log = logging.getLogger("scbert")
+
+READABLE = ".h5ad, .zarr, .loom, 10x .h5, a 10x matrix folder (matrix.mtx[.gz] + genes/features + barcodes), .mtx, .csv/.tsv[.gz]"
 
 
 class InputError(ValueError):
@@ -29,24 +33,58 @@ def _scanpy() -> Any:
     return scanpy
 
 
-def read_cells(path: str | Path, transpose: bool = False) -> ad.AnnData:
-    """Read cells x genes from any supported format into memory as CSR float32.
+@dataclass(frozen=True)
+class CellSource:
+    """Where an AnnData holds the cells' expression and their gene names: ``X`` (default), a
+    layer (``layers[layer]``, e.g. ``"counts"``) or ``.raw`` (``use_raw``); gene names from
+    ``var_names`` or from the ``var`` column ``gene_symbols`` (scanpy's ``gene_symbols=``: symbols
+    when ``var_names`` are Ensembl ids, or Ensembl ids when the symbols are outdated)."""
 
-    ``transpose`` is for text/mtx files stored genes x cells.
-    """
+    layer: str | None = None
+    use_raw: bool = False
+    gene_symbols: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.layer is not None and self.use_raw:
+            raise InputError("give either a layer (--layer) or .raw (--use-raw), not both")
+
+    @property
+    def is_default(self) -> bool:
+        return self.layer is None and not self.use_raw and self.gene_symbols is None
+
+    def describe(self) -> str:
+        where = f"layers[{self.layer!r}]" if self.layer is not None else ".raw" if self.use_raw else "X"
+        return where + (f", genes from var[{self.gene_symbols!r}]" if self.gene_symbols else "")
+
+
+DEFAULT_SOURCE = CellSource()
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.is_dir() and (path.suffix.lower() == ".zarr" or any((path / f).exists() for f in (".zattrs", ".zgroup", "zarr.json")))
+
+
+def read_anndata(path: str | Path, transpose: bool = False) -> ad.AnnData:
+    """Read a file of cells x genes as stored (X, layers and .raw untouched): .h5ad, .zarr,
+    .loom, 10x .h5, a 10x folder, .mtx or text. ``transpose`` is for text/mtx files stored genes x cells."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"input {path} does not exist")
     name = path.name.lower()
     try:
-        if path.is_dir():
+        if _is_zarr(path):
+            adata = ad.read_zarr(path)
+        elif path.is_dir():
             if not any((path / f).exists() for f in ("matrix.mtx", "matrix.mtx.gz")):
-                raise InputError(f"{path} is a folder but holds no matrix.mtx[.gz]: give a 10x matrix folder or a file ({READABLE})")
+                raise InputError(f"{path} is a folder but holds no matrix.mtx[.gz] and is not a .zarr store: give a 10x matrix folder, "
+                                 f"an AnnData .zarr or a file ({READABLE})")
             adata = _scanpy().read_10x_mtx(path, var_names="gene_symbols", make_unique=False)
         elif path.stat().st_size == 0:
             raise InputError(f"{path} is empty (0 bytes): the file was not written completely; produce it again")
         elif name.endswith(".h5ad"):
             adata = ad.read_h5ad(path)
+        elif name.endswith(".loom"):
+            adata = _read_loom(path)
         elif name.endswith(".h5"):
             adata = _scanpy().read_10x_h5(path)
         elif name.endswith((".mtx", ".mtx.gz")):
@@ -67,15 +105,120 @@ def read_cells(path: str | Path, transpose: bool = False) -> ad.AnnData:
         adata = adata.T
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"{path} holds {adata.n_obs} cells x {adata.n_vars} genes: nothing to work on")
-    X = adata.X
-    if X is None:
-        raise InputError(f"{path} has no expression matrix in .X")
-    if not sparse.issparse(X):
-        X = sparse.csr_matrix(np.asarray(X, dtype=np.float32))
-    adata.X = sparse.csr_matrix(X, dtype=np.float32)
     adata.var_names = adata.var_names.astype(str)
     adata.obs_names = adata.obs_names.astype(str)
     return adata
+
+
+def _read_loom(path: Path) -> ad.AnnData:
+    """A .loom file (loompy's layout: genes x cells, gene names in row attribute ``Gene``, cell
+    names in column attribute ``CellID``; other layers become ``layers``)."""
+    try:
+        import loompy  # noqa: F401 - anndata reads .loom through it
+    except ImportError:
+        raise InputError("reading .loom files needs the loompy package: pip install loompy") from None
+    read_loom = getattr(getattr(ad, "io", ad), "read_loom", None) or ad.read_loom
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata warns about non-unique names, which prepare() reports itself
+        return read_loom(path, sparse=True)
+
+
+def _problem(M: Any) -> str | None:
+    """Why a matrix cannot be scBERT input (None: it can): missing, non-finite or negative values."""
+    if M is None:
+        return "is missing"
+    data = M.data if sparse.issparse(M) else np.asarray(M)
+    if data.size == 0:
+        return None
+    if not np.issubdtype(data.dtype, np.number):
+        return f"holds {data.dtype} values, not numbers"
+    if not np.all(np.isfinite(data)):
+        return "holds NaN or infinite values"
+    low = float(data.min())
+    return f"holds negative values (min {low:.3g}: scaled or batch-corrected)" if low < 0 else None
+
+
+def _sources(adata: ad.AnnData) -> dict[str, CellSource]:
+    """Every matrix of ``adata`` besides X, by the flag that selects it."""
+    out = {f"--layer {name}": CellSource(layer=name) for name in adata.layers.keys()}
+    if adata.raw is not None:
+        out["--use-raw"] = CellSource(use_raw=True)
+    return out
+
+
+def _matrix(adata: ad.AnnData, source: CellSource, what: str) -> tuple[Any, Any]:
+    """The matrix ``source`` names and the ``var`` table of its genes."""
+    if source.use_raw:
+        if adata.raw is None:
+            raise InputError(f"{what} has no .raw; drop --use-raw" + _available(adata))
+        return adata.raw.X, adata.raw.var
+    if source.layer is not None:
+        if source.layer not in adata.layers:
+            raise InputError(f"{what} has no layer {source.layer!r}" + _available(adata))
+        return adata.layers[source.layer], adata.var
+    return adata.X, adata.var
+
+
+def _available(adata: ad.AnnData) -> str:
+    held = ["X", *(f"layers[{name!r}]" for name in adata.layers.keys()), *([".raw"] if adata.raw is not None else [])]
+    return f"; it holds {', '.join(held)}" if len(held) > 1 else "; it holds X only (no layers, no .raw)"
+
+
+def gene_names(var: Any, column: str | None, what: str) -> list[str]:
+    """The gene names of ``var``: its index, or its column ``column`` (empty entries keep the index's name)."""
+    names = [str(g) for g in var.index]
+    if column is None:
+        return names
+    if column not in var.columns:
+        raise InputError(f"--gene-symbols {column!r} is not a column of the genes (var) of {what}; its columns: {list(var.columns)}")
+    values = var[column]
+    missing = values.isna().to_numpy() | (values.astype(str).str.strip() == "").to_numpy()
+    if missing.all():
+        raise InputError(f"var[{column!r}] of {what} is empty for every gene: choose another --gene-symbols column ({list(var.columns)})")
+    if missing.any():
+        log.warning("var[%r] of %s is empty for %d of %d genes: those keep their var_names", column, what, int(missing.sum()), len(names))
+    return [names[j] if missing[j] else str(v).strip() for j, v in enumerate(values.to_numpy())]
+
+
+def resolve_source(adata: ad.AnnData, source: CellSource = DEFAULT_SOURCE, what: str = "the input") -> CellSource:
+    """The matrix to read: ``source``; with the default source and an ``X`` that cannot be input
+    (negative or non-finite values, or none) while exactly one layer or ``.raw`` can, that one,
+    with a message. Refuses (saying why and what the input holds) a matrix that does not exist or
+    cannot be input, and several usable alternatives to a bad ``X`` (naming their flags)."""
+    if source.layer is None and not source.use_raw and _problem(adata.X) is not None:
+        usable = {flag: s for flag, s in _sources(adata).items() if _problem(_matrix(adata, s, what)[0]) is None}
+        if len(usable) == 1:
+            flag, found = next(iter(usable.items()))
+            log.warning("X of %s %s; using %s instead (the one usable matrix; give %s to say so)", what, _problem(adata.X),
+                        found.describe(), flag)
+            return CellSource(layer=found.layer, use_raw=found.use_raw, gene_symbols=source.gene_symbols)
+        if usable:
+            raise InputError(f"X of {what} {_problem(adata.X)}, and several other matrices could be used: choose one with "
+                             f"{' or '.join(usable)}")
+    problem = _problem(_matrix(adata, source, what)[0])
+    if problem is not None:
+        where = source.describe().split(",")[0]
+        hint = "" if source.is_default and not _sources(adata) else "; choose the matrix with --layer NAME or --use-raw"
+        raise InputError(f"{where} of {what} {problem}: scBERT needs raw counts or log-normalised values{_available(adata)}{hint}")
+    return source
+
+
+def select_cells(adata: ad.AnnData, source: CellSource = DEFAULT_SOURCE, what: str = "the input") -> ad.AnnData:
+    """An AnnData of the same cells (``obs`` and ``uns`` shared) whose ``X`` is the expression
+    ``source`` names (see :func:`resolve_source`), as CSR float32, with the gene names it names."""
+    source = resolve_source(adata, source, what)
+    M, var = _matrix(adata, source, what)
+    if not sparse.issparse(M):
+        M = sparse.csr_matrix(np.asarray(M, dtype=np.float32))
+    out = ad.AnnData(X=sparse.csr_matrix(M, dtype=np.float32), obs=adata.obs, uns=adata.uns)
+    out.var_names = gene_names(var, source.gene_symbols, what)
+    return out
+
+
+def read_cells(path: str | Path, transpose: bool = False, source: CellSource = DEFAULT_SOURCE) -> ad.AnnData:
+    """Read cells x genes from any supported format into memory: ``X`` the expression ``source``
+    names (see :func:`select_cells`), as CSR float32. ``transpose`` is for text/mtx files stored genes x cells."""
+    return select_cells(read_anndata(path, transpose), source, str(path))
 
 
 def read_var_names(path: str | Path) -> list[str]:

@@ -29,7 +29,7 @@ import pandas as pd
 from scipy import sparse
 
 from data.genes import check_species, mouse_to_human, revise_symbols
-from data.io import InputError
+from data.io import CellSource, InputError
 
 log = logging.getLogger("scbert")
 
@@ -451,16 +451,17 @@ def recorded_library_size(paths: Sequence[str | Path]) -> str | None:
 
 
 def read_prepared(paths: Sequence[str | Path], genes: Sequence[str] | None = None, min_genes: int | None = MIN_GENES,
-                  species: str = "auto", library_size: str = "all") -> tuple[ad.AnnData, list[str]]:
+                  species: str = "auto", library_size: str = "all", source: CellSource | None = None) -> tuple[ad.AnnData, list[str]]:
     """Read one or more files and preprocess them onto one vocabulary: ``genes``, or else the
     first file's genes (several files: their cells stacked, ``obs['source_file']`` naming each
     cell's file). Files already written by preprocess.py are not normalised again (with
-    ``library_size="vocab"`` they are renormalised over the vocabulary unless prepared so)."""
-    from data.io import read_cells
+    ``library_size="vocab"`` they are renormalised over the vocabulary unless prepared so).
+    ``source``: which matrix of each file (X, a layer, .raw) and which gene names (:class:`data.io.CellSource`)."""
+    from data.io import DEFAULT_SOURCE, read_cells
 
     parts: list[ad.AnnData] = []
     for path in paths:
-        raw = read_cells(path)
+        raw = read_cells(path, source=source or DEFAULT_SOURCE)
         adata, rep = prepare(raw, genes=genes, min_genes=None if PREP_KEY in raw.uns else min_genes, what=str(path), species=species,
                              library_size=library_size)
         for line in rep.lines(with_warnings=False):

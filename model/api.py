@@ -22,7 +22,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 
-from data.io import InputError
+from data.io import CellSource, InputError, select_cells
 from data.preprocess import MIN_GENES, prepare
 from data.vocab import read_name_list
 from model import inference
@@ -72,6 +72,9 @@ def annotate(
     device: str = "auto",
     precision: str = "fp32",
     species: str = "auto",
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_symbols: str | None = None,
     key_added: str = "scbert",
     copy: bool = False,
     progress: bool = True,
@@ -87,8 +90,10 @@ def annotate(
     ``threshold``: ``"auto"`` (calibrated at fine-tuning; the published 0.5 for older models), a
     number (for ``novelty="softmax"``, the default with a number: the top probability below which a
     cell is Unassigned, as published), or None (never). ``novelty``: the score (see
-    :mod:`model.novelty`). Every cell is kept, in order. Modifies ``adata`` in place and returns it
-    (a copy with ``copy``).
+    :mod:`model.novelty`). ``layer``/``use_raw``: read the expression from ``adata.layers[layer]`` or
+    ``adata.raw`` instead of ``X`` (as scvi-tools' ``setup_anndata(layer=...)``); ``gene_symbols``: a
+    ``var`` column holding the gene names (see :class:`data.io.CellSource`). Every cell is kept, in
+    order. Modifies ``adata`` in place and returns it (a copy with ``copy``).
     """
     _check_adata(adata)
     ckpt = load_model(model)
@@ -98,7 +103,8 @@ def annotate(
         if over_clustering not in adata.obs:
             raise InputError(f"over_clustering {over_clustering!r} is not a column of the AnnData; available: {list(adata.obs.columns)}")
         clusters = adata.obs[over_clustering].astype(str).to_numpy()
-    result = inference.annotate(target, ckpt, threshold, batch_size, _device(device), ExecutionOptions(precision=precision),
+    cells = select_cells(target, CellSource(layer, use_raw, gene_symbols), "the AnnData")
+    result = inference.annotate(cells, ckpt, threshold, batch_size, _device(device), ExecutionOptions(precision=precision),
                                 progress=progress, species=species, novelty=novelty, reject_rate=reject_rate)
     if majority_voting or clusters is not None:
         result.vote(clusters)
@@ -114,19 +120,24 @@ def embed(
     device: str = "auto",
     precision: str = "fp32",
     species: str = "auto",
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_symbols: str | None = None,
     key_added: str = "X_scbert",
     copy: bool = False,
     progress: bool = True,
 ) -> ad.AnnData:
     """Cell embeddings from any checkpoint (pretrained or fine-tuned) into ``obsm[key_added]``:
     the final encodings averaged over all genes (``pooling='mean'``) or over expressed genes
-    (``'expressed'``). Modifies ``adata`` in place and returns it (a copy with ``copy``)."""
+    (``'expressed'``). ``layer``, ``use_raw``, ``gene_symbols``: as for :func:`annotate`. Modifies
+    ``adata`` in place and returns it (a copy with ``copy``)."""
     _check_adata(adata)
     if pooling not in POOLINGS:
         raise InputError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     ckpt = load_model(model)
     target = adata.copy() if copy else adata
-    emb, rep = inference.embed(target, ckpt, pooling, batch_size, _device(device), ExecutionOptions(precision=precision), progress, species)
+    cells = select_cells(target, CellSource(layer, use_raw, gene_symbols), "the AnnData")
+    emb, rep = inference.embed(cells, ckpt, pooling, batch_size, _device(device), ExecutionOptions(precision=precision), progress, species)
     target.obsm[key_added] = emb.astype(np.float32)
     target.uns[f"{key_added}_embedding"] = json.dumps({"model": ckpt.source, "pooling": pooling, "preprocessing": rep}, default=str)
     return target
@@ -140,12 +151,16 @@ def preprocess(
     min_genes: int | None = MIN_GENES,
     species: str = "auto",
     library_size: str = "auto",
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_symbols: str | None = None,
 ) -> ad.AnnData:
     """What preprocess.py does, in memory: a new AnnData of log2-normalised cells on ``vocab``
     (a gene list, a gene-list/.h5ad/checkpoint path, or a loaded checkpoint) or on the input's
     own genes (``n_top_genes`` most variable). ``library_size``: ``"all"``, ``"vocab"`` (the
     published order) or ``"auto"`` (a checkpoint's own setting; ``"vocab"`` for the published
-    16,906-gene vocabulary; else ``"all"``). The report is in ``uns['scbert_preprocess']``."""
+    16,906-gene vocabulary; else ``"all"``). ``layer``, ``use_raw``, ``gene_symbols``: as for
+    :func:`annotate`. The report is in ``uns['scbert_preprocess']``."""
     _check_adata(adata)
     ckpt = vocab if isinstance(vocab, Checkpoint) else None
     if ckpt is not None:
@@ -155,6 +170,6 @@ def preprocess(
     else:
         genes = None if vocab is None else [str(g) for g in vocab]
     size, _ = choose_library_size(library_size, pretrained=ckpt, vocab=vocab if isinstance(vocab, (str, Path)) else None, genes=genes)
-    out, _ = prepare(adata, genes=genes, n_top_genes=None if genes else n_top_genes, min_genes=min_genes, species=species,
+    out, _ = prepare(select_cells(adata, CellSource(layer, use_raw, gene_symbols), "the AnnData"), genes=genes, n_top_genes=None if genes else n_top_genes, min_genes=min_genes, species=species,
                      library_size=size)
     return out

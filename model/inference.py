@@ -330,9 +330,7 @@ class AnnotationResult:
         """Metrics and readable lines; with ``truth`` (known labels, missing ones as NaN/None; a
         Series' name is used in messages) also accuracy and macro-F1 (Unassigned counts as wrong),
         the types the model never saw, and how majority voting scores."""
-        name = f"column {truth.name!r}" if isinstance(truth, pd.Series) and truth.name is not None else "the label column"
-        metrics, lines = annotation_report(self.labels, self.confidence, self.classes, self.threshold, truth, name, self.rule.describe())
-        metrics["novelty"] = self.rule.to_dict()
+        metrics, lines = label_report(self.labels, self.confidence, self.classes, self.rule, truth)
         if self.majority_voting is not None:
             ok, known = known_truth(truth, self.n_cells)
             n_clusters = len(set(self.over_clustering))
@@ -349,18 +347,31 @@ class AnnotationResult:
     def to_plots(self, folder: Path, truth: pd.Series | np.ndarray | None = None) -> list[Path]:
         """predictions.png (cells per type, novelty scores and the cutoff) and, with ``truth``,
         confusion_matrix.png in ``folder``; returns the files written."""
-        from model import plots
+        return label_plots(folder, self.labels, self.confidence, self.novelty_score, self.rule, self.classes, truth)
 
-        written = [folder / "predictions.png"]
-        plots.plot_predictions(self.labels, self.novelty_score if self.rule.score != "softmax" else self.confidence,
-                               self.threshold, written[0], self.rule.score)
-        ok, labels = known_truth(truth, self.n_cells)
-        if labels is not None:
-            metrics = self.report(truth)[0]
-            written.append(folder / "confusion_matrix.png")
-            plots.plot_confusion(labels, self.labels[ok], written[1],
-                                 f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
-        return written
+
+def label_report(labels: np.ndarray, confidence: np.ndarray, classes: Sequence[str], rule: NoveltyRule,
+                 truth: pd.Series | np.ndarray | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Metrics and readable lines of an annotation's labels (see :meth:`AnnotationResult.report`)."""
+    name = f"column {truth.name!r}" if isinstance(truth, pd.Series) and truth.name is not None else "the label column"
+    metrics, lines = annotation_report(labels, confidence, classes, rule.threshold, truth, name, rule.describe())
+    metrics["novelty"] = rule.to_dict()
+    return metrics, lines
+
+
+def label_plots(folder: Path, labels: np.ndarray, confidence: np.ndarray, novelty_score: np.ndarray, rule: NoveltyRule,
+                classes: Sequence[str], truth: pd.Series | np.ndarray | None = None) -> list[Path]:
+    """predictions.png and, with ``truth``, confusion_matrix.png (see :meth:`AnnotationResult.to_plots`)."""
+    from model import plots
+
+    written = [folder / "predictions.png"]
+    plots.plot_predictions(labels, novelty_score if rule.score != "softmax" else confidence, rule.threshold, written[0], rule.score)
+    ok, known = known_truth(truth, len(labels))
+    if known is not None:
+        metrics = label_report(labels, confidence, classes, rule, truth)[0]
+        written.append(folder / "confusion_matrix.png")
+        plots.plot_confusion(known, np.asarray(labels)[ok], written[1], f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
+    return written
 
 
 def novelty_rule(ckpt: Checkpoint, novelty: str = "auto", threshold: float | str | None = "auto",

@@ -82,6 +82,26 @@ def add_library_size(g: argparse._ActionsContainer) -> None:
                    "(default: auto = as the pretrained model or the input file says; vocab for a 16,906-gene, published, vocabulary; else all)")
 
 
+def add_input_args(g: argparse._ActionsContainer, layer_flags: tuple[str, ...] = ("--layer", "--data-layer")) -> None:
+    """--layer, --use-raw, --gene-symbols: which matrix of an AnnData holds the cells, and their gene names
+    (attn_analysis.py, whose --layer is the attention layer, spells it --data-layer only)."""
+    g.add_argument(*layer_flags, dest="data_layer", default=None, metavar="NAME",
+                   help="read the expression from layers[NAME] (e.g. counts) instead of X (default: X; when X holds scaled or negative "
+                   "values and exactly one layer or .raw is usable, that one is used, with a message)")
+    add_bool(g, "--use-raw", default=False, help="read the expression and genes from .raw (e.g. counts or log values kept before scaling)")
+    g.add_argument("--gene-symbols", default=None, metavar="COLUMN",
+                   help="take the gene names from this var column (scanpy's gene_symbols): symbols when var_names are Ensembl ids, or "
+                   "Ensembl ids (mapped to current symbols) when the symbols are outdated (default: var_names)")
+
+
+def cell_source(args: argparse.Namespace) -> Any:
+    """The :class:`data.io.CellSource` of --layer, --use-raw, --gene-symbols."""
+    from data.io import CellSource
+
+    return CellSource(layer=getattr(args, "data_layer", None), use_raw=bool(getattr(args, "use_raw", False)),
+                      gene_symbols=getattr(args, "gene_symbols", None))
+
+
 def add_device(g: argparse._ActionsContainer, default: str = "auto") -> None:
     g.add_argument("--device", default=default, help=f"cpu, cuda, cuda:N or auto (default: {default}; auto = cuda when available)")
 
@@ -98,6 +118,7 @@ def add_batch_size(g: argparse._ActionsContainer, default: int, help: str = "cel
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """The run flags of the training stages."""
+    add_input_args(p.add_argument_group("input matrix"))
     g = p.add_argument_group("run")
     add_min_genes(g, ", for input not written by preprocess.py")
     add_library_size(g)

@@ -11,7 +11,7 @@ from data.io import InputError, read_cells, write_json
 from data.labels import label_column
 from model.attention.analysis import BUNDLED_GMT, BUNDLED_MARKERS, AttentionSettings, analyse_attention, resolve_gene_set_file
 from model.checkpoint import load_checkpoint
-from model.cli.args import execution_options, published_names
+from model.cli.args import cell_source, execution_options, published_names
 from model.cli.run import start_run, user_errors, write_summary
 from model.inference import AnnotationKeys, annotate
 from model.plots import plot_umap
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> None:
         ckpt = load_checkpoint(args.model, **published_names(args))
         if args.umap and not ckpt.is_classifier:
             raise InputError(f"--umap colours cells by the model's predictions, but {args.model} is a pretrained (not fine-tuned) model; drop --umap or use a fine-tuned model")
-        raw = read_cells(args.data)
+        raw = read_cells(args.data, source=cell_source(args))
         known = label_column(raw, args.label_key, args.data).notna().to_numpy()
         if not known.any():
             raise InputError(f"column {args.label_key!r} of {args.data} is empty: no cell has a label")

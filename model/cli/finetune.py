@@ -10,7 +10,16 @@ from data.labels import check_labels, label_column
 from data.preprocess import read_prepared
 from model import distributed
 from model.checkpoint import choose_library_size, load_checkpoint, load_vocab
-from model.cli.args import check_gene_num, execution_options, gene2vec_spec, model_size, preprocessing_record, published_names, train_config
+from model.cli.args import (
+    cell_source,
+    check_gene_num,
+    execution_options,
+    gene2vec_spec,
+    model_size,
+    preprocessing_record,
+    published_names,
+    train_config,
+)
 from model.cli.pretrain import warn_if_nothing_to_resume
 from model.cli.run import start_training_run, user_errors, write_summary
 from model.plots import plot_confusion, plot_history
@@ -32,7 +41,7 @@ def run(args: argparse.Namespace) -> None:
                              f"reads its own genes; drop --vocab")
         library_size, why = choose_library_size(args.library_size, pretrained=pre, data=[args.data], vocab=args.vocab, genes=genes)
         log.info("library sizes over %s (%s)", "the vocabulary genes" if library_size == "vocab" else "all input genes", why)
-        adata, genes = read_prepared([args.data], genes, args.min_genes or None, library_size=library_size)
+        adata, genes = read_prepared([args.data], genes, args.min_genes or None, library_size=library_size, source=cell_source(args))
         check_gene_num(args, len(genes))
         known = label_column(adata, args.label_key, args.data).notna().to_numpy()
         if not known.all():

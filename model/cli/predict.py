@@ -3,46 +3,109 @@
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
 
-from data.io import InputError, atomic_path, check_writable, read_cells, record_dir, write_h5ad_atomic, write_json
+from data.io import InputError, atomic_path, check_writable, read_anndata, record_dir, select_cells, write_h5ad_atomic, write_json
 from data.labels import label_column
+from model import distributed
 from model.checkpoint import load_checkpoint
-from model.cli.args import execution_options, published_names
+from model.cli.args import cell_source, execution_options, published_names
 from model.cli.run import setup_logging, start_run, user_errors, write_summary
 from model.inference import annotate
-from model.runtime import resolve_device
+
+log = logging.getLogger("scbert")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def use_backed(args: argparse.Namespace) -> bool:
+    """--backed as given; auto: under torchrun, or for an .h5ad whose matrix would take more
+    than a third of the free memory once read and preprocessed (3 x its size on disk)."""
+    if args.backed is not None:
+        return bool(args.backed)
+    if distributed.launched_by_torchrun():
+        return True
+    path = Path(args.data)
+    free = _available_memory()
+    if path.suffix.lower() != ".h5ad" or not path.is_file() or free is None:
+        return False
+    if 3 * 3 * path.stat().st_size > free:
+        log.info("%s (%.1f GB) may not fit in the free memory (%.1f GB) once read: annotating it a chunk of %d cells at a time "
+                 "(--backed false to read it whole)", path, path.stat().st_size / 1e9, free / 1e9, args.chunk_size)
+        return True
+    return False
 
 
 def run(args: argparse.Namespace) -> None:
-    setup_logging(args.quiet, level=args.log_level)
+    info, device = distributed.init_distributed(args.device)
+    main = info.is_main
+    setup_logging(args.quiet or not main, level=args.log_level)
     with user_errors():
         out = check_writable(args.out, args.overwrite)
         if args.csv:
             check_writable(args.csv, args.overwrite)
-    run_dir = start_run(args.run_dir or record_dir(out), args, protected=("summary.txt",))
+        backed = use_backed(args)
+        if info.enabled and not backed:
+            raise InputError("under torchrun the processes share the cells a chunk at a time: drop --backed false")
+        if backed and args.majority_voting:
+            raise InputError("--majority-voting needs every cell's embedding in memory (to over-cluster them), which --backed avoids: "
+                             "drop one of them (run majority voting on the written output with model.majority_voting)")
+    run_dir = start_run(args.run_dir or record_dir(out), args, protected=("summary.txt",)) if main else None
     with user_errors():
         ckpt = load_checkpoint(args.model, **published_names(args))
-        adata = read_cells(args.data)
-        truth = label_column(adata, args.label_key, args.data) if args.label_key else None
-        threshold = None if args.novel_type is False else args.threshold
-        result = annotate(adata, ckpt, threshold, args.batch_size, resolve_device(args.device), execution_options(args),
-                          progress=not args.quiet, num_workers=args.num_workers, novelty=args.novelty, reject_rate=args.reject_rate)
-        if args.majority_voting:
-            clusters = None
-            if args.over_clustering:
-                if args.over_clustering not in adata.obs:
-                    raise InputError(f"--over-clustering {args.over_clustering!r} is not a column of {args.data}; available columns: "
-                                     f"{list(adata.obs.columns)}")
-                clusters = adata.obs[args.over_clustering].astype(str).to_numpy()
-            result.vote(clusters)
+        if backed:
+            from data.chunks import ChunkedH5ad
+            from model.streaming import annotate_h5ad
+
+            truth = None
+            if args.label_key:  # read first: a missing column is reported before the work, not after it
+                with ChunkedH5ad(args.data, cell_source(args)) as reader:
+                    truth = reader.obs_column(args.label_key)
+            result = annotate_h5ad(args.data, ckpt, out, source=cell_source(args), threshold=None if args.novel_type is False else args.threshold,
+                                   novelty=args.novelty, reject_rate=args.reject_rate, batch_size=args.batch_size, device=device,
+                                   options=execution_options(args), chunk_size=args.chunk_size, csv=args.csv, num_workers=args.num_workers,
+                                   progress=not args.quiet)
+            if not main:
+                distributed.shutdown()
+                return
+        else:
+            adata = read_anndata(args.data)
+            truth = label_column(adata, args.label_key, args.data) if args.label_key else None
+            threshold = None if args.novel_type is False else args.threshold
+            result = annotate(select_cells(adata, cell_source(args), str(args.data)), ckpt, threshold, args.batch_size, device,
+                              execution_options(args), progress=not args.quiet, num_workers=args.num_workers, novelty=args.novelty,
+                              reject_rate=args.reject_rate)
+            if args.majority_voting:
+                clusters = None
+                if args.over_clustering:
+                    if args.over_clustering not in adata.obs:
+                        raise InputError(f"--over-clustering {args.over_clustering!r} is not a column of {args.data}; available columns: "
+                                         f"{list(adata.obs.columns)}")
+                    clusters = adata.obs[args.over_clustering].astype(str).to_numpy()
+                result.vote(clusters)
         metrics, lines = result.report(truth)
         result.to_plots(run_dir, truth)
-        lines.insert(0, f"annotated {result.n_cells} cells in {result.seconds:.1f} s ({result.n_cells / max(result.seconds, 1e-9):.1f} cells/s)")
-        metrics.update(seconds=round(result.seconds, 2), model=str(args.model), data=str(args.data), preprocessing=result.preprocessing)
-        write_h5ad_atomic(result.to_adata(adata), out)
-        if args.csv:
-            with atomic_path(args.csv) as tmp:
-                result.to_table().to_csv(tmp)
+        how = f", a chunk of {result.chunk_size} cells at a time over {result.n_chunks} chunks" if backed else ""
+        lines.insert(0, f"annotated {result.n_cells} cells in {result.seconds:.1f} s ({result.n_cells / max(result.seconds, 1e-9):.1f} cells/s{how}"
+                     + (f", {info.world_size} processes" if info.enabled else "") + ")")
+        metrics.update(seconds=round(result.seconds, 2), model=str(args.model), data=str(args.data), preprocessing=result.preprocessing,
+                       backed=backed, processes=info.world_size)
+        if not backed:
+            write_h5ad_atomic(result.to_adata(adata), out)
+            if args.csv:
+                with atomic_path(args.csv) as tmp:
+                    result.to_table().to_csv(tmp)
         write_json(run_dir / "metrics.json", metrics)
     lines.append(f"wrote {out}" + (f" and {args.csv}" if args.csv else "") + f"; run record in {run_dir}")
     write_summary(run_dir, lines, results=("accuracy", "note:"))
+    distributed.shutdown()

@@ -10,6 +10,7 @@ from data.io import check_writable, read_cells, record_dir, write_h5ad_atomic, w
 from data.labels import label_column
 from data.preprocess import expressed_per_cell, prepare
 from model.checkpoint import choose_library_size, load_vocab
+from model.cli.args import cell_source
 from model.cli.run import setup_logging, start_run, user_errors, write_summary
 from model.plots import plot_genes_per_cell
 
@@ -23,7 +24,7 @@ def run(args: argparse.Namespace) -> None:
     run_dir = start_run(args.run_dir or record_dir(out), args, protected=("summary.txt",))
     with user_errors():
         genes = load_vocab(args.vocab) if args.vocab else None
-        raw = read_cells(args.data, transpose=args.transpose)
+        raw = read_cells(args.data, transpose=args.transpose, source=cell_source(args))
         if args.label_key:
             label_column(raw, args.label_key, args.data)
         library_size, why = choose_library_size(args.library_size, data=[args.data], vocab=args.vocab, genes=genes)

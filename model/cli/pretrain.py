@@ -10,7 +10,7 @@ from data.corpus import read_corpus
 from data.io import write_json
 from model import distributed
 from model.checkpoint import choose_library_size, load_vocab
-from model.cli.args import check_gene_num, execution_options, gene2vec_spec, model_size, preprocessing_record, train_config
+from model.cli.args import cell_source, check_gene_num, execution_options, gene2vec_spec, model_size, preprocessing_record, train_config
 from model.cli.run import start_training_run, user_errors, write_summary
 from model.plots import plot_history
 from model.runtime import set_seed
@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> None:
         library_size, why = choose_library_size(args.library_size, data=args.data, vocab=args.vocab, genes=vocab)
         log.info("library sizes over %s (%s)", "the vocabulary genes" if library_size == "vocab" else "all input genes", why)
         corpus = read_corpus(args.data, vocab, args.min_genes or None, backed=args.backed,
-                             gene2vec_cells=args.gene2vec_cells if spec == "train" and main else None, seed=args.seed, library_size=library_size)
+                             gene2vec_cells=args.gene2vec_cells if spec == "train" and main else None, seed=args.seed, library_size=library_size,
+                             source=cell_source(args))
         check_gene_num(args, len(corpus.genes))
         settings = PretrainingSettings(size=model_size(args), gene2vec=spec, gene2vec_genes=args.gene2vec_genes, mask_prob=args.mask_prob,
                                        replace_prob=args.replace_prob, val_frac=args.val_frac, mask_rounding=args.mask_rounding,
