@@ -111,16 +111,26 @@ def read_anndata(path: str | Path, transpose: bool = False) -> ad.AnnData:
 
 
 def _read_loom(path: Path) -> ad.AnnData:
-    """A .loom file (loompy's layout: genes x cells, gene names in row attribute ``Gene``, cell
-    names in column attribute ``CellID``; other layers become ``layers``)."""
+    """A .loom file (loompy's layout: genes x cells; gene names in the row attribute ``Gene`` or
+    ``var_names`` or ``index`` (as anndata writes them), cell names in ``CellID``, ``obs_names`` or ``index``; other layers
+    become ``layers``)."""
     try:
         import loompy  # noqa: F401 - anndata reads .loom through it
     except ImportError:
         raise InputError("reading .loom files needs the loompy package: pip install loompy") from None
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        rows, cols = set(f.get("row_attrs", {})), set(f.get("col_attrs", {}))
+    genes = next((k for k in ("Gene", "var_names", "index", "gene_symbols", "Symbol", "Accession") if k in rows), None)
+    cells = next((k for k in ("CellID", "obs_names", "index", "CellId", "cell_names") if k in cols), None)
+    if genes is None:
+        raise InputError(f"{path} names no genes: its row attributes {sorted(rows)} hold none of Gene, var_names, index, gene_symbols, Symbol, "
+                         f"Accession")
     read_loom = getattr(getattr(ad, "io", ad), "read_loom", None) or ad.read_loom
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # anndata warns about non-unique names, which prepare() reports itself
-        return read_loom(path, sparse=True)
+        return read_loom(path, sparse=True, var_names=genes, obs_names=cells or "CellID")
 
 
 def _problem(M: Any) -> str | None:
