@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reject-rate", type=fraction, default=0.05,
                    help="novelty calibration: the thresholds stored with the model reject this fraction of the validation cells, i.e. "
                    "of new cells of known types (default: 0.05); predict.py --threshold auto uses them")
+    d = p.add_argument_group("training data larger than memory")
+    add_bool(d, "--backed", default=False,
+             help="read cells from disk a batch at a time instead of loading the matrix: --data is an .h5ad written by preprocess.py "
+             "(gene2vec from scratch samples 50,000 training cells)")
     add_common(p)
     return p
 

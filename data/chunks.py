@@ -11,6 +11,7 @@ on-disk format, so ``anndata.read_h5ad`` reads it like any other file.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,17 @@ sparse_dataset = getattr(_io, "sparse_dataset", None) or ad.experimental.sparse_
 
 def _encoding(elem: Any) -> str:
     return str(elem.attrs.get("encoding-type", "array" if isinstance(elem, h5py.Dataset) else "group"))
+
+
+def read_obs_column(path: str | Path, key: str, file: h5py.File | None = None) -> pd.Series:
+    """One column of an ``.h5ad``'s ``obs`` for all cells, without reading the rest of the file
+    (a categorical column as codes and categories)."""
+    with contextlib.nullcontext(file) if file is not None else h5py.File(path, "r") as f:
+        obs = f["obs"]
+        if key not in obs:
+            cols = [str(c) for c in obs.attrs.get("column-order", [])]
+            raise InputError(f"column {key!r} is not in obs of {path}; available columns: {cols}")
+        return pd.Series(read_elem(obs[key]), name=key)
 
 
 class ChunkedH5ad:
@@ -98,13 +110,8 @@ class ChunkedH5ad:
         return [str(v) for v in self._index.asstr()[start:stop]] if self._index.dtype.kind == "O" else list(map(str, self._index[start:stop]))
 
     def obs_column(self, key: str) -> pd.Series:
-        """One column of ``obs`` for all cells (a categorical column's codes and categories only)."""
-        obs = self.file["obs"]
-        if key not in obs:
-            cols = [str(c) for c in obs.attrs.get("column-order", [])]
-            raise InputError(f"column {key!r} is not in obs of {self.path}; available columns: {cols}")
-        values = read_elem(obs[key])
-        return pd.Series(values, name=key)
+        """One column of ``obs`` for all cells."""
+        return read_obs_column(self.path, key, self.file)
 
     def chunk(self, start: int, stop: int) -> ad.AnnData:
         """Cells ``start:stop``: ``X`` the chosen matrix (CSR float32), their names, the genes."""

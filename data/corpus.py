@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy import sparse
 
 from data.io import CellSource, InputError
@@ -220,3 +221,24 @@ def read_corpus(paths: Sequence[str | Path], genes: Sequence[str] | None = None,
     log.info("reading %d cells from %d file(s) on disk, a batch at a time", corpus.shape[0], len(corpus.paths))
     sample = corpus.sample(gene2vec_cells, seed) if gene2vec_cells else None
     return Corpus(corpus, corpus.genes, sample)
+
+
+def read_labelled_on_disk(path: str | Path, genes: Sequence[str] | None, label_key: str, library_size: str = "all",
+                          source: CellSource | None = None) -> tuple[H5adCorpus, pd.Series]:
+    """Labelled cells of one ``.h5ad`` written by preprocess.py, left on disk (fine-tuning
+    ``--backed``): the cells on ``genes`` (default: the file's) and their ``label_key`` column."""
+    from data.chunks import read_obs_column
+
+    if source is not None and not source.is_default:
+        raise InputError(f"--backed reads the X that preprocess.py wrote, not {source.describe()}: run preprocess.py with these "
+                         f"input flags first (e.g. --layer counts), then fine-tune on its output with --backed")
+    recorded = recorded_library_size(expand_paths([path])) or "all"
+    if recorded != library_size:
+        raise InputError(f"--backed reads the values as preprocess.py wrote them, normalised with library size {recorded!r}, but "
+                         f"{library_size!r} was asked for: preprocess the file with --library-size {library_size}, or drop --backed")
+    corpus = H5adCorpus([path], genes)
+    for name, frac in corpus.coverage.items():
+        if frac < 0.5:
+            log.warning("WARNING: %s holds only %.0f%% of the %d vocabulary genes; the others are treated as not expressed",
+                        name, 100 * frac, len(corpus.genes))
+    return corpus, read_obs_column(path, label_key)

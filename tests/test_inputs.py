@@ -236,3 +236,20 @@ def test_torchrun_processes_share_the_chunks(setup: dict, tmp_path: Path) -> Non
     assert len(pd.read_csv(tmp_path / "tr.csv")) == setup["plain"].n_obs
     summary = (tmp_path / "tr_run" / "summary.txt").read_text()
     assert "2 processes" in summary
+
+
+def test_backed_fine_tuning_equals_the_in_memory_one(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    d = setup["dir"]
+    prep = tmp_path / "prep.h5ad"
+    preprocess.main(["--data", str(d / "plain.h5ad"), "--out", str(prep), "--quiet", "--min-genes", "0"])
+    tiny = ["--data", str(prep), "--label-key", "celltype", "--dim", "8", "--depth", "1", "--heads", "2", "--dim-head", "4", "--epochs", "2",
+            "--gene2vec", "train", "--min-genes", "0", "--device", "cpu", "--quiet", "--batch-size", "4"]
+    finetune.main([*tiny, "--out", str(tmp_path / "mem")])
+    finetune.main([*tiny, "--out", str(tmp_path / "disk"), "--backed"])
+    a, b = load_checkpoint(tmp_path / "mem" / "model.pt"), load_checkpoint(tmp_path / "disk" / "model.pt")
+    for k in a.state_dict:
+        torch.testing.assert_close(a.state_dict[k], b.state_dict[k], rtol=0, atol=1e-6, msg=k)
+    m1, m2 = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("mem", "disk"))
+    assert m1["accuracy"] == m2["accuracy"] and m1["novelty"]["thresholds"] == pytest.approx(m2["novelty"]["thresholds"])
+    expect_error(finetune.main, [*tiny, "--out", str(tmp_path / "x"), "--backed", "--label-key", "nope"], capsys, "'nope' is not in obs")
+    expect_error(finetune.main, [*tiny, "--out", str(tmp_path / "y"), "--backed", "--layer", "counts"], capsys, "preprocess.py")

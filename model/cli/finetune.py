@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+import numpy as np
+
+from data.corpus import read_labelled_on_disk
 from data.io import InputError, write_json
 from data.labels import check_labels, label_column
 from data.preprocess import read_prepared
@@ -24,7 +27,7 @@ from model.cli.pretrain import warn_if_nothing_to_resume
 from model.cli.run import start_training_run, user_errors, write_summary
 from model.plots import plot_confusion, plot_history
 from model.runtime import set_seed
-from model.train.finetuning import FinetuningSettings, run_finetuning
+from model.train.finetuning import FinetuningSettings, rows_of, run_finetuning
 
 log = logging.getLogger("scbert")
 
@@ -41,14 +44,22 @@ def run(args: argparse.Namespace) -> None:
                              f"reads its own genes; drop --vocab")
         library_size, why = choose_library_size(args.library_size, pretrained=pre, data=[args.data], vocab=args.vocab, genes=genes)
         log.info("library sizes over %s (%s)", "the vocabulary genes" if library_size == "vocab" else "all input genes", why)
-        adata, genes = read_prepared([args.data], genes, args.min_genes or None, library_size=library_size, source=cell_source(args))
+        if args.backed:
+            X, column = read_labelled_on_disk(args.data, genes, args.label_key, library_size, cell_source(args))
+            genes = X.genes
+            log.info("fine-tuning on %d cells read from disk, a batch at a time", X.shape[0])
+        else:
+            adata, genes = read_prepared([args.data], genes, args.min_genes or None, library_size=library_size, source=cell_source(args))
+            X, column = adata.X, label_column(adata, args.label_key, args.data)
         check_gene_num(args, len(genes))
-        known = label_column(adata, args.label_key, args.data).notna().to_numpy()
+        known = column.notna().to_numpy()
+        if not known.any():
+            raise InputError(f"column {args.label_key!r} of {args.data} is empty: no cell has a label")
         if not known.all():
             if main:
                 log.warning("%d cells have no %s label and are left out", int((~known).sum()), args.label_key)
-            adata = adata[known].copy()
-        y = adata.obs[args.label_key].astype(str).to_numpy()
+            X = rows_of(X, np.flatnonzero(known))
+        y = column[known].astype(str).to_numpy()
         classes, counts = check_labels(y, args.label_key, args.cv, args.val_frac)
         log.info("fine-tuning on %d cells, %d cell types: %s", len(y), len(classes), counts)
         settings = FinetuningSettings(
@@ -59,7 +70,7 @@ def run(args: argparse.Namespace) -> None:
                                                    patience_rule=args.patience_rule, label_smoothing=args.label_smoothing, select=args.select))
         if not args.cv:
             warn_if_nothing_to_resume(args, settings.train)
-        result = run_finetuning(adata.X, y, classes, genes, settings, device, pre, out,
+        result = run_finetuning(X, y, classes, genes, settings, device, pre, out,
                                 record=settings.record([str(args.data)], args.label_key, args.pretrained), progress=not args.quiet)
         if main:
             for k, fold in enumerate(result.folds):

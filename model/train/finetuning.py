@@ -16,7 +16,7 @@ import torch
 from scipy import sparse
 from torch import nn
 
-from data.dataset import CellDataset
+from data.dataset import CellDataset, is_row_source
 from data.io import InputError
 from data.labels import holdout_per_class, stratified_folds, stratified_holdout
 from data.preprocess import DEFAULT_PREPROCESSING
@@ -187,6 +187,19 @@ class FinetuningResult:
                 f"(best epoch {m['best_epoch']}; these cells also chose it)"]
 
 
+GENE2VEC_CELLS = 50_000  # cells of an on-disk training set sampled for gene2vec, as pretrain.py --gene2vec-cells
+
+
+def rows_of(X: Any, rows: np.ndarray) -> Any:
+    """Cells ``rows`` of an in-memory matrix, or a view of an on-disk one (read a batch at a time)."""
+    return X.subset(rows) if is_row_source(X) else X[rows]
+
+
+def _gene2vec_cells(X: Any, rows: np.ndarray, seed: int) -> Any:
+    """The training cells gene2vec learns from: all of them in memory; a seeded sample on disk."""
+    return X.subset(rows).sample(GENE2VEC_CELLS, seed) if is_row_source(X) else X[rows]
+
+
 def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[str], genes: list[str], settings: FinetuningSettings,
                    device: torch.device, pretrained: Checkpoint | None = None, out: Path | None = None,
                    record: dict[str, Any] | None = None, progress: bool = True) -> FinetuningResult:
@@ -213,7 +226,7 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
     kept, kept_state, kept_score, kept_split = -1, None, -1.0, splits[0][:2]
     for k, (tr, va, te) in enumerate(splits):
         if pretrained is None:  # gene2vec sees only the cells the model is fitted on
-            mode, vectors, g2v = gene_embedding(s.gene2vec, s.gene2vec_genes, genes, X[tr], s.size.dim, s.train.seed, progress)
+            mode, vectors, g2v = gene_embedding(s.gene2vec, s.gene2vec_genes, genes, _gene2vec_cells(X, tr, s.train.seed), s.size.dim, s.train.seed, progress)
             base = s.size.config(len(genes), gene_embedding=mode)
         else:
             vectors, g2v, base = None, {"source": f"pretrained:{pretrained.source}"}, pretrained.config
@@ -226,13 +239,13 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
                 weights = balanced_class_weights(y[tr], len(classes))
             except ValueError as e:
                 raise InputError(str(e)) from None
-        train_ds = CellDataset(X[tr], model.config.bin_num, y[tr])
-        val_ds = CellDataset(X[va], model.config.bin_num, y[va])
+        train_ds = CellDataset(rows_of(X, tr), model.config.bin_num, y[tr])
+        val_ds = CellDataset(rows_of(X, va), model.config.bin_num, y[va])
         name = f"fold {k + 1}/{len(splits)}" if s.cv else "finetune"
         cfg = s.train.for_part(f"fold{k + 1}" if s.cv else "")
         best, history = finetune(model, train_ds, val_ds, cfg, device, weights, name, head_init=s.head_init)
         scored = va if te is None else te
-        scored_ds = val_ds if te is None else CellDataset(X[te], model.config.bin_num, y[te])
+        scored_ds = val_ds if te is None else CellDataset(rows_of(X, te), model.config.bin_num, y[te])
         pred = np.asarray(classes)[predict_distributed(model, scored_ds, cfg.batch_size, device, num_workers=cfg.num_workers).argmax(1)]
         m = classification_metrics(y_str[scored], pred, classes)
         m.update(best_epoch=best["epoch"], n_train=len(tr), n_val=len(va), history=history)
@@ -284,8 +297,8 @@ def calibrate_novelty(model: ScBERT, X: sparse.csr_matrix, y: np.ndarray, train:
     if len(train) > MAX_REFERENCE_CELLS:
         train = np.sort(np.random.default_rng(seed).choice(train, MAX_REFERENCE_CELLS, replace=False))
     bins = model.config.bin_num
-    ref = predict_outputs(model, CellDataset(X[train], bins), batch_size, device, embed=True, features=True, progress=False)
+    ref = predict_outputs(model, CellDataset(rows_of(X, train), bins), batch_size, device, embed=True, features=True, progress=False)
     stats = NoveltyStats.fit(ref["features"], ref["embedding"], y[train], n_classes, seed)
-    cal = predict_outputs(model, CellDataset(X[val], bins), batch_size, device, embed=True, features=True, progress=False)
+    cal = predict_outputs(model, CellDataset(rows_of(X, val), bins), batch_size, device, embed=True, features=True, progress=False)
     scores = novelty_scores(cal["probs"], cal["logits"], cal["features"], cal["embedding"], stats)
     return novelty_record(stats, calibrate(scores, reject_rate, seed))
