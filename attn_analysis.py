@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "MSigDB C2 canonical pathways), file paths, or 'none'")
     g.add_argument("--min-set-size", type=positive_int, default=5, help="test only gene sets with at least this many model genes (default: 5)")
     g.add_argument("--max-set-size", type=positive_int, default=500, help="... and at most this many (default: 500)")
+    add_bool(p, "--backed", default=False,
+             help="read only the scored cells from the .h5ad (labels first, then the --max-cells-per-type drawn cells), not the whole "
+             "matrix: for files larger than memory (same scores; not with --umap)")
     g = p.add_argument_group("output and run")
     g.add_argument("--heatmap-genes", type=positive_int, default=10, help="top genes per cell type shown in the heatmap (default: 10)")
     add_bool(g, "--umap", default=False, help="also plot a UMAP of the model's cell embeddings of all cells, coloured by label and prediction (needs a fine-tuned model)")

@@ -121,6 +121,16 @@ class ChunkedH5ad:
         out.var_names = self.var_names
         return out
 
+    def take(self, rows: np.ndarray) -> ad.AnnData:
+        """The cells ``rows`` (sorted, any spacing), as :meth:`chunk` gives a range."""
+        rows = np.asarray(rows, dtype=np.int64)
+        parts = [self._rows[int(r):int(r) + 1] for r in rows]  # row by row: h5py reads scattered rows no faster
+        X = sparse.vstack([sparse.csr_matrix(p if sparse.issparse(p) else np.asarray(p), dtype=np.float32) for p in parts], format="csr")
+        names = [self.obs_names(int(r), int(r) + 1)[0] for r in rows]
+        out = ad.AnnData(X=X, obs=pd.DataFrame(index=names), uns=dict(self.uns))
+        out.var_names = self.var_names
+        return out
+
     def close(self) -> None:
         self.file.close()
 

@@ -253,3 +253,18 @@ def test_backed_fine_tuning_equals_the_in_memory_one(setup: dict, tmp_path: Path
     assert m1["accuracy"] == m2["accuracy"] and m1["novelty"]["thresholds"] == pytest.approx(m2["novelty"]["thresholds"])
     expect_error(finetune.main, [*tiny, "--out", str(tmp_path / "x"), "--backed", "--label-key", "nope"], capsys, "'nope' is not in obs")
     expect_error(finetune.main, [*tiny, "--out", str(tmp_path / "y"), "--backed", "--layer", "counts"], capsys, "preprocess.py")
+
+
+def test_backed_attention_reads_only_the_scored_cells_and_gives_the_same_scores(setup: dict, tmp_path: Path) -> None:
+    import attn_analysis
+
+    d = setup["dir"]
+    common = ["--data", str(d / "plain.h5ad"), "--model", str(d / "clf.pt"), "--label-key", "celltype", "--max-cells-per-type", "5",
+              "--device", "cpu", "--quiet", "--gmt", "none"]
+    attn_analysis.main([*common, "--out", str(tmp_path / "mem")])
+    attn_analysis.main([*common, "--out", str(tmp_path / "disk"), "--backed"])
+    a = pd.read_csv(tmp_path / "mem" / "attention_by_celltype.csv", index_col=0)
+    b = pd.read_csv(tmp_path / "disk" / "attention_by_celltype.csv", index_col=0)
+    pd.testing.assert_frame_equal(a, b, rtol=0, atol=1e-9)
+    m1, m2 = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("mem", "disk"))
+    assert m1["n_cells_scored"] == m2["n_cells_scored"] and m1["n_cells_total"] == m2["n_cells_total"] == setup["plain"].n_obs

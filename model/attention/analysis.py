@@ -176,9 +176,11 @@ def _enrichment(s: AttentionSettings, types: list[str], genes: list[str], top: d
 
 def analyse_attention(ckpt: Checkpoint, cells: ad.AnnData, labels: Sequence[str], settings: AttentionSettings,
                       device: torch.device, options: ExecutionOptions | None = None, progress: bool = True,
-                      what: str = "the cells") -> AttentionAnalysis:
+                      what: str = "the cells", n_cells_total: int | None = None) -> AttentionAnalysis:
     """Attention received per gene by the cells of each label (``cells``: raw counts or
-    log-normalised, every cell labelled), on up to ``max_cells_per_type`` cells per label."""
+    log-normalised, every cell labelled), on up to ``max_cells_per_type`` cells per label.
+    ``n_cells_total``: the labelled cells these were drawn from, when ``cells`` is already that
+    draw (:func:`subsample_per_type`; files read from disk)."""
     s = settings
     net = ckpt.build_model(options)
     try:
@@ -206,7 +208,7 @@ def analyse_attention(ckpt: Checkpoint, cells: ad.AnnData, labels: Sequence[str]
     top_expr = {t: expr.loc[expr["cell_type"] == t, "gene"].tolist() for t in types}
     shared = {t: len(set(top[t]) & set(top_expr[t])) for t in types}
     metrics: dict[str, Any] = {
-        "layers": layers, "top_k": s.top_k, "n_genes": len(genes), "n_cells_total": int(len(labels)), "n_cells_scored": n_cells,
+        "layers": layers, "top_k": s.top_k, "n_genes": len(genes), "n_cells_total": int(n_cells_total or len(labels)), "n_cells_scored": n_cells,
         "preprocessing": rep.to_dict(), "shared_with_expression_top_k": shared,
     }
     overlap, marker_sets = None, {t: set() for t in types}

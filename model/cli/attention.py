@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
+import numpy as np
+
 from data.io import InputError, read_cells, write_json
 from data.labels import label_column
-from model.attention.analysis import BUNDLED_GMT, BUNDLED_MARKERS, AttentionSettings, analyse_attention, resolve_gene_set_file
+from model.attention.analysis import (
+    BUNDLED_GMT,
+    BUNDLED_MARKERS,
+    AttentionSettings,
+    analyse_attention,
+    resolve_gene_set_file,
+    subsample_per_type,
+)
 from model.checkpoint import load_checkpoint
 from model.cli.args import cell_source, execution_options, published_names
 from model.cli.run import start_run, user_errors, write_summary
@@ -41,16 +51,32 @@ def run(args: argparse.Namespace) -> None:
         ckpt = load_checkpoint(args.model, **published_names(args))
         if args.umap and not ckpt.is_classifier:
             raise InputError(f"--umap colours cells by the model's predictions, but {args.model} is a pretrained (not fine-tuned) model; drop --umap or use a fine-tuned model")
-        raw = read_cells(args.data, source=cell_source(args))
-        known = label_column(raw, args.label_key, args.data).notna().to_numpy()
+        if args.backed and args.umap:
+            raise InputError("--umap embeds every cell, which --backed avoids reading: drop one of them")
+        if args.backed:
+            from data.chunks import ChunkedH5ad, read_obs_column
+
+            column = read_obs_column(args.data, args.label_key)
+        else:
+            raw = read_cells(args.data, source=cell_source(args))
+            column = label_column(raw, args.label_key, args.data)
+        known = column.notna().to_numpy()
         if not known.any():
             raise InputError(f"column {args.label_key!r} of {args.data} is empty: no cell has a label")
         if not known.all():
             log.warning("%d cells have no %s label and are left out", int((~known).sum()), args.label_key)
-        labelled = raw[known].copy()
-        labels = labelled.obs[args.label_key].astype(str).to_numpy()
+        labels = column[known].astype(str).to_numpy()
         device, options = resolve_device(args.device), execution_options(args)
-        analysis = analyse_attention(ckpt, labelled, labels, settings, device, options, progress=not args.quiet, what=str(args.data))
+        if args.backed:  # draw the scored cells first, then read only them
+            sel = subsample_per_type(labels, args.max_cells_per_type, args.seed)
+            with ChunkedH5ad(args.data, cell_source(args)) as reader:
+                labelled = reader.take(np.flatnonzero(known)[sel])
+            log.info("read the %d scored cells of %d from %s", len(sel), len(labels), args.data)
+            analysis = analyse_attention(ckpt, labelled, labels[sel], dataclasses.replace(settings, max_cells_per_type=0), device, options,
+                                         progress=not args.quiet, what=str(args.data), n_cells_total=len(labels))
+        else:
+            labelled = raw[known].copy()
+            analysis = analyse_attention(ckpt, labelled, labels, settings, device, options, progress=not args.quiet, what=str(args.data))
         analysis.write(out, args.heatmap_genes)
         metrics = {"data": str(args.data), "model": str(args.model), "label_key": args.label_key, **analysis.metrics}
         if args.umap:
