@@ -35,7 +35,7 @@ from model.checkpoint import Checkpoint
 from model.evaluation import UNASSIGNED
 from model.inference import AnnotationKeys, NoveltyRule, assign_labels, label_plots, label_report, novelty_rule, predict_outputs
 from model.nn.config import ExecutionOptions
-from model.runtime import tune_allocator
+from model.runtime import release_memory, tune_allocator
 
 log = logging.getLogger("scbert")
 
@@ -162,7 +162,9 @@ def annotate_h5ad(
             for k in mine:
                 part, rep = _annotate_chunk(reader, starts[k], min(n, starts[k] + chunk_size), ckpt, net, rule, stats, batch_size,
                                             torch.device(device), num_workers, species, quiet=bool(reps))
-                reps.append(rep)
+                if not reps:
+                    reps.append(rep)  # the first chunk's report stands for all (the others differ only in their cell counts)
+                release_memory()  # the chunk's matrices are freed: give their heap pages back, or they pile up chunk after chunk
                 bar.update(len(part["label"]) * info.world_size)
                 yield part
 

@@ -19,6 +19,7 @@ from scipy import sparse
 import finetune
 import predict
 import preprocess
+import pretrain
 from data.dataset import CellDataset
 from data.io import CellSource, InputError, read_cells
 from model import annotate, embed
@@ -97,8 +98,13 @@ def test_layer_and_raw_read_the_counts(setup: dict) -> None:
 
 
 def test_a_scaled_x_with_one_usable_matrix_is_replaced_with_a_message(setup: dict, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="scbert"):
-        got = read_cells(setup["dir"] / "layer.h5ad")
+    log = logging.getLogger("scbert")  # the stages' logger does not propagate: listen on it directly
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="scbert"):
+            got = read_cells(setup["dir"] / "layer.h5ad")
+    finally:
+        log.removeHandler(caplog.handler)
     assert (got.X != setup["plain"].X).nnz == 0
     assert "layers['counts'] instead" in caplog.text and "--layer counts" in caplog.text
 
@@ -159,6 +165,10 @@ def test_every_stage_reads_a_layer(setup: dict, tmp_path: Path) -> None:
                    "--dim", "8", "--depth", "1", "--heads", "2", "--dim-head", "4", "--epochs", "1", "--gene2vec", "none",
                    "--min-genes", "0", "--device", "cpu", "--quiet"])
     assert (tmp_path / "ft" / "model.pt").is_file()
+    pretrain.main(["--data", str(d / "layers_and_raw.h5ad"), "--layer", "counts", "--out", str(tmp_path / "pre"), "--dim", "8", "--depth", "1",
+                   "--heads", "2", "--dim-head", "4", "--epochs", "1", "--gene2vec", "none", "--min-genes", "0", "--device", "cpu", "--quiet"])
+    m = json.loads((tmp_path / "pre" / "metrics.json").read_text())
+    assert m["n_cells_train"] + m["n_cells_val"] == plain.n_obs
     predict.main(["--data", str(d / "layers_and_raw.h5ad"), "--use-raw", "--model", str(d / "clf.pt"), "--out", str(tmp_path / "p1.h5ad"),
                   "--quiet"])
     predict.main(["--data", str(d / "plain.h5ad"), "--model", str(d / "clf.pt"), "--out", str(tmp_path / "p2.h5ad"), "--quiet"])
