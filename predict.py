@@ -74,7 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-size", type=positive_int, default=10_000, help="cells per chunk with --backed (default: 10000)")
     add_device(p)
     add_precision(p)
+    p.add_argument("--fp32-recheck", type=fraction, default=0.05, metavar="MARGIN",
+                   help="after a bf16/fp16 pass, score again in float32 the cells whose top two probabilities are within MARGIN of "
+                   "each other or whose novelty score is within MARGIN of its cutoff (relative to the cutoff, except softmax), so that "
+                   "labels match a float32 run; 0 = off (default: 0.05)")
     add_speed_args(p)
+    p.add_argument("--plots", choices=["auto", "true", "false"], default="auto",
+                   help="draw predictions.png (and confusion_matrix.png with --label-key) in the run record; auto = for queries of at "
+                   "least 100 cells, where they say something and their second of drawing is small beside the model (default: auto)")
     add_bool(p, "--overwrite", default=False, help="replace existing outputs")
     add_log_args(p)
     return p

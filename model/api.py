@@ -71,6 +71,7 @@ def annotate(
     batch_size: int = 16,
     device: str = "auto",
     precision: str = "fp32",
+    fp32_recheck: float = inference.RECHECK_MARGIN,
     species: str = "auto",
     layer: str | None = None,
     use_raw: bool = False,
@@ -92,8 +93,10 @@ def annotate(
     cell is Unassigned, as published), or None (never). ``novelty``: the score (see
     :mod:`model.novelty`). ``layer``/``use_raw``: read the expression from ``adata.layers[layer]`` or
     ``adata.raw`` instead of ``X`` (as scvi-tools' ``setup_anndata(layer=...)``); ``gene_symbols``: a
-    ``var`` column holding the gene names (see :class:`data.io.CellSource`). Every cell is kept, in
-    order. Modifies ``adata`` in place and returns it (a copy with ``copy``).
+    ``var`` column holding the gene names (see :class:`data.io.CellSource`). ``fp32_recheck``: with
+    ``precision`` bf16/fp16, cells this close to a decision are scored again in float32 (0: never; see
+    :func:`model.inference.score_cells`). Every cell is kept, in order. Modifies ``adata`` in place and
+    returns it (a copy with ``copy``).
     """
     _check_adata(adata)
     ckpt = load_model(model)
@@ -105,7 +108,7 @@ def annotate(
         clusters = adata.obs[over_clustering].astype(str).to_numpy()
     cells = select_cells(target, CellSource(layer, use_raw, gene_symbols), "the AnnData")
     result = inference.annotate(cells, ckpt, threshold, batch_size, _device(device), ExecutionOptions(precision=precision),
-                                progress=progress, species=species, novelty=novelty, reject_rate=reject_rate)
+                                progress=progress, species=species, novelty=novelty, reject_rate=reject_rate, recheck_margin=fp32_recheck)
     if majority_voting or clusters is not None:
         result.vote(clusters)
     return result.to_adata(target, key_added)

@@ -224,6 +224,70 @@ def predict_distributed(model: ScBERT, ds: CellDataset, batch_size: int, device:
     return np.concatenate(distributed.all_gather_objects(mine))
 
 
+# Cells this close to a decision are scored again in float32 after a bf16/fp16 pass: a top-two
+# probability gap below RECHECK_MARGIN, or a novelty score within RECHECK_MARGIN of the cutoff
+# (relative to the cutoff for the unbounded scores; absolute for softmax, a probability).
+RECHECK_MARGIN = 0.05
+
+
+def near_decision(probs: np.ndarray, rule: NoveltyRule | None, score: np.ndarray | None, margin: float = RECHECK_MARGIN) -> np.ndarray:
+    """Cells whose label could flip under rounding: top-two probability gap below ``margin``, or a
+    novelty ``score`` (the rule's; None: 1 - top probability) within ``margin`` of the rule's cutoff
+    (``margin * |cutoff|`` for scores that are not probabilities)."""
+    if probs.shape[1] > 1:
+        top2 = np.partition(probs, probs.shape[1] - 2, axis=1)[:, -2:]
+        near = (top2[:, 1] - top2[:, 0]) < margin
+    else:
+        near = np.zeros(len(probs), dtype=bool)
+    cutoff = None if rule is None else rule.cutoff
+    if cutoff is not None and np.isfinite(cutoff):
+        if score is None or rule.score == "softmax":
+            score, band = 1.0 - probs.max(axis=1).astype(np.float64), margin
+        else:
+            band = margin * max(abs(cutoff), 1e-12)
+        near |= np.abs(np.asarray(score, dtype=np.float64) - cutoff) < band
+    return near
+
+
+def score_cells(net: ScBERT, ds: CellDataset, stats: Any, rule: NoveltyRule, batch_size: int, device: torch.device,
+                pooling: str = "mean", progress: bool = True, num_workers: int = 0,
+                recheck_margin: float | None = RECHECK_MARGIN) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """The model's outputs (see :func:`predict_outputs`, with embeddings) and the novelty scores
+    the rule needs (``softmax`` and ``energy`` always; ``mahalanobis`` / ``knn`` when the rule uses
+    them), from one pass. After a bf16/fp16 pass, the cells :func:`near_decision` finds are run again
+    in float32 and their outputs replaced, so that labels match a float32 run (``recheck_margin``
+    None or 0: no re-check). Returns outputs, scores and the number of cells re-checked."""
+    from model.novelty import novelty_scores
+
+    wanted = {"softmax", "energy", rule.score}
+    features = stats is not None and "mahalanobis" in wanted
+
+    def run(dataset: CellDataset, show: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        out = predict_outputs(net, dataset, batch_size, device, embed=True, features=features, pooling=pooling, progress=show,
+                              num_workers=num_workers)
+        if not out:
+            return out, {}
+        return out, novelty_scores(out["probs"], out["logits"], out.get("features"), out["embedding"], stats, which=wanted)
+
+    out, scores = run(ds, progress)
+    low = net.options.precision != "fp32"
+    if not (low and recheck_margin and out):
+        return out, scores, 0
+    rows = np.flatnonzero(near_decision(out["probs"], rule, scores.get(rule.score), recheck_margin))
+    if len(rows):
+        low_options = net.options
+        net.configure(low_options.replace(precision="fp32"))
+        try:
+            again, again_scores = run(ds.subset(rows), False)
+        finally:
+            net.configure(low_options)
+        for k, v in again.items():
+            out[k][rows] = v
+        for k, v in again_scores.items():
+            scores[k][rows] = v
+    return out, scores, len(rows)
+
+
 def embed_cells(model: ScBERT, ds: CellDataset, batch_size: int, device: torch.device, pooling: str = "mean",
                 progress: bool = True) -> np.ndarray:
     """Cell embeddings (cells x dim, float32, in order) from the final encodings of any model,
@@ -261,6 +325,7 @@ class AnnotationResult:
     seconds: float = 0.0  # preprocessing and model included
     over_clustering: np.ndarray | None = None
     majority_voting: np.ndarray | None = None
+    rechecked: int | None = None  # cells re-scored in float32 after a bf16/fp16 pass (None: no re-check ran)
 
     def __post_init__(self) -> None:
         if self.rule.cutoff is not None and self.rule.score not in self.novelty and self.rule.score != "softmax":
@@ -330,7 +395,7 @@ class AnnotationResult:
         """Metrics and readable lines; with ``truth`` (known labels, missing ones as NaN/None; a
         Series' name is used in messages) also accuracy and macro-F1 (Unassigned counts as wrong),
         the types the model never saw, and how majority voting scores."""
-        metrics, lines = label_report(self.labels, self.confidence, self.classes, self.rule, truth)
+        metrics, lines = label_report(self.labels, self.confidence, self.classes, self.rule, truth, self.rechecked)
         if self.majority_voting is not None:
             ok, known = known_truth(truth, self.n_cells)
             n_clusters = len(set(self.over_clustering))
@@ -351,11 +416,15 @@ class AnnotationResult:
 
 
 def label_report(labels: np.ndarray, confidence: np.ndarray, classes: Sequence[str], rule: NoveltyRule,
-                 truth: pd.Series | np.ndarray | None = None) -> tuple[dict[str, Any], list[str]]:
-    """Metrics and readable lines of an annotation's labels (see :meth:`AnnotationResult.report`)."""
+                 truth: pd.Series | np.ndarray | None = None, rechecked: int | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Metrics and readable lines of an annotation's labels (see :meth:`AnnotationResult.report`);
+    ``rechecked``: cells re-scored in float32 after a low-precision pass (:func:`score_cells`)."""
     name = f"column {truth.name!r}" if isinstance(truth, pd.Series) and truth.name is not None else "the label column"
     metrics, lines = annotation_report(labels, confidence, classes, rule.threshold, truth, name, rule.describe())
     metrics["novelty"] = rule.to_dict()
+    if rechecked is not None:
+        metrics["rechecked_fp32"] = int(rechecked)
+        lines.insert(1, f"{rechecked} of {len(labels)} cells near a decision were scored again in float32 after the low-precision pass")
     return metrics, lines
 
 
@@ -427,15 +496,15 @@ def annotate(
     species: str = "auto",
     novelty: str = "auto",
     reject_rate: float | None = None,
+    recheck_margin: float | None = RECHECK_MARGIN,
 ) -> AnnotationResult:
     """Annotate the cells of ``adata`` (raw counts or log-normalised; every cell kept, in order)
     with a fine-tuned checkpoint: preprocessed as the model's inputs were, aligned to its genes,
     scored in batches (``options``: precision and speed switches of the network), with every
     novelty score the checkpoint allows computed in the same pass; ``threshold``, ``novelty`` and
-    ``reject_rate`` choose the rule (:func:`novelty_rule`)."""
+    ``reject_rate`` choose the rule (:func:`novelty_rule`). Under bf16/fp16 ``options``, cells near a
+    decision are re-scored in float32 (:func:`score_cells`, ``recheck_margin``)."""
     import time
-
-    from model.novelty import novelty_scores
 
     ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
     if not ckpt.is_classifier:
@@ -445,12 +514,12 @@ def annotate(
     prepared, rep = ckpt.prepare(adata, what="the query", species=species)
     net = ckpt.build_model(options)
     tune_allocator()
-    out = predict_outputs(net, CellDataset(prepared.X, ckpt.config.bin_num), batch_size, torch.device(device), embed=True,
-                          features=stats is not None, pooling=pooling, progress=progress, num_workers=num_workers)
-    scores = novelty_scores(out["probs"], out["logits"], out.get("features"), out["embedding"], stats)
+    out, scores, rechecked = score_cells(net, CellDataset(prepared.X, ckpt.config.bin_num), stats, rule, batch_size, torch.device(device),
+                                         pooling, progress, num_workers, recheck_margin)
     return AnnotationResult(probabilities=out["probs"], classes=list(ckpt.classes or []), embedding=out["embedding"], rule=rule,
                             cell_names=list(map(str, adata.obs_names)), novelty=scores, model=ckpt.source,
-                            preprocessing=rep.to_dict(), seconds=time.time() - t0)
+                            preprocessing=rep.to_dict(), seconds=time.time() - t0,
+                            rechecked=rechecked if net.options.precision != "fp32" and recheck_margin else None)
 
 
 def embed(adata: ad.AnnData, model: str | Path | Checkpoint, pooling: str = "mean", batch_size: int = 16,

@@ -20,7 +20,7 @@ known types are rejected (for exchangeable cells; Vovk et al. 2005, Angelopoulos
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,13 +117,16 @@ class NoveltyStats:
 
 
 def novelty_scores(probs: np.ndarray, logits: np.ndarray, features: np.ndarray | None = None, embeddings: np.ndarray | None = None,
-                   stats: NoveltyStats | None = None) -> dict[str, np.ndarray]:
-    """Every score that the inputs allow: ``softmax`` and ``energy`` always, ``mahalanobis`` and
-    ``knn`` with ``stats`` (and the features / embeddings)."""
-    out = {"softmax": softmax_score(probs), "energy": energy_score(logits)}
-    if stats is not None and features is not None:
+                   stats: NoveltyStats | None = None, which: Collection[str] | None = None) -> dict[str, np.ndarray]:
+    """Every score that the inputs allow (or those of them in ``which``): ``softmax`` and
+    ``energy`` always, ``mahalanobis`` and ``knn`` with ``stats`` (and the features / embeddings)."""
+    def want(name: str) -> bool:
+        return which is None or name in which
+
+    out = {name: f(x) for name, f, x in (("softmax", softmax_score, probs), ("energy", energy_score, logits)) if want(name)}
+    if stats is not None and features is not None and want("mahalanobis"):
         out["mahalanobis"] = stats.mahalanobis(features)
-    if stats is not None and embeddings is not None:
+    if stats is not None and embeddings is not None and want("knn"):
         out["knn"] = stats.knn(embeddings)
     return out
 

@@ -33,7 +33,16 @@ from data.io import DEFAULT_SOURCE, CellSource, InputError, atomic_path
 from model import distributed
 from model.checkpoint import Checkpoint
 from model.evaluation import UNASSIGNED
-from model.inference import AnnotationKeys, NoveltyRule, assign_labels, label_plots, label_report, novelty_rule, predict_outputs
+from model.inference import (
+    RECHECK_MARGIN,
+    AnnotationKeys,
+    NoveltyRule,
+    assign_labels,
+    label_plots,
+    label_report,
+    novelty_rule,
+    score_cells,
+)
 from model.nn.config import ExecutionOptions
 from model.runtime import release_memory, tune_allocator
 
@@ -59,13 +68,14 @@ class StreamedAnnotation:
     seconds: float = 0.0
     n_chunks: int = 0
     chunk_size: int = 0
+    rechecked: int | None = None  # cells re-scored in float32 after a bf16/fp16 pass (None: no re-check ran)
 
     @property
     def n_cells(self) -> int:
         return len(self.labels)
 
     def report(self, truth: pd.Series | np.ndarray | None = None) -> tuple[dict[str, Any], list[str]]:
-        return label_report(self.labels, self.confidence, self.classes, self.rule, truth)
+        return label_report(self.labels, self.confidence, self.classes, self.rule, truth, self.rechecked)
 
     def to_plots(self, folder: Path, truth: pd.Series | np.ndarray | None = None) -> list[Path]:
         return label_plots(folder, self.labels, self.confidence, self.novelty_score, self.rule, self.classes, truth)
@@ -86,14 +96,12 @@ def _quiet(on: bool) -> Iterator[None]:
 
 
 def _annotate_chunk(reader: ChunkedH5ad, start: int, stop: int, ckpt: Checkpoint, net: Any, rule: NoveltyRule, stats: Any,
-                    batch_size: int, device: torch.device, num_workers: int, species: str, quiet: bool) -> tuple[dict[str, np.ndarray], Any]:
-    from model.novelty import novelty_scores
-
+                    batch_size: int, device: torch.device, num_workers: int, species: str, quiet: bool,
+                    recheck_margin: float | None) -> tuple[dict[str, np.ndarray], Any]:
     with _quiet(quiet):
         prepared, rep = ckpt.prepare(reader.chunk(start, stop), what=str(reader.path), species=species)
-    out = predict_outputs(net, CellDataset(prepared.X, ckpt.config.bin_num), batch_size, device, embed=True, features=stats is not None,
-                          progress=False, num_workers=num_workers)
-    scores = novelty_scores(out["probs"], out["logits"], out.get("features"), out["embedding"], stats)
+    out, scores, rechecked = score_cells(net, CellDataset(prepared.X, ckpt.config.bin_num), stats, rule, batch_size, device,
+                                         progress=False, num_workers=num_workers, recheck_margin=recheck_margin)
     classes = list(ckpt.classes or [])
     labels, raw, conf = assign_labels(out["probs"], classes, rule, scores.get(rule.score))
     score = scores.get(rule.score, 1.0 - conf.astype(np.float64))
@@ -102,7 +110,7 @@ def _annotate_chunk(reader: ChunkedH5ad, start: int, stop: int, ckpt: Checkpoint
     return {
         "probabilities": out["probs"].astype(np.float32), "embedding": out["embedding"].astype(np.float32),
         "label": np.array([code[v] for v in labels], dtype=np.int32), "raw": np.array([code[v] for v in raw], dtype=np.int32),
-        "confidence": conf.astype(np.float32), "novelty": np.asarray(score, dtype=np.float32),
+        "confidence": conf.astype(np.float32), "novelty": np.asarray(score, dtype=np.float32), "rechecked": np.array(rechecked),
     }, rep
 
 
@@ -132,6 +140,7 @@ def annotate_h5ad(
     species: str = "auto",
     num_workers: int = 0,
     progress: bool = True,
+    recheck_margin: float | None = RECHECK_MARGIN,
 ) -> StreamedAnnotation | None:
     """Annotate the ``.h5ad`` at ``path`` a chunk of ``chunk_size`` cells at a time into ``out``
     (and the table ``csv``), with the same outputs as annotating it in memory. Under torchrun
@@ -161,7 +170,7 @@ def annotate_h5ad(
         def annotated() -> Iterator[dict[str, np.ndarray]]:
             for k in mine:
                 part, rep = _annotate_chunk(reader, starts[k], min(n, starts[k] + chunk_size), ckpt, net, rule, stats, batch_size,
-                                            torch.device(device), num_workers, species, quiet=bool(reps))
+                                            torch.device(device), num_workers, species, bool(reps), recheck_margin)
                 if not reps:
                     reps.append(rep)  # the first chunk's report stands for all (the others differ only in their cell counts)
                 release_memory()  # the chunk's matrices are freed: give their heap pages back, or they pile up chunk after chunk
@@ -188,8 +197,10 @@ def annotate_h5ad(
                 writer = H5adCopy(path, tmp_out)
                 stack.callback(writer.close)
                 table = stack.enter_context(atomic_path(csv)) if csv is not None else None
+                rechecked = 0
                 for k, part in enumerate(chunks):
                     start, stop = starts[k], starts[k] + len(part["label"])
+                    rechecked += int(part["rechecked"])
                     writer.write_rows(keys.probabilities, start, part["probabilities"])
                     writer.write_rows(keys.embedding, start, part["embedding"])
                     for key, arr in kept.items():
@@ -214,4 +225,5 @@ def annotate_h5ad(
                 shutil.rmtree(parts, ignore_errors=True)
     return StreamedAnnotation(labels=names[kept["label"]], labels_raw=names[kept["raw"]], confidence=kept["confidence"],
                               novelty_score=kept["novelty"], classes=classes, rule=rule, model=ckpt.source, preprocessing=prep,
-                              seconds=time.time() - t0, n_chunks=len(starts), chunk_size=chunk_size)
+                              seconds=time.time() - t0, n_chunks=len(starts), chunk_size=chunk_size,
+                              rechecked=rechecked if net.options.precision != "fp32" and recheck_margin else None)

@@ -465,10 +465,14 @@ def test_output_path_that_cannot_be_created(base: dict, tmp_path: Path, capsys: 
 # --------------------------------------------------------------------------- daily use
 def test_predict_and_preprocess_keep_a_run_record(base: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     fn, argv = _argv("predict", base, base["dir"] / "raw.h5ad", tmp_path / "p.h5ad")
-    expect_success(fn, argv, capsys)
+    expect_success(fn, [*argv, "--plots", "true"], capsys)
     rec = tmp_path / "p_run"
     for name in ("config.json", "log.txt", "metrics.json", "summary.txt", "predictions.png", "confusion_matrix.png"):
         assert (rec / name).is_file(), name
+    # --plots auto (the default) skips them for a query this small (24 cells) and says so
+    expect_success(fn, [*argv, "--overwrite", "--run-dir", str(tmp_path / "q_run")], capsys)
+    assert (tmp_path / "q_run" / "summary.txt").is_file() and not (tmp_path / "q_run" / "predictions.png").exists()
+    assert "plots skipped" in (tmp_path / "q_run" / "log.txt").read_text()
     config = json.loads((rec / "config.json").read_text())
     assert config["args"]["model"].endswith("clf.pt") and "git_commit" in config["environment"]
     m = json.loads((rec / "metrics.json").read_text())

@@ -221,7 +221,8 @@ def test_backed_prediction_equals_the_in_memory_one(setup: dict, tmp_path: Path)
     d = setup["dir"]
     for name, extra in (("plain", []), ("layer", ["--layer", "counts"])):
         data = d / f"{name}.h5ad"
-        common = ["--data", str(data), "--model", str(d / "clf.pt"), "--quiet", "--batch-size", "4", "--label-key", "celltype", *extra]
+        common = ["--data", str(data), "--model", str(d / "clf.pt"), "--quiet", "--batch-size", "4", "--label-key", "celltype", "--plots", "true",
+                  *extra]
         predict.main([*common, "--out", str(tmp_path / f"{name}_mem.h5ad"), "--csv", str(tmp_path / f"{name}_mem.csv"), "--backed", "false"])
         predict.main([*common, "--out", str(tmp_path / f"{name}_str.h5ad"), "--csv", str(tmp_path / f"{name}_str.csv"), "--backed",
                       "--chunk-size", "6"])

@@ -185,3 +185,33 @@ def test_checkpoint_card(calibrated: Path, capsys: pytest.CaptureFixture) -> Non
     assert info_main([str(LEGACY / "classifier.pt")]) == 0
     assert "no calibration" in capsys.readouterr().out
     assert info_main([str(calibrated / "missing.pt")]) == 2
+
+
+def test_near_decision_finds_close_calls() -> None:
+    from model.inference import near_decision
+
+    probs = np.array([[0.50, 0.48, 0.02], [0.90, 0.05, 0.05], [0.60, 0.30, 0.10], [0.52, 0.40, 0.08]])
+    assert near_decision(probs, None, None, 0.05).tolist() == [True, False, False, False]
+    published = NoveltyRule.published(0.5)  # softmax score 1 - top, cutoff 0.5: absolute band
+    assert near_decision(probs, published, None, 0.05).tolist() == [True, False, False, True]
+    rule = NoveltyRule("mahalanobis", 100.0)  # relative band: 95..105
+    assert near_decision(probs, rule, np.array([10.0, 96.0, 104.9, 200.0]), 0.05).tolist() == [True, True, True, False]
+
+
+def test_bf16_recheck_gives_the_fp32_labels(calibrated: Path, pbmc_small: Path) -> None:
+    from model.nn.config import ExecutionOptions
+
+    ckpt = load_checkpoint(calibrated / "ft" / "model.pt")
+    adata = ad.read_h5ad(pbmc_small)
+    ref = annotate(adata, ckpt, progress=False, options=ExecutionOptions(precision="fp32"))
+    assert ref.rechecked is None
+    every = annotate(adata, ckpt, progress=False, options=ExecutionOptions(precision="bf16"), recheck_margin=1.0)
+    assert every.rechecked == adata.n_obs  # a margin of 1 re-scores every cell: the float32 outputs, batch rounding aside
+    np.testing.assert_allclose(every.probabilities, ref.probabilities, atol=1e-5)
+    np.testing.assert_allclose(every.novelty_score, ref.novelty_score, rtol=1e-4)
+    assert (every.labels == ref.labels).all()
+    off = annotate(adata, ckpt, progress=False, options=ExecutionOptions(precision="bf16"), recheck_margin=0)
+    assert off.rechecked is None and not np.array_equal(off.probabilities, ref.probabilities)
+    default = annotate(adata, ckpt, progress=False, options=ExecutionOptions(precision="bf16"))
+    assert 0 <= default.rechecked < adata.n_obs
+    assert default.report()[0]["rechecked_fp32"] == default.rechecked

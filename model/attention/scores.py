@@ -82,19 +82,28 @@ def received_from_qk(q: Tensor, k: Tensor, projection_matrix: Tensor, heads: int
 
     ``q``, ``k``: (batch, n, heads * dim_head) outputs of ``to_q`` / ``to_k``. Returns (batch, n)
     column sums of the row-normalised FAVOR+ attention matrix (not divided by n).
+
+    One (cell, head) slice at a time: the (n x features) feature maps of a single slice are the
+    largest tensors (18 MB at 16,907 genes), whatever the batch size. ``softmax_kernel`` takes the
+    key maximum over a whole slice, so slice by slice is the same computation as all at once.
     """
     b, n, hd = q.shape
     if hd % heads:
         raise ValueError(f"projection width {hd} is not a multiple of {heads} heads")
-    q = q.float().reshape(b, n, heads, hd // heads).transpose(1, 2)
-    k = k.float().reshape(b, n, heads, hd // heads).transpose(1, 2)
+    d = hd // heads
     proj = projection_matrix.float()
-    qp = softmax_kernel(q, projection_matrix=proj, is_query=True)  # (b, h, n, m)
-    kp = softmax_kernel(k, projection_matrix=proj, is_query=False)
-    row_norm = qp @ kp.sum(dim=-2).unsqueeze(-1)  # D_i, (b, h, n, 1)
-    w = (qp / row_norm).sum(dim=-2)  # sum_i q'_i / D_i, (b, h, m)
-    col = (kp @ w.unsqueeze(-1)).squeeze(-1)  # (b, h, n)
-    return col.mean(dim=1)
+    out = torch.zeros(b, n, dtype=torch.float32, device=q.device)
+    for i in range(b):
+        for h in range(heads):
+            qh = q[i, :, h * d : (h + 1) * d].float()[None, None]  # (1, 1, n, d): the kernel's layout
+            kh = k[i, :, h * d : (h + 1) * d].float()[None, None]
+            qp = softmax_kernel(qh, projection_matrix=proj, is_query=True)[0, 0]  # (n, m)
+            kp = softmax_kernel(kh, projection_matrix=proj, is_query=False)[0, 0]
+            row_norm = qp @ kp.sum(dim=0)  # D_i, (n,)
+            w = (qp / row_norm[:, None]).sum(dim=0)  # sum_i q'_i / D_i, (m,)
+            out[i] += kp @ w
+            del qp, kp
+    return out / heads
 
 
 class _Done(Exception):

@@ -16,6 +16,8 @@ from model.inference import annotate
 
 log = logging.getLogger("scbert")
 
+MIN_PLOT_CELLS = 100  # --plots auto: smaller queries get no plots (drawing them costs about a second, mostly importing matplotlib)
+
 
 def _available_memory() -> int | None:
     try:
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> None:
             result = annotate_h5ad(args.data, ckpt, out, source=cell_source(args), threshold=None if args.novel_type is False else args.threshold,
                                    novelty=args.novelty, reject_rate=args.reject_rate, batch_size=args.batch_size, device=device,
                                    options=execution_options(args), chunk_size=args.chunk_size, csv=args.csv, num_workers=args.num_workers,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, recheck_margin=args.fp32_recheck)
             if not main:
                 distributed.shutdown()
                 return
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> None:
             threshold = None if args.novel_type is False else args.threshold
             result = annotate(select_cells(adata, cell_source(args), str(args.data)), ckpt, threshold, args.batch_size, device,
                               execution_options(args), progress=not args.quiet, num_workers=args.num_workers, novelty=args.novelty,
-                              reject_rate=args.reject_rate)
+                              reject_rate=args.reject_rate, recheck_margin=args.fp32_recheck)
             if args.majority_voting:
                 clusters = None
                 if args.over_clustering:
@@ -94,7 +96,10 @@ def run(args: argparse.Namespace) -> None:
                     clusters = adata.obs[args.over_clustering].astype(str).to_numpy()
                 result.vote(clusters)
         metrics, lines = result.report(truth)
-        result.to_plots(run_dir, truth)
+        if args.plots == "true" or (args.plots == "auto" and result.n_cells >= MIN_PLOT_CELLS):
+            result.to_plots(run_dir, truth)
+        elif args.plots == "auto":
+            log.info("plots skipped for a query of %d cells (--plots true draws them)", result.n_cells)
         how = f", a chunk of {result.chunk_size} cells at a time over {result.n_chunks} chunks" if backed else ""
         lines.insert(0, f"annotated {result.n_cells} cells in {result.seconds:.1f} s ({result.n_cells / max(result.seconds, 1e-9):.1f} cells/s{how}"
                      + (f", {info.world_size} processes" if info.enabled else "") + ")")
