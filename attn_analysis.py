@@ -13,7 +13,9 @@ from model.cli.args import (
     add_precision,
     add_published_args,
     parser,
+    positive_float,
     positive_int,
+    str2bool,
 )
 
 EXAMPLE = """
@@ -56,13 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "MSigDB C2 canonical pathways), file paths, or 'none'")
     g.add_argument("--min-set-size", type=positive_int, default=5, help="test only gene sets with at least this many model genes (default: 5)")
     g.add_argument("--max-set-size", type=positive_int, default=500, help="... and at most this many (default: 500)")
-    add_bool(p, "--backed", default=False,
-             help="read only the scored cells from the .h5ad (labels first, then the --max-cells-per-type drawn cells), not the whole "
-             "matrix: for files larger than memory (same scores; not with --umap)")
+    p.add_argument("--backed", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                   help="read only the scored cells from the .h5ad (labels first, then the --max-cells-per-type drawn cells), not the "
+                   "whole matrix, so that memory does not grow with the file (same scores; not with --umap). Default: auto = for every "
+                   ".h5ad input unless --umap")
     g = p.add_argument_group("output and run")
     g.add_argument("--heatmap-genes", type=positive_int, default=10, help="top genes per cell type shown in the heatmap (default: 10)")
     add_bool(g, "--umap", default=False, help="also plot a UMAP of the model's cell embeddings of all cells, coloured by label and prediction (needs a fine-tuned model)")
-    add_batch_size(g, 16)
+    add_batch_size(g, 16, "cells per forward pass, at most: lowered to fit --max-memory")
+    g.add_argument("--max-memory", type=positive_float, default=0.5, metavar="GB",
+                   help="working memory of one batch of the attention pass, in GB: at the published 16,906 genes a cell takes ~0.4 GB, "
+                   "so batches hold one cell and the whole run stays under ~1.5 GB (default: 0.5)")
     g.add_argument("--seed", type=int, default=0, help="random seed for the cell subsample and the UMAP (default: 0)")
     add_device(g)
     add_precision(g)

@@ -284,3 +284,38 @@ def test_subsample_per_type() -> None:
     np.testing.assert_array_equal(idx, analysis.subsample_per_type(labels, 3, seed=0))
     assert len(analysis.subsample_per_type(labels, 0, seed=0)) == 9
     assert math.isclose(analysis.mean_by_group(sparse.csr_matrix(np.eye(3)), np.array(["x", "y", "x"]), ["x", "y"])[0, 0], 0.5)
+
+
+def test_slice_by_slice_scores_equal_the_batched_formula() -> None:
+    """The (cell, head) slices give the same column sums as the whole (batch, heads, n, m) tensors."""
+    from performer_pytorch.performer_pytorch import softmax_kernel
+
+    from model.attention.scores import received_from_qk
+
+    g = torch.Generator().manual_seed(0)
+    b, n, heads, d, m = 3, 257, 4, 16, 40
+    q, k = torch.randn(b, n, heads * d, generator=g), torch.randn(b, n, heads * d, generator=g)
+    proj = torch.randn(m, d, generator=g)
+    qh, kh = (x.reshape(b, n, heads, d).transpose(1, 2) for x in (q, k))
+    qp = softmax_kernel(qh, projection_matrix=proj, is_query=True)
+    kp = softmax_kernel(kh, projection_matrix=proj, is_query=False)
+    w = (qp / (qp @ kp.sum(dim=-2).unsqueeze(-1))).sum(dim=-2)
+    expected = (kp @ w.unsqueeze(-1)).squeeze(-1).mean(dim=1)
+    torch.testing.assert_close(received_from_qk(q, k, proj, heads), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_batch_size_fits_the_memory_budget(tiny_run: dict) -> None:
+    from model.attention.scores import cell_working_bytes, fit_batch_size
+    from model.nn.config import ScBERTConfig
+
+    published = ScBERTConfig(n_genes=16906, dim=200, depth=6, heads=10, dim_head=64)
+    assert 0.3 * 2**30 < cell_working_bytes(published) < 0.5 * 2**30
+    assert fit_batch_size(published, 0.5, 16) == 1 and fit_batch_size(published, None, 16) == 16
+    assert fit_batch_size(ScBERTConfig(n_genes=4000, dim=200, depth=6, heads=10, dim_head=64), 0.5, 16) == 5
+    d = tiny_run["dir"]
+    attn_analysis.main([*tiny_run["common"], "--model", str(d / "pre.pt"), "--out", str(d / "budget"), "--max-memory", "1e-5"])
+    assert "attention batches of 1 cells" in (d / "budget" / "log.txt").read_text()
+    a = pd.read_csv(d / "budget" / "attention_top_genes.csv")
+    b = pd.read_csv(tiny_run["bundled"] / "attention_top_genes.csv")
+    np.testing.assert_allclose(a["score"], b["score"], rtol=1e-6, atol=1e-9)
+    assert list(a["gene"]) == list(b["gene"])

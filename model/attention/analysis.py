@@ -19,7 +19,7 @@ import torch
 
 from data import genesets as gs
 from data.io import InputError
-from model.attention.scores import Layer, mean_attention_by_group, resolve_layers, top_genes
+from model.attention.scores import Layer, cell_working_bytes, fit_batch_size, mean_attention_by_group, resolve_layers, top_genes
 from model.checkpoint import Checkpoint
 from model.nn.config import ExecutionOptions
 
@@ -74,7 +74,8 @@ class AttentionSettings:
     gmt: list[Path] = field(default_factory=list)
     min_set_size: int = 5
     max_set_size: int = 500
-    batch_size: int = 16
+    batch_size: int = 16  # at most; lowered to fit max_memory_gb
+    max_memory_gb: float | None = 0.5  # working memory of a batch (cell_working_bytes); None: no bound
     seed: int = 0
 
 
@@ -197,7 +198,11 @@ def analyse_attention(ckpt: Checkpoint, cells: ad.AnnData, labels: Sequence[str]
     genes = list(ckpt.genes)
     log.info("scoring attention (%s) on %d of %d cells, %d cell types, %d genes", layer_desc, len(sel), len(labels), len(set(labels)), len(genes))
     t0 = time.time()
-    types, scores, counts = mean_attention_by_group(net, prepared.X[sel], labels[sel], layers, s.batch_size, device, progress=progress)
+    batch_size = fit_batch_size(ckpt.config, s.max_memory_gb, s.batch_size)
+    if batch_size < s.batch_size:
+        log.info("attention batches of %d cells (of --batch-size %d) keep the working memory within --max-memory %.2g GB (%.0f MB a cell "
+                 "at %d genes)", batch_size, s.batch_size, s.max_memory_gb, cell_working_bytes(ckpt.config) / 2**20, ckpt.config.n_genes)
+    types, scores, counts = mean_attention_by_group(net, prepared.X[sel], labels[sel], layers, batch_size, device, progress=progress)
     seconds = time.time() - t0
     n_cells = dict(zip(types, map(int, counts)))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -184,6 +185,23 @@ def _batches(model: ScBERT, X: sparse.csr_matrix, layer: Layer, batch_size: int,
     for idx, out in run_batches(model, CellDataset(X, model.config.bin_num), scores, batch_size, torch.device(device), progress=progress,
                                 desc=desc):
         yield idx, out["scores"].numpy()
+
+
+def cell_working_bytes(config: Any) -> int:
+    """Bytes one cell of a batch holds at the peak of a forward pass with attention hooks, in
+    float32: the residual stream and its LayerNorm, q, k, v, the heads' output and the block's
+    output, the feed-forward hidden layer twice (linear, GELU) and the q, k the hooks keep."""
+    hd = config.heads * config.dim_head
+    per_token = 3 * config.dim + 4 * hd + 2 * 4 * config.dim + 2 * hd
+    return 4 * config.seq_len * per_token
+
+
+def fit_batch_size(config: Any, max_memory_gb: float | None, batch_size: int) -> int:
+    """``batch_size``, lowered (to at least 1) so that a batch's working memory
+    (:func:`cell_working_bytes`) stays within ``max_memory_gb`` (None: no bound)."""
+    if max_memory_gb is None:
+        return batch_size
+    return max(1, min(batch_size, int(max_memory_gb * 2**30 // cell_working_bytes(config))))
 
 
 def mean_attention_by_group(model: ScBERT, X: sparse.csr_matrix, groups: Sequence[str], layer: Layer = -1,

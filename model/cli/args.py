@@ -37,6 +37,16 @@ def positive_int(value: str) -> int:
     return n
 
 
+def positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {value!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {x}")
+    return x
+
+
 def fraction(value: str) -> float:
     try:
         x = float(value)

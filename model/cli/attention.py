@@ -47,13 +47,15 @@ def run(args: argparse.Namespace) -> None:
             layer=args.layer, max_cells_per_type=args.max_cells_per_type, top_k=args.top_k,
             markers=resolve_gene_set_file(args.markers, BUNDLED_MARKERS), species=args.species,
             celltype_map=_existing(args.celltype_map), gmt=[p for p in gmt if p],
-            min_set_size=args.min_set_size, max_set_size=args.max_set_size, batch_size=args.batch_size, seed=args.seed)
+            min_set_size=args.min_set_size, max_set_size=args.max_set_size, batch_size=args.batch_size, max_memory_gb=args.max_memory,
+            seed=args.seed)
         ckpt = load_checkpoint(args.model, **published_names(args))
         if args.umap and not ckpt.is_classifier:
             raise InputError(f"--umap colours cells by the model's predictions, but {args.model} is a pretrained (not fine-tuned) model; drop --umap or use a fine-tuned model")
         if args.backed and args.umap:
             raise InputError("--umap embeds every cell, which --backed avoids reading: drop one of them")
-        if args.backed:
+        backed = args.backed if args.backed is not None else (Path(args.data).suffix.lower() == ".h5ad" and not args.umap)
+        if backed:
             from data.chunks import ChunkedH5ad, read_obs_column
 
             column = read_obs_column(args.data, args.label_key)
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
             log.warning("%d cells have no %s label and are left out", int((~known).sum()), args.label_key)
         labels = column[known].astype(str).to_numpy()
         device, options = resolve_device(args.device), execution_options(args)
-        if args.backed:  # draw the scored cells first, then read only them
+        if backed:  # draw the scored cells first, then read only them
             sel = subsample_per_type(labels, args.max_cells_per_type, args.seed)
             with ChunkedH5ad(args.data, cell_source(args)) as reader:
                 labelled = reader.take(np.flatnonzero(known)[sel])
