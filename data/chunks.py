@@ -39,11 +39,18 @@ def _encoding(elem: Any) -> str:
 def read_obs_column(path: str | Path, key: str, file: h5py.File | None = None) -> pd.Series:
     """One column of an ``.h5ad``'s ``obs`` for all cells, without reading the rest of the file
     (a categorical column as codes and categories)."""
-    with contextlib.nullcontext(file) if file is not None else h5py.File(path, "r") as f:
+    if file is None:
+        try:
+            file = h5py.File(path, "r")
+        except OSError as e:
+            raise InputError(f"could not read {path}: {e}. Is it a complete .h5ad file?") from None
+        with file:
+            return read_obs_column(path, key, file)
+    with contextlib.nullcontext(file) as f:
         obs = f["obs"]
         if key not in obs:
             cols = [str(c) for c in obs.attrs.get("column-order", [])]
-            raise InputError(f"column {key!r} is not in obs of {path}; available columns: {cols}")
+            raise InputError(f"{key!r} is not a column of obs in {path}; available columns: {cols}")
         return pd.Series(read_elem(obs[key]), name=key)
 
 

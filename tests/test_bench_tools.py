@@ -44,3 +44,13 @@ def test_bench_gpu_runs_on_cpu(tmp_path: Path) -> None:
         assert res["predict"]["cells_per_s"] > 0 and res["finetune"]["cells_per_s"] > 0 and res["pretrain"]["cells_per_s"] > 0
         assert 0 < res["predict"]["fraction_of_peak"]
     assert "| fast |" in out_md.read_text()
+
+
+def test_bench_attention_rss_runs(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_attention_rss
+
+    out = tmp_path / "a.json"
+    bench_attention_rss.main(["--genes", "60", "--cases", "12:1", "--json", str(out)])
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["scored_cells"] == 4 and case["peak_rss_mb"] > 0 and case["seconds"] > 0

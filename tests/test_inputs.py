@@ -262,7 +262,7 @@ def test_backed_fine_tuning_equals_the_in_memory_one(setup: dict, tmp_path: Path
         torch.testing.assert_close(a.state_dict[k], b.state_dict[k], rtol=0, atol=1e-6, msg=k)
     m1, m2 = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("mem", "disk"))
     assert m1["accuracy"] == m2["accuracy"] and m1["novelty"]["thresholds"] == pytest.approx(m2["novelty"]["thresholds"])
-    expect_error(finetune.main, [*tiny, "--out", str(tmp_path / "x"), "--backed", "--label-key", "nope"], capsys, "'nope' is not in obs")
+    expect_error(finetune.main, [*tiny, "--out", str(tmp_path / "x"), "--backed", "--label-key", "nope"], capsys, "'nope' is not a column of obs")
     expect_error(finetune.main, [*tiny, "--out", str(tmp_path / "y"), "--backed", "--layer", "counts"], capsys, "preprocess.py")
 
 

@@ -38,6 +38,14 @@ def _existing(path: str | None) -> Path | None:
     return Path(path)
 
 
+def _backed_by_default(path: Path, umap: bool) -> bool:
+    """--backed auto: an HDF5 .h5ad without --umap (anything else is read whole, where the reader
+    explains what is wrong with a file that is not one)."""
+    import h5py
+
+    return not umap and path.suffix.lower() == ".h5ad" and path.is_file() and path.stat().st_size > 0 and h5py.is_hdf5(path)
+
+
 def run(args: argparse.Namespace) -> None:
     t0 = time.time()
     out = start_run(args.out, args, protected=("attention_top_genes.csv",))
@@ -54,11 +62,13 @@ def run(args: argparse.Namespace) -> None:
             raise InputError(f"--umap colours cells by the model's predictions, but {args.model} is a pretrained (not fine-tuned) model; drop --umap or use a fine-tuned model")
         if args.backed and args.umap:
             raise InputError("--umap embeds every cell, which --backed avoids reading: drop one of them")
-        backed = args.backed if args.backed is not None else (Path(args.data).suffix.lower() == ".h5ad" and not args.umap)
+        backed = args.backed if args.backed is not None else _backed_by_default(Path(args.data), args.umap)
         if backed:
             from data.chunks import ChunkedH5ad, read_obs_column
 
             column = read_obs_column(args.data, args.label_key)
+            if column.empty:
+                raise InputError(f"{args.data} holds 0 cells: nothing to work on")
         else:
             raw = read_cells(args.data, source=cell_source(args))
             column = label_column(raw, args.label_key, args.data)
