@@ -242,3 +242,88 @@ def read_labelled_on_disk(path: str | Path, genes: Sequence[str] | None, label_k
             log.warning("WARNING: %s holds only %.0f%% of the %d vocabulary genes; the others are treated as not expressed",
                         name, 100 * frac, len(corpus.genes))
     return corpus, read_obs_column(path, label_key)
+
+
+# --------------------------------------------------------------------------------------------
+# A pretraining corpus built from several files onto one vocabulary
+# --------------------------------------------------------------------------------------------
+
+CORPUS_KEY = "scbert_corpus"  # uns: the per-file report of build_corpus (JSON)
+
+
+@dataclass
+class CorpusFile:
+    """What one input file gave a corpus: its cells (read, kept), its genes, and which vocabulary
+    genes it measures. A vocabulary gene the file does not measure is all zeros in its cells, where
+    pretraining sees it as not expressed and never masks or scores it (only expressed genes are
+    masked; ``model.train.pretraining.UNMEASURED_GENES``)."""
+
+    path: str
+    cells_in: int
+    cells_kept: int
+    genes_in: int
+    vocab_present: int
+    unmeasured: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__, n_unmeasured=len(self.unmeasured))
+
+    def line(self, vocab_size: int) -> str:
+        ex = ", ".join(self.unmeasured[:5]) + (", ..." if len(self.unmeasured) > 5 else "")
+        return (f"{Path(self.path).name}: {self.cells_kept} of {self.cells_in} cells kept, {self.genes_in} genes; "
+                f"{self.vocab_present} of {vocab_size} vocabulary genes measured, {len(self.unmeasured)} not" + (f" ({ex})" if ex else ""))
+
+
+def build_corpus(paths: Sequence[str | Path], genes: Sequence[str] | None = None, min_genes: int | None = MIN_GENES,
+                 species: str = "auto", library_size: str = "all", source: CellSource | None = None,
+                 progress: bool = True) -> tuple[Any, list[CorpusFile]]:
+    """The cells of ``paths`` preprocessed onto one vocabulary, stacked (``obs['source_file']``),
+    and a report per file. ``genes``: the vocabulary; None: the genes every file measures (after
+    symbol revision), in the first file's order. The AnnData carries preprocess.py's marker (so
+    ``pretrain.py`` and ``--backed`` take it as it is) and the report as JSON in ``uns['scbert_corpus']``."""
+    import json
+
+    import anndata as ad
+    from tqdm.auto import tqdm
+
+    from data.io import DEFAULT_SOURCE, read_cells
+    from data.preprocess import align_to_genes, prepare
+
+    if not paths:
+        raise InputError("no input files: give the files of the corpus")
+    if genes is None and library_size == "vocab":
+        raise InputError("library sizes over the vocabulary need the vocabulary first: give one, or use library_size 'all'")
+    parts: list[tuple[Any, int, int, list[str] | None]] = []  # prepared cells, cells in, genes in, unmeasured vocabulary genes
+    for path in tqdm(list(paths), desc="corpus files", unit="file", disable=not progress):
+        raw = read_cells(path, source=source or DEFAULT_SOURCE)
+        adata, rep = prepare(raw, genes=genes, min_genes=None if PREP_KEY in raw.uns else min_genes, what=str(path), species=species,
+                             library_size=library_size)
+        parts.append((adata, raw.n_obs, raw.n_vars, rep.missing_genes if genes is not None else None))
+    if genes is None:  # the genes every file measures; each file is on its own revised genes so far
+        common = set(parts[0][0].var_names).intersection(*(set(a.var_names) for a, *_ in parts[1:]))
+        genes = [g for g in parts[0][0].var_names if g in common]
+        if not genes:
+            raise InputError("the files share no gene (after symbol revision): are they of the same species, named by symbol?")
+        parts = [(_realigned(a, genes, align_to_genes), n, g, []) for a, n, g, _ in parts]
+    genes = list(genes)
+    reports = [CorpusFile(str(path), n_in, a.n_obs, g_in, len(genes) - len(missing or []), list(missing or []))
+               for (a, n_in, g_in, missing), path in zip(parts, paths)]
+    X = sparse.vstack([a.X for a, *_ in parts], format="csr")
+    obs = ad.concat([ad.AnnData(obs=a.obs) for a, *_ in parts], join="outer", label="source_file",
+                    keys=[Path(p).name for p in paths], index_unique="-").obs
+    out = ad.AnnData(X=X, obs=obs)
+    out.var_names = genes
+    out.uns[PREP_KEY] = parts[0][0].uns[PREP_KEY]
+    out.uns[CORPUS_KEY] = json.dumps({"vocabulary": len(genes), "files": [r.to_dict() for r in reports]})
+    return out, reports
+
+
+def _realigned(adata: Any, genes: list[str], align: Any) -> Any:
+    """``adata`` (prepared on its own genes, a superset of ``genes``) with its columns re-ordered to ``genes``."""
+    import anndata as ad
+
+    X, _ = align(sparse.csr_matrix(adata.X), list(adata.var_names), genes)
+    out = ad.AnnData(X=X, obs=adata.obs)
+    out.var_names = genes
+    out.uns[PREP_KEY] = adata.uns[PREP_KEY]
+    return out

@@ -198,9 +198,10 @@ class PrepReport:
     warnings: list[str] = field(default_factory=list)
     symbols_species: str = "human"
     library_size: str = "all"
+    missing_genes: list[str] = field(default_factory=list, repr=False)  # vocabulary genes the input does not measure (not in to_dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
+        return {k: v for k, v in self.__dict__.items() if k != "missing_genes"}
 
     def lines(self, with_warnings: bool = True) -> list[str]:
         """Readable lines; ``with_warnings=False`` for a log that has shown the warnings already."""
@@ -363,6 +364,8 @@ def prepare(
     if genes is not None:
         X, present = align_to_genes(X, names, genes)
         rep.vocab_size, rep.vocab_present = len(genes), present
+        measured = set(names)
+        rep.missing_genes = [g for g in genes if g not in measured]
         if present == 0:
             raise InputError(
                 f"none of the {len(genes)} vocabulary genes occurs in {what}. {naming_hint(adata.var_names)}Are the genes "

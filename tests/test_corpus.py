@@ -86,3 +86,54 @@ def test_backed_pretraining_equals_in_memory(shards: tuple[Path, Path, Path], tm
     assert max_diff(model_state(tmp_path / "mem" / "model.pt"), model_state(tmp_path / "disk" / "model.pt")) < 1e-6
     m = json.loads((tmp_path / "disk" / "metrics.json").read_text())
     assert m["n_cells_train"] + m["n_cells_val"] == 48
+
+
+def _counts_file(path: Path, genes: list[str], n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    X = sparse.csr_matrix(rng.poisson(1.5, (n, len(genes))).astype(np.float32))
+    a = ad.AnnData(X=X)
+    a.var_names = genes
+    a.obs_names = [f"{path.stem}_{i}" for i in range(n)]
+    a.write_h5ad(path)
+    return path
+
+
+def test_build_corpus_reports_unmeasured_genes_and_pretraining_never_scores_them(tmp_path: Path) -> None:
+    import torch
+
+    from data.corpus import CORPUS_KEY, build_corpus
+    from data.dataset import IGNORE_INDEX, mask_tokens, tokenize_rows
+    from model.checkpoint import load_checkpoint
+
+    sys_path = Path(__file__).resolve().parents[1] / "scripts"
+    import sys
+
+    sys.path.insert(0, str(sys_path))
+    import build_corpus as script
+
+    from data.genes import load_gene_table
+
+    names = sorted(g for g in load_gene_table().symbols if g.isalnum() and g.isupper() and len(g) > 3)[:70]
+    a = _counts_file(tmp_path / "a.h5ad", names[:60], 30, 0)  # does not measure GENE60..69
+    b = _counts_file(tmp_path / "b.h5ad", names[10:], 25, 1)  # does not measure GENE0..9
+    shared, files = build_corpus([a, b], min_genes=None, progress=False)
+    assert list(shared.var_names) == names[10:60] and all(not f.unmeasured for f in files)
+    (tmp_path / "vocab.txt").write_text("\n".join(names) + "\n")
+    script.main(["--data", str(a), str(b), "--out", str(tmp_path / "corpus.h5ad"), "--vocab", str(tmp_path / "vocab.txt"),
+                 "--min-genes", "0"])
+    corpus = ad.read_h5ad(tmp_path / "corpus.h5ad")
+    report = json.loads(corpus.uns[CORPUS_KEY])["files"]
+    assert [r["unmeasured"] for r in report] == [names[60:], names[:10]]
+    assert [r["cells_kept"] for r in report] == [30, 25] and [r["vocab_present"] for r in report] == [60, 60]
+    assert list(corpus.obs["source_file"].unique()) == ["a.h5ad", "b.h5ad"]
+    X = sparse.csr_matrix(corpus.X)
+    from_b = np.flatnonzero((corpus.obs["source_file"] == "b.h5ad").to_numpy())
+    assert X[from_b][:, :10].nnz == 0 and X[:30][:, 60:].nnz == 0
+    tokens = tokenize_rows(X, from_b, 5)
+    for seed in range(5):
+        _, labels = mask_tokens(tokens, 6, 0.5, generator=torch.Generator().manual_seed(seed))
+        assert (labels[:, :10] == IGNORE_INDEX).all() and (labels != IGNORE_INDEX).any()
+    assert (tmp_path / "corpus_report.tsv").is_file()
+    pretrain.main(["--data", str(tmp_path / "corpus.h5ad"), "--out", str(tmp_path / "pre"), *TINY, "--epochs", "1", "--gene2vec", "none"])
+    training = load_checkpoint(tmp_path / "pre" / "model.pt").training
+    assert "never masked or scored" in training["pretraining"]["unmeasured_genes"]

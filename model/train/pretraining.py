@@ -119,6 +119,12 @@ def evaluate_mlm(
 # --------------------------------------------------------------------------------------------
 
 
+# What pretraining does with a vocabulary gene that a corpus file does not measure (see
+# data.corpus.build_corpus): it enters as bin 0 (not expressed), like a measured zero, and, since only
+# expressed genes are ever masked (data.dataset.mask_tokens), it is never a target and never scored.
+UNMEASURED_GENES = "input as not expressed (bin 0); never masked or scored (only expressed genes are masked)"
+
+
 @dataclass
 class PretrainingSettings:
     """Everything :func:`run_pretraining` needs besides the cells."""
@@ -143,7 +149,8 @@ class PretrainingSettings:
                 "gene2vec": {"spec": self.gene2vec, "genes": self.gene2vec_genes},
                 "recipe": self.recipe,
                 "pretraining": {"mask_prob": self.mask_prob, "replace_prob": self.replace_prob, "val_frac": self.val_frac,
-                                "mask_rounding": self.mask_rounding, "accuracy": self.accuracy},
+                                "mask_rounding": self.mask_rounding, "accuracy": self.accuracy,
+                                "unmeasured_genes": UNMEASURED_GENES},
                 "optimisation": self.train.optimisation(),
                 "execution": {"precision": o.precision, "grad_checkpointing": o.grad_checkpointing, "compile": o.compile},
                 "world_size": distributed.current().world_size}
