@@ -11,7 +11,6 @@ on-disk format, so ``anndata.read_h5ad`` reads it like any other file.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -46,12 +45,11 @@ def read_obs_column(path: str | Path, key: str, file: h5py.File | None = None) -
             raise InputError(f"could not read {path}: {e}. Is it a complete .h5ad file?") from None
         with file:
             return read_obs_column(path, key, file)
-    with contextlib.nullcontext(file) as f:
-        obs = f["obs"]
-        if key not in obs:
-            cols = [str(c) for c in obs.attrs.get("column-order", [])]
-            raise InputError(f"{key!r} is not a column of obs in {path}; available columns: {cols}")
-        return pd.Series(read_elem(obs[key]), name=key)
+    obs = file["obs"]
+    if key not in obs:
+        cols = [str(c) for c in obs.attrs.get("column-order", [])]
+        raise InputError(f"{key!r} is not a column of obs in {path}; available columns: {cols}")
+    return pd.Series(read_elem(obs[key]), name=key)
 
 
 class ChunkedH5ad:

@@ -25,7 +25,7 @@ import pandas as pd
 from scipy import sparse
 
 from data.io import CellSource, InputError
-from data.preprocess import MIN_GENES, PREP_KEY, read_prepared, recorded_library_size
+from data.preprocess import MIN_GENES, PREP_KEY, align_to_genes, prepare, read_prepared, recorded_library_size, stack_cells
 
 log = logging.getLogger("scbert")
 
@@ -283,46 +283,40 @@ def build_corpus(paths: Sequence[str | Path], genes: Sequence[str] | None = None
     ``pretrain.py`` and ``--backed`` take it as it is) and the report as JSON in ``uns['scbert_corpus']``."""
     import json
 
-    import anndata as ad
     from tqdm.auto import tqdm
 
     from data.io import DEFAULT_SOURCE, read_cells
-    from data.preprocess import align_to_genes, prepare
 
     if not paths:
         raise InputError("no input files: give the files of the corpus")
     if genes is None and library_size == "vocab":
         raise InputError("library sizes over the vocabulary need the vocabulary first: give one, or use library_size 'all'")
-    parts: list[tuple[Any, int, int, list[str] | None]] = []  # prepared cells, cells in, genes in, unmeasured vocabulary genes
+    parts: list[tuple[Any, int, int, list[str]]] = []  # prepared cells, cells in, genes in, unmeasured vocabulary genes
     for path in tqdm(list(paths), desc="corpus files", unit="file", disable=not progress):
         raw = read_cells(path, source=source or DEFAULT_SOURCE)
         adata, rep = prepare(raw, genes=genes, min_genes=None if PREP_KEY in raw.uns else min_genes, what=str(path), species=species,
                              library_size=library_size)
-        parts.append((adata, raw.n_obs, raw.n_vars, rep.missing_genes if genes is not None else None))
-    if genes is None:  # the genes every file measures; each file is on its own revised genes so far
+        parts.append((adata, raw.n_obs, raw.n_vars, rep.missing_genes))  # no vocabulary yet: every file is on its own genes
+    if genes is None:  # the genes every file measures, in the first file's order
         common = set(parts[0][0].var_names).intersection(*(set(a.var_names) for a, *_ in parts[1:]))
         genes = [g for g in parts[0][0].var_names if g in common]
         if not genes:
             raise InputError("the files share no gene (after symbol revision): are they of the same species, named by symbol?")
-        parts = [(_realigned(a, genes, align_to_genes), n, g, []) for a, n, g, _ in parts]
+        parts = [(_realigned(a, genes), n, g, missing) for a, n, g, missing in parts]
     genes = list(genes)
-    reports = [CorpusFile(str(path), n_in, a.n_obs, g_in, len(genes) - len(missing or []), list(missing or []))
+    reports = [CorpusFile(str(path), n_in, a.n_obs, g_in, len(genes) - len(missing), list(missing))
                for (a, n_in, g_in, missing), path in zip(parts, paths)]
-    X = sparse.vstack([a.X for a, *_ in parts], format="csr")
-    obs = ad.concat([ad.AnnData(obs=a.obs) for a, *_ in parts], join="outer", label="source_file",
-                    keys=[Path(p).name for p in paths], index_unique="-").obs
-    out = ad.AnnData(X=X, obs=obs)
-    out.var_names = genes
+    out = stack_cells([a for a, *_ in parts], paths, genes)
     out.uns[PREP_KEY] = parts[0][0].uns[PREP_KEY]
     out.uns[CORPUS_KEY] = json.dumps({"vocabulary": len(genes), "files": [r.to_dict() for r in reports]})
     return out, reports
 
 
-def _realigned(adata: Any, genes: list[str], align: Any) -> Any:
+def _realigned(adata: Any, genes: list[str]) -> Any:
     """``adata`` (prepared on its own genes, a superset of ``genes``) with its columns re-ordered to ``genes``."""
     import anndata as ad
 
-    X, _ = align(sparse.csr_matrix(adata.X), list(adata.var_names), genes)
+    X, _ = align_to_genes(sparse.csr_matrix(adata.X), list(adata.var_names), genes)
     out = ad.AnnData(X=X, obs=adata.obs)
     out.var_names = genes
     out.uns[PREP_KEY] = adata.uns[PREP_KEY]

@@ -475,9 +475,15 @@ def read_prepared(paths: Sequence[str | Path], genes: Sequence[str] | None = Non
     assert genes is not None
     if len(parts) == 1:
         return parts[0], list(genes)
+    return stack_cells(parts, paths, genes), list(genes)
+
+
+def stack_cells(parts: Sequence[ad.AnnData], paths: Sequence[str | Path], genes: Sequence[str]) -> ad.AnnData:
+    """The cells of ``parts`` (one per file of ``paths``, all on ``genes``) stacked into one AnnData,
+    ``obs['source_file']`` naming each cell's file (cell names made unique with it)."""
     X = sparse.vstack([p.X for p in parts], format="csr")
     obs = ad.concat([ad.AnnData(obs=p.obs) for p in parts], join="outer", label="source_file",
                     keys=[Path(p).name for p in paths], index_unique="-").obs
     out = ad.AnnData(X=X, obs=obs)
     out.var_names = list(genes)
-    return out, list(genes)
+    return out

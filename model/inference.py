@@ -230,6 +230,11 @@ def predict_distributed(model: ScBERT, ds: CellDataset, batch_size: int, device:
 RECHECK_MARGIN = 0.05
 
 
+def rechecks(options: ExecutionOptions, margin: float | None) -> bool:
+    """Whether :func:`score_cells` re-checks in float32: after a bf16/fp16 pass, with a margin above 0."""
+    return options.precision != "fp32" and bool(margin)
+
+
 def near_decision(probs: np.ndarray, rule: NoveltyRule | None, score: np.ndarray | None, margin: float = RECHECK_MARGIN) -> np.ndarray:
     """Cells whose label could flip under rounding: top-two probability gap below ``margin``, or a
     novelty ``score`` (the rule's; None: 1 - top probability) within ``margin`` of the rule's cutoff
@@ -270,8 +275,7 @@ def score_cells(net: ScBERT, ds: CellDataset, stats: Any, rule: NoveltyRule, bat
         return out, novelty_scores(out["probs"], out["logits"], out.get("features"), out["embedding"], stats, which=wanted)
 
     out, scores = run(ds, progress)
-    low = net.options.precision != "fp32"
-    if not (low and recheck_margin and out):
+    if not (rechecks(net.options, recheck_margin) and out):
         return out, scores, 0
     rows = np.flatnonzero(near_decision(out["probs"], rule, scores.get(rule.score), recheck_margin))
     if len(rows):
@@ -519,7 +523,7 @@ def annotate(
     return AnnotationResult(probabilities=out["probs"], classes=list(ckpt.classes or []), embedding=out["embedding"], rule=rule,
                             cell_names=list(map(str, adata.obs_names)), novelty=scores, model=ckpt.source,
                             preprocessing=rep.to_dict(), seconds=time.time() - t0,
-                            rechecked=rechecked if net.options.precision != "fp32" and recheck_margin else None)
+                            rechecked=rechecked if rechecks(net.options, recheck_margin) else None)
 
 
 def embed(adata: ad.AnnData, model: str | Path | Checkpoint, pooling: str = "mean", batch_size: int = 16,

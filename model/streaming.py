@@ -41,6 +41,7 @@ from model.inference import (
     label_plots,
     label_report,
     novelty_rule,
+    rechecks,
     score_cells,
 )
 from model.nn.config import ExecutionOptions
@@ -226,4 +227,4 @@ def annotate_h5ad(
     return StreamedAnnotation(labels=names[kept["label"]], labels_raw=names[kept["raw"]], confidence=kept["confidence"],
                               novelty_score=kept["novelty"], classes=classes, rule=rule, model=ckpt.source, preprocessing=prep,
                               seconds=time.time() - t0, n_chunks=len(starts), chunk_size=chunk_size,
-                              rechecked=rechecked if net.options.precision != "fp32" and recheck_margin else None)
+                              rechecked=rechecked if rechecks(net.options, recheck_margin) else None)
