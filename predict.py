@@ -19,6 +19,7 @@ from model.cli.args import (
     str2bool,
     threshold_value,
 )
+from model.majority_voting import OVER_CLUSTERING_BASES, VOTING_RULES
 
 EXAMPLE = """
 python predict.py --data query.h5ad --model runs/finetune/model.pt --out query_annotated.h5ad --csv query_labels.csv
@@ -60,8 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool(g, "--majority-voting", default=False,
              help="also give each cell the majority label of its over-cluster (obs['scbert_majority_voting'], as CellTypist)")
     g.add_argument("--over-clustering", default=None,
-                   help="obs column of the over-clustering for --majority-voting (default: Leiden clusters of the scBERT embedding, "
-                   "resolution growing with the number of cells)")
+                   help="obs column of the over-clustering for --majority-voting (default: Leiden clusters, resolution growing with "
+                   "the number of cells, of --over-clustering-basis)")
+    g.add_argument("--over-clustering-basis", choices=OVER_CLUSTERING_BASES, default="expression",
+                   help="what the automatic over-clustering clusters: the cells' expression PCA (default, as CellTypist) or the "
+                   "scBERT embedding")
+    g.add_argument("--voting", choices=VOTING_RULES, default="hard",
+                   help="hard: each cell takes its cluster's most common label (CellTypist); soft: its probabilities are averaged "
+                   "half and half with its cluster's mean, so confident cells keep their label (default: hard)")
     add_bool(g, "--novel_type", "--novel-type", default=True, help="published flag: false never reports Unassigned")
     p.add_argument("--label-key", default=None, help="obs column with known labels: prints accuracy and macro-F1, plots a confusion matrix (default: none)")
     add_batch_size(p, 16)

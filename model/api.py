@@ -68,6 +68,8 @@ def annotate(
     reject_rate: float | None = None,
     majority_voting: bool = False,
     over_clustering: str | None = None,
+    over_clustering_basis: str = "expression",
+    voting: str = "hard",
     batch_size: int = 16,
     device: str = "auto",
     precision: str = "fp32",
@@ -86,7 +88,9 @@ def annotate(
     ``obsm['scbert_probabilities']`` (columns: ``uns['scbert_classes']``), ``obsm['X_scbert']``,
     ``uns['scbert_threshold']``, ``uns['scbert_novelty']`` (the rule) and ``uns['scbert_annotation']``
     (the preprocessing report, JSON); with ``majority_voting`` also ``obs['scbert_majority_voting']``
-    and ``obs['scbert_over_clustering']`` (``over_clustering``: an obs column, default Leiden clusters).
+    and ``obs['scbert_over_clustering']`` (``over_clustering``: an obs column, default Leiden clusters
+    of the cells' expression PCA, ``over_clustering_basis="embedding"``: of the scBERT embedding;
+    ``voting``: ``"hard"`` as CellTypist, ``"soft"`` blends each cell's probabilities with its cluster's).
 
     ``threshold``: ``"auto"`` (calibrated at fine-tuning; the published 0.5 for older models), a
     number (for ``novelty="softmax"``, the default with a number: the top probability below which a
@@ -110,7 +114,7 @@ def annotate(
     result = inference.annotate(cells, ckpt, threshold, batch_size, _device(device), ExecutionOptions(precision=precision),
                                 progress=progress, species=species, novelty=novelty, reject_rate=reject_rate, recheck_margin=fp32_recheck)
     if majority_voting or clusters is not None:
-        result.vote(clusters)
+        result.vote(clusters, basis=over_clustering_basis, voting=voting)
     return result.to_adata(target, key_added)
 
 

@@ -330,6 +330,7 @@ class AnnotationResult:
     over_clustering: np.ndarray | None = None
     majority_voting: np.ndarray | None = None
     rechecked: int | None = None  # cells re-scored in float32 after a bf16/fp16 pass (None: no re-check ran)
+    expression: Any = field(default=None, repr=False)  # the prepared cells x genes matrix, for over-clustering on expression
 
     def __post_init__(self) -> None:
         if self.rule.cutoff is not None and self.rule.score not in self.novelty and self.rule.score != "softmax":
@@ -350,15 +351,33 @@ class AnnotationResult:
         """The score the rule uses, per cell (1 - confidence for softmax)."""
         return self.novelty.get(self.rule.score, 1.0 - self.confidence.astype(np.float64))
 
-    def vote(self, clusters: Sequence[Any] | None = None, seed: int = 0) -> AnnotationResult:
-        """Majority voting (CellTypist's): each cell gets the most common label of its cluster,
-        ``clusters`` given, or Leiden over-clusters of the embedding. Returns the result."""
-        from model.majority_voting import majority_vote, over_cluster
+    def vote(self, clusters: Sequence[Any] | None = None, seed: int = 0, basis: str = "expression", voting: str = "hard",
+             resolution: float | None = None) -> AnnotationResult:
+        """Majority voting: each cell gets the most common label of its cluster (``voting="hard"``,
+        CellTypist's) or the top class of its probabilities averaged half and half with its cluster's
+        mean (``"soft"``: confident cells keep their label). Clusters: ``clusters`` given, or Leiden
+        over-clusters of the cells' expression PCA (``basis="expression"``) or of the scBERT
+        embedding (``"embedding"``). Returns the result."""
+        from model.majority_voting import OVER_CLUSTERING_BASES, VOTING_RULES, expression_pcs, majority_vote, over_cluster, soft_vote
 
-        self.over_clustering = np.asarray(clusters).astype(str) if clusters is not None else over_cluster(self.embedding, seed=seed)
+        if basis not in OVER_CLUSTERING_BASES or voting not in VOTING_RULES:
+            raise InputError(f"over-clustering basis {basis!r} / voting {voting!r}: use one of {OVER_CLUSTERING_BASES} / {VOTING_RULES}")
+        if clusters is not None:
+            self.over_clustering = np.asarray(clusters).astype(str)
+        elif basis == "embedding":
+            self.over_clustering = over_cluster(self.embedding, resolution, seed=seed)
+        else:
+            if self.expression is None:
+                raise InputError("over-clustering on expression needs the cells' prepared expression, which this result does not keep "
+                                 "(it came from a streamed run): pass clusters, or basis='embedding'")
+            self.over_clustering = over_cluster(expression_pcs(self.expression, seed=seed), resolution, seed=seed)
         if len(self.over_clustering) != self.n_cells:
             raise InputError(f"the over-clustering has {len(self.over_clustering)} entries for {self.n_cells} cells")
-        self.majority_voting = majority_vote(self.labels, self.over_clustering)
+        if voting == "hard":
+            self.majority_voting = majority_vote(self.labels, self.over_clustering)
+        else:
+            smoothed = soft_vote(self.probabilities, self.over_clustering)
+            self.majority_voting = np.asarray(self.classes, dtype=object)[smoothed.argmax(1)].astype(str)
         return self
 
     def to_adata(self, adata: ad.AnnData, key_added: str = "scbert") -> ad.AnnData:
@@ -523,7 +542,7 @@ def annotate(
     return AnnotationResult(probabilities=out["probs"], classes=list(ckpt.classes or []), embedding=out["embedding"], rule=rule,
                             cell_names=list(map(str, adata.obs_names)), novelty=scores, model=ckpt.source,
                             preprocessing=rep.to_dict(), seconds=time.time() - t0,
-                            rechecked=rechecked if rechecks(net.options, recheck_margin) else None)
+                            rechecked=rechecked if rechecks(net.options, recheck_margin) else None, expression=prepared.X)
 
 
 def embed(adata: ad.AnnData, model: str | Path | Checkpoint, pooling: str = "mean", batch_size: int = 16,

@@ -12,8 +12,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.accuracy.methods import ALL_METHODS, BASELINES, PRESETS  # noqa: E402
-from model.cli.args import add_bool, add_device, add_min_genes, parser, positive_int  # noqa: E402
+from model.cli.args import add_bool, add_device, add_min_genes, parser, positive_float, positive_int  # noqa: E402
 from model.cli.run import setup_logging  # noqa: E402
+from model.majority_voting import OVER_CLUSTERING_BASES  # noqa: E402
 
 EXAMPLE = """
 # 5-fold CV, 3 seeds, baselines and scBERT (pretrained and not) on the bundled PBMCs
@@ -80,14 +81,20 @@ def build_parser():
     g.add_argument("--split-key", default=None, help="cross within one file: obs column naming the dataset of each cell (e.g. species, donor)")
     g.add_argument("--train-values", nargs="+", default=[], help="cross: values of --split-key to train on")
     g.add_argument("--test-values", nargs="+", default=[], help="cross: values of --split-key to test on")
-    g.add_argument("--label-map", default=None, help="two columns (label in the data, label to use) when datasets name types differently")
+    g.add_argument("--label-map", default=None, help="two columns (label in the data, label to use) when datasets name types differently; "
+                   "a label to use of '-' leaves those cells out (e.g. unassigned cells, or a type the other dataset lacks)")
     g.add_argument("--hold-out", nargs="+", default=None,
                    help="novel: cell types left out of training (default: leave-one-type-out, each type with >= 20 cells in turn)")
     g.add_argument("--threshold", type=float, default=0.5,
                    help="novel: the published rule, a row of its own: Unassigned below this top probability (default: 0.5, as published)")
     add_bool(g, "--majority-voting", default=False,
-             help="also score each method's predictions after majority voting within Leiden over-clusters of the test cells "
-             "(scBERT: its embedding; logistic regression: its PCA), as '<method> [majority voting]' (not with novel)")
+             help="also score each method's predictions after majority voting within Leiden over-clusters of the test cells, "
+             "as '<method> [majority voting]' (not with novel)")
+    g.add_argument("--over-clustering-basis", choices=OVER_CLUSTERING_BASES, default="expression",
+                   help="what --majority-voting over-clusters: the test cells' expression PCA, the same clusters for every method "
+                   "(default, as CellTypist), or each method's own embedding (scBERT: its cell embedding; logistic regression: its PCA)")
+    g.add_argument("--over-clustering-resolution", type=positive_float, default=None,
+                   help="Leiden resolution of the over-clustering (default: CellTypist's, 5 below 5,000 test cells, growing with their number)")
     g.add_argument("--reject-rate", type=float, default=0.05,
                    help="novel: each novelty score's threshold rejects this fraction of calibration cells of known types (default: 0.05)")
     g.add_argument("--subsample", nargs="+", default=None, help="imbalance: TYPE=N, training cells of TYPE subsampled to N")

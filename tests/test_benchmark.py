@@ -270,5 +270,22 @@ def test_majority_voting_rows(tmp_path: Path) -> None:
     out = tmp_path / "mv"
     main(["--data", str(data), "--label-key", "celltype", "--min-genes", "0", "--n-genes", "20", "--quiet", "--folds", "2",
           "--methods", "logreg_l2", "centroid_corr", "--majority-voting", "--out", str(out)])
-    methods = {r["method"] for r in json.loads((out / "results.json").read_text())["runs"]}
-    assert methods == {"logreg_l2", "logreg_l2 [majority voting]", "centroid_corr"}
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    methods = {r["method"] for r in runs}
+    assert methods == {f"{m}{v}" for m in ("logreg_l2", "centroid_corr") for v in ("", " [majority voting]", " [soft voting]")}
+    # three well-separated types: voting within expression over-clusters keeps the right labels
+    for r in runs:
+        assert r["accuracy"] > 0.9, r["method"]
+
+
+def test_label_map_leaves_out_cells_mapped_to_dash(tmp_path: Path) -> None:
+    from scripts.accuracy_benchmark import main
+
+    data = toy_h5ad(tmp_path / "toy.h5ad", n_per=30)
+    labels = sorted(set(ad.read_h5ad(data).obs["celltype"]))
+    (tmp_path / "map.tsv").write_text(f"# comment\n{labels[0]}\t-\n{labels[1]}\tmerged\n{labels[2]}\tmerged\n")
+    out = tmp_path / "mapped"
+    main(["--data", str(data), "--label-key", "celltype", "--min-genes", "0", "--n-genes", "20", "--quiet", "--folds", "2",
+          "--methods", "centroid_corr", "--label-map", str(tmp_path / "map.tsv"), "--out", str(out)])
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert sum(r["n_test"] for r in runs) == 60  # the 30 cells mapped to '-' are in neither part

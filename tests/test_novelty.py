@@ -18,7 +18,7 @@ import preprocess
 import pretrain
 from model.checkpoint import load_checkpoint
 from model.inference import PUBLISHED_RULE, NoveltyRule, annotate, assign_labels, novelty_rule
-from model.majority_voting import majority_vote, over_clustering_resolution
+from model.majority_voting import expression_pcs, majority_vote, over_cluster, over_clustering_resolution, soft_vote
 from model.novelty import NoveltyStats, calibrate, conformal_threshold, fpr_at_tpr, novelty_scores, read_novelty_record
 
 from .conftest import TINY_MODEL
@@ -102,6 +102,32 @@ def test_majority_voting_on_a_toy_clustering() -> None:
     assert over_clustering_resolution(3000) == 5 and over_clustering_resolution(50_000) == 20 and over_clustering_resolution(10**6) == 30
 
 
+def test_soft_voting_blends_each_cell_with_its_cluster_mean() -> None:
+    probs = np.array([[0.9, 0.1], [0.48, 0.52], [0.2, 0.8], [0.6, 0.4]])
+    clusters = ["a", "a", "a", "b"]
+    mean_a = probs[:3].mean(0)
+    want = np.vstack([0.5 * probs[:3] + 0.5 * mean_a, probs[3:]])
+    np.testing.assert_allclose(soft_vote(probs, clusters), want)
+    # the unsure cell 1 follows cluster a's mean (class 0); the confident cells 0 and 2 keep their classes
+    assert soft_vote(probs, clusters).argmax(1).tolist() == [0, 0, 1, 0]
+    np.testing.assert_allclose(soft_vote(probs, clusters, weight=1.0)[:3], np.tile(mean_a, (3, 1)))
+
+
+def test_expression_over_clusters_follow_the_types() -> None:
+    rng = np.random.default_rng(0)
+    lam = np.ones((3, 30))
+    for t in range(3):
+        lam[t, 10 * t: 10 * t + 10] = 8.0
+    X = np.log1p(np.vstack([rng.poisson(lam[t], size=(40, 30)) for t in range(3)]).astype(np.float32))
+    pcs = expression_pcs(X, n_pcs=10)
+    assert pcs.shape == (120, 10)
+    np.testing.assert_allclose(pcs, expression_pcs(X, n_pcs=10))  # seeded
+    clusters = over_cluster(pcs, resolution=1.0)
+    truth = np.repeat(["x", "y", "z"], 40)
+    # every over-cluster holds one type
+    assert all(len(set(truth[clusters == c])) == 1 for c in set(clusters))
+
+
 def test_old_checkpoints_fall_back_to_the_published_rule(caplog: pytest.LogCaptureFixture) -> None:
     ckpt = load_checkpoint(LEGACY / "classifier.pt")
     log = logging.getLogger("scbert")  # the stages' logger does not propagate: listen on it directly
@@ -162,6 +188,12 @@ def test_predict_uses_the_calibration_and_writes_the_keys(calibrated: Path, pbmc
     assert ((a.obs["scbert_celltype"] == "Unassigned").to_numpy() == rejected).all()
     assert (a.obs["scbert_celltype_raw"] != "Unassigned").all()
     assert {"scbert_majority_voting", "scbert_over_clustering"} <= set(a.obs.columns)
+    soft = calibrated / "soft.h5ad"
+    predict.main(["--data", str(pbmc_small), "--model", str(calibrated / "ft" / "model.pt"), "--out", str(soft), "--quiet",
+                  "--majority-voting", "--voting", "soft", "--over-clustering-basis", "embedding"])
+    c = ad.read_h5ad(soft)
+    assert set(c.obs["scbert_majority_voting"]) <= set(json.loads(c.uns["scbert_classes"]) if isinstance(c.uns["scbert_classes"], str)
+                                                       else c.uns["scbert_classes"])
     published = calibrated / "pub.h5ad"
     predict.main(["--data", str(pbmc_small), "--model", str(calibrated / "ft" / "model.pt"), "--out", str(published), "--quiet",
                   "--threshold", "0.5", "--novelty", "softmax"])

@@ -71,10 +71,14 @@ def parse_subsample(items: Sequence[str]) -> dict[str, int]:
     return sizes
 
 
+DROP_LABEL = "-"  # a label map's "label to use" that leaves the cells out (e.g. unassigned, or a type the other dataset lacks)
+
+
 def protocol_splits(p: ProtocolSettings, adata: Any, y: np.ndarray, genes: Sequence[str], data: Sequence[str], label_key: str,
                     min_genes: int | None, library_size: str = "all") -> tuple[sparse.csr_matrix, np.ndarray, list[Split]]:
-    """The matrix, the labels (mapped through ``label_map``) and the splits of protocol ``p`` on
-    the labelled ``adata`` (the cross protocol with ``test_data`` adds those files' cells)."""
+    """The matrix, the labels (mapped through ``label_map``; cells mapped to ``-`` are left out) and
+    the splits of protocol ``p`` on the labelled ``adata`` (the cross protocol with ``test_data``
+    adds those files' cells)."""
     X = adata.X
     if p.protocol == "cross":
         if p.test_data:
@@ -96,8 +100,13 @@ def protocol_splits(p: ProtocolSettings, adata: Any, y: np.ndarray, genes: Seque
         else:
             raise InputError("the cross protocol needs --test-data FILE, or --split-key with --train-values and --test-values")
         y = np.array([p.label_map.get(v, v) for v in y])
+        keep = y != DROP_LABEL
+        X, y, train_mask, test_mask = sparse.csr_matrix(X)[keep], y[keep], train_mask[keep], test_mask[keep]
         return X, y, cross_splits(train_mask, test_mask, p.seeds, variant)
     y = np.array([p.label_map.get(v, v) for v in y])
+    if (y == DROP_LABEL).any():
+        keep = y != DROP_LABEL
+        X, y = sparse.csr_matrix(X)[keep], y[keep]
     if p.protocol == "cv":
         return X, y, cv_splits(y, p.folds, p.seeds)
     if p.protocol == "novel":
@@ -124,6 +133,17 @@ def _novelty(method: Any, X: sparse.csr_matrix, probs: np.ndarray) -> dict[str, 
     return {"softmax": 1.0 - probs.max(axis=1).astype(np.float64)}
 
 
+def _over_clusters(X_test: sparse.csr_matrix, seed: int, basis: str, method: Any, resolution: float | None) -> np.ndarray:
+    """Over-clusters of the test cells for majority voting (see :func:`run_benchmark`)."""
+    from model.majority_voting import expression_pcs, over_cluster
+
+    if basis == "expression":
+        return over_cluster(expression_pcs(X_test, seed=seed), resolution, seed=seed)
+    if not hasattr(method, "embedding"):
+        raise ValueError(f"{type(method).__name__} has no embedding to over-cluster; use over_clustering_basis='expression'")
+    return over_cluster(method.embedding(X_test), resolution, seed=seed)
+
+
 def run_benchmark(
     X: sparse.csr_matrix,
     y: np.ndarray,
@@ -134,6 +154,8 @@ def run_benchmark(
     progress: bool = True,
     reject_rate: float | None = None,
     majority_voting: bool = False,
+    over_clustering_basis: str = "expression",
+    over_clustering_resolution: float | None = None,
 ) -> list[dict[str, Any]]:
     """Fit each method (``(name, factory(seed))``) on every split and score it; one record per
     (split, method), with the test predictions. With ``reject_rate`` (the novel protocol) each
@@ -141,8 +163,11 @@ def run_benchmark(
     cells for every method; scBERT stops early on them too), and there is one record per novelty
     score of the method, thresholded to reject ``reject_rate`` of the calibration cells (split-
     conformal), plus the published rule (top probability below ``threshold``). With
-    ``majority_voting``, methods with an ``embedding`` also get a ``[majority voting]`` record: the
-    test cells' predictions voted within Leiden over-clusters of their embeddings."""
+    ``majority_voting``, every method also gets a ``[majority voting]`` record: the test cells'
+    predictions voted within Leiden over-clusters of the test cells, made once per split from their
+    expression PCA (``over_clustering_basis="expression"``, the same clusters for every method) or
+    from each method's own ``embedding`` (``"embedding"``), at ``over_clustering_resolution``
+    (default: CellTypist's, growing with the number of test cells)."""
     from tqdm.auto import tqdm
 
     from data.labels import holdout_per_class
@@ -151,6 +176,7 @@ def run_benchmark(
     X = sparse.csr_matrix(X)
     y = np.asarray(y).astype(str)
     records = []
+    clusters_of: dict[str, np.ndarray] = {}
     bar = tqdm(total=len(splits) * len(methods), desc="benchmark", unit="run", disable=not progress)
     for split in splits:
         fit_idx, cal_idx = split.train, None
@@ -170,13 +196,18 @@ def run_benchmark(
                     "split": split.fingerprint(), "n_train": len(fit_idx), "n_test": len(split.test), "test_index": split.test.tolist()}
             if cal_idx is None:
                 results = [(name, evaluate(y[split.test], probs, method.classes_, threshold))]
-                if majority_voting and hasattr(method, "embedding"):
-                    from model.majority_voting import majority_vote, over_cluster
+                if majority_voting:
+                    from model.majority_voting import majority_vote, soft_vote
 
-                    clusters = over_cluster(method.embedding(X[split.test]), seed=split.seed)
+                    ckey = split.key if over_clustering_basis == "expression" else f"{split.key} {name}"
+                    if ckey not in clusters_of:
+                        clusters_of[ckey] = _over_clusters(X[split.test], split.seed, over_clustering_basis, method,
+                                                           over_clustering_resolution)
+                    clusters = clusters_of[ckey]
                     voted = majority_vote(np.asarray(method.classes_)[probs.argmax(1)], clusters)
                     onehot = (voted[:, None] == np.asarray(method.classes_)[None]).astype(float)
                     results.append((f"{name} [majority voting]", evaluate(y[split.test], onehot, method.classes_, threshold)))
+                    results.append((f"{name} [soft voting]", evaluate(y[split.test], soft_vote(probs, clusters), method.classes_, threshold)))
             else:
                 test_scores = _novelty(method, X[split.test], probs)
                 cal_scores = _novelty(method, X[cal_idx], method.predict_proba(X[cal_idx]))

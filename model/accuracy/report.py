@@ -183,7 +183,8 @@ def _json_default(o: Any) -> Any:
 
 def read_label_map(path: str | Path) -> dict[str, str]:
     """Two columns per line (tab or comma separated): a label as it appears in the data, and the
-    name to use instead (e.g. a query's type name -> the reference's). Lines starting with # are skipped."""
+    name to use instead (e.g. a query's type name -> the reference's; ``-`` leaves those cells out).
+    Lines starting with # are skipped."""
     mapping: dict[str, str] = {}
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip() or line.startswith("#"):

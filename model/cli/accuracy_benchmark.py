@@ -100,12 +100,15 @@ def run(args: argparse.Namespace) -> None:
         log.info("%s: %d cells x %d genes, %d types; %d splits x %d methods", args.protocol, X.shape[0], len(genes), len(set(y)), len(splits), len(methods))
         threshold = args.threshold if args.protocol == "novel" else None
         records = run_benchmark(X, y, genes, splits, methods, threshold, progress=not args.quiet,
-                                reject_rate=args.reject_rate if args.protocol == "novel" else None, majority_voting=args.majority_voting)
+                                reject_rate=args.reject_rate if args.protocol == "novel" else None, majority_voting=args.majority_voting,
+                                over_clustering_basis=args.over_clustering_basis, over_clustering_resolution=args.over_clustering_resolution)
         info: dict[str, Any] = {
             "protocol": args.protocol, "data": [str(p) for p in args.data] + [str(p) for p in (args.test_data or [])],
             "label_key": args.label_key, "n_cells": int(X.shape[0]), "n_genes": len(genes), "seeds": protocol.seeds,
             "folds": args.folds, "threshold": threshold, "preset": args.preset,
             "reject_rate": args.reject_rate if args.protocol == "novel" else None,
+            "majority_voting": {"basis": args.over_clustering_basis, "resolution": args.over_clustering_resolution}
+            if args.majority_voting else None,
             "scbert_finetuning": {"train_all": args.train_all, "head_only": args.head_only, "head_init": args.head_init,
                                   "class_weights": args.class_weights, "dropout": dropout, **{k: v for k, v in overrides.items() if v is not None}},
             "pretrained": args.pretrained, "pretrained_nogene2vec": args.pretrained_nogene2vec, "methods": list(args.methods),

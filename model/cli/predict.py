@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
                         raise InputError(f"--over-clustering {args.over_clustering!r} is not a column of {args.data}; available columns: "
                                          f"{list(adata.obs.columns)}")
                     clusters = adata.obs[args.over_clustering].astype(str).to_numpy()
-                result.vote(clusters)
+                result.vote(clusters, basis=args.over_clustering_basis, voting=args.voting)
         metrics, lines = result.report(truth)
         if args.plots == "true" or (args.plots == "auto" and result.n_cells >= MIN_PLOT_CELLS):
             result.to_plots(run_dir, truth)
