@@ -20,7 +20,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["model", "model.*", "data"]),
-    package_data={"data": ["gene_table.tsv.gz", "README.md", "genesets/*"]},
+    package_data={"data": ["gene_table.tsv.gz", "README.md", "genesets/*", "label_maps/*"]},
     py_modules=["preprocess", "pretrain", "finetune", "predict", "attn_analysis"],
     install_requires=requirements,
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "ruff>=0.4"], "bench": ["celltypist>=1.6"]},

@@ -351,11 +351,11 @@ class AnnotationResult:
         """The score the rule uses, per cell (1 - confidence for softmax)."""
         return self.novelty.get(self.rule.score, 1.0 - self.confidence.astype(np.float64))
 
-    def vote(self, clusters: Sequence[Any] | None = None, seed: int = 0, basis: str = "expression", voting: str = "hard",
+    def vote(self, clusters: Sequence[Any] | None = None, seed: int = 0, basis: str = "expression", voting: str = "soft",
              resolution: float | None = None) -> AnnotationResult:
-        """Majority voting: each cell gets the most common label of its cluster (``voting="hard"``,
-        CellTypist's) or the top class of its probabilities averaged half and half with its cluster's
-        mean (``"soft"``: confident cells keep their label). Clusters: ``clusters`` given, or Leiden
+        """Majority voting: each cell gets the top class of its probabilities averaged half and half
+        with its cluster's mean (``voting="soft"``, the default: confident cells keep their label) or
+        the most common label of its cluster (``"hard"``, CellTypist's). Clusters: ``clusters`` given, or Leiden
         over-clusters of the cells' expression PCA (``basis="expression"``) or of the scBERT
         embedding (``"embedding"``). Returns the result."""
         from model.majority_voting import OVER_CLUSTERING_BASES, VOTING_RULES, expression_pcs, majority_vote, over_cluster, soft_vote
