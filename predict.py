@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reject-rate", type=fraction, default=None,
                    help="with --threshold auto: recalibrate for this fraction of known cells rejected (default: the model's, 0.05)")
     add_bool(g, "--majority-voting", default=False,
-             help="also give each cell the majority label of its over-cluster (obs['scbert_majority_voting'], as CellTypist)")
+             help="also give each cell a label voted within its over-cluster (obs['scbert_majority_voting']; see --voting)")
     g.add_argument("--over-clustering", default=None,
                    help="obs column of the over-clustering for --majority-voting (default: Leiden clusters, resolution growing with "
                    "the number of cells, of --over-clustering-basis)")

@@ -88,8 +88,8 @@ def build_parser():
     g.add_argument("--threshold", type=float, default=0.5,
                    help="novel: the published rule, a row of its own: Unassigned below this top probability (default: 0.5, as published)")
     add_bool(g, "--majority-voting", default=False,
-             help="also score each method's predictions after majority voting within Leiden over-clusters of the test cells, "
-             "as '<method> [majority voting]' (not with novel)")
+             help="also score each method's predictions after voting within Leiden over-clusters of the test cells, as "
+             "'<method> [majority voting]' (hard vote, CellTypist's) and '<method> [soft voting]' (not with novel)")
     g.add_argument("--over-clustering-basis", choices=OVER_CLUSTERING_BASES, default="expression",
                    help="what --majority-voting over-clusters: the test cells' expression PCA, the same clusters for every method "
                    "(default, as CellTypist), or each method's own embedding (scBERT: its cell embedding; logistic regression: its PCA)")

@@ -74,6 +74,16 @@ def parse_subsample(items: Sequence[str]) -> dict[str, int]:
 DROP_LABEL = "-"  # a label map's "label to use" that leaves the cells out (e.g. unassigned, or a type the other dataset lacks)
 
 
+def _map_labels(label_map: dict[str, str], X: Any, y: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
+    """Labels through ``label_map``; the cells mapped to :data:`DROP_LABEL` left out of ``X`` and
+    ``y``. Also returns the mask of the cells kept."""
+    y = np.array([label_map.get(v, v) for v in y])
+    keep = y != DROP_LABEL
+    if keep.all():
+        return X, y, keep
+    return sparse.csr_matrix(X)[keep], y[keep], keep
+
+
 def protocol_splits(p: ProtocolSettings, adata: Any, y: np.ndarray, genes: Sequence[str], data: Sequence[str], label_key: str,
                     min_genes: int | None, library_size: str = "all") -> tuple[sparse.csr_matrix, np.ndarray, list[Split]]:
     """The matrix, the labels (mapped through ``label_map``; cells mapped to ``-`` are left out) and
@@ -99,14 +109,9 @@ def protocol_splits(p: ProtocolSettings, adata: Any, y: np.ndarray, genes: Seque
             variant = f"{p.split_key}: {'+'.join(p.train_values)} -> {'+'.join(p.test_values)}"
         else:
             raise InputError("the cross protocol needs --test-data FILE, or --split-key with --train-values and --test-values")
-        y = np.array([p.label_map.get(v, v) for v in y])
-        keep = y != DROP_LABEL
-        X, y, train_mask, test_mask = sparse.csr_matrix(X)[keep], y[keep], train_mask[keep], test_mask[keep]
-        return X, y, cross_splits(train_mask, test_mask, p.seeds, variant)
-    y = np.array([p.label_map.get(v, v) for v in y])
-    if (y == DROP_LABEL).any():
-        keep = y != DROP_LABEL
-        X, y = sparse.csr_matrix(X)[keep], y[keep]
+        X, y, keep = _map_labels(p.label_map, X, y)
+        return X, y, cross_splits(train_mask[keep], test_mask[keep], p.seeds, variant)
+    X, y, _ = _map_labels(p.label_map, X, y)
     if p.protocol == "cv":
         return X, y, cv_splits(y, p.folds, p.seeds)
     if p.protocol == "novel":
