@@ -14,7 +14,7 @@ from scipy import sparse
 from model.accuracy.harness import run_benchmark
 from model.accuracy.methods import CentroidCorrelation, KNNReference, LogisticL1, LogisticL2, method_factories
 from model.accuracy.protocols import cross_splits, cv_splits, fewshot_splits, imbalance_splits, novel_splits, select_genes
-from model.accuracy.report import check_same_splits, evaluate
+from model.accuracy.report import check_same_splits, evaluate, paired_against, paired_table
 
 REPO = Path(__file__).resolve().parents[1]
 GENES = ["CD3D", "CD3E", "CD2", "IL7R", "CD79A", "MS4A1", "CD19", "CD22", "LYZ", "CD14", "S100A8", "S100A9", "NKG7", "GNLY",
@@ -289,3 +289,24 @@ def test_label_map_leaves_out_cells_mapped_to_dash(tmp_path: Path) -> None:
           "--methods", "centroid_corr", "--label-map", str(tmp_path / "map.tsv"), "--out", str(out)])
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert sum(r["n_test"] for r in runs) == 60  # the 30 cells mapped to '-' are in neither part
+
+
+def test_paired_against_reference() -> None:
+    """Differences on shared splits only; counts of higher / lower splits; a method without the
+    reference's splits is left out."""
+    def rec(method: str, fold: int, acc: float, f1: float, seed: int = 0) -> dict:
+        return {"variant": "all", "method": method, "seed": seed, "fold": fold, "accuracy": acc, "macro_f1": f1}
+
+    records = [rec("scbert", 0, 0.90, 0.80), rec("scbert", 1, 0.80, 0.70), rec("scbert", 2, 0.85, 0.75),
+               rec("knn", 0, 0.85, 0.82), rec("knn", 1, 0.82, 0.71), rec("knn", 2, 0.85, 0.70),
+               rec("knn", 3, 0.10, 0.10),  # no scbert run on fold 3: not paired
+               rec("other", 0, 0.5, 0.5, seed=9)]
+    paired = paired_against(records)
+    assert [r["method"] for r in paired] == ["knn"]
+    (r,) = paired
+    d = np.array([0.05, -0.02, 0.0])
+    assert r["n_splits"] == 3 and r["higher"] == 1 and r["lower"] == 1
+    assert r["accuracy_diff"] == pytest.approx(d.mean()) and r["accuracy_diff_sd"] == pytest.approx(d.std(ddof=1))
+    assert r["macro_f1_diff"] == pytest.approx(np.mean([-0.02, -0.01, 0.05]))
+    assert "| knn | 3 | +0.0100" in paired_table(paired)
+    assert paired_against([rec("knn", 0, 0.8, 0.8)]) == []

@@ -125,6 +125,47 @@ def mean_over_variants(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]
     return out
 
 
+def paired_against(records: Sequence[dict[str, Any]], reference: str = "scbert") -> list[dict[str, Any]]:
+    """``reference`` against every other method on the splits both were scored on (same variant,
+    seed and fold): per (variant, method) the number of shared splits, the mean and sd over them of
+    the reference's accuracy and macro-F1 minus the method's, and on how many splits the reference's
+    accuracy was higher / lower. A paired view: the split-to-split spread, which the tables' sds
+    contain, cancels. Empty when the reference did not run or nothing else did."""
+    def key(r: dict[str, Any]) -> tuple[str, Any, Any]:
+        return r["variant"], r["seed"], r["fold"]
+
+    ref = {key(r): r for r in records if r["method"] == reference and "accuracy" in r}
+    out = []
+    for variant, method in dict.fromkeys((r["variant"], r["method"]) for r in records if r["method"] != reference):
+        pairs = [(ref[key(r)], r) for r in records
+                 if r["variant"] == variant and r["method"] == method and key(r) in ref and "accuracy" in r]
+        if not pairs:
+            continue
+        d_acc = [a["accuracy"] - b["accuracy"] for a, b in pairs]
+        d_f1 = [a["macro_f1"] - b["macro_f1"] for a, b in pairs]
+        row: dict[str, Any] = {"variant": variant, "reference": reference, "method": method, "n_splits": len(pairs),
+                               "higher": int(sum(d > 0 for d in d_acc)), "lower": int(sum(d < 0 for d in d_acc))}
+        row["accuracy_diff"], row["accuracy_diff_sd"] = _mean_sd(d_acc)
+        row["macro_f1_diff"], row["macro_f1_diff_sd"] = _mean_sd(d_f1)
+        out.append(row)
+    return out
+
+
+def paired_table(paired: Sequence[dict[str, Any]]) -> str:
+    """Markdown of :func:`paired_against`, one table per variant."""
+    lines: list[str] = []
+    for variant in dict.fromkeys(r["variant"] for r in paired):
+        rows = [r for r in paired if r["variant"] == variant]
+        ref = rows[0]["reference"]
+        lines += [f"**{variant}: {ref} minus each method on the same splits**", "",
+                  f"| method | splits | accuracy difference | macro f1 difference | splits {ref} higher / lower |", "|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: r["accuracy_diff"]):
+            lines.append(f"| {r['method']} | {r['n_splits']} | {r['accuracy_diff']:+.4f} ± {r['accuracy_diff_sd']:.4f} | "
+                         f"{r['macro_f1_diff']:+.4f} ± {r['macro_f1_diff_sd']:.4f} | {r['higher']} / {r['lower']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def per_class_table(summary: Sequence[dict[str, Any]]) -> str:
     """Per-class F1 (mean over runs) as CSV: one row per (variant, method)."""
     classes = sorted({c for r in summary for c in r["per_class_f1"]})
@@ -152,13 +193,16 @@ def write_report(out: Path, records: Sequence[dict[str, Any]], y: np.ndarray | N
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(records)
     table = markdown_table(summary + mean_over_variants(summary))
+    paired = paired_against(records)
+    if paired:
+        table += "\n" + paired_table(paired)
     header = (f"# Benchmark: protocol {info.get('protocol')} on {info.get('data')}\n\n"
               "macro f1: averaged over the true types; macro f1 union: over the true and the predicted types (a predicted type no "
               "test cell has, Unassigned included, counts with F1 0).\n\n"
               + (f"scBERT: {info['encoder']['text']}.\n\n" if info.get("encoder") else ""))
     write_text(out / "results.md", header + table + "\n")
     write_text(out / "per_class_f1.csv", per_class_table(summary))
-    write_text(out / "results.json", json.dumps({"info": info, "summary": summary, "runs": list(records)}, indent=1, default=_json_default))
+    write_text(out / "results.json", json.dumps({"info": info, "summary": summary, "paired": paired, "runs": list(records)}, indent=1, default=_json_default))
     if y is not None:
         y = np.asarray(y).astype(str)
         for r in summary:
