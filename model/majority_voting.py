@@ -40,6 +40,18 @@ def expression_pcs(X: Any, n_pcs: int = 50, seed: int = 0) -> np.ndarray:
 
 def over_cluster(embedding: np.ndarray, resolution: float | None = None, seed: int = 0) -> np.ndarray:
     """Leiden clusters (as strings) of the kNN graph of ``embedding`` (cells x dim)."""
+    import torch
+
+    # scanpy's kNN graph and Leiden reset OpenMP's thread count for the whole process (seen: torch's
+    # 1 thread -> all cores, which then oversubscribes the CPU in every later training step)
+    threads = torch.get_num_threads()
+    try:
+        return _leiden(embedding, resolution, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _leiden(embedding: np.ndarray, resolution: float | None, seed: int) -> np.ndarray:
     import anndata as ad
     import scanpy as sc
 

@@ -113,6 +113,21 @@ def test_soft_voting_blends_each_cell_with_its_cluster_mean() -> None:
     np.testing.assert_allclose(soft_vote(probs, clusters, weight=1.0)[:3], np.tile(mean_a, (3, 1)))
 
 
+def test_over_clustering_keeps_torch_threads() -> None:
+    """scanpy's kNN graph resets OpenMP's thread count; over_cluster puts torch's back (a benchmark
+    run with --threads 1 ran its later folds on every core, oversubscribing the CPU)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pcs = expression_pcs(np.log1p(np.random.default_rng(0).poisson(0.5, (300, 200)).astype(np.float32)), n_pcs=10)
+        over_cluster(pcs, resolution=1.0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_expression_over_clusters_follow_the_types() -> None:
     rng = np.random.default_rng(0)
     lam = np.ones((3, 30))
