@@ -92,11 +92,15 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _by_variant(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """``rows`` grouped by their ``variant``, in order of first appearance: one table each."""
+    return [(v, [r for r in rows if r["variant"] == v]) for v in dict.fromkeys(r["variant"] for r in rows)]
+
+
 def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
     """One table per variant: mean ± sd of the metrics over runs."""
     lines: list[str] = []
-    for variant in dict.fromkeys(r["variant"] for r in summary):
-        rows = [r for r in summary if r["variant"] == variant]
+    for variant, rows in _by_variant(summary):
         keys = [k for k in SUMMARY_KEYS if k in rows[0] and (k != "accuracy" or "known_accuracy" not in rows[0])]
         lines += [f"**{variant}**", "", "| method | runs | " + " | ".join(k.replace("_", " ") for k in keys) + " | s/run |",
                   "|---|---|" + "---|" * len(keys) + "---|"]
@@ -154,8 +158,7 @@ def paired_against(records: Sequence[dict[str, Any]], reference: str = "scbert")
 def paired_table(paired: Sequence[dict[str, Any]]) -> str:
     """Markdown of :func:`paired_against`, one table per variant."""
     lines: list[str] = []
-    for variant in dict.fromkeys(r["variant"] for r in paired):
-        rows = [r for r in paired if r["variant"] == variant]
+    for variant, rows in _by_variant(paired):
         ref = rows[0]["reference"]
         lines += [f"**{variant}: {ref} minus each method on the same splits**", "",
                   f"| method | splits | accuracy difference | macro f1 difference | splits {ref} higher / lower |", "|---|---|---|---|---|"]
