@@ -20,6 +20,7 @@ from model.cli.args import (
     threshold_value,
 )
 from model.majority_voting import OVER_CLUSTERING_BASES, VOTING_RULES
+from model.novelty import SCORES
 
 EXAMPLE = """
 python predict.py --data query.h5ad --model runs/finetune/model.pt --out query_annotated.h5ad --csv query_labels.csv
@@ -47,11 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_input_args(p.add_argument_group("input matrix"))
     p.add_argument("--csv", default=None, help="also write a table: cell, label, confidence, one probability column per type (default: none)")
     g = p.add_argument_group("novel cell types (Unassigned)")
-    g.add_argument("--novelty", choices=["auto", "softmax", "energy", "mahalanobis", "knn"], default="auto",
+    g.add_argument("--novelty", choices=["auto", *SCORES], default="auto",
                    help="the score that makes a cell Unassigned (higher: more novel): softmax = 1 - top probability (published), energy = "
                    "-logsumexp of the logits, mahalanobis = distance of the head's features to the nearest type, knn = distance of the "
-                   "embedding to the 10th nearest training cell (default: auto = the model's default score, the best measured, with "
-                   "--threshold auto; softmax with a number)")
+                   "embedding to the 10th nearest training cell, pca_mahalanobis / pca_knn = the same two in a PCA of the training "
+                   "cells' expression (default: auto = the model's default score, the best measured, with --threshold auto; softmax "
+                   "with a number)")
     g.add_argument("--threshold", "--unassign_thres", type=threshold_value, default="auto",
                    help="auto = the threshold calibrated at fine-tuning (models fine-tuned before: the published 0.5), or a number: for "
                    "softmax the top probability below which a cell is Unassigned (0-1; 0.5 as published), for the others the score "

@@ -262,17 +262,19 @@ def score_cells(net: ScBERT, ds: CellDataset, stats: Any, rule: NoveltyRule, bat
     them), from one pass. After a bf16/fp16 pass, the cells :func:`near_decision` finds are run again
     in float32 and their outputs replaced, so that labels match a float32 run (``recheck_margin``
     None or 0: no re-check). Returns outputs, scores and the number of cells re-checked."""
-    from model.novelty import novelty_scores
+    from model.novelty import PCA_SCORES, novelty_scores
 
     wanted = {"softmax", "energy", rule.score}
     features = stats is not None and "mahalanobis" in wanted
+    expression = ds.X if wanted & set(PCA_SCORES) else None
 
     def run(dataset: CellDataset, show: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         out = predict_outputs(net, dataset, batch_size, device, embed=True, features=features, pooling=pooling, progress=show,
                               num_workers=num_workers)
         if not out:
             return out, {}
-        return out, novelty_scores(out["probs"], out["logits"], out.get("features"), out["embedding"], stats, which=wanted)
+        return out, novelty_scores(out["probs"], out["logits"], out.get("features"), out["embedding"], stats, which=wanted,
+                                   expression=None if expression is None else dataset.X)
 
     out, scores = run(ds, progress)
     if not (rechecks(net.options, recheck_margin) and out):
@@ -476,7 +478,7 @@ def novelty_rule(ckpt: Checkpoint, novelty: str = "auto", threshold: float | str
     (never). ``novelty``: a score of :data:`model.novelty.SCORES`, or ``"auto"``: the checkpoint's
     default with ``threshold="auto"``, ``softmax`` with a number. A checkpoint fine-tuned before
     novelty calibration existed falls back to the published rule (top probability < 0.5)."""
-    from model.novelty import DEFAULT_SCORE, SCORES, read_novelty_record
+    from model.novelty import DEFAULT_SCORE, PCA_SCORES, SCORES, read_novelty_record
 
     stats, cal = read_novelty_record(ckpt.novelty)
     if novelty != "auto" and novelty not in SCORES:
@@ -492,6 +494,9 @@ def novelty_rule(ckpt: Checkpoint, novelty: str = "auto", threshold: float | str
                                  f"fine-tune the model again")
             return PUBLISHED_RULE, stats
         score = (ckpt.novelty or {}).get("default", DEFAULT_SCORE) if novelty == "auto" else novelty
+        if score not in cal.thresholds:
+            raise InputError(f"--novelty {score}: {ckpt.source or 'the model'} was calibrated before that score existed (it has "
+                             f"{sorted(cal.thresholds)}): choose one of those, or fine-tune the model again")
         rate = cal.reject_rate if reject_rate is None else reject_rate
         return NoveltyRule(score, cal.threshold(score, rate), rate), stats
     t = float(threshold)
@@ -500,7 +505,7 @@ def novelty_rule(ckpt: Checkpoint, novelty: str = "auto", threshold: float | str
         if not 0.0 <= t <= 1.0:
             raise InputError(f"a softmax threshold is a probability between 0 and 1, got {t}")
         return NoveltyRule.published(t), stats
-    if stats is None and score in ("mahalanobis", "knn"):
+    if score in ("mahalanobis", "knn", *PCA_SCORES) and (stats is None or (score in PCA_SCORES and stats.pca is None)):
         raise InputError(f"--novelty {score} needs the training statistics that fine-tuning now stores: fine-tune the model again, "
                          f"or use --novelty softmax or energy")
     return NoveltyRule(score, t), stats

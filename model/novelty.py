@@ -1,17 +1,21 @@
 """Novelty scores (is this cell of a type the model was not trained on?) and their calibration.
 
-Four scores, higher = more novel, all computed from what one forward pass gives (logits, the
-classifier's penultimate features, the cell embedding):
+Six scores, higher = more novel, all computed from what one prediction pass has (logits, the
+classifier's penultimate features, the cell embedding, and the cell's input expression):
 
 - ``softmax``: 1 - the top class probability (the published rule is ``softmax`` > 0.5);
 - ``energy``: -logsumexp of the logits (Liu et al. 2020);
 - ``mahalanobis``: the smallest squared Mahalanobis distance of the penultimate head features to a
   class mean, with one covariance shared by the classes, shrunk (Ledoit-Wolf) (Lee et al. 2018);
 - ``knn``: the Euclidean distance of the cell embedding to its k-th nearest training cell (Sun et
-  al. 2022), on L2-normalised embeddings.
+  al. 2022), on L2-normalised embeddings;
+- ``pca_mahalanobis`` and ``pca_knn``: the same two in a PCA of the training cells' log expression
+  of the model's genes (:class:`ExpressionPCA`): they do not depend on what the classifier learnt,
+  only on how far the cell's expression is from that of the training types (as the baselines'
+  scores in the accuracy benchmark).
 
-:class:`NoveltyStats` holds what the last two need from the training cells (at most
-``MAX_REFERENCE_CELLS`` of them, a seeded sample). :func:`calibrate` sets, on cells of known
+:class:`NoveltyStats` holds what the last four need from the training cells (at most
+``MAX_REFERENCE_CELLS`` of them, a seeded sample; the PCA adds ``PCA_COMPONENTS`` x genes floats). :func:`calibrate` sets, on cells of known
 types that did not train the model (validation cells), the threshold of each score above which a
 cell is rejected: the split-conformal quantile, so that at most ``reject_rate`` of new cells of
 known types are rejected (for exchangeable cells; Vovk et al. 2005, Angelopoulos & Bates 2021).
@@ -26,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
-SCORES = ("softmax", "energy", "mahalanobis", "knn")
+SCORES = ("softmax", "energy", "mahalanobis", "knn", "pca_mahalanobis", "pca_knn")
+PCA_SCORES = ("pca_mahalanobis", "pca_knn")
+PCA_COMPONENTS = 50
 MAX_REFERENCE_CELLS = 5000  # training cells kept for the kNN score and the class statistics (seeded sample)
 MAX_CALIBRATION_CELLS = 10000  # validation scores kept, so that predict.py can use another reject rate
 KNN_K = 10
@@ -63,6 +69,7 @@ class NoveltyStats:
     precision: np.ndarray  # features x features: inverse of the shared, shrunk covariance
     reference: np.ndarray  # cells x dim: L2-normalised embeddings of (up to MAX_REFERENCE_CELLS) training cells
     k: int = KNN_K
+    pca: ExpressionPCA | None = None  # for the pca_* scores (checkpoints of 3 December and before have none)
     _index: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -105,21 +112,91 @@ class NoveltyStats:
     def to_dict(self) -> dict[str, Any]:
         import torch
 
-        return {"class_means": torch.from_numpy(self.class_means), "precision": torch.from_numpy(self.precision),
-                "reference": torch.from_numpy(self.reference), "k": int(self.k)}
+        out = {"class_means": torch.from_numpy(self.class_means), "precision": torch.from_numpy(self.precision),
+               "reference": torch.from_numpy(self.reference), "k": int(self.k)}
+        if self.pca is not None:
+            out["pca"] = self.pca.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> NoveltyStats:
-        def arr(x: Any) -> np.ndarray:
-            return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+        pca = ExpressionPCA.from_dict(d["pca"]) if d.get("pca") else None
+        return cls(_array(d["class_means"]), _array(d["precision"]), _array(d["reference"]), int(d["k"]), pca)
 
-        return cls(arr(d["class_means"]), arr(d["precision"]), arr(d["reference"]), int(d["k"]))
+
+def _array(x: Any) -> np.ndarray:
+    return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+
+
+def _dense_rows(X: Any, rows: np.ndarray) -> np.ndarray:
+    sub = X[rows]
+    return np.asarray(sub.todense() if hasattr(sub, "todense") else sub, dtype=np.float32)
+
+
+@dataclass
+class ExpressionPCA:
+    """A PCA of the training cells' log expression (centred, not scaled: as the baselines'), with
+    the class statistics of :class:`NoveltyStats` in its coordinates."""
+
+    mean: np.ndarray  # genes: the training cells' mean expression
+    components: np.ndarray  # components x genes (float32)
+    stats: NoveltyStats  # class means, shared precision and kNN reference, in PCA coordinates
+
+    CHUNK = 4096  # cells projected at a time
+
+    @classmethod
+    def fit(cls, X: Any, labels: np.ndarray, n_classes: int, seed: int = 0, n_components: int = PCA_COMPONENTS,
+            max_cells: int = MAX_REFERENCE_CELLS) -> ExpressionPCA:
+        """From the training cells ``X`` (cells x genes: CSR, dense, or a row source giving CSR for
+        ``X[rows]``) and their class ids; at most ``max_cells`` of them (a seeded sample)."""
+        from sklearn.decomposition import PCA
+
+        labels = np.asarray(labels)
+        rows = np.arange(len(labels))
+        if len(rows) > max_cells:
+            rows = np.sort(np.random.default_rng(seed).choice(len(rows), max_cells, replace=False))
+        dense = _dense_rows(X, rows)
+        n = min(n_components, dense.shape[0] - 1, dense.shape[1])
+        pca = PCA(n_components=max(n, 1), random_state=seed).fit(dense)
+        z = pca.transform(dense)
+        stats = NoveltyStats.fit(z, z, labels[rows], n_classes, seed, max_cells)
+        return cls(pca.mean_.astype(np.float64), pca.components_.astype(np.float32), stats)
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Cells x components: ``(x - mean) @ components.T``, a chunk of cells at a time."""
+        W = self.components.T.astype(np.float64)
+        shift = self.mean @ W
+        parts = []
+        for start in range(0, X.shape[0], self.CHUNK):
+            sub = X[np.arange(start, min(start + self.CHUNK, X.shape[0]))]
+            parts.append(np.asarray(sub @ W, dtype=np.float64) - shift)
+        return np.concatenate(parts) if parts else np.zeros((0, W.shape[1]))
+
+    def scores(self, X: Any, which: Collection[str] | None = None) -> dict[str, np.ndarray]:
+        """``pca_mahalanobis`` and ``pca_knn`` (or those of them in ``which``) of the cells ``X``."""
+        wanted = [s for s in PCA_SCORES if which is None or s in which]
+        if not wanted:
+            return {}
+        z = self.transform(X)
+        fns = {"pca_mahalanobis": self.stats.mahalanobis, "pca_knn": self.stats.knn}
+        return {s: fns[s](z) for s in wanted}
+
+    def to_dict(self) -> dict[str, Any]:
+        import torch
+
+        return {"mean": torch.from_numpy(self.mean), "components": torch.from_numpy(self.components), "stats": self.stats.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ExpressionPCA:
+        return cls(_array(d["mean"]), _array(d["components"]), NoveltyStats.from_dict(d["stats"]))
 
 
 def novelty_scores(probs: np.ndarray, logits: np.ndarray, features: np.ndarray | None = None, embeddings: np.ndarray | None = None,
-                   stats: NoveltyStats | None = None, which: Collection[str] | None = None) -> dict[str, np.ndarray]:
+                   stats: NoveltyStats | None = None, which: Collection[str] | None = None,
+                   expression: Any = None) -> dict[str, np.ndarray]:
     """Every score that the inputs allow (or those of them in ``which``): ``softmax`` and
-    ``energy`` always, ``mahalanobis`` and ``knn`` with ``stats`` (and the features / embeddings)."""
+    ``energy`` always, ``mahalanobis`` and ``knn`` with ``stats`` (and the features / embeddings),
+    ``pca_*`` with stats that have a PCA and the cells' ``expression`` (the model's input matrix)."""
     def want(name: str) -> bool:
         return which is None or name in which
 
@@ -128,6 +205,8 @@ def novelty_scores(probs: np.ndarray, logits: np.ndarray, features: np.ndarray |
         out["mahalanobis"] = stats.mahalanobis(features)
     if stats is not None and embeddings is not None and want("knn"):
         out["knn"] = stats.knn(embeddings)
+    if stats is not None and stats.pca is not None and expression is not None:
+        out.update(stats.pca.scores(expression, which))
     return out
 
 

@@ -19,7 +19,16 @@ import pretrain
 from model.checkpoint import load_checkpoint
 from model.inference import PUBLISHED_RULE, NoveltyRule, annotate, assign_labels, novelty_rule
 from model.majority_voting import expression_pcs, majority_vote, over_cluster, over_clustering_resolution, soft_vote
-from model.novelty import NoveltyStats, calibrate, conformal_threshold, fpr_at_tpr, novelty_scores, read_novelty_record
+from model.novelty import (
+    ExpressionPCA,
+    NoveltyStats,
+    calibrate,
+    conformal_threshold,
+    fpr_at_tpr,
+    novelty_record,
+    novelty_scores,
+    read_novelty_record,
+)
 
 from .conftest import TINY_MODEL
 
@@ -57,6 +66,41 @@ def test_scores_against_direct_computations() -> None:
     np.testing.assert_allclose(s["knn"], np.sort(d, axis=1)[:, 3], rtol=1e-5)
 
 
+def test_pca_scores_against_sklearn_and_numpy() -> None:
+    from scipy import sparse
+    from sklearn.covariance import ledoit_wolf
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(3), 50)
+    X = np.log1p(rng.poisson(1.0 + 4 * (labels[:, None] == np.arange(30) % 3), size=(150, 30))).astype(np.float32)
+    space = ExpressionPCA.fit(sparse.csr_matrix(X), labels, 3, n_components=5)
+    pca = PCA(n_components=5, random_state=0).fit(X)
+    z = pca.transform(X)
+    np.testing.assert_allclose(np.abs(space.transform(sparse.csr_matrix(X))), np.abs(z), atol=1e-4)  # signs may differ
+    q = X[:9] + rng.normal(size=(9, 30)).astype(np.float32)
+    stats = NoveltyStats.fit(np.zeros((150, 1)), np.zeros((150, 1)), labels, 3)
+    stats.pca = space
+    s = novelty_scores(np.full((9, 3), 1 / 3), np.zeros((9, 3)), stats=stats, expression=sparse.csr_matrix(q))
+    zq = (q - X.mean(0)) @ space.components.T.astype(np.float64)  # in the stored components' own signs
+    zt = (X - X.mean(0)) @ space.components.T.astype(np.float64)
+    means = np.stack([zt[labels == c].mean(0) for c in range(3)])
+    prec = np.linalg.inv(ledoit_wolf(zt - means[labels], assume_centered=True)[0])
+    direct = np.min([np.einsum("ij,jk,ik->i", zq - m, prec, zq - m) for m in means], axis=0)
+    np.testing.assert_allclose(s["pca_mahalanobis"], direct, rtol=1e-4)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    d = np.linalg.norm(unit(zq)[:, None] - unit(zt)[None], axis=2)
+    np.testing.assert_allclose(s["pca_knn"], np.sort(d, axis=1)[:, 9], rtol=1e-4)
+    # the PCA travels with the stats through the checkpoint record
+    s2, _ = read_novelty_record(novelty_record(stats, None))
+    np.testing.assert_array_equal(s2.pca.components, space.components)
+    again = novelty_scores(np.full((9, 3), 1 / 3), np.zeros((9, 3)), stats=s2, expression=sparse.csr_matrix(q))
+    np.testing.assert_allclose(again["pca_mahalanobis"], s["pca_mahalanobis"])
+    # a cap on the cells kept: a seeded sample of them
+    small = ExpressionPCA.fit(sparse.csr_matrix(X), labels, 3, n_components=5, max_cells=60)
+    assert small.stats.reference.shape == (60, 5)
+
+
 def test_conformal_threshold_rejects_at_most_the_rate() -> None:
     scores = np.arange(100, dtype=float)
     t = conformal_threshold(scores, 0.05)
@@ -75,8 +119,6 @@ def test_record_round_trip_and_rule() -> None:
     stats = NoveltyStats.fit(features, embeddings, labels, 3)
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     cal = calibrate(novelty_scores(probs, logits, features, embeddings, stats), 0.1)
-    from model.novelty import novelty_record
-
     s2, c2 = read_novelty_record(novelty_record(stats, cal))
     np.testing.assert_array_equal(s2.precision, stats.precision)
     np.testing.assert_array_equal(s2.reference, stats.reference)
@@ -178,7 +220,7 @@ def test_fine_tuning_stores_a_calibration_that_rejects_the_rate(calibrated: Path
     stats, cal = read_novelty_record(ckpt.novelty)
     assert stats is not None and cal.reject_rate == 0.1 and cal.n == 48  # the 48 validation cells
     m = json.loads((calibrated / "ft" / "metrics.json").read_text())
-    assert m["novelty"]["reject_rate"] == 0.1 and set(m["novelty"]["thresholds"]) == {"softmax", "energy", "mahalanobis", "knn"}
+    assert m["novelty"]["reject_rate"] == 0.1 and set(m["novelty"]["thresholds"]) == {"softmax", "energy", "mahalanobis", "knn", "pca_mahalanobis", "pca_knn"}
     for score, values in cal.scores.items():
         assert (values > cal.thresholds[score]).mean() <= 0.1, score
     # the stored scores are those of the model: recomputed on the validation cells
@@ -188,8 +230,10 @@ def test_fine_tuning_stores_a_calibration_that_rejects_the_rate(calibrated: Path
 
     _, val = stratified_holdout(np.array([ckpt.classes.index(c) for c in y]), 0.2, 0)
     out = predict_outputs(ckpt.build_model(), CellDataset(prep.X[val], 5), 16, torch.device("cpu"), embed=True, features=True, progress=False)
-    again = novelty_scores(out["probs"], out["logits"], out["features"], out["embedding"], stats)
+    again = novelty_scores(out["probs"], out["logits"], out["features"], out["embedding"], stats, expression=prep.X[val])
     np.testing.assert_allclose(np.sort(again["knn"]), np.sort(cal.scores["knn"]), rtol=1e-4)
+    np.testing.assert_allclose(np.sort(again["pca_mahalanobis"]), np.sort(cal.scores["pca_mahalanobis"]), rtol=1e-6)
+    assert stats.pca.components.shape == (50, prep.n_vars)
 
 
 def test_predict_uses_the_calibration_and_writes_the_keys(calibrated: Path, pbmc_small: Path) -> None:
@@ -262,3 +306,19 @@ def test_bf16_recheck_gives_the_fp32_labels(calibrated: Path, pbmc_small: Path) 
     default = annotate(adata, ckpt, progress=False, options=ExecutionOptions(precision="bf16"))
     assert 0 <= default.rechecked < adata.n_obs
     assert default.report()[0]["rechecked_fp32"] == default.rechecked
+
+
+def test_checkpoint_calibrated_before_the_pca_scores(calibrated: Path) -> None:
+    """A checkpoint whose record has no PCA (fine-tuned before the pca_* scores): its own scores
+    still work, a pca_* score is refused with what to do."""
+    ckpt = load_checkpoint(calibrated / "ft" / "model.pt")
+    record = dict(ckpt.novelty)
+    record["stats"] = {k: v for k, v in record["stats"].items() if k != "pca"}
+    record["calibration"] = dict(record["calibration"], thresholds={k: v for k, v in record["calibration"]["thresholds"].items()
+                                                                     if not k.startswith("pca_")})
+    ckpt.novelty = record
+    rule, stats = novelty_rule(ckpt, "mahalanobis")
+    assert rule.score == "mahalanobis" and stats.pca is None
+    for threshold in ("auto", 3.0):
+        with pytest.raises(ValueError, match="fine-tune the model again"):
+            novelty_rule(ckpt, "pca_mahalanobis", threshold)

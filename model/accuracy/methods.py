@@ -43,29 +43,24 @@ class Method(Protocol):
 class InputSpaceNovelty:
     """Novelty scores for a classifier on the expression matrix itself: softmax and energy of its
     logits (``decision_function``), Mahalanobis and kNN in a PCA of its training cells (the
-    scores :mod:`model.novelty` gives scBERT, in the baseline's own input space)."""
+    :class:`model.novelty.ExpressionPCA` that gives scBERT its ``pca_*`` scores)."""
 
     n_pcs = 50
 
     def _fit_novelty(self, X: sparse.csr_matrix, codes: np.ndarray) -> None:
-        from sklearn.decomposition import PCA
+        from model.novelty import ExpressionPCA
 
-        from model.novelty import NoveltyStats
-
-        dense = np.asarray(X.todense()) if sparse.issparse(X) else np.asarray(X)
-        self.pca_ = PCA(n_components=min(self.n_pcs, dense.shape[0] - 1, dense.shape[1]), random_state=0).fit(dense)
-        z = self.pca_.transform(dense)
-        self.stats_ = NoveltyStats.fit(z, z, codes, len(self.classes_))
+        self.pca_ = ExpressionPCA.fit(X, codes, len(self.classes_), n_components=self.n_pcs, max_cells=max(X.shape[0], 1))
+        self.stats_ = self.pca_.stats
 
     def embedding(self, X: sparse.csr_matrix) -> np.ndarray:
         """The cells in the PCA of the training cells (for majority voting's over-clustering)."""
-        return self.pca_.transform(np.asarray(X.todense()) if sparse.issparse(X) else np.asarray(X))
+        return self.pca_.transform(X)
 
     def novelty_scores(self, X: sparse.csr_matrix) -> dict[str, np.ndarray]:
         from model.novelty import novelty_scores
 
-        dense = np.asarray(X.todense()) if sparse.issparse(X) else np.asarray(X)
-        z = self.pca_.transform(dense)
+        z = self.pca_.transform(X)
         logits = self.model.decision_function(X)
         logits = logits[:, None] if logits.ndim == 1 else logits
         return novelty_scores(self.predict_proba(X), logits, z, z, self.stats_)
@@ -322,7 +317,7 @@ class ScBERTMethod:
 
         out = predict_outputs(self.model, CellDataset(X, self.model.config.bin_num), self.train.batch_size, torch.device(self.device),
                               embed=True, features=True, progress=False)
-        return novelty_scores(out["probs"], out["logits"], out["features"], out["embedding"], self.stats_)
+        return novelty_scores(out["probs"], out["logits"], out["features"], out["embedding"], self.stats_, expression=X)
 
     def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
         probs, _ = predict(self.model, CellDataset(X, self.model.config.bin_num), self.train.batch_size, torch.device(self.device),

@@ -292,13 +292,14 @@ def calibrate_novelty(model: ScBERT, X: sparse.csr_matrix, y: np.ndarray, train:
     """The checkpoint's ``novelty`` record: statistics of (up to MAX_REFERENCE_CELLS, seeded) training
     cells, and the thresholds of every score calibrated on the validation cells ``val``."""
     from model.inference import predict_outputs
-    from model.novelty import MAX_REFERENCE_CELLS, NoveltyStats, calibrate, novelty_record, novelty_scores
+    from model.novelty import MAX_REFERENCE_CELLS, ExpressionPCA, NoveltyStats, calibrate, novelty_record, novelty_scores
 
     if len(train) > MAX_REFERENCE_CELLS:
         train = np.sort(np.random.default_rng(seed).choice(train, MAX_REFERENCE_CELLS, replace=False))
     bins = model.config.bin_num
     ref = predict_outputs(model, CellDataset(rows_of(X, train), bins), batch_size, device, embed=True, features=True, progress=False)
     stats = NoveltyStats.fit(ref["features"], ref["embedding"], y[train], n_classes, seed)
+    stats.pca = ExpressionPCA.fit(rows_of(X, train), y[train], n_classes, seed)
     cal = predict_outputs(model, CellDataset(rows_of(X, val), bins), batch_size, device, embed=True, features=True, progress=False)
-    scores = novelty_scores(cal["probs"], cal["logits"], cal["features"], cal["embedding"], stats)
+    scores = novelty_scores(cal["probs"], cal["logits"], cal["features"], cal["embedding"], stats, expression=rows_of(X, val))
     return novelty_record(stats, calibrate(scores, reject_rate, seed))
