@@ -252,7 +252,8 @@ def test_leave_one_type_out_with_calibrated_novelty_scores(tmp_path: Path) -> No
     assert {r["variant"] for r in res["runs"]} == {"novel=alpha", "novel=beta", "novel=gamma"}
     methods = {r["method"] for r in res["runs"]}
     assert {"logreg_l2 [softmax]", "logreg_l2 [energy]", "logreg_l2 [mahalanobis]", "logreg_l2 [knn]", "centroid_corr [softmax]",
-            "scbert_nopretrain [knn]", "scbert_nopretrain [mahalanobis]"} <= methods
+            "scbert_nopretrain [knn]", "scbert_nopretrain [mahalanobis]", "scbert_nopretrain [pca_mahalanobis]",
+            "scbert_nopretrain [pca_knn]"} <= methods
     assert any(m.startswith("logreg_l2 [published") for m in methods)
     splits = {(r["variant"], r["fold"]): r["n_train"] for r in res["runs"]}
     assert all(r["n_train"] == splits[(r["variant"], r["fold"])] for r in res["runs"]), "every method fits the same cells"
@@ -261,6 +262,17 @@ def test_leave_one_type_out_with_calibrated_novelty_scores(tmp_path: Path) -> No
     maha = [r for r in res["runs"] if r["method"] == "logreg_l2 [mahalanobis]"]
     assert np.mean([r["auroc_known_vs_novel"] for r in maha]) > 0.9  # three well-separated types
     assert "mean over the 3 held-out types" in (out / "results.md").read_text()
+    # the best score per method, by mean AUROC over the held-out types (how the default is chosen)
+    best = res["best_novelty_score"]
+    assert set(best) == {"logreg_l2", "centroid_corr", "scbert_nopretrain"}
+    assert "Best novelty score per method" in (out / "results.md").read_text()
+    scbert_rows = {}
+    for r in res["runs"]:
+        if r["method"].startswith("scbert_nopretrain [") and "published" not in r["method"]:
+            scbert_rows.setdefault(r["method"], {}).setdefault(r["variant"], []).append(r["auroc_known_vs_novel"])
+    mean_auc = {m: np.mean([np.mean(v) for v in per.values()]) for m, per in scbert_rows.items()}
+    assert f"scbert_nopretrain [{best['scbert_nopretrain']['score']}]" == max(mean_auc, key=mean_auc.get)
+    assert best["scbert_nopretrain"]["auroc"] == pytest.approx(max(mean_auc.values()))
 
 
 def test_majority_voting_rows(tmp_path: Path) -> None:

@@ -129,6 +129,23 @@ def mean_over_variants(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]
     return out
 
 
+def best_novelty_scores(means: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method, its calibrated novelty score (``method [score]`` rows of
+    :func:`mean_over_variants`, the published rule not among them) with the highest mean AUROC over
+    the held-out types: how ``model.novelty.DEFAULT_SCORE`` is chosen."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in means:
+        method, _, score = str(r["method"]).partition(" [")
+        score = score.rstrip("]")
+        auc = r.get("auroc_known_vs_novel")
+        if not score or score.startswith("published") or auc is None or not np.isfinite(auc):
+            continue
+        if method not in best or auc > best[method]["auroc"]:
+            best[method] = {"score": score, "auroc": float(auc), "novel_recall": float(r.get("novel_unassigned", np.nan)),
+                            "known_rejected": float(r.get("known_unassigned", np.nan))}
+    return best
+
+
 def paired_against(records: Sequence[dict[str, Any]], reference: str = "scbert") -> list[dict[str, Any]]:
     """``reference`` against every other method on the splits both were scored on (same variant,
     seed and fold): per (variant, method) the number of shared splits, the mean and sd over them of
@@ -195,7 +212,13 @@ def write_report(out: Path, records: Sequence[dict[str, Any]], y: np.ndarray | N
     check_same_splits(records)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(records)
-    table = markdown_table(summary + mean_over_variants(summary))
+    means = mean_over_variants(summary)
+    table = markdown_table(summary + means)
+    best = best_novelty_scores(means)
+    if best:
+        table += "\nBest novelty score per method (highest mean AUROC over the held-out types):\n\n" + "".join(
+            f"- {m}: {b['score']} (AUROC {b['auroc']:.4f}, novel recall {b['novel_recall']:.4f}, known rejected {b['known_rejected']:.4f})\n"
+            for m, b in best.items())
     paired = paired_against(records)
     if paired:
         table += "\n" + paired_table(paired)
@@ -205,7 +228,7 @@ def write_report(out: Path, records: Sequence[dict[str, Any]], y: np.ndarray | N
               + (f"scBERT: {info['encoder']['text']}.\n\n" if info.get("encoder") else ""))
     write_text(out / "results.md", header + table + "\n")
     write_text(out / "per_class_f1.csv", per_class_table(summary))
-    write_text(out / "results.json", json.dumps({"info": info, "summary": summary, "paired": paired, "runs": list(records)}, indent=1, default=_json_default))
+    write_text(out / "results.json", json.dumps({"info": info, "summary": summary, "paired": paired, "best_novelty_score": best, "runs": list(records)}, indent=1, default=_json_default))
     if y is not None:
         y = np.asarray(y).astype(str)
         for r in summary:
