@@ -494,6 +494,8 @@ def novelty_rule(ckpt: Checkpoint, novelty: str = "auto", threshold: float | str
                                  f"fine-tune the model again")
             return PUBLISHED_RULE, stats
         score = (ckpt.novelty or {}).get("default", DEFAULT_SCORE) if novelty == "auto" else novelty
+        if novelty == "auto" and score not in cal.thresholds:  # a record older than its package's default score
+            score = next(s for s in ("mahalanobis", "softmax") if s in cal.thresholds)
         if score not in cal.thresholds:
             raise InputError(f"--novelty {score}: {ckpt.source or 'the model'} was calibrated before that score existed (it has "
                              f"{sorted(cal.thresholds)}): choose one of those, or fine-tune the model again")
