@@ -319,6 +319,7 @@ def test_checkpoint_calibrated_before_the_pca_scores(calibrated: Path) -> None:
     ckpt.novelty = record
     rule, stats = novelty_rule(ckpt, "mahalanobis")
     assert rule.score == "mahalanobis" and stats.pca is None
+    assert record["default"] == "pca_mahalanobis" and novelty_rule(ckpt)[0].score == "mahalanobis"  # auto: the best it has
     for threshold in ("auto", 3.0):
         with pytest.raises(ValueError, match="fine-tune the model again"):
             novelty_rule(ckpt, "pca_mahalanobis", threshold)
