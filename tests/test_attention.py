@@ -317,5 +317,7 @@ def test_batch_size_fits_the_memory_budget(tiny_run: dict) -> None:
     assert "attention batches of 1 cells" in (d / "budget" / "log.txt").read_text()
     a = pd.read_csv(d / "budget" / "attention_top_genes.csv")
     b = pd.read_csv(tiny_run["bundled"] / "attention_top_genes.csv")
-    np.testing.assert_allclose(a["score"], b["score"], rtol=1e-6, atol=1e-9)
+    # the CSV holds 6 significant digits: a 1e-7 difference of the float32 sums (batch 1 vs a bigger
+    # batch, seen on an AVX2-only CPU) can cross a rounding boundary, so compare to that precision
+    np.testing.assert_allclose(a["score"], b["score"], rtol=1e-5, atol=1e-9)
     assert list(a["gene"]) == list(b["gene"])
