@@ -1,0 +1,57 @@
+"""Variants of the expression-PCA novelty scores on a development set (RESULTS.md, "Novel cell
+types (4 December)"): leave-one-type-out, 2 folds, seed 0, a tenth of each known type calibrating a
+5% reject rate; prints mean AUROC, novel recall and known cells rejected per variant.
+
+    python scripts/novelty_pca_variants.py ../shared/data/more/pbmc_sorted_2140.h5ad
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from sklearn.covariance import LedoitWolf
+from sklearn.neighbors import NearestNeighbors
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.labels import holdout_per_class  # noqa: E402
+from model.accuracy.harness import ProtocolSettings, load_labelled, protocol_splits  # noqa: E402
+from model.novelty import ExpressionPCA, auroc, conformal_threshold  # noqa: E402
+
+
+def main(path: str, label_key: str = "celltype") -> None:
+    adata, y, genes = load_labelled([path], label_key, None, 2000)
+    X, y, splits = protocol_splits(ProtocolSettings(protocol="novel", folds=2, seeds=[0]), adata, y, genes, [path], label_key, 200)
+    res: dict[tuple[str, int], dict[str, list[tuple[float, float, float]]]] = {}
+    for split in splits:
+        kept, held = holdout_per_class(y[split.train], 0.1, split.seed)
+        fit, cal = split.train[kept], split.train[held]
+        classes = sorted(set(y[fit]))
+        codes = np.searchsorted(classes, y[fit])
+        novel = ~np.isin(y[split.test], classes)
+        for n_pc in (20, 50):
+            space = ExpressionPCA.fit(X[fit], codes, len(classes), n_components=n_pc)
+            zt, zc, zq = space.transform(X[fit]), space.transform(X[cal]), space.transform(X[split.test])
+            nn = NearestNeighbors(n_neighbors=10).fit(zt)
+            g = LedoitWolf().fit(zt)
+
+            def relative(z: np.ndarray, space: ExpressionPCA = space, g: LedoitWolf = g) -> np.ndarray:
+                d = z - g.location_  # relative Mahalanobis (Ren et al. 2021): minus the distance to the global mean
+                return space.stats.mahalanobis(z) - np.einsum("ij,jk,ik->i", d, g.precision_, d)
+
+            variants = {"mahalanobis": space.stats.mahalanobis, "knn_unit": space.stats.knn,
+                        "knn_raw": lambda z, nn=nn: nn.kneighbors(z)[0][:, -1], "relative_mahalanobis": relative}
+            for name, f in variants.items():
+                sq, sc = f(zq), f(zc)
+                cut = conformal_threshold(sc, 0.05)
+                res.setdefault((name, n_pc), {}).setdefault(split.variant, []).append(
+                    (auroc(sq[~novel], sq[novel]), float((sq[novel] > cut).mean()), float((sq[~novel] > cut).mean())))
+    for (name, n_pc), per in res.items():
+        m = np.array([np.mean(v, axis=0) for v in per.values()])
+        print(f"{name:21s} {n_pc} PCs: AUROC {m[:, 0].mean():.4f}  novel recall {m[:, 1].mean():.4f}  known rejected {m[:, 2].mean():.4f}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
