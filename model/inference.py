@@ -266,7 +266,7 @@ def score_cells(net: ScBERT, ds: CellDataset, stats: Any, rule: NoveltyRule, bat
 
     wanted = {"softmax", "energy", rule.score}
     features = stats is not None and "mahalanobis" in wanted
-    expression = ds.X if wanted & set(PCA_SCORES) else None
+    expression = bool(wanted & set(PCA_SCORES))  # the pca_* scores also read the cells' input matrix
 
     def run(dataset: CellDataset, show: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         out = predict_outputs(net, dataset, batch_size, device, embed=True, features=features, pooling=pooling, progress=show,
@@ -274,7 +274,7 @@ def score_cells(net: ScBERT, ds: CellDataset, stats: Any, rule: NoveltyRule, bat
         if not out:
             return out, {}
         return out, novelty_scores(out["probs"], out["logits"], out.get("features"), out["embedding"], stats, which=wanted,
-                                   expression=None if expression is None else dataset.X)
+                                   expression=dataset.X if expression else None)
 
     out, scores = run(ds, progress)
     if not (rechecks(net.options, recheck_margin) and out):

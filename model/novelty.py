@@ -160,7 +160,7 @@ class ExpressionPCA:
         n = min(n_components, dense.shape[0] - 1, dense.shape[1])
         pca = PCA(n_components=max(n, 1), random_state=seed).fit(dense)
         z = pca.transform(dense)
-        stats = NoveltyStats.fit(z, z, labels[rows], n_classes, seed, max_cells)
+        stats = NoveltyStats.fit(z, z, labels[rows], n_classes, seed)  # its own cap on the reference cells
         return cls(pca.mean_.astype(np.float64), pca.components_.astype(np.float32), stats)
 
     def transform(self, X: Any) -> np.ndarray:
