@@ -400,7 +400,8 @@ class AnnotationResult:
         adata.uns[keys.classes] = list(self.classes)
         adata.uns[keys.threshold] = float("nan") if self.threshold is None else float(self.threshold)
         adata.uns[keys.novelty] = json.dumps(self.rule.to_dict())
-        adata.uns[keys.report] = json.dumps({"model": self.model, "preprocessing": self.preprocessing}, default=str)
+        adata.uns[keys.report] = json.dumps({"model": self.model, "preprocessing": self.preprocessing,
+                                             "rechecked_fp32": self.rechecked}, default=str)
         return adata
 
     def to_table(self, key_added: str = "scbert") -> pd.DataFrame:

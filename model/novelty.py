@@ -15,7 +15,7 @@ classifier's penultimate features, the cell embedding, and the cell's input expr
   scores in the accuracy benchmark).
 
 :class:`NoveltyStats` holds what the last four need from the training cells (at most
-``MAX_REFERENCE_CELLS`` of them, a seeded sample; the PCA adds ``PCA_COMPONENTS`` x genes floats). :func:`calibrate` sets, on cells of known
+``MAX_REFERENCE_CELLS`` of them, a seeded sample; the PCA adds ``PCA_COMPONENTS`` + 2 floats per gene). :func:`calibrate` sets, on cells of known
 types that did not train the model (validation cells), the threshold of each score above which a
 cell is rejected: the split-conformal quantile, so that at most ``reject_rate`` of new cells of
 known types are rejected (for exchangeable cells; Vovk et al. 2005, Angelopoulos & Bates 2021).
@@ -32,7 +32,8 @@ import numpy as np
 
 SCORES = ("softmax", "energy", "mahalanobis", "knn", "pca_mahalanobis", "pca_knn")
 PCA_SCORES = ("pca_mahalanobis", "pca_knn")
-PCA_COMPONENTS = 50
+PCA_COMPONENTS = 30
+SCALE_CLIP = 10.0  # scaled expression is clipped here (scanpy pp.scale(max_value=10)), so a rare gene cannot dominate
 MAX_REFERENCE_CELLS = 5000  # training cells kept for the kNN score and the class statistics (seeded sample)
 MAX_CALIBRATION_CELLS = 10000  # validation scores kept, so that predict.py can use another reject rate
 KNN_K = 10
@@ -136,20 +137,25 @@ def _dense_rows(X: Any, rows: np.ndarray) -> np.ndarray:
 
 @dataclass
 class ExpressionPCA:
-    """A PCA of the training cells' log expression (centred, not scaled: as the baselines'), with
-    the class statistics of :class:`NoveltyStats` in its coordinates."""
+    """A PCA of the training cells' log expression, scaled to unit variance per gene and clipped at
+    +-``SCALE_CLIP`` (as scanpy's ``pp.scale``), with the class statistics of :class:`NoveltyStats`
+    in its coordinates. Checkpoints of 4 December have no ``scale``: their PCA is of the centred,
+    unscaled expression, and is read and used as such."""
 
     mean: np.ndarray  # genes: the training cells' mean expression
     components: np.ndarray  # components x genes (float32)
     stats: NoveltyStats  # class means, shared precision and kNN reference, in PCA coordinates
+    scale: np.ndarray | None = None  # genes: the training cells' sd (None: unscaled PCA)
+    offset: np.ndarray | None = None  # components: the PCA's own centre of the clipped values, projected
 
-    CHUNK = 4096  # cells projected at a time
+    CHUNK = 1024  # cells projected at a time (a dense chunk: 70 MB at 16,906 genes)
 
     @classmethod
     def fit(cls, X: Any, labels: np.ndarray, n_classes: int, seed: int = 0, n_components: int = PCA_COMPONENTS,
-            max_cells: int = MAX_REFERENCE_CELLS) -> ExpressionPCA:
+            max_cells: int = MAX_REFERENCE_CELLS, scaled: bool = True) -> ExpressionPCA:
         """From the training cells ``X`` (cells x genes: CSR, dense, or a row source giving CSR for
-        ``X[rows]``) and their class ids; at most ``max_cells`` of them (a seeded sample)."""
+        ``X[rows]``) and their class ids; at most ``max_cells`` of them (a seeded sample).
+        ``scaled=False``: the PCA of centred, unscaled expression (that of 4 December)."""
         from sklearn.decomposition import PCA
 
         labels = np.asarray(labels)
@@ -157,20 +163,31 @@ class ExpressionPCA:
         if len(rows) > max_cells:
             rows = np.sort(np.random.default_rng(seed).choice(len(rows), max_cells, replace=False))
         dense = _dense_rows(X, rows)
-        n = min(n_components, dense.shape[0] - 1, dense.shape[1])
-        pca = PCA(n_components=max(n, 1), random_state=seed).fit(dense)
-        z = pca.transform(dense)
-        stats = NoveltyStats.fit(z, z, labels[rows], n_classes, seed)  # its own cap on the reference cells
-        return cls(pca.mean_.astype(np.float64), pca.components_.astype(np.float32), stats)
+        mean = dense.mean(axis=0, dtype=np.float64)
+        sd = dense.std(axis=0, dtype=np.float64)
+        sd[sd < 1e-8] = 1.0  # a gene constant in the training cells: centred, not scaled
+        z = _scaled(dense, mean, sd) if scaled else dense - mean.astype(np.float32)
+        n = min(n_components, z.shape[0] - 1, z.shape[1])
+        pca = PCA(n_components=max(n, 1), random_state=seed).fit(z)
+        coords = pca.transform(z)
+        stats = NoveltyStats.fit(coords, coords, labels[rows], n_classes, seed)  # its own cap on the reference cells
+        components = pca.components_.astype(np.float32)
+        if not scaled:
+            return cls(mean, components, stats)
+        return cls(mean, components, stats, sd, pca.mean_ @ components.T.astype(np.float64))
 
     def transform(self, X: Any) -> np.ndarray:
-        """Cells x components: ``(x - mean) @ components.T``, a chunk of cells at a time."""
+        """Cells x components, a chunk of cells at a time: ``(clip((x - mean) / scale) - centre) @
+        components.T`` (unscaled PCA: ``(x - mean) @ components.T``)."""
         W = self.components.T.astype(np.float64)
-        shift = self.mean @ W
         parts = []
         for start in range(0, X.shape[0], self.CHUNK):
             sub = X[np.arange(start, min(start + self.CHUNK, X.shape[0]))]
-            parts.append(np.asarray(sub @ W, dtype=np.float64) - shift)
+            if self.scale is None:
+                parts.append(np.asarray(sub @ W, dtype=np.float64) - self.mean @ W)
+            else:
+                dense = np.asarray(sub.todense() if hasattr(sub, "todense") else sub, dtype=np.float32)
+                parts.append(_scaled(dense, self.mean, self.scale) @ W - self.offset)
         return np.concatenate(parts) if parts else np.zeros((0, W.shape[1]))
 
     def scores(self, X: Any, which: Collection[str] | None = None) -> dict[str, np.ndarray]:
@@ -185,11 +202,22 @@ class ExpressionPCA:
     def to_dict(self) -> dict[str, Any]:
         import torch
 
-        return {"mean": torch.from_numpy(self.mean), "components": torch.from_numpy(self.components), "stats": self.stats.to_dict()}
+        out = {"mean": torch.from_numpy(self.mean), "components": torch.from_numpy(self.components), "stats": self.stats.to_dict()}
+        if self.scale is not None:
+            out.update(scale=torch.from_numpy(self.scale), offset=torch.from_numpy(np.asarray(self.offset)))
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ExpressionPCA:
-        return cls(_array(d["mean"]), _array(d["components"]), NoveltyStats.from_dict(d["stats"]))
+        scaled = d.get("scale") is not None
+        return cls(_array(d["mean"]), _array(d["components"]), NoveltyStats.from_dict(d["stats"]),
+                   _array(d["scale"]) if scaled else None, _array(d["offset"]) if scaled else None)
+
+
+def _scaled(dense: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """``(x - mean) / sd`` clipped at +-SCALE_CLIP, float32 (cells x genes)."""
+    z = (dense - mean.astype(np.float32)) / sd.astype(np.float32)
+    return np.clip(z, -SCALE_CLIP, SCALE_CLIP, out=z)
 
 
 def novelty_scores(probs: np.ndarray, logits: np.ndarray, features: np.ndarray | None = None, embeddings: np.ndarray | None = None,

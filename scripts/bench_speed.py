@@ -119,13 +119,16 @@ def case_predict(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
         import predict
 
         predict.main(["--data", str(query), "--model", str(ckpt), "--out", str(out), "--batch-size", str(args.batch_size),
-                      "--precision", args.precision, "--overwrite", "--quiet", "--compile", str(args.compile).lower()])
+                      "--precision", args.precision, "--overwrite", "--quiet", "--compile", str(args.compile).lower(),
+                      "--fp32-recheck", str(args.fp32_recheck)])
         n = _n_obs(out)
+        rechecked = _rechecked(out)
     else:
         import numpy as np
 
         from data.io import read_cells
 
+        rechecked = None
         probs, ck = _naive_annotate(ckpt, query)
         adata = read_cells(query)
         adata.obs["scbert_celltype"] = np.asarray(ck.classes)[probs.argmax(1)]
@@ -134,7 +137,20 @@ def case_predict(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
         n = adata.n_obs
     dt = time.perf_counter() - t0
     return {"cells": n, "seconds": dt, "cells_per_s": n / dt, "out": str(out), "precision": args.precision,
-            "batch_size": args.batch_size if fast else 1}
+            "batch_size": args.batch_size if fast else 1, "rechecked_fp32": rechecked if fast else None}
+
+
+def _rechecked(path: Path) -> int | None:
+    """Cells the float32 re-check re-scored in a ``predict.py`` output (None: no re-check ran)."""
+    import anndata as ad
+
+    from model.inference import AnnotationKeys
+
+    adata = ad.read_h5ad(path, backed="r")
+    try:
+        return json.loads(adata.uns[AnnotationKeys().report]).get("rechecked_fp32")
+    finally:
+        adata.file.close()
 
 
 def _n_obs(path: Path) -> int:
@@ -254,7 +270,9 @@ def case_roofline(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def case_agreement(args: argparse.Namespace) -> dict[str, Any]:
-    """Labels of a real fine-tuned model on real cells: naive fp32, fast fp32 and fast bf16."""
+    """Top types and final labels (after the novelty rule) of a real fine-tuned model on real cells:
+    naive fp32 (unless skipped), fast fp32, fast bf16 with and without the float32 re-check."""
+    import numpy as np
     import torch
 
     from data.io import read_cells
@@ -265,18 +283,34 @@ def case_agreement(args: argparse.Namespace) -> dict[str, Any]:
     ck = load_checkpoint(args.checkpoint)
     adata = read_cells(args.query)
     res: dict[str, Any] = {"checkpoint": args.checkpoint, "query": args.query, "cells": adata.n_obs}
-    t0 = time.perf_counter()
-    naive, _ = _naive_annotate(Path(args.checkpoint), Path(args.query))
-    res["naive_fp32_s"] = time.perf_counter() - t0
-    labels = {"naive_fp32": naive.argmax(1)}
-    for precision in ("fp32", "bf16"):
+    top, labels = {}, {}
+    if "agreement_naive" not in _list(args.skip):
         t0 = time.perf_counter()
-        out = annotate(adata, ck, 0.0, args.batch_size, torch.device("cpu"), ExecutionOptions(precision=precision), progress=False)
-        res[f"fast_{precision}_s"] = time.perf_counter() - t0
-        labels[f"fast_{precision}"] = out.probabilities.argmax(1)
-    res["agree_fast_fp32_vs_naive"] = float((labels["fast_fp32"] == labels["naive_fp32"]).mean())
-    res["agree_bf16_vs_fp32"] = float((labels["fast_bf16"] == labels["fast_fp32"]).mean())
+        naive, _ = _naive_annotate(Path(args.checkpoint), Path(args.query))
+        res["naive_fp32_s"] = time.perf_counter() - t0
+        top["naive_fp32"] = naive.argmax(1)
+    for name, precision, margin in (("fp32", "fp32", 0.0), ("bf16", "bf16", 0.05), ("bf16_norecheck", "bf16", 0.0)):
+        t0 = time.perf_counter()
+        out = annotate(adata, ck, "auto", args.batch_size, torch.device("cpu"), ExecutionOptions(precision=precision),
+                       progress=False, recheck_margin=margin)
+        res[f"fast_{name}_s"] = time.perf_counter() - t0
+        top[name], labels[name] = out.probabilities.argmax(1), np.asarray(out.labels)
+        if name == "bf16":
+            res["rechecked_bf16"] = out.rechecked
+    if "naive_fp32" in top:
+        res["agree_fast_fp32_vs_naive"] = float((top["fp32"] == top["naive_fp32"]).mean())
+    for name in ("bf16", "bf16_norecheck"):
+        res[f"agree_{name}_vs_fp32"] = float((top[name] == top["fp32"]).mean())
+        res[f"labels_{name}_vs_fp32"] = float((labels[name] == labels["fp32"]).mean())
     return res
+
+
+def _write_query_subset(query: Path, n_cells: int, out: Path) -> None:
+    """The first ``n_cells`` cells of ``query`` as an .h5ad (the predict case's real cells)."""
+    from data.io import read_cells
+
+    adata = read_cells(query)
+    adata[: min(n_cells, adata.n_obs)].copy().write_h5ad(out)
 
 
 def run_case(argv: list[str]) -> dict[str, Any]:
@@ -328,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cells", type=int, default=16, help="cells to predict (default: 16)")
     g.add_argument("--batch-size", type=int, default=8, help="fast predict batch size (default: 8)")
     g.add_argument("--precision", default="fp32,bf16", help="fast predict precision(s), comma list of fp32/bf16 (default: fp32,bf16)")
+    g.add_argument("--fp32-recheck", type=float, default=0.05,
+                   help="predict.py --fp32-recheck of the fast bf16 runs (default: 0.05, predict.py's own; 0 = no re-check)")
     g.add_argument("--train-steps", type=int, default=2, help="timed optimiser steps per training run, after one warm-up step (default: 2)")
     g.add_argument("--train-batch-size", type=int, default=3, help="fast training batch size (naive is always 3)")
     g.add_argument("--train-precision", default="fp32,bf16", help="fast training precision(s), comma list (default: fp32,bf16)")
@@ -339,9 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-sizes", default="1,4,16", help="batch sizes of the memory table")
     g.add_argument("--batch-genes", type=int, default=4000, help="genes of the memory table")
     g.add_argument("--repeats", type=int, default=2)
-    g.add_argument("--checkpoint", default=None, help="a fine-tuned model.pt for the agreement case (e.g. demo_out/finetune/model.pt)")
-    g.add_argument("--query", default=None, help="cells for the agreement case (e.g. demo_out/pbmc_query.h5ad)")
-    g.add_argument("--skip", default="", help="comma list of predict,finetune,pretrain,scaling,kernel,roofline,batch,agreement to skip")
+    g.add_argument("--checkpoint", default=None,
+                   help="a fine-tuned model.pt for the agreement case (e.g. demo_out/finetune/model.pt); with --query, "
+                        "the predict case runs it on the first --cells cells of the query instead of random weights and cells")
+    g.add_argument("--query", default=None, help="real cells for the agreement (all of them) and predict (--cells of them) cases")
+    g.add_argument("--skip", default="", help="comma list of predict,finetune,pretrain,scaling,kernel,roofline,batch,agreement to skip; "
+                                              "agreement_naive: the agreement case without its (slow) one-cell naive loop")
     g.add_argument("--quick", action="store_true", help="2,000 genes, depth 2, 8 cells: a smoke run")
     g = p.add_argument_group("output")
     g.add_argument("--json", default="bench_speed.json")
@@ -390,8 +429,13 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         if "predict" not in skip:
-            _write_inputs(args, Path(tmp))
-            extra = ["--cells", str(args.cells), "--batch-size", str(args.batch_size), "--workdir", tmp]
+            extra = ["--cells", str(args.cells), "--batch-size", str(args.batch_size), "--workdir", tmp,
+                     "--fp32-recheck", str(args.fp32_recheck)]
+            if args.checkpoint and args.query:  # a real model on the first --cells real cells
+                _write_query_subset(Path(args.query), args.cells, Path(tmp) / "query.h5ad")
+                extra += ["--checkpoint", args.checkpoint]
+            else:
+                _write_inputs(args, Path(tmp))
             fast = {p: ["--case", "predict:fast", *model_args(args), *extra, "--precision", p] for p in _list(args.precision)}
             pair = best_of(args.rounds, ["--case", "predict:naive", *model_args(args), *extra, "--precision", "fp32"], fast, "predict")
             naive_out = pair["naive"].pop("out")
@@ -410,10 +454,12 @@ def main() -> None:
             print(_line(kind, pair), flush=True)
     if "agreement" not in skip:
         report["agreement"] = run_case(["--case", "agreement", "--checkpoint", args.checkpoint, "--query", args.query,
-                                        "--batch-size", str(args.batch_size)])
+                                        "--batch-size", str(args.batch_size), "--skip", ",".join(sorted(skip))])
         a = report["agreement"]
-        print(f"agreement on {a['cells']} real cells: fast fp32 vs naive {a['agree_fast_fp32_vs_naive']:.4f}, "
-              f"bf16 vs fp32 {a['agree_bf16_vs_fp32']:.4f}", flush=True)
+        naive = f"fast fp32 vs naive {a['agree_fast_fp32_vs_naive']:.4f}, " if "agree_fast_fp32_vs_naive" in a else ""
+        print(f"agreement on {a['cells']} real cells: {naive}bf16 vs fp32: top type {a['agree_bf16_vs_fp32']:.4f}, labels "
+              f"{a['labels_bf16_vs_fp32']:.4f} ({a['rechecked_bf16']} cells re-checked in fp32); without the re-check: top type "
+              f"{a['agree_bf16_norecheck_vs_fp32']:.4f}, labels {a['labels_bf16_norecheck_vs_fp32']:.4f}", flush=True)
     if "scaling" not in skip:
         rows = []
         for what in ("forward", "attention"):
@@ -476,13 +522,20 @@ def _markdown(r: dict[str, Any]) -> str:
                 note += ", gradient checkpointing"
             if "agreement_with_naive" in f:
                 note += f"; label agreement with naive {f['agreement_with_naive']:.4f}"
+            if f.get("rechecked_fp32") is not None:
+                note += f"; {f['rechecked_fp32']} cells re-checked in fp32"
             lines.append(f"| {name} | {n['cells_per_s']:.4f} | {f['cells_per_s']:.4f} | {f['speedup']:.2f}x | "
                          f"{n['peak_rss_mb']:.0f} | {f['peak_rss_mb']:.0f} | {note} |")
     if r.get("agreement"):
         a = r["agreement"]
-        lines += ["", f"Agreement on {a['cells']} real cells ({a['query']}, {a['checkpoint']}): fast fp32 vs naive "
-                  f"{a['agree_fast_fp32_vs_naive']:.4f}, bf16 vs fp32 {a['agree_bf16_vs_fp32']:.4f} "
-                  f"(naive {a['naive_fp32_s']:.1f} s, fast fp32 {a['fast_fp32_s']:.1f} s, fast bf16 {a['fast_bf16_s']:.1f} s)."]
+        naive = (f"fast fp32 vs naive {a['agree_fast_fp32_vs_naive']:.4f} (naive {a['naive_fp32_s']:.1f} s); "
+                 if "agree_fast_fp32_vs_naive" in a else "")
+        lines += ["", f"Agreement on {a['cells']} real cells ({a['query']}, {a['checkpoint']}): {naive}bf16 vs fp32: top type "
+                  f"{a['agree_bf16_vs_fp32']:.4f}, labels after the novelty rule {a['labels_bf16_vs_fp32']:.4f}, "
+                  f"{a['rechecked_bf16']} cells re-checked in fp32; bf16 without the re-check: top type "
+                  f"{a['agree_bf16_norecheck_vs_fp32']:.4f}, labels {a['labels_bf16_norecheck_vs_fp32']:.4f} "
+                  f"(fast fp32 {a['fast_fp32_s']:.1f} s, bf16 {a['fast_bf16_s']:.1f} s, bf16 without re-check "
+                  f"{a['fast_bf16_norecheck_s']:.1f} s)."]
     if r.get("scaling"):
         lines += ["", "| what | genes | depth | s/cell | us per gene | peak RSS (MB) |", "|---|---|---|---|---|---|"]
         for s in r["scaling"]:

@@ -20,6 +20,7 @@ from model.checkpoint import load_checkpoint
 from model.inference import PUBLISHED_RULE, NoveltyRule, annotate, assign_labels, novelty_rule
 from model.majority_voting import expression_pcs, majority_vote, over_cluster, over_clustering_resolution, soft_vote
 from model.novelty import (
+    PCA_COMPONENTS,
     ExpressionPCA,
     NoveltyStats,
     calibrate,
@@ -74,16 +75,20 @@ def test_pca_scores_against_sklearn_and_numpy() -> None:
     rng = np.random.default_rng(3)
     labels = np.repeat(np.arange(3), 50)
     X = np.log1p(rng.poisson(1.0 + 4 * (labels[:, None] == np.arange(30) % 3), size=(150, 30))).astype(np.float32)
+    X[0, 0] = 40.0  # an extreme value: clipped at 10 sd after scaling
     space = ExpressionPCA.fit(sparse.csr_matrix(X), labels, 3, n_components=5)
-    pca = PCA(n_components=5, random_state=0).fit(X)
-    z = pca.transform(X)
+    scaled = np.clip((X - X.mean(0)) / X.std(0), -10, 10)  # scanpy's pp.scale(max_value=10)
+    assert scaled.max() == 10.0
+    pca = PCA(n_components=5, random_state=0).fit(scaled)
+    z = pca.transform(scaled)
     np.testing.assert_allclose(np.abs(space.transform(sparse.csr_matrix(X))), np.abs(z), atol=1e-4)  # signs may differ
     q = X[:9] + rng.normal(size=(9, 30)).astype(np.float32)
     stats = NoveltyStats.fit(np.zeros((150, 1)), np.zeros((150, 1)), labels, 3)
     stats.pca = space
     s = novelty_scores(np.full((9, 3), 1 / 3), np.zeros((9, 3)), stats=stats, expression=sparse.csr_matrix(q))
-    zq = (q - X.mean(0)) @ space.components.T.astype(np.float64)  # in the stored components' own signs
-    zt = (X - X.mean(0)) @ space.components.T.astype(np.float64)
+    W = space.components.T.astype(np.float64)  # in the stored components' own signs
+    zq = (np.clip((q - X.mean(0)) / X.std(0), -10, 10) - scaled.mean(0)) @ W
+    zt = (scaled - scaled.mean(0)) @ W
     means = np.stack([zt[labels == c].mean(0) for c in range(3)])
     prec = np.linalg.inv(ledoit_wolf(zt - means[labels], assume_centered=True)[0])
     direct = np.min([np.einsum("ij,jk,ik->i", zq - m, prec, zq - m) for m in means], axis=0)
@@ -99,6 +104,12 @@ def test_pca_scores_against_sklearn_and_numpy() -> None:
     # a cap on the cells kept: a seeded sample of them
     small = ExpressionPCA.fit(sparse.csr_matrix(X), labels, 3, n_components=5, max_cells=60)
     assert small.stats.reference.shape == (60, 5)
+    # a PCA of 4 December (unscaled: no scale in its record) is read and used as it was computed
+    old = space.to_dict()
+    del old["scale"], old["offset"]
+    unscaled = ExpressionPCA.from_dict(old)
+    assert unscaled.scale is None
+    np.testing.assert_allclose(unscaled.transform(sparse.csr_matrix(q)), (q - space.mean) @ W, rtol=1e-6)
 
 
 def test_conformal_threshold_rejects_at_most_the_rate() -> None:
@@ -233,7 +244,7 @@ def test_fine_tuning_stores_a_calibration_that_rejects_the_rate(calibrated: Path
     again = novelty_scores(out["probs"], out["logits"], out["features"], out["embedding"], stats, expression=prep.X[val])
     np.testing.assert_allclose(np.sort(again["knn"]), np.sort(cal.scores["knn"]), rtol=1e-4)
     np.testing.assert_allclose(np.sort(again["pca_mahalanobis"]), np.sort(cal.scores["pca_mahalanobis"]), rtol=1e-6)
-    assert stats.pca.components.shape == (50, prep.n_vars)
+    assert stats.pca.components.shape == (PCA_COMPONENTS, prep.n_vars)
 
 
 def test_predict_uses_the_calibration_and_writes_the_keys(calibrated: Path, pbmc_small: Path) -> None:

@@ -45,12 +45,10 @@ class InputSpaceNovelty:
     logits (``decision_function``), Mahalanobis and kNN in a PCA of its training cells (the
     :class:`model.novelty.ExpressionPCA` that gives scBERT its ``pca_*`` scores)."""
 
-    n_pcs = 50
-
     def _fit_novelty(self, X: sparse.csr_matrix, codes: np.ndarray) -> None:
         from model.novelty import ExpressionPCA
 
-        self.pca_ = ExpressionPCA.fit(X, codes, len(self.classes_), n_components=self.n_pcs, max_cells=max(X.shape[0], 1))
+        self.pca_ = ExpressionPCA.fit(X, codes, len(self.classes_), max_cells=max(X.shape[0], 1))
         self.stats_ = self.pca_.stats
 
     def embedding(self, X: sparse.csr_matrix) -> np.ndarray:
