@@ -210,24 +210,31 @@ def _best_seconds(run: Any, repeats: int) -> float:
 
 
 def case_scaling(args: argparse.Namespace) -> dict[str, Any]:
-    """Fast forward pass (or attention-received scores with ``--what attention``) at one gene count."""
+    """Fast forward pass (or attention-received scores with ``--what attention``) at one gene count,
+    in ``--precision`` (one of fp32/bf16), with its matrix-product rate (``model.nn.flops``)."""
     import torch
 
     from model.attention.scores import attention_received
+    from model.nn.config import ExecutionOptions
+    from model.nn.flops import forward_cost
 
     model = _model(args, "classifier", fast=True).eval()
+    model.configure(ExecutionOptions(precision=args.precision))
     tokens = torch.randint(0, 6, (args.batch_size, args.genes + 1))
 
     def run() -> None:
-        if args.what == "attention":
-            attention_received(model, tokens, layer=-1)
-        else:
-            with torch.inference_mode():
-                model(tokens)
+        with model.autocast():
+            if args.what == "attention":
+                attention_received(model, tokens, layer=-1)
+            else:
+                with torch.inference_mode():
+                    model(tokens)
 
     per_cell = _best_seconds(run, args.repeats) / args.batch_size
-    return {"what": args.what, "genes": args.genes, "depth": args.depth, "batch_size": args.batch_size,
-            "s_per_cell": per_cell, "us_per_gene": per_cell / args.genes * 1e6}
+    gflop = forward_cost(model.config).encoder / 1e9
+    return {"what": args.what, "genes": args.genes, "depth": args.depth, "batch_size": args.batch_size, "precision": args.precision,
+            "s_per_cell": per_cell, "us_per_gene": per_cell / args.genes * 1e6,
+            "encoder_gflops": gflop / per_cell if args.what == "forward" else None}
 
 
 def case_kernel(args: argparse.Namespace) -> dict[str, Any]:
@@ -372,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=int, default=1, help="alternate naive/fast runs this many times, keep the best (default: 1)")
     g.add_argument("--scaling-genes", default="2000,4000,8000,16906")
     g.add_argument("--scaling-depth", type=int, default=1, help="layers for the scaling table (cost is linear in depth)")
+    g.add_argument("--scaling-batch-size", type=int, default=1, help="cells per pass of the scaling table (default: 1)")
+    g.add_argument("--scaling-precision", default="fp32", help="precision(s) of the scaling table, comma list (default: fp32)")
     g.add_argument("--batch-sizes", default="1,4,16", help="batch sizes of the memory table")
     g.add_argument("--batch-genes", type=int, default=4000, help="genes of the memory table")
     g.add_argument("--repeats", type=int, default=2)
@@ -462,11 +471,13 @@ def main() -> None:
               f"{a['agree_bf16_norecheck_vs_fp32']:.4f}, labels {a['labels_bf16_norecheck_vs_fp32']:.4f}", flush=True)
     if "scaling" not in skip:
         rows = []
-        for what in ("forward", "attention"):
-            for g in (int(x) for x in args.scaling_genes.split(",")):
-                rows.append(run_case(["--case", "scaling", "--what", what, "--repeats", str(args.repeats), "--batch-size", "1",
-                                      *model_args(args, g, args.scaling_depth)]))
-                print(f"scaling {what}: {g} genes: {rows[-1]['s_per_cell']:.3f} s/cell, {rows[-1]['peak_rss_mb']:.0f} MB", flush=True)
+        for precision in _list(args.scaling_precision):
+            for what in ("forward", "attention"):
+                for g in (int(x) for x in args.scaling_genes.split(",")):
+                    rows.append(run_case(["--case", "scaling", "--what", what, "--repeats", str(args.repeats), "--batch-size",
+                                          str(args.scaling_batch_size), "--precision", precision, *model_args(args, g, args.scaling_depth)]))
+                    print(f"scaling {what} {precision}: {g} genes: {rows[-1]['s_per_cell']:.3f} s/cell, {rows[-1]['peak_rss_mb']:.0f} MB",
+                          flush=True)
         report["scaling"] = rows
     if "kernel" not in skip:
         report["kernel"] = run_case(["--case", "kernel", "--repeats", str(args.repeats), "--batch-size", str(args.batch_size),
@@ -537,9 +548,15 @@ def _markdown(r: dict[str, Any]) -> str:
                   f"(fast fp32 {a['fast_fp32_s']:.1f} s, bf16 {a['fast_bf16_s']:.1f} s, bf16 without re-check "
                   f"{a['fast_bf16_norecheck_s']:.1f} s)."]
     if r.get("scaling"):
-        lines += ["", "| what | genes | depth | s/cell | us per gene | peak RSS (MB) |", "|---|---|---|---|---|---|"]
+        roof = r.get("roofline")
+        lines += ["", "| what | precision | genes | depth | batch | s/cell | cells/s | us per gene | peak RSS (MB) | GFLOP/s | of this CPU's GEMM rate |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in r["scaling"]:
-            lines.append(f"| {s['what']} | {s['genes']} | {s['depth']} | {s['s_per_cell']:.3f} | {s['us_per_gene']:.1f} | {s['peak_rss_mb']:.0f} |")
+            rate, prec = s.get("encoder_gflops"), s.get("precision", "fp32")
+            share = f"{rate / roof['gemm_gflops'][prec]:.0%}" if rate and roof else "-"
+            lines.append(f"| {s['what']} | {prec} | {s['genes']} | {s['depth']} | {s['batch_size']} | {s['s_per_cell']:.3f} | "
+                         f"{1 / s['s_per_cell']:.2f} | {s['us_per_gene']:.1f} | {s['peak_rss_mb']:.0f} | "
+                         f"{f'{rate:.0f}' if rate else '-'} | {share} |")
     if r.get("kernel"):
         k = r["kernel"]
         lines += ["", f"Encoder alone, {k['genes']} genes, both paths with the same allocator setting:", "",
