@@ -400,8 +400,7 @@ class AnnotationResult:
         adata.uns[keys.classes] = list(self.classes)
         adata.uns[keys.threshold] = float("nan") if self.threshold is None else float(self.threshold)
         adata.uns[keys.novelty] = json.dumps(self.rule.to_dict())
-        adata.uns[keys.report] = json.dumps({"model": self.model, "preprocessing": self.preprocessing,
-                                             "rechecked_fp32": self.rechecked}, default=str)
+        adata.uns[keys.report] = annotation_record(self.model, self.preprocessing, self.rechecked)
         return adata
 
     def to_table(self, key_added: str = "scbert") -> pd.DataFrame:
@@ -439,6 +438,12 @@ class AnnotationResult:
         """predictions.png (cells per type, novelty scores and the cutoff) and, with ``truth``,
         confusion_matrix.png in ``folder``; returns the files written."""
         return label_plots(folder, self.labels, self.confidence, self.novelty_score, self.rule, self.classes, truth)
+
+
+def annotation_record(model: str | None, preprocessing: dict[str, Any], rechecked: int | None) -> str:
+    """What ``uns['scbert_annotation']`` holds (JSON): the model, the preprocessing report, and how many
+    cells the float32 re-check re-scored (None: no re-check ran)."""
+    return json.dumps({"model": model, "preprocessing": preprocessing, "rechecked_fp32": rechecked}, default=str)
 
 
 def label_report(labels: np.ndarray, confidence: np.ndarray, classes: Sequence[str], rule: NoveltyRule,

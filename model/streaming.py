@@ -37,6 +37,7 @@ from model.inference import (
     RECHECK_MARGIN,
     AnnotationKeys,
     NoveltyRule,
+    annotation_record,
     assign_labels,
     label_plots,
     label_report,
@@ -216,9 +217,11 @@ def annotate_h5ad(
                 prep["n_cells_in"] = prep["n_cells_out"] = n
                 obs = {keys.celltype: _categorical(kept["label"], names), keys.celltype_raw: _categorical(kept["raw"], names),
                        keys.confidence: kept["confidence"], keys.novelty: kept["novelty"]}
+                if not rechecks(net.options, recheck_margin):
+                    rechecked = None
                 uns = {keys.classes: np.array(classes, dtype=object),
                        keys.threshold: float("nan") if rule.threshold is None else float(rule.threshold),
-                       keys.novelty: json.dumps(rule.to_dict()), keys.report: json.dumps({"model": ckpt.source, "preprocessing": prep}, default=str)}
+                       keys.novelty: json.dumps(rule.to_dict()), keys.report: annotation_record(ckpt.source, prep, rechecked)}
                 writer.finish(obs, uns)
         finally:
             bar.close()
@@ -227,4 +230,4 @@ def annotate_h5ad(
     return StreamedAnnotation(labels=names[kept["label"]], labels_raw=names[kept["raw"]], confidence=kept["confidence"],
                               novelty_score=kept["novelty"], classes=classes, rule=rule, model=ckpt.source, preprocessing=prep,
                               seconds=time.time() - t0, n_chunks=len(starts), chunk_size=chunk_size,
-                              rechecked=rechecked if rechecks(net.options, recheck_margin) else None)
+                              rechecked=rechecked)
