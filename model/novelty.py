@@ -216,7 +216,8 @@ class ExpressionPCA:
 
 def _scaled(dense: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
     """``(x - mean) / sd`` clipped at +-SCALE_CLIP, float32 (cells x genes)."""
-    z = (dense - mean.astype(np.float32)) / sd.astype(np.float32)
+    z = dense - mean.astype(np.float32)
+    z /= sd.astype(np.float32)  # in place: one cells x genes copy, not two
     return np.clip(z, -SCALE_CLIP, SCALE_CLIP, out=z)
 
 
