@@ -275,7 +275,7 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
         metrics.update(folds[0].metrics, what=SPLIT_METRICS_MEANING)
     novelty = None
     if main:
-        novelty = calibrate_novelty(model, X, y, *kept_split, len(classes), s.reject_rate, s.train.seed, cfg.batch_size, device)
+        novelty = calibrate_novelty(model, X, y, *kept_split, len(classes), s.reject_rate, s.train.seed, cfg.batch_size, device, progress)
         cal = novelty["calibration"]
         metrics["novelty"] = {"reject_rate": cal["reject_rate"], "n_calibration_cells": cal["n_cells"], "thresholds": cal["thresholds"],
                               "what": "novelty thresholds: each rejects at most reject_rate of new cells of known types (split-conformal "
@@ -288,7 +288,7 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
 
 
 def calibrate_novelty(model: ScBERT, X: sparse.csr_matrix, y: np.ndarray, train: np.ndarray, val: np.ndarray, n_classes: int,
-                      reject_rate: float, seed: int, batch_size: int, device: torch.device) -> dict[str, Any]:
+                      reject_rate: float, seed: int, batch_size: int, device: torch.device, progress: bool = False) -> dict[str, Any]:
     """The checkpoint's ``novelty`` record: statistics of (up to MAX_REFERENCE_CELLS, seeded) training
     cells, and the thresholds of every score calibrated on the validation cells ``val``."""
     from model.inference import predict_outputs
@@ -297,9 +297,9 @@ def calibrate_novelty(model: ScBERT, X: sparse.csr_matrix, y: np.ndarray, train:
     if len(train) > MAX_REFERENCE_CELLS:
         train = np.sort(np.random.default_rng(seed).choice(train, MAX_REFERENCE_CELLS, replace=False))
     bins = model.config.bin_num
-    ref = predict_outputs(model, CellDataset(rows_of(X, train), bins), batch_size, device, embed=True, features=True, progress=False)
+    ref = predict_outputs(model, CellDataset(rows_of(X, train), bins), batch_size, device, embed=True, features=True, progress=progress)
     stats = NoveltyStats.fit(ref["features"], ref["embedding"], y[train], n_classes, seed)
     stats.pca = ExpressionPCA.fit(rows_of(X, train), y[train], n_classes, seed)
-    cal = predict_outputs(model, CellDataset(rows_of(X, val), bins), batch_size, device, embed=True, features=True, progress=False)
+    cal = predict_outputs(model, CellDataset(rows_of(X, val), bins), batch_size, device, embed=True, features=True, progress=progress)
     scores = novelty_scores(cal["probs"], cal["logits"], cal["features"], cal["embedding"], stats, expression=rows_of(X, val))
     return novelty_record(stats, calibrate(scores, reject_rate, seed))
