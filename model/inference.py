@@ -238,13 +238,16 @@ def rechecks(options: ExecutionOptions, margin: float | None) -> bool:
 def near_decision(probs: np.ndarray, rule: NoveltyRule | None, score: np.ndarray | None, margin: float = RECHECK_MARGIN) -> np.ndarray:
     """Cells whose label could flip under rounding: top-two probability gap below ``margin``, or a
     novelty ``score`` (the rule's; None: 1 - top probability) within ``margin`` of the rule's cutoff
-    (``margin * |cutoff|`` for scores that are not probabilities)."""
+    (``margin * |cutoff|`` for scores that are not probabilities). The ``pca_*`` scores come from the
+    input expression, not the network, so the precision cannot move them: no band around their cutoff."""
+    from model.novelty import PCA_SCORES
+
     if probs.shape[1] > 1:
         top2 = np.partition(probs, probs.shape[1] - 2, axis=1)[:, -2:]
         near = (top2[:, 1] - top2[:, 0]) < margin
     else:
         near = np.zeros(len(probs), dtype=bool)
-    cutoff = None if rule is None else rule.cutoff
+    cutoff = None if rule is None or rule.score in PCA_SCORES else rule.cutoff
     if cutoff is not None and np.isfinite(cutoff):
         if score is None or rule.score == "softmax":
             score, band = 1.0 - probs.max(axis=1).astype(np.float64), margin

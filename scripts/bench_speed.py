@@ -128,7 +128,7 @@ def case_predict(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
 
         from data.io import read_cells
 
-        rechecked = None
+        rechecked = None  # the naive loop has no re-check
         probs, ck = _naive_annotate(ckpt, query)
         adata = read_cells(query)
         adata.obs["scbert_celltype"] = np.asarray(ck.classes)[probs.argmax(1)]
@@ -137,7 +137,7 @@ def case_predict(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
         n = adata.n_obs
     dt = time.perf_counter() - t0
     return {"cells": n, "seconds": dt, "cells_per_s": n / dt, "out": str(out), "precision": args.precision,
-            "batch_size": args.batch_size if fast else 1, "rechecked_fp32": rechecked if fast else None}
+            "batch_size": args.batch_size if fast else 1, "rechecked_fp32": rechecked}
 
 
 def _rechecked(path: Path) -> int | None:

@@ -298,6 +298,9 @@ def test_near_decision_finds_close_calls() -> None:
     assert near_decision(probs, published, None, 0.05).tolist() == [True, False, False, True]
     rule = NoveltyRule("mahalanobis", 100.0)  # relative band: 95..105
     assert near_decision(probs, rule, np.array([10.0, 96.0, 104.9, 200.0]), 0.05).tolist() == [True, True, True, False]
+    # a score of the input expression is the same in any precision: only the top-two gap counts
+    pca_rule = NoveltyRule("pca_mahalanobis", 100.0)
+    assert near_decision(probs, pca_rule, np.array([10.0, 96.0, 104.9, 200.0]), 0.05).tolist() == [True, False, False, False]
 
 
 def test_bf16_recheck_gives_the_fp32_labels(calibrated: Path, pbmc_small: Path) -> None:
