@@ -1,0 +1,73 @@
+"""Seconds per cell of a fine-tuned model's forward pass on real cells, per batch size and FAVOR+
+tile size, and the bf16 error of its probabilities (BENCHMARKS.md, 4-5 December):
+
+    python scripts/bench_forward_settings.py --checkpoint runs17/ft4000/model.pt --query runs17/query320.h5ad \\
+        --precision bf16 --batch-sizes 1,2,4,8,16 --tiles 4194304,1048576
+    python scripts/bench_forward_settings.py --checkpoint runs17/ft16906/model.pt --query runs17/query320.h5ad --error-cells 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import anndata as ad
+    import torch
+
+    import model.nn.favor as favor
+    from data.dataset import tokenize_rows
+    from model.checkpoint import load_checkpoint
+    from model.inference import annotate
+    from model.nn.config import ExecutionOptions
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--query", required=True)
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--cells", type=int, default=8, help="cells timed per setting (default: 8)")
+    p.add_argument("--batch-sizes", default="", help="comma list (default: none)")
+    p.add_argument("--tiles", default=str(favor.TILE_ELEMENTS), help="comma list of TILE_ELEMENTS values")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--error-cells", type=int, default=0, help="cells for the bf16-vs-fp32 probability error (0: skip)")
+    args = p.parse_args(argv)
+    ck = load_checkpoint(args.checkpoint)
+    query = ad.read_h5ad(args.query)
+    if args.batch_sizes:
+        prep, _ = ck.prepare(query[: args.cells].copy())
+        net = ck.build_model(ExecutionOptions(precision=args.precision)).eval()
+        for b in (int(x) for x in args.batch_sizes.split(",")):
+            batches = [tokenize_rows(prep.X, list(range(i, min(i + b, args.cells))), net.config.bin_num) for i in range(0, args.cells, b)]
+            for tile in (int(x) for x in args.tiles.split(",")):
+                favor.TILE_ELEMENTS = tile
+                best = np.inf
+                with torch.inference_mode(), net.autocast():
+                    net(batches[0])  # warm-up (and the first-layer cache)
+                    for _ in range(args.repeats):
+                        t0 = time.perf_counter()
+                        for tokens in batches:
+                            net(tokens)
+                        best = min(best, (time.perf_counter() - t0) / args.cells)
+                print(f"{args.precision} batch {b} tile {tile}: {best:.4f} s per cell (best of {args.repeats})", flush=True)
+    if args.error_cells:
+        cells = query[: args.error_cells].copy()
+        probs = {prec: annotate(cells, ck, "auto", 1, "cpu", ExecutionOptions(precision=prec), progress=False,
+                                recheck_margin=0.0).probabilities.astype(np.float64) for prec in ("fp32", "bf16")}
+        err = np.abs(probs["bf16"] - probs["fp32"])
+        top = np.sort(probs["fp32"], axis=1)
+        gap = top[:, -1] - top[:, -2]
+        print(f"{len(gap)} cells: largest |p_bf16 - p_fp32| {err.max():.5f}; top types equal "
+              f"{np.mean(probs['bf16'].argmax(1) == probs['fp32'].argmax(1)):.4f}")
+        for margin in (0.05, 0.02, 0.01, 0.005):
+            print(f"  top-two gap below {margin}: {int((gap < margin).sum())} of {len(gap)} cells")
+
+
+if __name__ == "__main__":
+    main()
