@@ -180,14 +180,14 @@ class ExpressionPCA:
         """Cells x components, a chunk of cells at a time: ``(clip((x - mean) / scale) - centre) @
         components.T`` (unscaled PCA: ``(x - mean) @ components.T``)."""
         W = self.components.T.astype(np.float64)
+        shift = self.mean @ W if self.scale is None else self.offset
         parts = []
         for start in range(0, X.shape[0], self.CHUNK):
-            sub = X[np.arange(start, min(start + self.CHUNK, X.shape[0]))]
+            rows = np.arange(start, min(start + self.CHUNK, X.shape[0]))
             if self.scale is None:
-                parts.append(np.asarray(sub @ W, dtype=np.float64) - self.mean @ W)
+                parts.append(np.asarray(X[rows] @ W, dtype=np.float64) - shift)
             else:
-                dense = np.asarray(sub.todense() if hasattr(sub, "todense") else sub, dtype=np.float32)
-                parts.append(_scaled(dense, self.mean, self.scale) @ W - self.offset)
+                parts.append(_scaled(_dense_rows(X, rows), self.mean, self.scale) @ W - shift)
         return np.concatenate(parts) if parts else np.zeros((0, W.shape[1]))
 
     def scores(self, X: Any, which: Collection[str] | None = None) -> dict[str, np.ndarray]:
