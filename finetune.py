@@ -12,6 +12,7 @@ from model.cli.args import (
     add_training_args,
     apply_recipe,
     fraction,
+    nonnegative_int,
     parser,
     recipe_help,
 )
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reject-rate", type=fraction, default=0.05,
                    help="novelty calibration: the thresholds stored with the model reject this fraction of the validation cells, i.e. "
                    "of new cells of known types (default: 0.05); predict.py --threshold auto uses them")
+    g.add_argument("--precision-check-cells", type=nonnegative_int, default=128,
+                   help="after training, measure how much bf16 moves the model's outputs on this many validation cells (one float32 "
+                   "and one bf16 pass), stored with the model: predict.py --precision bf16 re-checks in float32 only the cells this "
+                   "close to a decision (--fp32-recheck auto); 0 = skip, and predict.py uses a fixed margin of 0.05 (default: 128)")
     d = p.add_argument_group("training data larger than memory")
     add_bool(d, "--backed", default=False,
              help="read cells from disk a batch at a time instead of loading the matrix: --data is an .h5ad written by preprocess.py "

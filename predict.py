@@ -14,6 +14,7 @@ from model.cli.args import (
     add_published_args,
     add_speed_args,
     fraction,
+    fraction_or_auto,
     parser,
     positive_int,
     str2bool,
@@ -84,10 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-size", type=positive_int, default=10_000, help="cells per chunk with --backed (default: 10000)")
     add_device(p)
     add_precision(p)
-    p.add_argument("--fp32-recheck", type=fraction, default=0.05, metavar="MARGIN",
+    p.add_argument("--fp32-recheck", type=fraction_or_auto, default="auto", metavar="MARGIN",
                    help="after a bf16/fp16 pass, score again in float32 the cells whose top two probabilities are within MARGIN of "
                    "each other or whose novelty score is within MARGIN of its cutoff (relative to the cutoff, except softmax), so that "
-                   "labels match a float32 run; 0 = off (default: 0.05)")
+                   "labels match a float32 run; 0 = off; auto = 4 x the largest change the precision made to this model's outputs on "
+                   "its validation cells, measured at fine-tuning (at least 0.005; 0.05 for models fine-tuned before that) (default: auto)")
     add_speed_args(p)
     p.add_argument("--plots", choices=["auto", "true", "false"], default="auto",
                    help="draw predictions.png (and confusion_matrix.png with --label-key) in the run record; auto = for queries of at "

@@ -73,7 +73,7 @@ def annotate(
     batch_size: int = 16,
     device: str = "auto",
     precision: str = "fp32",
-    fp32_recheck: float = inference.RECHECK_MARGIN,
+    fp32_recheck: float | str | None = "auto",
     species: str = "auto",
     layer: str | None = None,
     use_raw: bool = False,
@@ -98,9 +98,9 @@ def annotate(
     :mod:`model.novelty`). ``layer``/``use_raw``: read the expression from ``adata.layers[layer]`` or
     ``adata.raw`` instead of ``X`` (as scvi-tools' ``setup_anndata(layer=...)``); ``gene_symbols``: a
     ``var`` column holding the gene names (see :class:`data.io.CellSource`). ``fp32_recheck``: with
-    ``precision`` bf16/fp16, cells this close to a decision are scored again in float32 (0: never; see
-    :func:`model.inference.score_cells`). Every cell is kept, in order. Modifies ``adata`` in place and
-    returns it (a copy with ``copy``).
+    ``precision`` bf16/fp16, cells this close to a decision are scored again in float32 (0: never;
+    ``"auto"``: from the error measured at fine-tuning, see :func:`model.inference.resolve_recheck_margin`).
+    Every cell is kept, in order. Modifies ``adata`` in place and returns it (a copy with ``copy``).
     """
     _check_adata(adata)
     ckpt = load_model(model)

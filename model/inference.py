@@ -225,14 +225,88 @@ def predict_distributed(model: ScBERT, ds: CellDataset, batch_size: int, device:
 
 
 # Cells this close to a decision are scored again in float32 after a bf16/fp16 pass: a top-two
-# probability gap below RECHECK_MARGIN, or a novelty score within RECHECK_MARGIN of the cutoff
-# (relative to the cutoff for the unbounded scores; absolute for softmax, a probability).
+# probability gap below the margin, or a novelty score within the margin of the cutoff (relative to
+# the cutoff for the unbounded scores; absolute for softmax, a probability). The margin is "auto" by
+# default: RECHECK_SAFETY times the largest change that the low precision made to this model's
+# outputs on its validation cells, measured at the end of fine-tuning (:func:`measure_precision_error`,
+# stored in the checkpoint), at least RECHECK_FLOOR; RECHECK_MARGIN for checkpoints without it.
 RECHECK_MARGIN = 0.05
+RECHECK_SAFETY = 4.0
+RECHECK_FLOOR = 0.005
+PRECISION_CHECK_CELLS = 128  # validation cells on which fine-tuning measures the bf16 error
+NETWORK_SCORES = ("energy", "mahalanobis", "knn")  # novelty scores that the precision can move, besides softmax
 
 
 def rechecks(options: ExecutionOptions, margin: float | None) -> bool:
     """Whether :func:`score_cells` re-checks in float32: after a bf16/fp16 pass, with a margin above 0."""
     return options.precision != "fp32" and bool(margin)
+
+
+def measure_precision_error(net: ScBERT, ds: CellDataset, stats: Any, thresholds: dict[str, float], batch_size: int,
+                            device: torch.device, precision: str = "bf16", progress: bool = False) -> dict[str, Any]:
+    """How much running ``net`` in ``precision`` (with the inference defaults) instead of float32 moves
+    its outputs on the cells ``ds``: the largest change of a class probability (``probs``) and of
+    each network-computed novelty score relative to its calibrated threshold (``scores``). What
+    :func:`auto_recheck_margin` turns into the re-check margin; fine-tuning stores it in the checkpoint."""
+    from model.novelty import novelty_scores
+
+    def run(p: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        kept = net.options
+        net.configure(ExecutionOptions(precision=p))
+        try:
+            out = predict_outputs(net, ds, batch_size, device, embed=True, features=stats is not None, progress=progress)
+        finally:
+            net.configure(kept)
+        return out, novelty_scores(out["probs"], out["logits"], out.get("features"), out["embedding"], stats, which=NETWORK_SCORES)
+
+    ref, ref_scores = run("fp32")
+    low, low_scores = run(precision)
+    errors = {}
+    for name, v in ref_scores.items():
+        t = thresholds.get(name)
+        if t is not None and np.isfinite(t) and t != 0:
+            errors[name] = float(np.max(np.abs(low_scores[name].astype(np.float64) - v)) / abs(t)) if len(v) else 0.0
+    probs = float(np.max(np.abs(low["probs"].astype(np.float64) - ref["probs"]))) if len(ds) else 0.0
+    return {"precision": precision, "n_cells": len(ds), "device": torch.device(device).type, "probs": probs, "scores": errors}
+
+
+def auto_recheck_margin(error: dict[str, Any] | None, rule: NoveltyRule) -> float:
+    """The re-check margin for a measured ``error`` (:func:`measure_precision_error`) and ``rule``:
+    RECHECK_SAFETY times the most the precision moved the top-two gap (twice a probability's change)
+    or the rule's score (relative to its threshold), at least RECHECK_FLOOR; RECHECK_MARGIN without a
+    measurement, or when the rule's score was not measured."""
+    from model.novelty import PCA_SCORES
+
+    if not error:
+        return RECHECK_MARGIN
+    worst = 2.0 * float(error["probs"])
+    if rule.cutoff is not None and rule.score not in ("softmax", *PCA_SCORES):
+        if rule.score not in error.get("scores", {}):
+            return RECHECK_MARGIN
+        worst = max(worst, float(error["scores"][rule.score]))
+    return max(RECHECK_FLOOR, RECHECK_SAFETY * worst)
+
+
+def resolve_recheck_margin(margin: float | str | None, ckpt: Checkpoint, options: ExecutionOptions | None,
+                           rule: NoveltyRule) -> float | None:
+    """The float32 re-check margin to use: ``margin`` as given (None or 0: off), or for ``"auto"``
+    the one the checkpoint's measured error of this precision gives (:func:`auto_recheck_margin`;
+    RECHECK_MARGIN for checkpoints that did not measure it). None under fp32."""
+    precision = (options or ExecutionOptions()).precision
+    if precision == "fp32":
+        return None
+    if margin != "auto":
+        if isinstance(margin, str):
+            raise InputError(f"the float32 re-check margin must be a number between 0 and 1 or 'auto', got {margin!r}")
+        return margin
+    error = ((ckpt.novelty or {}).get("precision_error") or {}).get(precision)
+    value = auto_recheck_margin(error, rule)
+    if error:
+        log.info("float32 re-check margin %.4f: %g x the largest %s change measured on %d validation cells at fine-tuning",
+                 value, RECHECK_SAFETY, precision, error["n_cells"])
+    else:
+        log.info("float32 re-check margin %.2f (the checkpoint did not measure its %s error at fine-tuning)", value, precision)
+    return value
 
 
 def near_decision(probs: np.ndarray, rule: NoveltyRule | None, score: np.ndarray | None, margin: float = RECHECK_MARGIN) -> np.ndarray:
@@ -335,6 +409,7 @@ class AnnotationResult:
     over_clustering: np.ndarray | None = None
     majority_voting: np.ndarray | None = None
     rechecked: int | None = None  # cells re-scored in float32 after a bf16/fp16 pass (None: no re-check ran)
+    recheck_margin: float | None = None  # the margin of that re-check
     expression: Any = field(default=None, repr=False)  # the prepared cells x genes matrix, for over-clustering on expression
 
     def __post_init__(self) -> None:
@@ -403,7 +478,7 @@ class AnnotationResult:
         adata.uns[keys.classes] = list(self.classes)
         adata.uns[keys.threshold] = float("nan") if self.threshold is None else float(self.threshold)
         adata.uns[keys.novelty] = json.dumps(self.rule.to_dict())
-        adata.uns[keys.report] = annotation_record(self.model, self.preprocessing, self.rechecked)
+        adata.uns[keys.report] = annotation_record(self.model, self.preprocessing, self.rechecked, self.recheck_margin)
         return adata
 
     def to_table(self, key_added: str = "scbert") -> pd.DataFrame:
@@ -423,7 +498,7 @@ class AnnotationResult:
         """Metrics and readable lines; with ``truth`` (known labels, missing ones as NaN/None; a
         Series' name is used in messages) also accuracy and macro-F1 (Unassigned counts as wrong),
         the types the model never saw, and how majority voting scores."""
-        metrics, lines = label_report(self.labels, self.confidence, self.classes, self.rule, truth, self.rechecked)
+        metrics, lines = label_report(self.labels, self.confidence, self.classes, self.rule, truth, self.rechecked, self.recheck_margin)
         if self.majority_voting is not None:
             ok, known = known_truth(truth, self.n_cells)
             n_clusters = len(set(self.over_clustering))
@@ -443,22 +518,27 @@ class AnnotationResult:
         return label_plots(folder, self.labels, self.confidence, self.novelty_score, self.rule, self.classes, truth)
 
 
-def annotation_record(model: str | None, preprocessing: dict[str, Any], rechecked: int | None) -> str:
-    """What ``uns['scbert_annotation']`` holds (JSON): the model, the preprocessing report, and how many
-    cells the float32 re-check re-scored (None: no re-check ran)."""
-    return json.dumps({"model": model, "preprocessing": preprocessing, "rechecked_fp32": rechecked}, default=str)
+def annotation_record(model: str | None, preprocessing: dict[str, Any], rechecked: int | None, margin: float | None = None) -> str:
+    """What ``uns['scbert_annotation']`` holds (JSON): the model, the preprocessing report, how many
+    cells the float32 re-check re-scored (None: no re-check ran) and its margin."""
+    return json.dumps({"model": model, "preprocessing": preprocessing, "rechecked_fp32": rechecked, "recheck_margin": margin},
+                      default=str)
 
 
 def label_report(labels: np.ndarray, confidence: np.ndarray, classes: Sequence[str], rule: NoveltyRule,
-                 truth: pd.Series | np.ndarray | None = None, rechecked: int | None = None) -> tuple[dict[str, Any], list[str]]:
+                 truth: pd.Series | np.ndarray | None = None, rechecked: int | None = None,
+                 margin: float | None = None) -> tuple[dict[str, Any], list[str]]:
     """Metrics and readable lines of an annotation's labels (see :meth:`AnnotationResult.report`);
-    ``rechecked``: cells re-scored in float32 after a low-precision pass (:func:`score_cells`)."""
+    ``rechecked``: cells re-scored in float32 after a low-precision pass (:func:`score_cells`), with
+    the re-check's ``margin``."""
     name = f"column {truth.name!r}" if isinstance(truth, pd.Series) and truth.name is not None else "the label column"
     metrics, lines = annotation_report(labels, confidence, classes, rule.threshold, truth, name, rule.describe())
     metrics["novelty"] = rule.to_dict()
     if rechecked is not None:
         metrics["rechecked_fp32"] = int(rechecked)
-        lines.insert(1, f"{rechecked} of {len(labels)} cells near a decision were scored again in float32 after the low-precision pass")
+        metrics["recheck_margin"] = margin
+        within = "" if margin is None else f" (within {margin:.4g})"
+        lines.insert(1, f"{rechecked} of {len(labels)} cells near a decision{within} were scored again in float32 after the low-precision pass")
     return metrics, lines
 
 
@@ -535,30 +615,33 @@ def annotate(
     species: str = "auto",
     novelty: str = "auto",
     reject_rate: float | None = None,
-    recheck_margin: float | None = RECHECK_MARGIN,
+    recheck_margin: float | str | None = "auto",
 ) -> AnnotationResult:
     """Annotate the cells of ``adata`` (raw counts or log-normalised; every cell kept, in order)
     with a fine-tuned checkpoint: preprocessed as the model's inputs were, aligned to its genes,
     scored in batches (``options``: precision and speed switches of the network), with every
     novelty score the checkpoint allows computed in the same pass; ``threshold``, ``novelty`` and
     ``reject_rate`` choose the rule (:func:`novelty_rule`). Under bf16/fp16 ``options``, cells near a
-    decision are re-scored in float32 (:func:`score_cells`, ``recheck_margin``)."""
+    decision are re-scored in float32 (:func:`score_cells`; ``recheck_margin``: a number, None/0 for
+    no re-check, or "auto", see :func:`resolve_recheck_margin`)."""
     import time
 
     ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
     if not ckpt.is_classifier:
         raise InputError(f"{ckpt.source or 'the model'} is a pretrained (not fine-tuned) model: it cannot name cell types; fine-tune it with finetune.py first")
     rule, stats = novelty_rule(ckpt, novelty, threshold, reject_rate)
+    margin = resolve_recheck_margin(recheck_margin, ckpt, options, rule)
     t0 = time.time()
     prepared, rep = ckpt.prepare(adata, what="the query", species=species)
     net = ckpt.build_model(options)
     tune_allocator()
     out, scores, rechecked = score_cells(net, CellDataset(prepared.X, ckpt.config.bin_num), stats, rule, batch_size, torch.device(device),
-                                         pooling, progress, num_workers, recheck_margin)
+                                         pooling, progress, num_workers, margin)
     return AnnotationResult(probabilities=out["probs"], classes=list(ckpt.classes or []), embedding=out["embedding"], rule=rule,
                             cell_names=list(map(str, adata.obs_names)), novelty=scores, model=ckpt.source,
                             preprocessing=rep.to_dict(), seconds=time.time() - t0,
-                            rechecked=rechecked if rechecks(net.options, recheck_margin) else None, expression=prepared.X)
+                            rechecked=rechecked if rechecks(net.options, margin) else None,
+                            recheck_margin=margin if rechecks(net.options, margin) else None, expression=prepared.X)
 
 
 def embed(adata: ad.AnnData, model: str | Path | Checkpoint, pooling: str = "mean", batch_size: int = 16,

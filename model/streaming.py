@@ -34,7 +34,6 @@ from model import distributed
 from model.checkpoint import Checkpoint
 from model.evaluation import UNASSIGNED
 from model.inference import (
-    RECHECK_MARGIN,
     AnnotationKeys,
     NoveltyRule,
     annotation_record,
@@ -43,6 +42,7 @@ from model.inference import (
     label_report,
     novelty_rule,
     rechecks,
+    resolve_recheck_margin,
     score_cells,
 )
 from model.nn.config import ExecutionOptions
@@ -71,13 +71,14 @@ class StreamedAnnotation:
     n_chunks: int = 0
     chunk_size: int = 0
     rechecked: int | None = None  # cells re-scored in float32 after a bf16/fp16 pass (None: no re-check ran)
+    recheck_margin: float | None = None  # the margin of that re-check
 
     @property
     def n_cells(self) -> int:
         return len(self.labels)
 
     def report(self, truth: pd.Series | np.ndarray | None = None) -> tuple[dict[str, Any], list[str]]:
-        return label_report(self.labels, self.confidence, self.classes, self.rule, truth, self.rechecked)
+        return label_report(self.labels, self.confidence, self.classes, self.rule, truth, self.rechecked, self.recheck_margin)
 
     def to_plots(self, folder: Path, truth: pd.Series | np.ndarray | None = None) -> list[Path]:
         return label_plots(folder, self.labels, self.confidence, self.novelty_score, self.rule, self.classes, truth)
@@ -142,7 +143,7 @@ def annotate_h5ad(
     species: str = "auto",
     num_workers: int = 0,
     progress: bool = True,
-    recheck_margin: float | None = RECHECK_MARGIN,
+    recheck_margin: float | str | None = "auto",
 ) -> StreamedAnnotation | None:
     """Annotate the ``.h5ad`` at ``path`` a chunk of ``chunk_size`` cells at a time into ``out``
     (and the table ``csv``), with the same outputs as annotating it in memory. Under torchrun
@@ -155,6 +156,7 @@ def annotate_h5ad(
     names = np.array([*classes, UNASSIGNED], dtype=object)
     keys = AnnotationKeys(key_added)
     rule, stats = novelty_rule(ckpt, novelty, threshold, reject_rate)
+    recheck_margin = resolve_recheck_margin(recheck_margin, ckpt, options, rule)
     chunk_size = max(1, math.ceil(chunk_size / batch_size)) * batch_size  # whole batches: the same batches as in memory
     info = distributed.current()
     out = Path(out)
@@ -218,10 +220,10 @@ def annotate_h5ad(
                 obs = {keys.celltype: _categorical(kept["label"], names), keys.celltype_raw: _categorical(kept["raw"], names),
                        keys.confidence: kept["confidence"], keys.novelty: kept["novelty"]}
                 if not rechecks(net.options, recheck_margin):
-                    rechecked = None
+                    rechecked, recheck_margin = None, None
                 uns = {keys.classes: np.array(classes, dtype=object),
                        keys.threshold: float("nan") if rule.threshold is None else float(rule.threshold),
-                       keys.novelty: json.dumps(rule.to_dict()), keys.report: annotation_record(ckpt.source, prep, rechecked)}
+                       keys.novelty: json.dumps(rule.to_dict()), keys.report: annotation_record(ckpt.source, prep, rechecked, recheck_margin)}
                 writer.finish(obs, uns)
         finally:
             bar.close()
@@ -230,4 +232,4 @@ def annotate_h5ad(
     return StreamedAnnotation(labels=names[kept["label"]], labels_raw=names[kept["raw"]], confidence=kept["confidence"],
                               novelty_score=kept["novelty"], classes=classes, rule=rule, model=ckpt.source, preprocessing=prep,
                               seconds=time.time() - t0, n_chunks=len(starts), chunk_size=chunk_size,
-                              rechecked=rechecked)
+                              rechecked=rechecked, recheck_margin=recheck_margin)

@@ -3,6 +3,7 @@ record, majority voting, the published rule unchanged, and the old-checkpoint fa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -16,7 +17,9 @@ import finetune
 import predict
 import preprocess
 import pretrain
+from data.io import InputError
 from model.checkpoint import load_checkpoint
+from model.checkpoint.card import card_text, checkpoint_card
 from model.inference import PUBLISHED_RULE, NoveltyRule, annotate, assign_labels, novelty_rule
 from model.majority_voting import expression_pcs, majority_vote, over_cluster, over_clustering_resolution, soft_vote
 from model.novelty import (
@@ -320,6 +323,64 @@ def test_bf16_recheck_gives_the_fp32_labels(calibrated: Path, pbmc_small: Path) 
     default = annotate(adata, ckpt, progress=False, options=ExecutionOptions(precision="bf16"))
     assert 0 <= default.rechecked < adata.n_obs
     assert default.report()[0]["rechecked_fp32"] == default.rechecked
+
+
+def test_fine_tuning_measures_the_bf16_error_for_the_recheck(calibrated: Path) -> None:
+    """Fine-tuning stores how much bf16 moves the model's outputs on its validation cells; the
+    figures are those of one float32 and one bf16 pass over them, and "auto" turns them into the margin."""
+    from data.dataset import CellDataset
+    from data.labels import stratified_holdout
+    from model.inference import RECHECK_FLOOR, RECHECK_SAFETY, auto_recheck_margin, predict_outputs
+    from model.nn.config import ExecutionOptions
+
+    ckpt = load_checkpoint(calibrated / "ft" / "model.pt")
+    err = ckpt.novelty["precision_error"]["bf16"]
+    assert err["n_cells"] == 48 and err["precision"] == "bf16" and set(err["scores"]) == {"energy", "mahalanobis", "knn"}
+    prep = ad.read_h5ad(calibrated / "prep.h5ad")
+    y = prep.obs["celltype"].astype(str).to_numpy()
+    _, val = stratified_holdout(np.array([ckpt.classes.index(c) for c in y]), 0.2, 0)
+    ds = CellDataset(ckpt.prepare(prep[val])[0].X, ckpt.config.bin_num)
+    probs = {p: predict_outputs(ckpt.build_model(ExecutionOptions(precision=p)), ds, 16, torch.device("cpu"), progress=False)["probs"]
+             for p in ("fp32", "bf16")}
+    assert err["probs"] == pytest.approx(np.abs(probs["bf16"].astype(np.float64) - probs["fp32"]).max(), rel=1e-5, abs=1e-7)
+    assert err["probs"] > 0  # bf16 does move them
+    rule = NoveltyRule("mahalanobis", 10.0)
+    assert auto_recheck_margin(err, rule) == max(RECHECK_FLOOR, RECHECK_SAFETY * max(2 * err["probs"], err["scores"]["mahalanobis"]))
+    assert "bf16 error on 48 validation cells" in card_text(checkpoint_card(ckpt))
+
+
+def test_auto_recheck_margin() -> None:
+    from model.inference import RECHECK_MARGIN, auto_recheck_margin
+
+    err = {"n_cells": 100, "probs": 0.002, "scores": {"energy": 0.001, "mahalanobis": 0.03}}
+    assert auto_recheck_margin(None, NoveltyRule("energy", -3.0)) == RECHECK_MARGIN  # not measured: the fixed margin
+    assert auto_recheck_margin(err, NoveltyRule("energy", -3.0)) == pytest.approx(4 * 0.004)  # the top-two gap moves by 2 x 0.002
+    assert auto_recheck_margin(err, NoveltyRule("mahalanobis", 50.0)) == pytest.approx(4 * 0.03)
+    assert auto_recheck_margin(err, NoveltyRule("knn", 1.0)) == RECHECK_MARGIN  # the rule's score was not measured
+    assert auto_recheck_margin(err, NoveltyRule("pca_knn", 1.0)) == pytest.approx(0.016)  # the precision cannot move a pca_* score
+    assert auto_recheck_margin({"probs": 1e-5, "scores": {}}, NoveltyRule.published(0.5)) == 0.005  # the floor
+
+
+def test_recheck_margin_auto_and_given(calibrated: Path, pbmc_small: Path) -> None:
+    from model.inference import RECHECK_MARGIN, resolve_recheck_margin
+    from model.nn.config import ExecutionOptions
+
+    ckpt = load_checkpoint(calibrated / "ft" / "model.pt")
+    bf16 = ExecutionOptions(precision="bf16")
+    rule = NoveltyRule("energy", -1.0)
+    assert resolve_recheck_margin("auto", ckpt, ExecutionOptions(), rule) is None  # fp32: nothing to re-check
+    assert resolve_recheck_margin(0.2, ckpt, bf16, rule) == 0.2
+    auto = resolve_recheck_margin("auto", ckpt, bf16, rule)
+    assert 0.005 <= auto < RECHECK_MARGIN  # a tiny model moves little under bf16
+    old = dataclasses.replace(ckpt, novelty={k: v for k, v in ckpt.novelty.items() if k != "precision_error"})
+    assert resolve_recheck_margin("auto", old, bf16, rule) == RECHECK_MARGIN
+    with pytest.raises(InputError, match="re-check margin"):
+        resolve_recheck_margin("sometimes", ckpt, bf16, rule)
+    adata = ad.read_h5ad(pbmc_small)
+    res = annotate(adata, ckpt, progress=False, options=bf16)
+    assert res.recheck_margin == resolve_recheck_margin("auto", ckpt, bf16, res.rule)
+    assert json.loads(res.to_adata(adata.copy()).uns["scbert_annotation"])["recheck_margin"] == res.recheck_margin
+    assert res.report()[0]["recheck_margin"] == res.recheck_margin
 
 
 def test_checkpoint_calibrated_before_the_pca_scores(calibrated: Path) -> None:

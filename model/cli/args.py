@@ -27,14 +27,18 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false, yes/no, 1/0), got {value!r}")
 
 
-def positive_int(value: str) -> int:
+def positive_int(value: str, least: int = 1) -> int:
     try:
         n = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {n}")
+    if n < least:
+        raise argparse.ArgumentTypeError(f"expected a number >= {least}, got {n}")
     return n
+
+
+def nonnegative_int(value: str) -> int:
+    return positive_int(value, least=0)
 
 
 def positive_float(value: str) -> float:
@@ -55,6 +59,11 @@ def fraction(value: str) -> float:
     if not 0.0 <= x < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {x}")
     return x
+
+
+def fraction_or_auto(value: str) -> str | float:
+    """``auto`` or a number in [0, 1)."""
+    return "auto" if value.strip().lower() == "auto" else fraction(value)
 
 
 def threshold_value(value: str) -> str | float:

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> None:
             size=model_size(args), gene2vec=gene2vec_spec(args), gene2vec_genes=args.gene2vec_genes, cv=args.cv, val_frac=args.val_frac,
             dropout=args.dropout, class_weights=args.class_weights, train_all=args.train_all, head_only=args.head_only,
             head_init=args.head_init, options=execution_options(args), preprocessing=preprocessing_record(args, library_size),
-            reject_rate=args.reject_rate, recipe=args.recipe, train=train_config(args, progress=not args.quiet and main, patience=args.patience,
+            reject_rate=args.reject_rate, precision_check_cells=args.precision_check_cells, recipe=args.recipe, train=train_config(args, progress=not args.quiet and main, patience=args.patience,
                                                    patience_rule=args.patience_rule, label_smoothing=args.label_smoothing, select=args.select))
         if not args.cv:
             warn_if_nothing_to_resume(args, settings.train)

@@ -115,6 +115,7 @@ class FinetuningSettings:
     head_only: bool = False
     head_init: str = "expression"
     reject_rate: float = 0.05  # novelty thresholds reject this fraction of the validation cells (known types)
+    precision_check_cells: int = 128  # validation cells on which the bf16 error is measured, for predict's fp32 re-check (0: none)
     recipe: str = "ours"
     train: TrainConfig = field(default_factory=TrainConfig)
     options: ExecutionOptions = field(default_factory=ExecutionOptions)
@@ -275,7 +276,8 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
         metrics.update(folds[0].metrics, what=SPLIT_METRICS_MEANING)
     novelty = None
     if main:
-        novelty = calibrate_novelty(model, X, y, *kept_split, len(classes), s.reject_rate, s.train.seed, cfg.batch_size, device, progress)
+        novelty = calibrate_novelty(model, X, y, *kept_split, len(classes), s.reject_rate, s.train.seed, cfg.batch_size, device, progress,
+                                    s.precision_check_cells)
         cal = novelty["calibration"]
         metrics["novelty"] = {"reject_rate": cal["reject_rate"], "n_calibration_cells": cal["n_cells"], "thresholds": cal["thresholds"],
                               "what": "novelty thresholds: each rejects at most reject_rate of new cells of known types (split-conformal "
@@ -288,10 +290,13 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
 
 
 def calibrate_novelty(model: ScBERT, X: sparse.csr_matrix, y: np.ndarray, train: np.ndarray, val: np.ndarray, n_classes: int,
-                      reject_rate: float, seed: int, batch_size: int, device: torch.device, progress: bool = False) -> dict[str, Any]:
+                      reject_rate: float, seed: int, batch_size: int, device: torch.device, progress: bool = False,
+                      precision_cells: int = 0) -> dict[str, Any]:
     """The checkpoint's ``novelty`` record: statistics of (up to MAX_REFERENCE_CELLS, seeded) training
-    cells, and the thresholds of every score calibrated on the validation cells ``val``."""
-    from model.inference import predict_outputs
+    cells, and the thresholds of every score calibrated on the validation cells ``val``; with
+    ``precision_cells``, also how much bf16 moves the outputs on that many (seeded) validation cells
+    (``precision_error``, what predict.py's ``--fp32-recheck auto`` reads)."""
+    from model.inference import measure_precision_error, predict_outputs
     from model.novelty import MAX_REFERENCE_CELLS, ExpressionPCA, NoveltyStats, calibrate, novelty_record, novelty_scores
 
     if len(train) > MAX_REFERENCE_CELLS:
@@ -302,4 +307,13 @@ def calibrate_novelty(model: ScBERT, X: sparse.csr_matrix, y: np.ndarray, train:
     stats.pca = ExpressionPCA.fit(rows_of(X, train), y[train], n_classes, seed)
     cal = predict_outputs(model, CellDataset(rows_of(X, val), bins), batch_size, device, embed=True, features=True, progress=progress)
     scores = novelty_scores(cal["probs"], cal["logits"], cal["features"], cal["embedding"], stats, expression=rows_of(X, val))
-    return novelty_record(stats, calibrate(scores, reject_rate, seed))
+    record = novelty_record(stats, calibrate(scores, reject_rate, seed))
+    if precision_cells > 0 and len(val):
+        rows = val if len(val) <= precision_cells else np.sort(np.random.default_rng(seed).choice(val, precision_cells, replace=False))
+        thresholds = {k: float(v) for k, v in record["calibration"]["thresholds"].items()}
+        log.info("measuring the bf16 error on %d validation cells (for predict.py --precision bf16)", len(rows))
+        err = measure_precision_error(model, CellDataset(rows_of(X, rows), bins), stats, thresholds, batch_size, device, "bf16", progress)
+        record["precision_error"] = {"bf16": err}
+        log.info("bf16 error: largest probability change %.2g, novelty scores %s", err["probs"],
+                 ", ".join(f"{k} {v:.2g}" for k, v in err["scores"].items()) or "-")
+    return record
