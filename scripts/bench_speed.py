@@ -122,13 +122,13 @@ def case_predict(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
                       "--precision", args.precision, "--overwrite", "--quiet", "--compile", str(args.compile).lower(),
                       "--fp32-recheck", str(args.fp32_recheck)])
         n = _n_obs(out)
-        rechecked = _rechecked(out)
+        rechecked, margin = _rechecked(out)
     else:
         import numpy as np
 
         from data.io import read_cells
 
-        rechecked = None  # the naive loop has no re-check
+        rechecked = margin = None  # the naive loop has no re-check
         probs, ck = _naive_annotate(ckpt, query)
         adata = read_cells(query)
         adata.obs["scbert_celltype"] = np.asarray(ck.classes)[probs.argmax(1)]
@@ -137,18 +137,19 @@ def case_predict(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
         n = adata.n_obs
     dt = time.perf_counter() - t0
     return {"cells": n, "seconds": dt, "cells_per_s": n / dt, "out": str(out), "precision": args.precision,
-            "batch_size": args.batch_size if fast else 1, "rechecked_fp32": rechecked}
+            "batch_size": args.batch_size if fast else 1, "rechecked_fp32": rechecked, "recheck_margin": margin}
 
 
-def _rechecked(path: Path) -> int | None:
-    """Cells the float32 re-check re-scored in a ``predict.py`` output (None: no re-check ran)."""
+def _rechecked(path: Path) -> tuple[int | None, float | None]:
+    """Cells the float32 re-check re-scored in a ``predict.py`` output and its margin (None: no re-check ran)."""
     import anndata as ad
 
     from model.inference import AnnotationKeys
 
     adata = ad.read_h5ad(path, backed="r")
     try:
-        return json.loads(adata.uns[AnnotationKeys().report]).get("rechecked_fp32")
+        record = json.loads(adata.uns[AnnotationKeys().report])
+        return record.get("rechecked_fp32"), record.get("recheck_margin")
     finally:
         adata.file.close()
 
@@ -296,14 +297,15 @@ def case_agreement(args: argparse.Namespace) -> dict[str, Any]:
         naive, _ = _naive_annotate(Path(args.checkpoint), Path(args.query))
         res["naive_fp32_s"] = time.perf_counter() - t0
         top["naive_fp32"] = naive.argmax(1)
-    for name, precision, margin in (("fp32", "fp32", 0.0), ("bf16", "bf16", 0.05), ("bf16_norecheck", "bf16", 0.0)):
+    recheck = args.fp32_recheck if args.fp32_recheck == "auto" else float(args.fp32_recheck)
+    for name, precision, margin in (("fp32", "fp32", 0.0), ("bf16", "bf16", recheck), ("bf16_norecheck", "bf16", 0.0)):
         t0 = time.perf_counter()
         out = annotate(adata, ck, "auto", args.batch_size, torch.device("cpu"), ExecutionOptions(precision=precision),
                        progress=False, recheck_margin=margin)
         res[f"fast_{name}_s"] = time.perf_counter() - t0
         top[name], labels[name] = out.probabilities.argmax(1), np.asarray(out.labels)
         if name == "bf16":
-            res["rechecked_bf16"] = out.rechecked
+            res["rechecked_bf16"], res["recheck_margin_bf16"] = out.rechecked, out.recheck_margin
     if "naive_fp32" in top:
         res["agree_fast_fp32_vs_naive"] = float((top["fp32"] == top["naive_fp32"]).mean())
     for name in ("bf16", "bf16_norecheck"):
@@ -369,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cells", type=int, default=16, help="cells to predict (default: 16)")
     g.add_argument("--batch-size", type=int, default=8, help="fast predict batch size (default: 8)")
     g.add_argument("--precision", default="fp32,bf16", help="fast predict precision(s), comma list of fp32/bf16 (default: fp32,bf16)")
-    g.add_argument("--fp32-recheck", type=float, default=0.05,
-                   help="predict.py --fp32-recheck of the fast bf16 runs (default: 0.05, predict.py's own; 0 = no re-check)")
+    g.add_argument("--fp32-recheck", default="auto",
+                   help="predict.py --fp32-recheck of the fast bf16 runs, also the agreement case's re-check (default: auto, "
+                   "predict.py's own; 0 = no re-check)")
     g.add_argument("--train-steps", type=int, default=2, help="timed optimiser steps per training run, after one warm-up step (default: 2)")
     g.add_argument("--train-batch-size", type=int, default=3, help="fast training batch size (naive is always 3)")
     g.add_argument("--train-precision", default="fp32,bf16", help="fast training precision(s), comma list (default: fp32,bf16)")
@@ -463,11 +466,13 @@ def main() -> None:
             print(_line(kind, pair), flush=True)
     if "agreement" not in skip:
         report["agreement"] = run_case(["--case", "agreement", "--checkpoint", args.checkpoint, "--query", args.query,
-                                        "--batch-size", str(args.batch_size), "--skip", ",".join(sorted(skip))])
+                                        "--batch-size", str(args.batch_size), "--skip", ",".join(sorted(skip)),
+                                        "--fp32-recheck", str(args.fp32_recheck)])
         a = report["agreement"]
         naive = f"fast fp32 vs naive {a['agree_fast_fp32_vs_naive']:.4f}, " if "agree_fast_fp32_vs_naive" in a else ""
         print(f"agreement on {a['cells']} real cells: {naive}bf16 vs fp32: top type {a['agree_bf16_vs_fp32']:.4f}, labels "
-              f"{a['labels_bf16_vs_fp32']:.4f} ({a['rechecked_bf16']} cells re-checked in fp32); without the re-check: top type "
+              f"{a['labels_bf16_vs_fp32']:.4f} ({a['rechecked_bf16']} cells re-checked in fp32, margin {a.get('recheck_margin_bf16')}); "
+              f"without the re-check: top type "
               f"{a['agree_bf16_norecheck_vs_fp32']:.4f}, labels {a['labels_bf16_norecheck_vs_fp32']:.4f}", flush=True)
     if "scaling" not in skip:
         rows = []
@@ -535,6 +540,8 @@ def _markdown(r: dict[str, Any]) -> str:
                 note += f"; label agreement with naive {f['agreement_with_naive']:.4f}"
             if f.get("rechecked_fp32") is not None:
                 note += f"; {f['rechecked_fp32']} cells re-checked in fp32"
+                if f.get("recheck_margin") is not None:
+                    note += f" (margin {f['recheck_margin']:.4g})"
             lines.append(f"| {name} | {n['cells_per_s']:.4f} | {f['cells_per_s']:.4f} | {f['speedup']:.2f}x | "
                          f"{n['peak_rss_mb']:.0f} | {f['peak_rss_mb']:.0f} | {note} |")
     if r.get("agreement"):
@@ -543,7 +550,7 @@ def _markdown(r: dict[str, Any]) -> str:
                  if "agree_fast_fp32_vs_naive" in a else "")
         lines += ["", f"Agreement on {a['cells']} real cells ({a['query']}, {a['checkpoint']}): {naive}bf16 vs fp32: top type "
                   f"{a['agree_bf16_vs_fp32']:.4f}, labels after the novelty rule {a['labels_bf16_vs_fp32']:.4f}, "
-                  f"{a['rechecked_bf16']} cells re-checked in fp32; bf16 without the re-check: top type "
+                  f"{a['rechecked_bf16']} cells re-checked in fp32 (margin {a.get('recheck_margin_bf16')}); bf16 without the re-check: top type "
                   f"{a['agree_bf16_norecheck_vs_fp32']:.4f}, labels {a['labels_bf16_norecheck_vs_fp32']:.4f} "
                   f"(fast fp32 {a['fast_fp32_s']:.1f} s, bf16 {a['fast_bf16_s']:.1f} s, bf16 without re-check "
                   f"{a['fast_bf16_norecheck_s']:.1f} s)."]
