@@ -45,6 +45,21 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# On a CPU, per-cell inference is fastest when a batch's activations (cells x tokens x dim) stay in
+# the caches: 2 cells of the published size at 4,000 genes (0.21 s a cell in bf16 against 0.34 s in
+# batches of 16, BENCHMARKS.md); GPUs want full batches.
+CPU_BATCH_ELEMENTS = 2 * 4001 * 200
+MAX_INFERENCE_BATCH = 16
+
+
+def inference_batch_size(n_tokens: int, dim: int, device: torch.device) -> int:
+    """Cells per forward pass for inference of a model with ``n_tokens`` tokens of width ``dim``:
+    MAX_INFERENCE_BATCH on a GPU; on a CPU as many as keep CPU_BATCH_ELEMENTS activations, 1 to 16."""
+    if device.type != "cpu":
+        return MAX_INFERENCE_BATCH
+    return int(min(MAX_INFERENCE_BATCH, max(1, CPU_BATCH_ELEMENTS // max(1, n_tokens * dim))))
+
+
 def set_seed(seed: int) -> None:
     """Seed Python's, numpy's and torch's global generators."""
     random.seed(seed)

@@ -287,3 +287,13 @@ def test_first_layer_cache_steps_aside_for_hooks() -> None:
         torch.testing.assert_close(attention_received(fast, tokens, layer=layer), attention_received(plain, tokens, layer=layer),
                                    rtol=1e-4, atol=1e-5)
         assert (fast.first_layer_cache.key is not None) == cache_used
+
+
+def test_inference_batch_size_keeps_a_cpu_batch_in_the_caches() -> None:
+    from model.runtime import inference_batch_size
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert inference_batch_size(4001, 200, cpu) == 2  # the published width at 4,000 genes: the fastest measured
+    assert inference_batch_size(16907, 200, cpu) == 1
+    assert inference_batch_size(201, 16, cpu) == 16  # small models: the old default
+    assert inference_batch_size(16907, 200, gpu) == 16

@@ -131,8 +131,14 @@ def add_precision(g: argparse._ActionsContainer) -> None:
                    "see BENCHMARKS.md; fp16: GPU only)")
 
 
-def add_batch_size(g: argparse._ActionsContainer, default: int, help: str = "cells per forward pass") -> None:
-    g.add_argument("--batch-size", "--batch_size", type=positive_int, default=default, help=f"{help} (default: {default})")
+def positive_int_or_auto(value: str) -> int | str:
+    """``auto`` or a whole number >= 1."""
+    return "auto" if value.strip().lower() == "auto" else positive_int(value)
+
+
+def add_batch_size(g: argparse._ActionsContainer, default: int | str, help: str = "cells per forward pass") -> None:
+    kind = positive_int_or_auto if default == "auto" else positive_int
+    g.add_argument("--batch-size", "--batch_size", type=kind, default=default, help=f"{help} (default: {default})")
 
 
 def add_common(p: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ from model.checkpoint import load_checkpoint
 from model.cli.args import cell_source, execution_options, published_names
 from model.cli.run import setup_logging, start_run, user_errors, write_summary
 from model.inference import annotate
+from model.runtime import inference_batch_size
 
 log = logging.getLogger("scbert")
 
@@ -65,6 +66,9 @@ def run(args: argparse.Namespace) -> None:
     run_dir = start_run(args.run_dir or record_dir(out), args, protected=("summary.txt",)) if main else None
     with user_errors():
         ckpt = load_checkpoint(args.model, **published_names(args))
+        if args.batch_size == "auto":
+            args.batch_size = inference_batch_size(ckpt.config.seq_len, ckpt.config.dim, device)
+            log.info("%d cells per forward pass (--batch-size auto, %s)", args.batch_size, device.type)
         if backed:
             from data.chunks import ChunkedH5ad
             from model.streaming import annotate_h5ad
