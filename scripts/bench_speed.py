@@ -140,6 +140,10 @@ def case_predict(args: argparse.Namespace, fast: bool) -> dict[str, Any]:
             "batch_size": args.batch_size if fast else 1, "rechecked_fp32": rechecked, "recheck_margin": margin}
 
 
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
 def _rechecked(path: Path) -> tuple[int | None, float | None]:
     """Cells the float32 re-check re-scored in a ``predict.py`` output and its margin (None: no re-check ran)."""
     import anndata as ad
@@ -471,7 +475,7 @@ def main() -> None:
         a = report["agreement"]
         naive = f"fast fp32 vs naive {a['agree_fast_fp32_vs_naive']:.4f}, " if "agree_fast_fp32_vs_naive" in a else ""
         print(f"agreement on {a['cells']} real cells: {naive}bf16 vs fp32: top type {a['agree_bf16_vs_fp32']:.4f}, labels "
-              f"{a['labels_bf16_vs_fp32']:.4f} ({a['rechecked_bf16']} cells re-checked in fp32, margin {a.get('recheck_margin_bf16')}); "
+              f"{a['labels_bf16_vs_fp32']:.4f} ({a['rechecked_bf16']} cells re-checked in fp32, margin {_fmt(a.get('recheck_margin_bf16'))}); "
               f"without the re-check: top type "
               f"{a['agree_bf16_norecheck_vs_fp32']:.4f}, labels {a['labels_bf16_norecheck_vs_fp32']:.4f}", flush=True)
     if "scaling" not in skip:
@@ -550,7 +554,7 @@ def _markdown(r: dict[str, Any]) -> str:
                  if "agree_fast_fp32_vs_naive" in a else "")
         lines += ["", f"Agreement on {a['cells']} real cells ({a['query']}, {a['checkpoint']}): {naive}bf16 vs fp32: top type "
                   f"{a['agree_bf16_vs_fp32']:.4f}, labels after the novelty rule {a['labels_bf16_vs_fp32']:.4f}, "
-                  f"{a['rechecked_bf16']} cells re-checked in fp32 (margin {a.get('recheck_margin_bf16')}); bf16 without the re-check: top type "
+                  f"{a['rechecked_bf16']} cells re-checked in fp32 (margin {_fmt(a.get('recheck_margin_bf16'))}); bf16 without the re-check: top type "
                   f"{a['agree_bf16_norecheck_vs_fp32']:.4f}, labels {a['labels_bf16_norecheck_vs_fp32']:.4f} "
                   f"(fast fp32 {a['fast_fp32_s']:.1f} s, bf16 {a['fast_bf16_s']:.1f} s, bf16 without re-check "
                   f"{a['fast_bf16_norecheck_s']:.1f} s)."]
