@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the score that makes a cell Unassigned (higher: more novel): softmax = 1 - top probability (published), energy = "
                    "-logsumexp of the logits, mahalanobis = distance of the head's features to the nearest type, knn = distance of the "
                    "embedding to the 10th nearest training cell, pca_mahalanobis / pca_knn = the same two in a PCA of the training "
-                   "cells' expression (default: auto = the model's default score, the best measured, with --threshold auto; softmax "
+                   "cells' expression, combined = Fisher's combination of the p-values of pca_mahalanobis and energy against the "
+                   "validation cells (default: auto = the model's default score, the best measured, with --threshold auto; softmax "
                    "with a number)")
     g.add_argument("--threshold", "--unassign_thres", type=threshold_value, default="auto",
                    help="auto = the threshold calibrated at fine-tuning (models fine-tuned before: the published 0.5), or a number: for "

@@ -343,7 +343,7 @@ def score_cells(net: ScBERT, ds: CellDataset, stats: Any, rule: NoveltyRule, bat
 
     wanted = {"softmax", "energy", rule.score}
     features = stats is not None and "mahalanobis" in wanted
-    expression = bool(wanted & set(PCA_SCORES))  # the pca_* scores also read the cells' input matrix
+    expression = bool(wanted & {*PCA_SCORES, "combined"})  # the pca_* scores (and so combined) also read the cells' input matrix
 
     def run(dataset: CellDataset, show: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         out = predict_outputs(net, dataset, batch_size, device, embed=True, features=features, pooling=pooling, progress=show,
@@ -596,9 +596,10 @@ def novelty_rule(ckpt: Checkpoint, novelty: str = "auto", threshold: float | str
         if not 0.0 <= t <= 1.0:
             raise InputError(f"a softmax threshold is a probability between 0 and 1, got {t}")
         return NoveltyRule.published(t), stats
-    if score in ("mahalanobis", "knn", *PCA_SCORES) and (stats is None or (score in PCA_SCORES and stats.pca is None)):
-        raise InputError(f"--novelty {score} needs the training statistics that fine-tuning now stores: fine-tune the model again, "
-                         f"or use --novelty softmax or energy")
+    if score in ("mahalanobis", "knn", *PCA_SCORES, "combined") and (
+            stats is None or (score in (*PCA_SCORES, "combined") and stats.pca is None) or (score == "combined" and stats.combination is None)):
+        raise InputError(f"--novelty {score} needs the training statistics and calibration that fine-tuning now stores: fine-tune the "
+                         f"model again, or use --novelty softmax or energy")
     return NoveltyRule(score, t), stats
 
 

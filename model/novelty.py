@@ -12,7 +12,11 @@ classifier's penultimate features, the cell embedding, and the cell's input expr
 - ``pca_mahalanobis`` and ``pca_knn``: the same two in a PCA of the training cells' log expression
   of the model's genes (:class:`ExpressionPCA`): they do not depend on what the classifier learnt,
   only on how far the cell's expression is from that of the training types (as the baselines'
-  scores in the accuracy benchmark).
+  scores in the accuracy benchmark);
+- ``combined``: Fisher's combination, -2 sum log p, of the conformal p-values of ``pca_mahalanobis``
+  (far from the training expression) and ``energy`` (the classifier is unsure), each p-value the
+  share of calibration cells scoring at least as high (:class:`ScoreCombination`). Chosen on the
+  development set (sorted PBMCs) among four combinations, see RESULTS.md.
 
 :class:`NoveltyStats` holds what the last four need from the training cells (at most
 ``MAX_REFERENCE_CELLS`` of them, a seeded sample; the PCA adds ``PCA_COMPONENTS`` + 2 floats per gene). :func:`calibrate` sets, on cells of known
@@ -24,14 +28,15 @@ known types are rejected (for exchangeable cells; Vovk et al. 2005, Angelopoulos
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-SCORES = ("softmax", "energy", "mahalanobis", "knn", "pca_mahalanobis", "pca_knn")
+SCORES = ("softmax", "energy", "mahalanobis", "knn", "pca_mahalanobis", "pca_knn", "combined")
 PCA_SCORES = ("pca_mahalanobis", "pca_knn")
+COMBINED_PARTS = ("pca_mahalanobis", "energy")  # the scores that ``combined`` joins
 PCA_COMPONENTS = 30
 SCALE_CLIP = 10.0  # scaled expression is clipped here (scanpy pp.scale(max_value=10)), so a rare gene cannot dominate
 MAX_REFERENCE_CELLS = 5000  # training cells kept for the kNN score and the class statistics (seeded sample)
@@ -72,6 +77,7 @@ class NoveltyStats:
     reference: np.ndarray  # cells x dim: L2-normalised embeddings of (up to MAX_REFERENCE_CELLS) training cells
     k: int = KNN_K
     pca: ExpressionPCA | None = None  # for the pca_* scores (checkpoints of 3 December and before have none)
+    combination: ScoreCombination | None = None  # for ``combined``: the calibration cells' scores (not saved with the stats)
     _index: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -221,12 +227,46 @@ def _scaled(dense: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
     return np.clip(z, -SCALE_CLIP, SCALE_CLIP, out=z)
 
 
+@dataclass
+class ScoreCombination:
+    """Fisher's combination of conformal p-values: a cell's p-value for a score is the share of the
+    ``n`` calibration cells (known types, not trained on) scoring at least as high, (1 + count) /
+    (n + 1); the combined score is -2 sum log p over the parts. A cell must be unusual on one part
+    or somewhat unusual on both to score high; the parts need no common scale."""
+
+    reference: dict[str, np.ndarray]  # part -> the calibration cells' scores, sorted
+
+    @classmethod
+    def of(cls, scores: Mapping[str, np.ndarray], parts: Sequence[str] = COMBINED_PARTS) -> ScoreCombination | None:
+        """From the calibration cells' ``scores`` (None when a part is missing)."""
+        if not parts or any(p not in scores for p in parts) or not len(scores[parts[0]]):
+            return None
+        return cls({p: np.sort(np.asarray(scores[p], dtype=np.float64)) for p in parts})
+
+    def pvalues(self, part: str, x: np.ndarray, leave_one_out: bool = False) -> np.ndarray:
+        """Per cell, (1 + calibration cells scoring >= x) / (n + 1); ``leave_one_out``: for the
+        calibration cells themselves, each left out of its own reference."""
+        ref = self.reference[part]
+        at_least = len(ref) - np.searchsorted(ref, np.asarray(x, dtype=np.float64), side="left")
+        if leave_one_out:
+            return at_least / len(ref)  # the cell counts itself once: (1 + (count - 1)) / ((n - 1) + 1)
+        return (1.0 + at_least) / (len(ref) + 1.0)
+
+    def __call__(self, scores: Mapping[str, np.ndarray], leave_one_out: bool = False) -> np.ndarray:
+        return -2.0 * sum(np.log(self.pvalues(p, scores[p], leave_one_out)) for p in self.reference)
+
+
 def novelty_scores(probs: np.ndarray, logits: np.ndarray, features: np.ndarray | None = None, embeddings: np.ndarray | None = None,
                    stats: NoveltyStats | None = None, which: Collection[str] | None = None,
                    expression: Any = None) -> dict[str, np.ndarray]:
     """Every score that the inputs allow (or those of them in ``which``): ``softmax`` and
     ``energy`` always, ``mahalanobis`` and ``knn`` with ``stats`` (and the features / embeddings),
-    ``pca_*`` with stats that have a PCA and the cells' ``expression`` (the model's input matrix)."""
+    ``pca_*`` with stats that have a PCA and the cells' ``expression`` (the model's input matrix),
+    ``combined`` with stats that have its ``combination`` and the inputs of its parts."""
+    combination = None if stats is None else stats.combination
+    if which is not None and "combined" in which and combination is not None:
+        which = {*which, *combination.reference}
+
     def want(name: str) -> bool:
         return which is None or name in which
 
@@ -237,6 +277,8 @@ def novelty_scores(probs: np.ndarray, logits: np.ndarray, features: np.ndarray |
         out["knn"] = stats.knn(embeddings)
     if stats is not None and stats.pca is not None and expression is not None:
         out.update(stats.pca.scores(expression, which))
+    if want("combined") and combination is not None and all(p in out for p in combination.reference):
+        out["combined"] = combination(out)
     return out
 
 
@@ -274,12 +316,22 @@ def calibrate(scores: Mapping[str, np.ndarray], reject_rate: float = 0.05, seed:
               max_cells: int = MAX_CALIBRATION_CELLS) -> Calibration:
     """Thresholds for ``reject_rate`` from the scores of calibration cells (known types, not
     trained on)."""
-    kept = {k: np.asarray(v, dtype=np.float64) for k, v in scores.items()}
+    kept = {k: np.asarray(v, dtype=np.float64) for k, v in scores.items() if k != "combined"}
     n = len(next(iter(kept.values())))
     if n > max_cells:
         rows = np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False))
         kept = {k: v[rows] for k, v in kept.items()}
-    return Calibration(reject_rate, {k: conformal_threshold(v, reject_rate) for k, v in kept.items()}, kept)
+    return with_combined(Calibration(reject_rate, {k: conformal_threshold(v, reject_rate) for k, v in kept.items()}, kept))
+
+
+def with_combined(cal: Calibration) -> Calibration:
+    """``cal`` with the ``combined`` score of its cells (each against the others) and its threshold,
+    when it has the parts' scores (checkpoints calibrated before ``combined`` existed get it here)."""
+    comb = ScoreCombination.of(cal.scores)
+    if comb is not None and "combined" not in cal.scores:
+        cal.scores["combined"] = comb(cal.scores, leave_one_out=True)
+        cal.thresholds["combined"] = conformal_threshold(cal.scores["combined"], cal.reject_rate)
+    return cal
 
 
 def novelty_record(stats: NoveltyStats | None, calibration: Calibration | None) -> dict[str, Any]:
@@ -306,7 +358,9 @@ def read_novelty_record(record: Mapping[str, Any] | None) -> tuple[NoveltyStats 
         c = record["calibration"]
         scores = {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)).astype(np.float64) for k, v in c["scores"].items()}
         thresholds = {k: math.inf if v == "inf" else float(v) for k, v in c["thresholds"].items()}
-        cal = Calibration(float(c["reject_rate"]), thresholds, scores)
+        cal = with_combined(Calibration(float(c["reject_rate"]), thresholds, scores))
+        if stats is not None:
+            stats.combination = ScoreCombination.of(cal.scores)
     return stats, cal
 
 

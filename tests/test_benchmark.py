@@ -253,7 +253,8 @@ def test_leave_one_type_out_with_calibrated_novelty_scores(tmp_path: Path) -> No
     methods = {r["method"] for r in res["runs"]}
     assert {"logreg_l2 [softmax]", "logreg_l2 [energy]", "logreg_l2 [mahalanobis]", "logreg_l2 [knn]", "centroid_corr [softmax]",
             "scbert_nopretrain [knn]", "scbert_nopretrain [mahalanobis]", "scbert_nopretrain [pca_mahalanobis]",
-            "scbert_nopretrain [pca_knn]"} <= methods
+            "scbert_nopretrain [pca_knn]", "logreg_l2 [combined]", "scbert_nopretrain [combined]"} <= methods
+    assert "centroid_corr [combined]" not in methods  # it has only the softmax score
     assert any(m.startswith("logreg_l2 [published") for m in methods)
     splits = {(r["variant"], r["fold"]): r["n_train"] for r in res["runs"]}
     assert all(r["n_train"] == splits[(r["variant"], r["fold"])] for r in res["runs"]), "every method fits the same cells"

@@ -24,8 +24,10 @@ from model.inference import PUBLISHED_RULE, NoveltyRule, annotate, assign_labels
 from model.majority_voting import expression_pcs, majority_vote, over_cluster, over_clustering_resolution, soft_vote
 from model.novelty import (
     PCA_COMPONENTS,
+    SCORES,
     ExpressionPCA,
     NoveltyStats,
+    ScoreCombination,
     calibrate,
     conformal_threshold,
     fpr_at_tpr,
@@ -234,7 +236,7 @@ def test_fine_tuning_stores_a_calibration_that_rejects_the_rate(calibrated: Path
     stats, cal = read_novelty_record(ckpt.novelty)
     assert stats is not None and cal.reject_rate == 0.1 and cal.n == 48  # the 48 validation cells
     m = json.loads((calibrated / "ft" / "metrics.json").read_text())
-    assert m["novelty"]["reject_rate"] == 0.1 and set(m["novelty"]["thresholds"]) == {"softmax", "energy", "mahalanobis", "knn", "pca_mahalanobis", "pca_knn"}
+    assert m["novelty"]["reject_rate"] == 0.1 and set(m["novelty"]["thresholds"]) == set(SCORES)
     for score, values in cal.scores.items():
         assert (values > cal.thresholds[score]).mean() <= 0.1, score
     # the stored scores are those of the model: recomputed on the validation cells
@@ -381,6 +383,46 @@ def test_recheck_margin_auto_and_given(calibrated: Path, pbmc_small: Path) -> No
     assert res.recheck_margin == resolve_recheck_margin("auto", ckpt, bf16, res.rule)
     assert json.loads(res.to_adata(adata.copy()).uns["scbert_annotation"])["recheck_margin"] == res.recheck_margin
     assert res.report()[0]["recheck_margin"] == res.recheck_margin
+
+
+def test_combined_score_is_fishers_combination_of_conformal_pvalues() -> None:
+    cal = {"pca_mahalanobis": np.array([1.0, 2.0, 3.0, 4.0]), "energy": np.array([-5.0, -4.0, -3.0, -2.0])}
+    comb = ScoreCombination.of(cal)
+    new = {"pca_mahalanobis": np.array([0.5, 3.0, 10.0]), "energy": np.array([-1.0, -4.5, -6.0])}
+    # p = (1 + calibration cells scoring at least as high) / (n + 1)
+    p_maha, p_energy = np.array([5, 3, 1]) / 5, np.array([1, 4, 5]) / 5
+    np.testing.assert_allclose(comb.pvalues("pca_mahalanobis", new["pca_mahalanobis"]), p_maha)
+    np.testing.assert_allclose(comb(new), -2 * (np.log(p_maha) + np.log(p_energy)))
+    # the calibration cells themselves, each against the other three: (1 + higher others) / 4
+    np.testing.assert_allclose(comb.pvalues("energy", cal["energy"], leave_one_out=True), [1.0, 0.75, 0.5, 0.25])
+    assert ScoreCombination.of({"energy": cal["energy"]}) is None  # a part missing: no combined score
+    # calibrated like any other score: its threshold rejects at most the rate of calibration cells
+    rng = np.random.default_rng(0)
+    c = calibrate({"pca_mahalanobis": rng.gamma(2.0, size=400), "energy": rng.normal(size=400), "softmax": rng.uniform(size=400)}, 0.1)
+    assert (c.scores["combined"] > c.thresholds["combined"]).mean() <= 0.1
+    np.testing.assert_allclose(c.scores["combined"], ScoreCombination.of(c.scores)(c.scores, leave_one_out=True))
+
+
+def test_combined_score_from_a_checkpoint(calibrated: Path, pbmc_small: Path) -> None:
+    """predict's ``combined`` score: the cells' pca_mahalanobis and energy against the stored
+    calibration scores; checkpoints calibrated before it existed get it from those scores."""
+    ckpt = load_checkpoint(calibrated / "ft" / "model.pt")
+    adata = ad.read_h5ad(pbmc_small)
+    res = annotate(adata, ckpt, novelty="combined", progress=False)
+    stats, cal = read_novelty_record(ckpt.novelty)
+    assert res.rule.score == "combined" and res.rule.cutoff == cal.thresholds["combined"]
+    direct = ScoreCombination.of(cal.scores)(res.novelty)
+    np.testing.assert_allclose(res.novelty["combined"], direct)
+    assert (res.labels == "Unassigned").sum() == (direct > cal.thresholds["combined"]).sum()
+    record = dict(ckpt.novelty)
+    c = dict(record["calibration"])
+    c["thresholds"] = {k: v for k, v in c["thresholds"].items() if k != "combined"}
+    c["scores"] = {k: v for k, v in c["scores"].items() if k != "combined"}
+    record["calibration"] = c
+    _, old_cal = read_novelty_record(record)
+    assert old_cal.thresholds["combined"] == pytest.approx(cal.thresholds["combined"])
+    with pytest.raises(InputError, match="calibration that fine-tuning now stores"):
+        novelty_rule(dataclasses.replace(ckpt, novelty={**record, "calibration": None}), "combined", 3.0)
 
 
 def test_checkpoint_calibrated_before_the_pca_scores(calibrated: Path) -> None:

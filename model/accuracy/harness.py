@@ -176,7 +176,7 @@ def run_benchmark(
     from tqdm.auto import tqdm
 
     from data.labels import holdout_per_class
-    from model.novelty import conformal_threshold
+    from model.novelty import COMBINED_PARTS, ScoreCombination, conformal_threshold
 
     X = sparse.csr_matrix(X)
     y = np.asarray(y).astype(str)
@@ -216,6 +216,9 @@ def run_benchmark(
             else:
                 test_scores = _novelty(method, X[split.test], probs)
                 cal_scores = _novelty(method, X[cal_idx], method.predict_proba(X[cal_idx]))
+                comb = ScoreCombination.of(cal_scores, getattr(method, "combined_parts", COMBINED_PARTS))
+                if comb is not None:  # p-values against the calibration cells (each of them against the others)
+                    cal_scores["combined"], test_scores["combined"] = comb(cal_scores, leave_one_out=True), comb(test_scores)
                 results = [(f"{name} [published: top probability < {threshold:g}]",
                             evaluate_novelty(y[split.test], probs, method.classes_, "softmax", test_scores["softmax"], 1.0 - threshold))]
                 for score, values in test_scores.items():

@@ -45,6 +45,8 @@ class InputSpaceNovelty:
     logits (``decision_function``), Mahalanobis and kNN in a PCA of its training cells (the
     :class:`model.novelty.ExpressionPCA` that gives scBERT its ``pca_*`` scores)."""
 
+    combined_parts = ("mahalanobis", "energy")  # the ``combined`` score's parts: here Mahalanobis is in the expression PCA
+
     def _fit_novelty(self, X: sparse.csr_matrix, codes: np.ndarray) -> None:
         from model.novelty import ExpressionPCA
 
