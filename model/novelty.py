@@ -45,7 +45,8 @@ KNN_K = 10
 # The score predict.py uses by default: the one with the highest mean AUROC (known vs held-out type)
 # for scBERT in the benchmark of RESULTS.md (PBMC3k leave-one-type-out, 8 types, 2 folds, the
 # large-corpus encoder; results.json "best_novelty_score"): pca_mahalanobis 0.841, mahalanobis 0.702,
-# energy 0.673, knn 0.629, pca_knn 0.580, softmax 0.565 (4 December); 0.852 with the scaled PCA.
+# energy 0.673, knn 0.629, pca_knn 0.580, softmax 0.565 (4 December); 0.852 with the scaled PCA, combined
+# 0.822 (5 December).
 DEFAULT_SCORE = "pca_mahalanobis"
 
 
