@@ -596,8 +596,9 @@ def novelty_rule(ckpt: Checkpoint, novelty: str = "auto", threshold: float | str
         if not 0.0 <= t <= 1.0:
             raise InputError(f"a softmax threshold is a probability between 0 and 1, got {t}")
         return NoveltyRule.published(t), stats
-    if score in ("mahalanobis", "knn", *PCA_SCORES, "combined") and (
-            stats is None or (score in (*PCA_SCORES, "combined") and stats.pca is None) or (score == "combined" and stats.combination is None)):
+    needs_pca = score in (*PCA_SCORES, "combined")
+    missing = stats is None or (needs_pca and stats.pca is None) or (score == "combined" and stats.combination is None)
+    if score in ("mahalanobis", "knn", *PCA_SCORES, "combined") and missing:
         raise InputError(f"--novelty {score} needs the training statistics and calibration that fine-tuning now stores: fine-tune the "
                          f"model again, or use --novelty softmax or energy")
     return NoveltyRule(score, t), stats
@@ -638,11 +639,12 @@ def annotate(
     tune_allocator()
     out, scores, rechecked = score_cells(net, CellDataset(prepared.X, ckpt.config.bin_num), stats, rule, batch_size, torch.device(device),
                                          pooling, progress, num_workers, margin)
+    rechecked_fp32 = rechecks(net.options, margin)
     return AnnotationResult(probabilities=out["probs"], classes=list(ckpt.classes or []), embedding=out["embedding"], rule=rule,
                             cell_names=list(map(str, adata.obs_names)), novelty=scores, model=ckpt.source,
                             preprocessing=rep.to_dict(), seconds=time.time() - t0,
-                            rechecked=rechecked if rechecks(net.options, margin) else None,
-                            recheck_margin=margin if rechecks(net.options, margin) else None, expression=prepared.X)
+                            rechecked=rechecked if rechecked_fp32 else None, recheck_margin=margin if rechecked_fp32 else None,
+                            expression=prepared.X)
 
 
 def embed(adata: ad.AnnData, model: str | Path | Checkpoint, pooling: str = "mean", batch_size: int = 16,

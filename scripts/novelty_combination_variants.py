@@ -18,8 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.labels import holdout_per_class  # noqa: E402
-from model.accuracy.harness import ProtocolSettings, load_labelled, protocol_splits  # noqa: E402
+from model.accuracy.harness import ProtocolSettings, calibration_holdout, load_labelled, protocol_splits  # noqa: E402
 from model.accuracy.methods import LogisticL2  # noqa: E402
 from model.novelty import ScoreCombination, auroc, conformal_threshold  # noqa: E402
 
@@ -31,8 +30,7 @@ def main(path: str, label_key: str = "celltype") -> None:
     X, y, splits = protocol_splits(ProtocolSettings(protocol="novel", folds=2, seeds=[0]), adata, y, genes, [path], label_key, 200)
     res: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
     for split in splits:
-        kept, held = holdout_per_class(y[split.train], 0.1, split.seed)
-        fit, cal = split.train[kept], split.train[held]
+        fit, cal = calibration_holdout(y, split)
         model = LogisticL2()
         model.fit(X[fit], y[fit], genes)
         novel = ~np.isin(y[split.test], model.classes_)

@@ -131,6 +131,15 @@ def protocol_splits(p: ProtocolSettings, adata: Any, y: np.ndarray, genes: Seque
     raise InputError(f"unknown protocol {p.protocol!r}: cv, cross, novel, imbalance or fewshot")
 
 
+def calibration_holdout(y: np.ndarray, split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """The novel protocol's division of ``split``'s training cells: those a method is fitted on, and
+    a tenth of each type held out (seeded by the split) to calibrate the novelty thresholds."""
+    from data.labels import holdout_per_class
+
+    kept, held = holdout_per_class(y[split.train], 0.1, split.seed)
+    return split.train[kept], split.train[held]
+
+
 def _novelty(method: Any, X: sparse.csr_matrix, probs: np.ndarray) -> dict[str, np.ndarray]:
     """The novelty scores a method gives (at least softmax: 1 - its top probability)."""
     if hasattr(method, "novelty_scores"):
@@ -175,7 +184,6 @@ def run_benchmark(
     (default: CellTypist's, growing with the number of test cells)."""
     from tqdm.auto import tqdm
 
-    from data.labels import holdout_per_class
     from model.novelty import COMBINED_PARTS, ScoreCombination, conformal_threshold
 
     X = sparse.csr_matrix(X)
@@ -186,8 +194,7 @@ def run_benchmark(
     for split in splits:
         fit_idx, cal_idx = split.train, None
         if reject_rate is not None:
-            kept, held = holdout_per_class(y[split.train], 0.1, split.seed)
-            fit_idx, cal_idx = split.train[kept], split.train[held]
+            fit_idx, cal_idx = calibration_holdout(y, split)
         for name, factory in methods:
             bar.set_postfix_str(f"{name} {split.key}")
             method = factory(split.seed)

@@ -23,7 +23,7 @@ from data.preprocess import DEFAULT_PREPROCESSING
 from model import distributed
 from model.checkpoint import Checkpoint, save_checkpoint
 from model.evaluation import classification_metrics
-from model.inference import predict_distributed
+from model.inference import PRECISION_CHECK_CELLS, predict_distributed
 from model.nn.config import ExecutionOptions, ModelSize
 from model.nn.network import ScBERT
 from model.runtime import set_seed
@@ -115,7 +115,7 @@ class FinetuningSettings:
     head_only: bool = False
     head_init: str = "expression"
     reject_rate: float = 0.05  # novelty thresholds reject this fraction of the validation cells (known types)
-    precision_check_cells: int = 128  # validation cells on which the bf16 error is measured, for predict's fp32 re-check (0: none)
+    precision_check_cells: int = PRECISION_CHECK_CELLS  # validation cells on which the bf16 error is measured, for predict's fp32 re-check (0: none)
     recipe: str = "ours"
     train: TrainConfig = field(default_factory=TrainConfig)
     options: ExecutionOptions = field(default_factory=ExecutionOptions)
