@@ -114,10 +114,36 @@ def _weighted_values(k: Tensor, v: Tensor, c: _Consts) -> Tensor:
     return torch.cat([v.float() * w, w], dim=-1)
 
 
+# A tile's exp is taken relative to a reference shift ``r`` (0, or its maximum when that lies further
+# out): exp(x - r) neither overflows (x - r <= EXP_RANGE) nor loses its largest entries to underflow
+# (they stay above exp(-EXP_RANGE)), and is exact to the tile dtype's relative precision, like
+# exp(x - max). The maximum the published kernel subtracts is then applied as a factor to the small
+# per-row scales or contexts, which saves a pass over every tile (and keeps the result).
+EXP_RANGE = 40.0
+
+
+def _row_max(dash: Tensor) -> Tensor:
+    """The float32 maximum of each row (..., rows, 1): converting first is ~2x faster than a bf16 row
+    reduction on CPUs, and the value is the same."""
+    return dash.float().amax(dim=-1, keepdim=True)
+
+
 def _query_tile(x: Tensor, proj_t: Tensor) -> Tensor:
     """``exp(x P' - max)`` with each row's own maximum: the exp part of the query features."""
     dash = torch.matmul(x, proj_t)
-    return dash.sub_(dash.amax(dim=-1, keepdim=True)).exp_()
+    return dash.sub_(_row_max(dash)).exp_()
+
+
+def _shift(top: Tensor) -> Tensor:
+    """The reference shift of tiles with maxima ``top``: 0 where ``|top| <= EXP_RANGE``, else ``top``."""
+    return torch.where(top.abs() <= EXP_RANGE, torch.zeros_like(top), top)
+
+
+def _exp_from(dash: Tensor, shift: Tensor) -> Tensor:
+    """``exp(dash - shift)`` in place (``shift`` broadcast to ``dash``); no subtraction when it is all 0."""
+    if not bool(shift.any()):
+        return dash.exp_()
+    return dash.sub_(shift).exp_()
 
 
 def _group_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts, rows: int) -> tuple[Tensor, Tensor]:
@@ -126,32 +152,42 @@ def _group_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts, rows: int
     key maxima (one per slice) they were computed with.
 
     ``phi(k_j) = ratio * exp(-|k_j|^2 s) * exp(k_j P' - max)``: the per-key factor goes into the
-    values (``[w v, w]``), so the big tile is only ``exp(k P' - max)``, in ``proj_t``'s dtype, with
-    its largest entries (those that count) exact to that dtype's precision."""
+    values (``[w v, w]``), so the big tile is only ``exp(k P' - r)`` (``r``: :func:`_shift`), in
+    ``proj_t``'s dtype, with its largest entries (those that count) exact to that dtype's precision;
+    the factor exp(r - max) is applied to the (features, e + 1) sum."""
     n, e, m = kk.shape[-2], vv.shape[-1], proj_t.shape[1]
     vw = _weighted_values(kk, vv, c).to(proj_t.dtype)
     acc = kk.new_zeros(*kk.shape[:-2], m, e + 1, dtype=torch.float32)
     top: Tensor | None = None
+    ref: Tensor | None = None
     for s in range(0, n, rows):
         dash = torch.matmul(kk[..., s : s + rows, :], proj_t)
-        tile_top = dash.amax(dim=(-2, -1))
-        if top is None:
-            top = tile_top
-        else:  # a running maximum: rescale what was accumulated (a factor of exactly 1 where it did not grow)
-            grown = torch.maximum(top, tile_top)
-            acc.mul_(torch.exp(top.float() - grown.float())[..., None, None])
-            top = grown
-        _addmm_(acc, dash.sub_(top[..., None, None]).exp_().transpose(-1, -2), vw[..., s : s + rows, :], c)
-    assert top is not None
+        tile_top = dash.amax(dim=(-2, -1)).float()
+        if top is None or ref is None:
+            top, ref = tile_top, _shift(tile_top)
+        else:  # a running maximum: when it outgrows the shift, rescale what was accumulated
+            top = torch.maximum(top, tile_top)
+            moved = torch.where(top - ref > EXP_RANGE, top, ref)
+            acc.mul_(torch.exp(ref - moved)[..., None, None])  # a factor of exactly 1 where it did not move
+            ref = moved
+        _addmm_(acc, _exp_from(dash, ref[..., None, None]).transpose(-1, -2), vw[..., s : s + rows, :], c)
+    assert top is not None and ref is not None
+    acc.mul_(torch.exp(ref - top)[..., None, None])  # relative to the maximum, as published
     acc[..., :e] += c.ce * vv.float().sum(dim=-2, keepdim=True)
     acc[..., e] += n * c.ce
-    return acc, top.float()
+    return acc, top
 
 
 def _query_numerators(qc: Tensor, proj_t: Tensor, context: Tensor, c: _Consts) -> Tensor:
     """``[phi(q_i) C, phi(q_i) z]`` (float32, without the eps term, which the caller adds) for a
-    tile of queries and a context from :func:`_group_context` (``context`` in ``proj_t``'s dtype)."""
-    return _mm(_query_tile(qc, proj_t), context, c).mul_(_row_scale(qc, c))
+    tile of queries and a context from :func:`_group_context` (``context`` in ``proj_t``'s dtype).
+    The tile is ``exp(q_i P' - r_i)`` (``r_i``: :func:`_shift` of the row maximum), its row factor
+    ``ratio * exp(-|q_i|^2 s) * exp(r_i - max_i)``."""
+    dash = torch.matmul(qc, proj_t)
+    top = _row_max(dash)
+    ref = _shift(top)
+    scale = _row_scale(qc, c).mul_(torch.exp(ref - top))
+    return _mm(_exp_from(dash, ref), context, c).mul_(scale)
 
 
 def _group(g0: int, g1: int) -> int | slice:

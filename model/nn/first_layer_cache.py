@@ -8,7 +8,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from model.nn.favor import FastFavorAttention, _Consts, _mm, _query_numerators, _query_tile, _row_scale, _weighted_values
+from model.nn.favor import (
+    FastFavorAttention,
+    _Consts,
+    _exp_from,
+    _mm,
+    _query_numerators,
+    _query_tile,
+    _row_scale,
+    _shift,
+    _weighted_values,
+)
 
 
 class FirstLayerCache:
@@ -136,27 +146,40 @@ class FirstLayerCache:
         return out
 
     def _key_context(self, hd: dict[str, Tensor], hi: int, ks: Tensor, vs: Tensor, expressed: Tensor, unexpressed: Tensor) -> Tensor:
-        """The cell's key context (features, dim_head + 1) of head ``hi``, as :func:`_group_context`."""
+        """The cell's key context (features, dim_head + 1) of head ``hi``, as :func:`_group_context`.
+
+        Its products run in the model's product dtype, like the rest of the network: the cached
+        float32 context of the all-unexpressed cell, minus the terms of the genes this cell expresses
+        (recomputed from the cache's keys), plus their real terms."""
         st = self.state
         c: _Consts = st["consts"]
-        proj = st["proj"]
+        proj = st["proj"] if c.mm_dtype is None else st["proj_low"]
         n, e = unexpressed.shape[0], vs.shape[-1]
         rest = hd["order"][unexpressed[hd["order"]]]  # unexpressed rows, largest key maximum first
         rest_top = hd["row_max"][rest[0]] if rest.numel() else hd["row_max"].new_tensor(-math.inf)
-        kd = torch.matmul(ks.float(), proj)
-        top = torch.maximum(rest_top, kd.amax()) if ks.shape[0] else rest_top
-        acc = torch.matmul(kd.sub_(top).exp_().t(), _weighted_values(ks, vs, c))
+        kd = torch.matmul(ks.to(proj.dtype), proj)
+        top = torch.maximum(rest_top, kd.amax().float()) if ks.shape[0] else rest_top
+        acc = self._terms(kd, ks, vs, top, c)
         k0, v0 = st["k"][:, hi], st["v"][:, hi]
         if rest.numel() and float(hd["top"] - rest_top) <= self.max_rescale:
             cached = hd["context"]
             if expressed.numel():
-                kd0 = torch.matmul(k0[expressed].float(), proj).sub_(hd["top"]).exp_()
-                cached = cached - torch.matmul(kd0.t(), _weighted_values(k0[expressed], v0[expressed], c))
+                old = torch.matmul(k0[expressed].to(proj.dtype), proj)
+                cached = cached - self._terms(old, k0[expressed], v0[expressed], hd["top"], c)
             acc += cached * torch.exp(hd["top"] - top)
         elif rest.numel():
-            kd0 = torch.matmul(k0[rest].float(), proj).sub_(top).exp_()
-            acc += torch.matmul(kd0.t(), _weighted_values(k0[rest], v0[rest], c))
+            acc += self._terms(torch.matmul(k0[rest].to(proj.dtype), proj), k0[rest], v0[rest], top, c)
         v_sum = hd["v_sum"] + vs.float().sum(dim=0) - v0[expressed].float().sum(dim=0)
         acc[:, :e] += c.ce * v_sum
         acc[:, e] += n * c.ce
         return acc
+
+    @staticmethod
+    def _terms(kd: Tensor, k: Tensor, v: Tensor, top: Tensor, c: _Consts) -> Tensor:
+        """``sum_j exp(kd_j - top) [w_j v_j, w_j]`` (features, e + 1) in float32 for the products
+        ``kd = k P'`` (in the product dtype, overwritten) of keys ``k`` and values ``v``. The exp is
+        taken from a shift that the tile's dtype holds exactly (see :func:`_shift`) and the rest of
+        ``top`` applied to the small float32 result, so a bf16 tile loses nothing to the subtraction."""
+        ref = _shift(top).to(kd.dtype).float()
+        terms = _mm(_exp_from(kd, ref).t(), _weighted_values(k, v, c).to(kd.dtype), c)
+        return terms.mul_(torch.exp(ref - top))
