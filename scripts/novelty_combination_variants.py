@@ -18,17 +18,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.accuracy.harness import ProtocolSettings, calibration_holdout, load_labelled, protocol_splits  # noqa: E402
+from model.accuracy.harness import calibration_holdout, development_splits  # noqa: E402
 from model.accuracy.methods import LogisticL2  # noqa: E402
-from model.novelty import ScoreCombination, auroc, conformal_threshold  # noqa: E402
+from model.accuracy.report import NoveltyTally  # noqa: E402
+from model.novelty import ScoreCombination  # noqa: E402
 
 COMBINATIONS = {"mahalanobis + energy": ("mahalanobis", "energy"), "mahalanobis + energy + softmax": ("mahalanobis", "energy", "softmax")}
 
 
 def main(path: str, label_key: str = "celltype") -> None:
-    adata, y, genes = load_labelled([path], label_key, None, 2000)
-    X, y, splits = protocol_splits(ProtocolSettings(protocol="novel", folds=2, seeds=[0]), adata, y, genes, [path], label_key, 200)
-    res: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+    X, y, genes, splits = development_splits(path, label_key)
+    tally = NoveltyTally()
     for split in splits:
         fit, cal = calibration_holdout(y, split)
         model = LogisticL2()
@@ -43,14 +43,9 @@ def main(path: str, label_key: str = "celltype") -> None:
             variants[f"min p ({name})"] = (-np.log(pc.min(0)), -np.log(pq.min(0)))
             variants[f"Fisher ({name})"] = (comb(sc, leave_one_out=True), comb(sq))
         for name, (c, q) in variants.items():
-            cut = conformal_threshold(c, 0.05)
-            res.setdefault(name, {}).setdefault(split.variant, []).append(
-                (auroc(q[~novel], q[novel]), float((q[novel] > cut).mean()), float((q[~novel] > cut).mean())))
+            tally.add(name, split, c, q, novel)
     print(path)
-    for key, per in res.items():
-        m = np.array([np.mean(v, axis=0) for v in per.values()])
-        types = " ".join(f"{k.removeprefix('novel=')} {np.mean(v, axis=0)[0]:.3f}" for k, v in per.items())
-        print(f"{key:42s} AUROC {m[:, 0].mean():.4f}  novel recall {m[:, 1].mean():.4f}  known rejected {m[:, 2].mean():.4f}  | {types}")
+    print("\n".join(tally.lines()))
 
 
 if __name__ == "__main__":

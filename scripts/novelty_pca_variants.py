@@ -18,14 +18,14 @@ from sklearn.neighbors import NearestNeighbors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.accuracy.harness import ProtocolSettings, calibration_holdout, load_labelled, protocol_splits  # noqa: E402
-from model.novelty import ExpressionPCA, auroc, conformal_threshold  # noqa: E402
+from model.accuracy.harness import calibration_holdout, development_splits  # noqa: E402
+from model.accuracy.report import NoveltyTally  # noqa: E402
+from model.novelty import ExpressionPCA  # noqa: E402
 
 
 def main(path: str, label_key: str = "celltype") -> None:
-    adata, y, genes = load_labelled([path], label_key, None, 2000)
-    X, y, splits = protocol_splits(ProtocolSettings(protocol="novel", folds=2, seeds=[0]), adata, y, genes, [path], label_key, 200)
-    res: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+    X, y, _, splits = development_splits(path, label_key)
+    tally = NoveltyTally()
     for split in splits:
         fit, cal = calibration_holdout(y, split)
         classes = sorted(set(y[fit]))
@@ -47,15 +47,8 @@ def main(path: str, label_key: str = "celltype") -> None:
                     variants.update({"knn_unit": space.stats.knn, "knn_raw": lambda z, nn=nn: nn.kneighbors(z)[0][:, -1],
                                      "relative_mahalanobis": relative})
                 for name, f in variants.items():
-                    sq, sc = f(zq), f(zc)
-                    cut = conformal_threshold(sc, 0.05)
-                    key = f"{name}, {'scaled' if scaled else 'unscaled'}, {n_pc} PCs"
-                    res.setdefault(key, {}).setdefault(split.variant, []).append(
-                        (auroc(sq[~novel], sq[novel]), float((sq[novel] > cut).mean()), float((sq[~novel] > cut).mean())))
-    for key, per in res.items():
-        m = np.array([np.mean(v, axis=0) for v in per.values()])
-        types = " ".join(f"{k.removeprefix('novel=')} {np.mean(v, axis=0)[0]:.3f}" for k, v in per.items())
-        print(f"{key:42s} AUROC {m[:, 0].mean():.4f}  novel recall {m[:, 1].mean():.4f}  known rejected {m[:, 2].mean():.4f}  | {types}")
+                    tally.add(f"{name}, {'scaled' if scaled else 'unscaled'}, {n_pc} PCs", split, f(zc), f(zq), novel)
+    print("\n".join(tally.lines()))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from scipy import sparse
 from model.accuracy.harness import run_benchmark
 from model.accuracy.methods import CentroidCorrelation, KNNReference, LogisticL1, LogisticL2, method_factories
 from model.accuracy.protocols import cross_splits, cv_splits, fewshot_splits, imbalance_splits, novel_splits, select_genes
-from model.accuracy.report import check_same_splits, evaluate, paired_against, paired_table
+from model.accuracy.report import NoveltyTally, check_same_splits, evaluate, paired_against, paired_table
 
 REPO = Path(__file__).resolve().parents[1]
 GENES = ["CD3D", "CD3E", "CD2", "IL7R", "CD79A", "MS4A1", "CD19", "CD22", "LYZ", "CD14", "S100A8", "S100A9", "NKG7", "GNLY",
@@ -93,6 +93,24 @@ def test_metrics_on_a_hand_made_case() -> None:
     assert n["novel_unassigned"] == pytest.approx(0.5)
     # confidences known (0.9, 0.7, 0.8, 0.55) vs novel (0.6, 0.52): 7 of 8 pairs ordered
     assert n["auroc_known_vs_novel"] == pytest.approx(7 / 8)
+
+
+def test_novelty_tally_on_a_hand_made_case() -> None:
+    """AUROC, novel recall and known cells rejected at the calibration cells' conformal cut, averaged
+    over runs of a held-out type and then over types."""
+    calibration = np.arange(1.0, 20.0)  # 19 known cells: at a 5% rate the cut is the largest of them, 19
+    query = np.array([0.5, 5.0, 25.0, 30.0, 10.0, 19.5])
+    novel = np.array([False, False, True, True, True, False])
+    tally = NoveltyTally(reject_rate=0.05)
+    split = novel_splits(np.array(["a"] * 10 + ["b"] * 10), ["b"], 2, [0])[0]
+    tally.add("score", split, calibration, query, novel)
+    other = novel_splits(np.array(["a"] * 10 + ["b"] * 10), ["a"], 2, [0])[0]
+    tally.add("score", other, calibration, -query, novel)  # a score that ranks novel cells lowest
+    auc, recall, rejected = tally.runs["score"][split.variant][0]
+    assert (auc, recall, rejected) == (pytest.approx(8 / 9), pytest.approx(2 / 3), pytest.approx(1 / 3))
+    assert tally.runs["score"][other.variant][0] == (pytest.approx(1 / 9), 0.0, 0.0)
+    (line,) = tally.lines()
+    assert "AUROC 0.5000" in line and "novel recall 0.3333" in line and "known rejected 0.1667" in line
 
 
 def test_select_genes_keeps_the_most_variable() -> None:

@@ -103,6 +103,32 @@ def test_tiled_inference_matches_autograd_path(monkeypatch: pytest.MonkeyPatch) 
     torch.testing.assert_close(full, graph.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tile", [None, 16])
+def test_tiles_with_maxima_beyond_the_exp_range(tile: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feature maxima beyond +-EXP_RANGE take the shifted exp: queries with row maxima near +44 and
+    -44, a head whose keys all lie near -44, a head whose late key moves the running maximum by ~44
+    (several tiles: the accumulated sum is rescaled); the result stays the package's."""
+    torch.manual_seed(3)
+    plain, _ = _pair()
+    module = plain.performer.net.layers[0][0].fn.fast_attention
+    projection = torch.randn(module.nb_features, 8)
+    projection[:, 0] += 50.0  # every feature shares one large direction: dash ~ +-44 along it
+    module.projection_matrix.copy_(projection)
+    q, k, v = (0.3 * torch.randn(2, 2, 60, 8) for _ in range(3))
+    q[:, :, ::3, 0] = 1.5
+    q[:, :, 1::3, 0] = -1.5
+    k[:, 0, :, 0] = -1.5
+    k[:, 1, 50, 0] = 1.5
+    expected = module(q, k, v)
+    if tile:
+        monkeypatch.setattr(fast_module, "TILE_ELEMENTS", tile)
+    got = favor_attention(q, k, v, module.projection_matrix)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    low = favor_attention(q, k, v, module.projection_matrix, compute_dtype=torch.bfloat16)
+    torch.testing.assert_close(low, expected, rtol=0.05, atol=0.02)
+
+
 def test_gradient_checkpointing_same_gradients() -> None:
     plain, _ = _pair("mlm")
     ckpt = copy.deepcopy(plain).configure(NAIVE.replace(grad_checkpointing=True))

@@ -131,6 +131,15 @@ def protocol_splits(p: ProtocolSettings, adata: Any, y: np.ndarray, genes: Seque
     raise InputError(f"unknown protocol {p.protocol!r}: cv, cross, novel, imbalance or fewshot")
 
 
+def development_splits(path: str, label_key: str = "celltype") -> tuple[sparse.csr_matrix, np.ndarray, list[str], list[Split]]:
+    """The novel protocol of the novelty development scripts on one file: its 2,000 most variable
+    genes (label-free), every type with >= 20 cells held out in turn, 2 folds, seed 0. Returns the
+    matrix, labels, genes and splits."""
+    adata, y, genes = load_labelled([path], label_key, None, 2000)
+    X, y, splits = protocol_splits(ProtocolSettings(protocol="novel", folds=2, seeds=[0]), adata, y, genes, [path], label_key, 200)
+    return X, y, list(genes), splits
+
+
 def calibration_holdout(y: np.ndarray, split: Split) -> tuple[np.ndarray, np.ndarray]:
     """The novel protocol's division of ``split``'s training cells: those a method is fitted on, and
     a tenth of each type held out (seeded by the split) to calibrate the novelty thresholds."""

@@ -67,6 +67,35 @@ SUMMARY_KEYS = ("accuracy", "macro_f1", "macro_f1_union", "known_accuracy", "acc
                 "auroc_known_vs_novel", "fpr_at_95_tpr")
 
 
+class NoveltyTally:
+    """Novelty score variants over the novel protocol's runs (the development scripts): per variant
+    and held-out type, the AUROC (known vs novel), the novel cells rejected and the known cells
+    rejected at the conformal threshold of the calibration cells' scores."""
+
+    def __init__(self, reject_rate: float = 0.05) -> None:
+        self.reject_rate = reject_rate
+        self.runs: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+
+    def add(self, name: str, split: Split, calibration: np.ndarray, query: np.ndarray, novel: np.ndarray) -> None:
+        """One run's scores of variant ``name``: ``calibration`` (known cells held out of fitting) and
+        ``query`` (the split's test cells, ``novel`` marking those of the held-out type)."""
+        from model.novelty import auroc, conformal_threshold
+
+        cut = conformal_threshold(calibration, self.reject_rate)
+        self.runs.setdefault(name, {}).setdefault(split.variant, []).append(
+            (auroc(query[~novel], query[novel]), float((query[novel] > cut).mean()), float((query[~novel] > cut).mean())))
+
+    def lines(self) -> list[str]:
+        """One line per variant: the means over held-out types, then the AUROC of each type."""
+        out = []
+        for name, per in self.runs.items():
+            m = np.array([np.mean(v, axis=0) for v in per.values()])
+            types = " ".join(f"{k.removeprefix('novel=')} {np.mean(v, axis=0)[0]:.3f}" for k, v in per.items())
+            out.append(f"{name:42s} AUROC {m[:, 0].mean():.4f}  novel recall {m[:, 1].mean():.4f}  "
+                       f"known rejected {m[:, 2].mean():.4f}  | {types}")
+        return out
+
+
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     v = np.asarray([x for x in values if x == x], dtype=float)  # drop NaN
     if not len(v):

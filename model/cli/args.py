@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import logging
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger("scbert")
+T = TypeVar("T")
 
 TRUE = {"1", "true", "t", "yes", "y", "on"}
 FALSE = {"0", "false", "f", "no", "n", "off"}
@@ -61,19 +63,24 @@ def fraction(value: str) -> float:
     return x
 
 
-def fraction_or_auto(value: str) -> str | float:
-    """``auto`` or a number in [0, 1)."""
-    return "auto" if value.strip().lower() == "auto" else fraction(value)
-
-
-def threshold_value(value: str) -> str | float:
-    """``auto`` or a number."""
-    if value.strip().lower() == "auto":
-        return "auto"
+def number(value: str) -> float:
     try:
         return float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected auto or a number, got {value!r}") from None
+
+
+def or_auto(kind: Callable[[str], T]) -> Callable[[str], T | str]:
+    """The argument type: ``auto``, else what ``kind`` parses."""
+    def parse(value: str) -> T | str:
+        return "auto" if value.strip().lower() == "auto" else kind(value)
+
+    parse.__name__ = f"{kind.__name__}_or_auto"
+    return parse
+
+
+fraction_or_auto = or_auto(fraction)  # auto or a number in [0, 1)
+threshold_value = or_auto(number)  # auto or a number
 
 
 def parser(description: str, example: str) -> argparse.ArgumentParser:
@@ -131,9 +138,7 @@ def add_precision(g: argparse._ActionsContainer) -> None:
                    "see BENCHMARKS.md; fp16: GPU only)")
 
 
-def positive_int_or_auto(value: str) -> int | str:
-    """``auto`` or a whole number >= 1."""
-    return "auto" if value.strip().lower() == "auto" else positive_int(value)
+positive_int_or_auto = or_auto(positive_int)  # auto or a whole number >= 1
 
 
 def add_batch_size(g: argparse._ActionsContainer, default: int | str, help: str = "cells per forward pass") -> None:

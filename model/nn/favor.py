@@ -11,8 +11,11 @@ matrix products. :func:`favor_attention` computes the same function:
   without repeating it;
 * the per-row factor ``ratio * exp(-|x|^2 / (2 sqrt(d)))`` of each query and key is taken out of
   the big (genes x features) tiles: for keys it multiplies the values (``[w v, w]``), for queries
-  the (genes x dim_head) numerators, so a tile is just ``exp(x P' - max)``, one in-place subtract
-  and exp, with its largest entries (the ones that count) exact to the tile's precision;
+  the (genes x dim_head) numerators, so a tile is just ``exp(x P' - max)``, with its largest
+  entries (the ones that count) exact to the tile's precision; and where the maximum lies within
+  +-EXP_RANGE, a tile is ``exp(x P')`` itself (one in-place exp, no subtraction: same relative
+  precision, no overflow or underflow) and ``exp(-max)`` goes into the small per-row factors or
+  contexts;
 * the ``+ eps`` is never added to the big tensors: its contribution to the key sum, the context
   and the normaliser is added as a rank-one correction on small tensors;
 * the work runs one (batch, head) slice and one tile of rows at a time, so the feature tensor
