@@ -204,6 +204,22 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
+class _Slices:
+    """The (b, h, n, d) tensor ``x`` indexed like its (b * h, n, d) flattening, without the copy that
+    flattening a permuted view makes: ``s[i]`` or ``s[i, rows]`` for slice number ``i = bi * h + hi``.
+    The q, k, v of a layer are (b, n, h, d) projection outputs seen as (b, h, n, d), so a slice is a
+    (n, d) matrix of row stride h * d, which the products take as it is (~4% of a forward pass saved
+    at 4,000 genes)."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.x, self.h = x, x.shape[1]
+
+    def __getitem__(self, index: int | tuple[int, slice]) -> Tensor:
+        i, rows = index if isinstance(index, tuple) else (index, slice(None))
+        bi, hi = divmod(i, self.h)
+        return self.x[bi, hi, rows]
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, c: _Consts) -> tuple[Tensor, Tensor, Tensor]:
     """Output (b, h, n, e) as a view of a (b, n, h, e) buffer in ``q``'s dtype, the contexts
     (b, h, m, e + 1) and the key maxima (b, h), both float32.
@@ -213,7 +229,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, c: _Consts) -> tup
     b, h, n, _ = q.shape
     e, m = v.shape[-1], proj_t.shape[1]
     size, rows = _grouping(b * h, n, m, proj_t.dtype)
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    qf, kf, vf = (_Slices(x) if size == 1 else _flat(x) for x in (q, k, v))  # one slice at a time: read in place
     out = q.new_empty(b, n, h, e)
     contexts = q.new_empty(b * h, m, e + 1, dtype=torch.float32)
     tops = q.new_empty(b * h, dtype=torch.float32)
