@@ -54,3 +54,23 @@ def test_bench_attention_rss_runs(tmp_path: Path) -> None:
     bench_attention_rss.main(["--genes", "60", "--cases", "12:1", "--json", str(out)])
     (case,) = json.loads(out.read_text())["cases"]
     assert case["scored_cells"] == 4 and case["peak_rss_mb"] > 0 and case["seconds"] > 0
+
+
+def test_forward_breakdown_times_the_network_it_reproduces() -> None:
+    """The per-part timing of bench_forward_settings.py walks the same computation as the network."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_forward_settings
+
+    from model.nn.config import ExecutionOptions
+
+    torch.manual_seed(0)
+    cfg = ScBERTConfig(n_genes=60, dim=16, depth=3, heads=2, dim_head=8, head="classifier", n_classes=3)
+    net = ScBERT(cfg, options=ExecutionOptions()).eval()
+    tokens = torch.randint(0, 6, (3, 61))
+    tokens[:, ::2] = 0  # unexpressed genes: the first-layer cache takes them
+    parts, (out,) = bench_forward_settings.breakdown(net, [tokens], repeats=2)
+    assert set(parts) == {"embedding + first layer", "layer norms", "q, k, v products", "FAVOR+ attention", "output product",
+                          "feed-forward (norm, MLP)", "final norm + head"}
+    assert all(t > 0 for t in parts.values())
+    with torch.inference_mode():
+        torch.testing.assert_close(out, net(tokens), rtol=1e-4, atol=1e-5)
