@@ -111,10 +111,14 @@ def _row_scale(x: Tensor, c: _Consts) -> Tensor:
     return sq.mul_(-c.diag_scale).add_(c.log_ratio).exp_()
 
 
-def _weighted_values(k: Tensor, v: Tensor, c: _Consts) -> Tensor:
-    """``[w v, w]`` (float32, rows x (e + 1)) with each key's factor ``w = ratio * exp(-|k|^2 s)``."""
+def _weighted_values(k: Tensor, v: Tensor, c: _Consts, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[w v, w]`` (rows x (e + 1), computed in float32, stored in ``dtype``) with each key's factor
+    ``w = ratio * exp(-|k|^2 s)``."""
     w = _row_scale(k, c)
-    return torch.cat([v.float() * w, w], dim=-1)
+    out = v.new_empty(*v.shape[:-1], v.shape[-1] + 1, dtype=dtype)
+    torch.mul(v, w, out=out[..., :-1])
+    out[..., -1:] = w
+    return out
 
 
 # A tile's exp is taken relative to a reference shift ``r`` (0, or its maximum when that lies further
@@ -159,7 +163,7 @@ def _group_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts, rows: int
     ``proj_t``'s dtype, with its largest entries (those that count) exact to that dtype's precision;
     the factor exp(r - max) is applied to the (features, e + 1) sum."""
     n, e, m = kk.shape[-2], vv.shape[-1], proj_t.shape[1]
-    vw = _weighted_values(kk, vv, c).to(proj_t.dtype)
+    vw = _weighted_values(kk, vv, c, proj_t.dtype)
     acc = kk.new_zeros(*kk.shape[:-2], m, e + 1, dtype=torch.float32)
     top: Tensor | None = None
     ref: Tensor | None = None
@@ -176,13 +180,13 @@ def _group_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts, rows: int
         _addmm_(acc, _exp_from(dash, ref[..., None, None]).transpose(-1, -2), vw[..., s : s + rows, :], c)
     assert top is not None and ref is not None
     acc.mul_(torch.exp(ref - top)[..., None, None])  # relative to the maximum, as published
-    acc[..., :e] += c.ce * vv.float().sum(dim=-2, keepdim=True)
+    acc[..., :e] += c.ce * vv.sum(dim=-2, keepdim=True, dtype=torch.float32)
     acc[..., e] += n * c.ce
     return acc, top
 
 
-def _query_numerators(qc: Tensor, proj_t: Tensor, context: Tensor, c: _Consts) -> Tensor:
-    """``[phi(q_i) C, phi(q_i) z]`` (float32, without the eps term, which the caller adds) for a
+def _query_numerators(qc: Tensor, proj_t: Tensor, context: Tensor, c: _Consts, correction: Tensor | None = None) -> Tensor:
+    """``[phi(q_i) C, phi(q_i) z]`` (float32; the eps term ``correction`` added when given) for a
     tile of queries and a context from :func:`_group_context` (``context`` in ``proj_t``'s dtype).
     The tile is ``exp(q_i P' - r_i)`` (``r_i``: :func:`_shift` of the row maximum), its row factor
     ``ratio * exp(-|q_i|^2 s) * exp(r_i - max_i)``."""
@@ -190,7 +194,10 @@ def _query_numerators(qc: Tensor, proj_t: Tensor, context: Tensor, c: _Consts) -
     top = _row_max(dash)
     ref = _shift(top)
     scale = _row_scale(qc, c).mul_(torch.exp(ref - top))
-    return _mm(_exp_from(dash, ref), context, c).mul_(scale)
+    products = torch.matmul(_exp_from(dash, ref), context)  # float32 from float32 operands, else in the products' dtype
+    if correction is None:
+        return products.float().mul_(scale)
+    return torch.addcmul(correction, products, scale)  # one pass, float32
 
 
 def _group(g0: int, g1: int) -> int | slice:
@@ -241,7 +248,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, proj_t: Tensor, c: _Consts) -> tup
         correction = c.ce * context.sum(dim=-2, keepdim=True)
         cl = context.to(proj_t.dtype)
         for s in range(0, n, rows):
-            num = _query_numerators(qf[sl, s : s + rows], proj_t, cl, c).add_(correction)
+            num = _query_numerators(qf[sl, s : s + rows], proj_t, cl, c, correction)
             num = num if num.dim() == 3 else num[None]
             for j in range(g1 - g0):
                 bi, hi = divmod(g0 + j, h)

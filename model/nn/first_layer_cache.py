@@ -181,5 +181,5 @@ class FirstLayerCache:
         taken from a shift that the tile's dtype holds exactly (see :func:`_shift`) and the rest of
         ``top`` applied to the small float32 result, so a bf16 tile loses nothing to the subtraction."""
         ref = _shift(top).to(kd.dtype).float()
-        terms = _mm(_exp_from(kd, ref).t(), _weighted_values(k, v, c).to(kd.dtype), c)
+        terms = _mm(_exp_from(kd, ref).t(), _weighted_values(k, v, c, kd.dtype), c)
         return terms.mul_(torch.exp(ref - top))
