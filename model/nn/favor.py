@@ -173,7 +173,8 @@ def _group_context(kk: Tensor, vv: Tensor, proj_t: Tensor, c: _Consts, rows: int
     ref: Tensor | None = None
     for s in range(0, n, rows):
         dash = torch.matmul(kk[..., s : s + rows, :], proj_t)
-        tile_top = dash.amax(dim=(-2, -1)).float()
+        # A whole-tensor max() is ~2x faster than amax over the two dimensions on CPUs (the same value).
+        tile_top = (dash.max() if dash.dim() == 2 else dash.amax(dim=(-2, -1))).float()
         if top is None or ref is None:
             top, ref = tile_top, _shift(tile_top)
         else:  # a running maximum: when it outgrows the shift, rescale what was accumulated

@@ -158,7 +158,7 @@ class FirstLayerCache:
         rest = hd["order"][unexpressed[hd["order"]]]  # unexpressed rows, largest key maximum first
         rest_top = hd["row_max"][rest[0]] if rest.numel() else hd["row_max"].new_tensor(-math.inf)
         kd = torch.matmul(ks.to(proj.dtype), proj)
-        top = torch.maximum(rest_top, kd.amax().float()) if ks.shape[0] else rest_top
+        top = torch.maximum(rest_top, kd.max().float()) if ks.shape[0] else rest_top
         acc = self._terms(kd, ks, vs, top, c)
         k0, v0 = st["k"][:, hi], st["v"][:, hi]
         if rest.numel() and float(hd["top"] - rest_top) <= self.max_rescale:
