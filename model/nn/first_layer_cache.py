@@ -161,15 +161,16 @@ class FirstLayerCache:
         top = torch.maximum(rest_top, kd.max().float()) if ks.shape[0] else rest_top
         acc = self._terms(kd, ks, vs, top, c)
         k0, v0 = st["k"][:, hi], st["v"][:, hi]
+        k0x, v0x = k0[expressed], v0[expressed]  # the cached (unexpressed) keys and values of the genes this cell expresses
         if rest.numel() and float(hd["top"] - rest_top) <= self.max_rescale:
             cached = hd["context"]
             if expressed.numel():
-                old = torch.matmul(k0[expressed].to(proj.dtype), proj)
-                cached = cached - self._terms(old, k0[expressed], v0[expressed], hd["top"], c)
+                cached = cached - self._terms(torch.matmul(k0x.to(proj.dtype), proj), k0x, v0x, hd["top"], c)
             acc += cached * torch.exp(hd["top"] - top)
         elif rest.numel():
-            acc += self._terms(torch.matmul(k0[rest].to(proj.dtype), proj), k0[rest], v0[rest], top, c)
-        v_sum = hd["v_sum"] + vs.float().sum(dim=0) - v0[expressed].float().sum(dim=0)
+            k0r = k0[rest]
+            acc += self._terms(torch.matmul(k0r.to(proj.dtype), proj), k0r, v0[rest], top, c)
+        v_sum = hd["v_sum"] + vs.float().sum(dim=0) - v0x.float().sum(dim=0)
         acc[:, :e] += c.ce * v_sum
         acc[:, e] += n * c.ce
         return acc
