@@ -182,8 +182,8 @@ def _probabilities(embed: bool, pooling: str, features: bool = False) -> BatchFn
     def fn(model: ScBERT, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tokens = batch["tokens"]
         h = model.encode(tokens)
-        feats = model.to_out.features(h)  # the classifier's penultimate activations; fc3 of them is its output
-        logits = model.to_out.fc3(feats).float()
+        feats = model.to_out.features(h)  # the classifier's penultimate activations (float32)
+        logits = model.to_out.logits(feats)
         out = {"probs": torch.softmax(logits, dim=-1), "logits": logits}
         if features:
             out["features"] = feats.float()

@@ -53,6 +53,20 @@ def test_classifier_head_equals_the_published_conv_formulation() -> None:
     torch.testing.assert_close(head(h), want, rtol=1e-5, atol=1e-5)
 
 
+def test_classifier_head_runs_in_float32_under_bf16() -> None:
+    """Under bf16 autocast the head still computes in float32 (it made nearly all of bf16's change
+    to the probabilities): from the same encodings, the same logits as without autocast."""
+    torch.manual_seed(0)
+    head = ScBERT(ScBERTConfig(**TINY, head="classifier", n_classes=3)).eval().to_out
+    h = torch.randn(2, 31, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = head.features(h)
+        logits = head(h)
+    assert feats.dtype == logits.dtype == torch.float32
+    torch.testing.assert_close(logits, head(h.float()), rtol=0, atol=0)
+    torch.testing.assert_close(head.logits(feats), logits, rtol=0, atol=0)
+
+
 def test_gene_embedding_variants() -> None:
     vectors = torch.randn(30, 16)
     m = ScBERT(ScBERTConfig(**TINY), vectors)
