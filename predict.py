@@ -114,3 +114,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    from model.cli.run import exit_now
+
+    exit_now()

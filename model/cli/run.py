@@ -4,8 +4,10 @@ folder with config.json (flags and environment), summary.txt, and one-line error
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -37,6 +39,18 @@ def setup_logging(quiet: bool = False, logfile: Path | None = None, level: str |
         fh.setLevel(file_level)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(fh)
+
+
+def exit_now(code: int = 0) -> None:
+    """End a stage script whose work is done and whose outputs are closed, without the interpreter's
+    teardown of torch, pandas and scipy (~0.5 s on a 2-core CPU, a quarter of what a 32-cell
+    predict.py run pays beyond the model). The exit handlers (logging's flush and close among them)
+    still run, and the standard streams are flushed. Only for ``if __name__ == "__main__"``: a caller
+    of ``main()`` in the same process goes on."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _git_commit() -> str | None:
