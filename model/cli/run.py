@@ -43,7 +43,7 @@ def setup_logging(quiet: bool = False, logfile: Path | None = None, level: str |
 
 def exit_now(code: int = 0) -> None:
     """End a stage script whose work is done and whose outputs are closed, without the interpreter's
-    teardown of torch, pandas and scipy (~0.5 s on a 2-core CPU, a quarter of what a 32-cell
+    teardown of torch, pandas and scipy (0.3-0.5 s on a 2-core CPU: 1.7 -> 1.4 s of what a 32-cell
     predict.py run pays beyond the model). The exit handlers (logging's flush and close among them)
     still run, and the standard streams are flushed. Only for ``if __name__ == "__main__"``: a caller
     of ``main()`` in the same process goes on."""
