@@ -267,7 +267,8 @@ def measure_precision_error(net: ScBERT, ds: CellDataset, stats: Any, thresholds
         if t is not None and np.isfinite(t) and t != 0:
             errors[name] = float(np.max(np.abs(low_scores[name].astype(np.float64) - v)) / abs(t)) if len(v) else 0.0
     probs = float(np.max(np.abs(low["probs"].astype(np.float64) - ref["probs"]))) if len(ds) else 0.0
-    return {"precision": precision, "n_cells": len(ds), "device": torch.device(device).type, "probs": probs, "scores": errors}
+    return {"precision": precision, "n_cells": len(ds), "device": torch.device(device).type, "probs": probs, "scores": errors,
+            "head": "float32"}  # measured with the classifier head in float32 (models measured before: in the low precision)
 
 
 def auto_recheck_margin(error: dict[str, Any] | None, rule: NoveltyRule) -> float:
@@ -304,6 +305,9 @@ def resolve_recheck_margin(margin: float | str | None, ckpt: Checkpoint, options
     if error:
         log.info("float32 re-check margin %.4f: %g x the largest %s change measured on %d validation cells at fine-tuning",
                  value, RECHECK_SAFETY, precision, error["n_cells"])
+        if error.get("head") != "float32" and value > RECHECK_FLOOR:
+            log.info("(measured when the classifier head still ran in %s, which made most of that change: the margin is cautious, "
+                     "and more cells are re-checked than needed; a model fine-tuned again measures a smaller one)", precision)
     else:
         log.info("float32 re-check margin %.2f (the checkpoint did not measure its %s error at fine-tuning)", value, precision)
     return value

@@ -361,6 +361,7 @@ def test_fine_tuning_measures_the_bf16_error_for_the_recheck(calibrated: Path) -
     ckpt = load_checkpoint(calibrated / "ft" / "model.pt")
     err = ckpt.novelty["precision_error"]["bf16"]
     assert err["n_cells"] == 48 and err["precision"] == "bf16" and set(err["scores"]) == {"energy", "mahalanobis", "knn"}
+    assert err["head"] == "float32"
     prep = ad.read_h5ad(calibrated / "prep.h5ad")
     y = prep.obs["celltype"].astype(str).to_numpy()
     _, val = stratified_holdout(np.array([ckpt.classes.index(c) for c in y]), 0.2, 0)
@@ -386,7 +387,7 @@ def test_auto_recheck_margin() -> None:
     assert auto_recheck_margin({"probs": 1e-5, "scores": {}}, NoveltyRule.published(0.5)) == 0.005  # the floor
 
 
-def test_recheck_margin_auto_and_given(calibrated: Path, pbmc_small: Path) -> None:
+def test_recheck_margin_auto_and_given(calibrated: Path, pbmc_small: Path, caplog: pytest.LogCaptureFixture) -> None:
     from model.inference import RECHECK_MARGIN, resolve_recheck_margin
     from model.nn.config import ExecutionOptions
 
@@ -399,6 +400,17 @@ def test_recheck_margin_auto_and_given(calibrated: Path, pbmc_small: Path) -> No
     assert 0.005 <= auto < RECHECK_MARGIN  # a tiny model moves little under bf16
     old = dataclasses.replace(ckpt, novelty={k: v for k, v in ckpt.novelty.items() if k != "precision_error"})
     assert resolve_recheck_margin("auto", old, bf16, rule) == RECHECK_MARGIN
+    # measured before the head ran in float32: the same margin, and a word that it is cautious
+    err = {k: v for k, v in ckpt.novelty["precision_error"]["bf16"].items() if k != "head"}
+    before = dataclasses.replace(ckpt, novelty={**ckpt.novelty, "precision_error": {"bf16": {**err, "probs": 0.01}}})
+    log = logging.getLogger("scbert")
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="scbert"):
+            assert resolve_recheck_margin("auto", before, bf16, rule) == pytest.approx(max(0.08, 4 * err["scores"]["energy"]))
+    finally:
+        log.removeHandler(caplog.handler)
+    assert "head still ran in bf16" in caplog.text
     with pytest.raises(InputError, match="re-check margin"):
         resolve_recheck_margin("sometimes", ckpt, bf16, rule)
     adata = ad.read_h5ad(pbmc_small)

@@ -86,6 +86,7 @@ def card_text(card: dict[str, Any]) -> str:
             scores = ", ".join(f"{k} {v:.2g}" for k, v in err.get("scores", {}).items())
             lines.append(f"{prec} error on {err['n_cells']} validation cells: probabilities {err['probs']:.2g}"
                          + (f", novelty scores (relative to the threshold) {scores}" if scores else "")
+                         + ("" if err.get("head") == "float32" else f", with the classifier head in {prec} (before 5 December 2026: cautious)")
                          + " (predict.py --fp32-recheck auto reads it)")
     elif card["kind"].startswith("fine-tuned"):
         lines.append("novelty: no calibration (fine-tuned before it existed): predict.py uses the published rule")
