@@ -48,8 +48,9 @@ def exit_now(code: int = 0) -> None:
     still run, and the standard streams are flushed. Only for ``if __name__ == "__main__"``: a caller
     of ``main()`` in the same process goes on."""
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream (predict.py ... | head)
+            stream.flush()
     os._exit(code)
 
 
