@@ -54,8 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "-logsumexp of the logits, mahalanobis = distance of the head's features to the nearest type, knn = distance of the "
                    "embedding to the 10th nearest training cell, pca_mahalanobis / pca_knn = the same two in a PCA of the training "
                    "cells' expression, combined = Fisher's combination of the p-values of pca_mahalanobis and energy against the "
-                   "validation cells (default: auto = the model's default score, the best measured, with --threshold auto; softmax "
-                   "with a number)")
+                   "validation cells; query_density = the share of a cell's nearest neighbours that are query cells rather than "
+                   "training cells (a type missing from training makes the query locally dense; it depends on the whole query, "
+                   "so its threshold is set on the validation cells scored with this query, and it needs the query read whole, "
+                   "at least ~100 cells), query_combined = Fisher's combination of pca_mahalanobis and query_density (default: auto "
+                   "= the model's default score, the best measured, with --threshold auto; softmax with a number)")
     g.add_argument("--threshold", "--unassign_thres", type=threshold_value, default="auto",
                    help="auto = the threshold calibrated at fine-tuning (models fine-tuned before: the published 0.5), or a number: for "
                    "softmax the top probability below which a cell is Unassigned (0-1; 0.5 as published), for the others the score "
@@ -70,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--over-clustering-basis", choices=OVER_CLUSTERING_BASES, default="expression",
                    help="what the automatic over-clustering clusters: the cells' expression PCA (default, as CellTypist) or the "
                    "scBERT embedding")
-    g.add_argument("--voting", choices=VOTING_RULES, default="soft",
-                   help="soft: each cell's probabilities are averaged half and half with its cluster's mean, so confident cells keep "
-                   "their label (default; on sorted PBMCs it cost 0.005 accuracy where hard voting cost 0.10, RESULTS.md); hard: "
-                   "each cell takes its cluster's most common label (CellTypist)")
+    g.add_argument("--voting", choices=VOTING_RULES, default="cautious",
+                   help="cautious (default): only a cell whose top probability is below 0.5 takes its cluster's label, and only when "
+                   "80%% of the cluster's cells have it (on sorted PBMCs it cost 0.0005 accuracy, soft 0.005-0.015, hard 0.11-0.13; "
+                   "RESULTS.md); soft: each cell's probabilities are averaged half and half with its cluster's mean, so confident "
+                   "cells keep their label; hard: each cell takes its cluster's most common label (CellTypist)")
     add_bool(g, "--novel_type", "--novel-type", default=True, help="published flag: false never reports Unassigned")
     p.add_argument("--label-key", default=None, help="obs column with known labels: prints accuracy and macro-F1, plots a confusion matrix (default: none)")
     add_batch_size(p, "auto", "cells per forward pass; auto = 16 on a GPU, on a CPU what keeps a batch in the caches (2 cells at "

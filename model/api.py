@@ -69,7 +69,7 @@ def annotate(
     majority_voting: bool = False,
     over_clustering: str | None = None,
     over_clustering_basis: str = "expression",
-    voting: str = "soft",
+    voting: str = "cautious",
     batch_size: int = 16,
     device: str = "auto",
     precision: str = "fp32",
@@ -90,7 +90,8 @@ def annotate(
     (the preprocessing report, JSON); with ``majority_voting`` also ``obs['scbert_majority_voting']``
     and ``obs['scbert_over_clustering']`` (``over_clustering``: an obs column, default Leiden clusters
     of the cells' expression PCA, ``over_clustering_basis="embedding"``: of the scBERT embedding;
-    ``voting``: ``"soft"`` (default) blends each cell's probabilities with its cluster's, ``"hard"`` as CellTypist).
+    ``voting``: ``"cautious"`` (default) changes only unsure cells of nearly unanimous clusters, ``"soft"``
+    blends each cell's probabilities with its cluster's, ``"hard"`` as CellTypist).
 
     ``threshold``: ``"auto"`` (calibrated at fine-tuning; the published 0.5 for older models), a
     number (for ``novelty="softmax"``, the default with a number: the top probability below which a

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -276,12 +276,12 @@ def auto_recheck_margin(error: dict[str, Any] | None, rule: NoveltyRule) -> floa
     RECHECK_SAFETY times the most the precision moved the top-two gap (twice a probability's change)
     or the rule's score (relative to its threshold), at least RECHECK_FLOOR; RECHECK_MARGIN without a
     measurement, or when the rule's score was not measured."""
-    from model.novelty import PCA_SCORES
+    from model.novelty import EXPRESSION_SCORES
 
     if not error:
         return RECHECK_MARGIN
     worst = 2.0 * float(error["probs"])
-    if rule.cutoff is not None and rule.score not in ("softmax", *PCA_SCORES):
+    if rule.cutoff is not None and rule.score not in ("softmax", *EXPRESSION_SCORES):
         if rule.score not in error.get("scores", {}):
             return RECHECK_MARGIN
         worst = max(worst, float(error["scores"][rule.score]))
@@ -316,16 +316,17 @@ def resolve_recheck_margin(margin: float | str | None, ckpt: Checkpoint, options
 def near_decision(probs: np.ndarray, rule: NoveltyRule | None, score: np.ndarray | None, margin: float = RECHECK_MARGIN) -> np.ndarray:
     """Cells whose label could flip under rounding: top-two probability gap below ``margin``, or a
     novelty ``score`` (the rule's; None: 1 - top probability) within ``margin`` of the rule's cutoff
-    (``margin * |cutoff|`` for scores that are not probabilities). The ``pca_*`` scores come from the
-    input expression, not the network, so the precision cannot move them: no band around their cutoff."""
-    from model.novelty import PCA_SCORES
+    (``margin * |cutoff|`` for scores that are not probabilities). The ``pca_*`` and ``query_*``
+    scores come from the input expression, not the network, so the precision cannot move them: no
+    band around their cutoff."""
+    from model.novelty import EXPRESSION_SCORES
 
     if probs.shape[1] > 1:
         top2 = np.partition(probs, probs.shape[1] - 2, axis=1)[:, -2:]
         near = (top2[:, 1] - top2[:, 0]) < margin
     else:
         near = np.zeros(len(probs), dtype=bool)
-    cutoff = None if rule is None or rule.score in PCA_SCORES else rule.cutoff
+    cutoff = None if rule is None or rule.score in EXPRESSION_SCORES else rule.cutoff
     if cutoff is not None and np.isfinite(cutoff):
         if score is None or rule.score == "softmax":
             score, band = 1.0 - probs.max(axis=1).astype(np.float64), margin
@@ -343,11 +344,13 @@ def score_cells(net: ScBERT, ds: CellDataset, stats: Any, rule: NoveltyRule, bat
     them), from one pass. After a bf16/fp16 pass, the cells :func:`near_decision` finds are run again
     in float32 and their outputs replaced, so that labels match a float32 run (``recheck_margin``
     None or 0: no re-check). Returns outputs, scores and the number of cells re-checked."""
-    from model.novelty import PCA_SCORES, novelty_scores
+    from model.novelty import EXPRESSION_SCORES, QUERY_COMBINED_PARTS, QUERY_SCORES, novelty_scores
 
     wanted = {"softmax", "energy", rule.score}
+    if rule.score in QUERY_SCORES:
+        wanted.add(QUERY_COMBINED_PARTS[0])  # for query_combined and the default's fallback; the query score itself: query_rule
     features = stats is not None and "mahalanobis" in wanted
-    expression = bool(wanted & {*PCA_SCORES, "combined"})  # the pca_* scores (and so combined) also read the cells' input matrix
+    expression = bool(wanted & {*EXPRESSION_SCORES, "combined"})  # the pca_* scores (and so combined) also read the cells' input matrix
 
     def run(dataset: CellDataset, show: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         out = predict_outputs(net, dataset, batch_size, device, embed=True, features=features, pooling=pooling, progress=show,
@@ -435,14 +438,24 @@ class AnnotationResult:
         """The score the rule uses, per cell (1 - confidence for softmax)."""
         return self.novelty.get(self.rule.score, 1.0 - self.confidence.astype(np.float64))
 
-    def vote(self, clusters: Sequence[Any] | None = None, seed: int = 0, basis: str = "expression", voting: str = "soft",
+    def vote(self, clusters: Sequence[Any] | None = None, seed: int = 0, basis: str = "expression", voting: str = "cautious",
              resolution: float | None = None) -> AnnotationResult:
-        """Majority voting: each cell gets the top class of its probabilities averaged half and half
-        with its cluster's mean (``voting="soft"``, the default: confident cells keep their label) or
-        the most common label of its cluster (``"hard"``, CellTypist's). Clusters: ``clusters`` given, or Leiden
+        """Majority voting: each cell gets its cluster's label only when it is unsure and the cluster
+        nearly unanimous (``voting="cautious"``, the default, :func:`model.majority_voting.cautious_vote`),
+        the top class of its probabilities averaged half and half with its cluster's mean
+        (``"soft"``: confident cells keep their label), or the most common label of its cluster
+        (``"hard"``, CellTypist's). Clusters: ``clusters`` given, or Leiden
         over-clusters of the cells' expression PCA (``basis="expression"``) or of the scBERT
         embedding (``"embedding"``). Returns the result."""
-        from model.majority_voting import OVER_CLUSTERING_BASES, VOTING_RULES, expression_pcs, majority_vote, over_cluster, soft_vote
+        from model.majority_voting import (
+            OVER_CLUSTERING_BASES,
+            VOTING_RULES,
+            cautious_vote,
+            expression_pcs,
+            majority_vote,
+            over_cluster,
+            soft_vote,
+        )
 
         if basis not in OVER_CLUSTERING_BASES or voting not in VOTING_RULES:
             raise InputError(f"over-clustering basis {basis!r} / voting {voting!r}: use one of {OVER_CLUSTERING_BASES} / {VOTING_RULES}")
@@ -459,6 +472,8 @@ class AnnotationResult:
             raise InputError(f"the over-clustering has {len(self.over_clustering)} entries for {self.n_cells} cells")
         if voting == "hard":
             self.majority_voting = majority_vote(self.labels, self.over_clustering)
+        elif voting == "cautious":
+            self.majority_voting = np.asarray(self.classes, dtype=object)[cautious_vote(self.probabilities, self.over_clustering)].astype(str)
         else:
             smoothed = soft_vote(self.probabilities, self.over_clustering)
             self.majority_voting = np.asarray(self.classes, dtype=object)[smoothed.argmax(1)].astype(str)
@@ -562,7 +577,7 @@ def label_plots(folder: Path, labels: np.ndarray, confidence: np.ndarray, novelt
 
 
 def novelty_rule(ckpt: Checkpoint, novelty: str = "auto", threshold: float | str | None = "auto",
-                 reject_rate: float | None = None) -> tuple[NoveltyRule, Any]:
+                 reject_rate: float | None = None, whole_query: bool = True) -> tuple[NoveltyRule, Any]:
     """The rule that makes cells Unassigned, and the novelty statistics it needs.
 
     ``threshold``: ``"auto"`` (the cutoff calibrated at the end of fine-tuning, for ``reject_rate``
@@ -570,29 +585,50 @@ def novelty_rule(ckpt: Checkpoint, novelty: str = "auto", threshold: float | str
     a cell is Unassigned, as published; for the others the score above which it is), or None
     (never). ``novelty``: a score of :data:`model.novelty.SCORES`, or ``"auto"``: the checkpoint's
     default with ``threshold="auto"``, ``softmax`` with a number. A checkpoint fine-tuned before
-    novelty calibration existed falls back to the published rule (top probability < 0.5)."""
-    from model.novelty import DEFAULT_SCORE, PCA_SCORES, SCORES, read_novelty_record
+    novelty calibration existed falls back to the published rule (top probability < 0.5).
+
+    The ``query_*`` scores compare the whole query with the training cells: their calibrated cutoff
+    is set once the query is scored (:func:`query_rule`; until then the rule's cutoff is None).
+    ``whole_query=False`` (a query annotated a chunk at a time): the default falls back to
+    ``pca_mahalanobis``, and asking for a ``query_*`` score is an error."""
+    from model.novelty import DEFAULT_SCORE, PCA_SCORES, QUERY_COMBINED_PARTS, QUERY_SCORES, SCORES, read_novelty_record
 
     stats, cal = read_novelty_record(ckpt.novelty)
     if novelty != "auto" and novelty not in SCORES:
         raise InputError(f"--novelty must be auto or one of {SCORES}, got {novelty!r}")
+    if novelty in QUERY_SCORES and not whole_query:
+        raise InputError(f"--novelty {novelty} compares the whole query with the training cells, and this query is annotated a chunk "
+                         f"at a time (--backed, or under torchrun): read it whole, or choose --novelty pca_mahalanobis")
     if threshold is None:
         return NoveltyRule(novelty if novelty != "auto" else "softmax", None), stats
+    model_name = ckpt.source or "the model"
+    query_ready = (stats is not None and stats.density is not None and stats.density.calibrations is not None and cal is not None
+                   and len(stats.density.calibrations[0]) == cal.n)
     if threshold == "auto":
         if cal is None:
             log.info("%s has no novelty calibration (fine-tuned before it existed): using the published rule, Unassigned when the "
-                     "top probability is below 0.5", ckpt.source or "the model")
+                     "top probability is below 0.5", model_name)
             if novelty not in ("auto", "softmax"):
                 raise InputError(f"--novelty {novelty} needs the calibration that fine-tuning now stores: give a --threshold, or "
                                  f"fine-tune the model again")
             return PUBLISHED_RULE, stats
         score = (ckpt.novelty or {}).get("default", DEFAULT_SCORE) if novelty == "auto" else novelty
-        if novelty == "auto" and score not in cal.thresholds:  # a record older than its package's default score
-            score = next(s for s in ("mahalanobis", "softmax") if s in cal.thresholds)
-        if score not in cal.thresholds:
-            raise InputError(f"--novelty {score}: {ckpt.source or 'the model'} was calibrated before that score existed (it has "
-                             f"{sorted(cal.thresholds)}): choose one of those, or fine-tune the model again")
         rate = cal.reject_rate if reject_rate is None else reject_rate
+        if score in QUERY_SCORES:
+            usable = query_ready and (score == "query_density" or (stats.pca is not None and QUERY_COMBINED_PARTS[0] in cal.scores))
+            if usable and whole_query:
+                return NoveltyRule(score, None, rate), stats  # the cutoff: query_rule, once the query is scored
+            if novelty != "auto":
+                raise InputError(f"--novelty {score}: {model_name} was fine-tuned before that score existed: choose one of "
+                                 f"{sorted(cal.thresholds)}, or fine-tune the model again")
+            log.info("novelty score %s: %s; using pca_mahalanobis", score,
+                     "the query is annotated a chunk at a time" if usable else "the model has no statistics for it")
+            score = "pca_mahalanobis"
+        if novelty == "auto" and score not in cal.thresholds:  # a record older than its package's default score
+            score = next(s for s in ("pca_mahalanobis", "mahalanobis", "softmax") if s in cal.thresholds)
+        if score not in cal.thresholds:
+            raise InputError(f"--novelty {score}: {model_name} was calibrated before that score existed (it has "
+                             f"{sorted(cal.thresholds)}): choose one of those, or fine-tune the model again")
         return NoveltyRule(score, cal.threshold(score, rate), rate), stats
     t = float(threshold)
     score = "softmax" if novelty == "auto" else novelty
@@ -600,12 +636,47 @@ def novelty_rule(ckpt: Checkpoint, novelty: str = "auto", threshold: float | str
         if not 0.0 <= t <= 1.0:
             raise InputError(f"a softmax threshold is a probability between 0 and 1, got {t}")
         return NoveltyRule.published(t), stats
-    needs_pca = score in (*PCA_SCORES, "combined")
-    missing = stats is None or (needs_pca and stats.pca is None) or (score == "combined" and stats.combination is None)
-    if score in ("mahalanobis", "knn", *PCA_SCORES, "combined") and missing:
+    needs_pca = score in (*PCA_SCORES, "combined", "query_combined")
+    missing = (stats is None or (needs_pca and stats.pca is None) or (score == "combined" and stats.combination is None)
+               or (score in QUERY_SCORES and not query_ready))
+    if score in ("mahalanobis", "knn", *PCA_SCORES, "combined", *QUERY_SCORES) and missing:
         raise InputError(f"--novelty {score} needs the training statistics and calibration that fine-tuning now stores: fine-tune the "
                          f"model again, or use --novelty softmax or energy")
     return NoveltyRule(score, t), stats
+
+
+def query_rule(rule: NoveltyRule, stats: Any, expression: Any, scores: dict[str, np.ndarray],
+               fallback: NoveltyRule | None = None) -> NoveltyRule:
+    """For a rule on a ``query_*`` score: that score of the query cells (``expression``, the model's
+    input matrix; added to ``scores``, which must hold the other scores of the cells) and, for a
+    calibrated rule, its cutoff: the conformal threshold of the calibration cells scored in the same
+    neighbour graph. When the query as a whole differs from the training cells
+    (:func:`model.novelty.query_shift` above ``QUERY_SHIFT_SHARE``: another batch, technology or
+    tissue), the score would reject most known cells: ``fallback`` (the rule the default falls back
+    to) is returned instead, or, without one, a warning says so. Other rules are returned as they are."""
+    from model.novelty import MIN_QUERY_CELLS, QUERY_SCORES, QUERY_SHIFT_SHARE, conformal_threshold, query_scores, query_shift
+
+    if rule.score not in QUERY_SCORES:
+        return rule
+    n = expression.shape[0]
+    if n < MIN_QUERY_CELLS:
+        log.warning("%s compares the query's density with the training cells': with %d cells (< %d) a type missing from training "
+                    "can hardly make a dense region, so few novel cells will be found; annotate more cells at once, or use "
+                    "--novelty pca_mahalanobis", rule.score, n, MIN_QUERY_CELLS)
+    q, c = query_scores(stats.density, expression, scores, stats.calibration.scores)
+    scores.update(q)
+    shift = query_shift(q["query_density"], c["query_density"])
+    if shift > QUERY_SHIFT_SHARE:
+        why = (f"{shift:.0%} of the query cells are denser around them than the median validation cell (about 50-65% when the "
+               f"query comes from the training data's batch): the query as a whole differs from the training cells (another "
+               f"batch, technology or tissue), and {rule.score} cannot tell a novel type from that")
+        if fallback is not None:
+            log.info("novelty: %s; using %s instead", why, fallback.score)
+            return fallback
+        log.warning("novelty: %s: most cells will be Unassigned; --novelty pca_mahalanobis does not depend on the query as a whole", why)
+    if rule.reject_rate is None or rule.cutoff is not None:
+        return rule
+    return replace(rule, cutoff=conformal_threshold(c[rule.score], rule.reject_rate))
 
 
 def annotate(
@@ -632,6 +703,8 @@ def annotate(
     no re-check, or "auto", see :func:`resolve_recheck_margin`)."""
     import time
 
+    from model.novelty import QUERY_SCORES
+
     ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
     if not ckpt.is_classifier:
         raise InputError(f"{ckpt.source or 'the model'} is a pretrained (not fine-tuned) model: it cannot name cell types; fine-tune it with finetune.py first")
@@ -643,6 +716,8 @@ def annotate(
     tune_allocator()
     out, scores, rechecked = score_cells(net, CellDataset(prepared.X, ckpt.config.bin_num), stats, rule, batch_size, torch.device(device),
                                          pooling, progress, num_workers, margin)
+    fallback = novelty_rule(ckpt, "pca_mahalanobis", threshold, reject_rate)[0] if novelty == "auto" and rule.score in QUERY_SCORES else None
+    rule = query_rule(rule, stats, prepared.X, scores, fallback)
     rechecked_fp32 = rechecks(net.options, margin)
     return AnnotationResult(probabilities=out["probs"], classes=list(ckpt.classes or []), embedding=out["embedding"], rule=rule,
                             cell_names=list(map(str, adata.obs_names)), novelty=scores, model=ckpt.source,

@@ -16,7 +16,15 @@ classifier's penultimate features, the cell embedding, and the cell's input expr
 - ``combined``: Fisher's combination, -2 sum log p, of the conformal p-values of ``pca_mahalanobis``
   (far from the training expression) and ``energy`` (the classifier is unsure), each p-value the
   share of calibration cells scoring at least as high (:class:`ScoreCombination`). Chosen on the
-  development set (sorted PBMCs) among four combinations, see RESULTS.md.
+  development set (sorted PBMCs) among four combinations, see RESULTS.md;
+- ``query_density`` and ``query_combined`` (:class:`QueryDensity`): scores of the query as a whole.
+  ``query_density`` is the share of a cell's nearest neighbours (in an expression PCA) that are
+  query cells rather than training cells: a type missing from training makes a region where the
+  query is dense and the training cells are not, even right beside a known type (naive beside
+  memory T cells), where distance scores see nothing unusual. ``query_combined`` is Fisher's
+  combination of it with ``pca_mahalanobis``. A cell's score depends on the other cells of the
+  query, so their threshold is set at prediction: the calibration cells join the query's
+  neighbour graph and are scored with it (transductive conformal calibration).
 
 :class:`NoveltyStats` holds what the last four need from the training cells (at most
 ``MAX_REFERENCE_CELLS`` of them, a seeded sample; the PCA adds ``PCA_COMPONENTS`` + 2 floats per gene). :func:`calibrate` sets, on cells of known
@@ -34,9 +42,12 @@ from typing import Any
 
 import numpy as np
 
-SCORES = ("softmax", "energy", "mahalanobis", "knn", "pca_mahalanobis", "pca_knn", "combined")
+SCORES = ("softmax", "energy", "mahalanobis", "knn", "pca_mahalanobis", "pca_knn", "combined", "query_density", "query_combined")
 PCA_SCORES = ("pca_mahalanobis", "pca_knn")
+QUERY_SCORES = ("query_density", "query_combined")  # depend on the whole query: thresholds set at prediction
+EXPRESSION_SCORES = (*PCA_SCORES, *QUERY_SCORES)  # computed from the input expression alone (the network's precision cannot move them)
 COMBINED_PARTS = ("pca_mahalanobis", "energy")  # the scores that ``combined`` joins
+QUERY_COMBINED_PARTS = ("pca_mahalanobis", "query_density")  # the scores that ``query_combined`` joins
 PCA_COMPONENTS = 30
 SCALE_CLIP = 10.0  # scaled expression is clipped here (scanpy pp.scale(max_value=10)), so a rare gene cannot dominate
 MAX_REFERENCE_CELLS = 5000  # training cells kept for the kNN score and the class statistics (seeded sample)
@@ -46,8 +57,9 @@ KNN_K = 10
 # for scBERT in the benchmark of RESULTS.md (PBMC3k leave-one-type-out, 8 types, 2 folds, the
 # large-corpus encoder; results.json "best_novelty_score"): pca_mahalanobis 0.841, mahalanobis 0.702,
 # energy 0.673, knn 0.629, pca_knn 0.580, softmax 0.565 (4 December); 0.852 with the scaled PCA, combined
-# 0.822 (5 December).
-DEFAULT_SCORE = "pca_mahalanobis"
+# 0.822 (5 December); query_combined 0.961, query_density 0.951 (5 December, third session). It needs the whole query
+# from the training data's batch: inference.query_rule falls back to pca_mahalanobis otherwise.
+DEFAULT_SCORE = "query_combined"
 
 
 def logsumexp(x: np.ndarray) -> np.ndarray:
@@ -71,14 +83,17 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class NoveltyStats:
-    """What the ``mahalanobis`` and ``knn`` scores need from the training cells."""
+    """What the ``mahalanobis`` and ``knn`` scores need from the training cells (and, in ``pca`` and
+    ``density``, the expression scores)."""
 
     class_means: np.ndarray  # classes x features (penultimate head features)
     precision: np.ndarray  # features x features: inverse of the shared, shrunk covariance
     reference: np.ndarray  # cells x dim: L2-normalised embeddings of (up to MAX_REFERENCE_CELLS) training cells
     k: int = KNN_K
     pca: ExpressionPCA | None = None  # for the pca_* scores (checkpoints of 3 December and before have none)
+    density: QueryDensity | None = None  # for the query_* scores (checkpoints of 5 December and before have none)
     combination: ScoreCombination | None = None  # for ``combined``: the calibration cells' scores (not saved with the stats)
+    calibration: Calibration | None = None  # for the query_* scores: the calibration cells' scores (not saved with the stats)
     _index: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -125,12 +140,15 @@ class NoveltyStats:
                "reference": torch.from_numpy(self.reference), "k": int(self.k)}
         if self.pca is not None:
             out["pca"] = self.pca.to_dict()
+        if self.density is not None:
+            out["density"] = self.density.to_dict()
         return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> NoveltyStats:
         pca = ExpressionPCA.from_dict(d["pca"]) if d.get("pca") else None
-        return cls(_array(d["class_means"]), _array(d["precision"]), _array(d["reference"]), int(d["k"]), pca)
+        density = QueryDensity.from_dict(d["density"]) if d.get("density") else None
+        return cls(_array(d["class_means"]), _array(d["precision"]), _array(d["reference"]), int(d["k"]), pca, density)
 
 
 def _array(x: Any) -> np.ndarray:
@@ -151,22 +169,22 @@ class ExpressionPCA:
 
     mean: np.ndarray  # genes: the training cells' mean expression
     components: np.ndarray  # components x genes (float32)
-    stats: NoveltyStats  # class means, shared precision and kNN reference, in PCA coordinates
+    stats: NoveltyStats | None  # class means, shared precision and kNN reference, in PCA coordinates (None: a projection only)
     scale: np.ndarray | None = None  # genes: the training cells' sd (None: unscaled PCA)
     offset: np.ndarray | None = None  # components: the PCA's own centre of the clipped values, projected
 
     CHUNK = 1024  # cells projected at a time (a dense chunk: 70 MB at 16,906 genes)
 
     @classmethod
-    def fit(cls, X: Any, labels: np.ndarray, n_classes: int, seed: int = 0, n_components: int = PCA_COMPONENTS,
+    def fit(cls, X: Any, labels: np.ndarray | None, n_classes: int, seed: int = 0, n_components: int = PCA_COMPONENTS,
             max_cells: int = MAX_REFERENCE_CELLS, scaled: bool = True) -> ExpressionPCA:
         """From the training cells ``X`` (cells x genes: CSR, dense, or a row source giving CSR for
-        ``X[rows]``) and their class ids; at most ``max_cells`` of them (a seeded sample).
-        ``scaled=False``: the PCA of centred, unscaled expression (that of 4 December)."""
+        ``X[rows]``) and their class ids (None: the projection alone, no class statistics); at most
+        ``max_cells`` of them (a seeded sample). ``scaled=False``: the PCA of centred, unscaled
+        expression (that of 4 December)."""
         from sklearn.decomposition import PCA
 
-        labels = np.asarray(labels)
-        rows = np.arange(len(labels))
+        rows = np.arange(X.shape[0])
         if len(rows) > max_cells:
             rows = np.sort(np.random.default_rng(seed).choice(len(rows), max_cells, replace=False))
         dense = _dense_rows(X, rows)
@@ -176,8 +194,10 @@ class ExpressionPCA:
         z = _scaled(dense, mean, sd) if scaled else dense - mean.astype(np.float32)
         n = min(n_components, z.shape[0] - 1, z.shape[1])
         pca = PCA(n_components=max(n, 1), random_state=seed).fit(z)
-        coords = pca.transform(z)
-        stats = NoveltyStats.fit(coords, coords, labels[rows], n_classes, seed)  # its own cap on the reference cells
+        stats = None
+        if labels is not None:
+            coords = pca.transform(z)
+            stats = NoveltyStats.fit(coords, coords, np.asarray(labels)[rows], n_classes, seed)  # its own cap on the reference cells
         components = pca.components_.astype(np.float32)
         if not scaled:
             return cls(mean, components, stats)
@@ -200,7 +220,7 @@ class ExpressionPCA:
     def scores(self, X: Any, which: Collection[str] | None = None) -> dict[str, np.ndarray]:
         """``pca_mahalanobis`` and ``pca_knn`` (or those of them in ``which``) of the cells ``X``."""
         wanted = [s for s in PCA_SCORES if which is None or s in which]
-        if not wanted:
+        if not wanted or self.stats is None:
             return {}
         z = self.transform(X)
         fns = {"pca_mahalanobis": self.stats.mahalanobis, "pca_knn": self.stats.knn}
@@ -209,7 +229,9 @@ class ExpressionPCA:
     def to_dict(self) -> dict[str, Any]:
         import torch
 
-        out = {"mean": torch.from_numpy(self.mean), "components": torch.from_numpy(self.components), "stats": self.stats.to_dict()}
+        out = {"mean": torch.from_numpy(self.mean), "components": torch.from_numpy(self.components)}
+        if self.stats is not None:
+            out["stats"] = self.stats.to_dict()
         if self.scale is not None:
             out.update(scale=torch.from_numpy(self.scale), offset=torch.from_numpy(np.asarray(self.offset)))
         return out
@@ -217,7 +239,7 @@ class ExpressionPCA:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ExpressionPCA:
         scaled = d.get("scale") is not None
-        return cls(_array(d["mean"]), _array(d["components"]), NoveltyStats.from_dict(d["stats"]),
+        return cls(_array(d["mean"]), _array(d["components"]), NoveltyStats.from_dict(d["stats"]) if d.get("stats") else None,
                    _array(d["scale"]) if scaled else None, _array(d["offset"]) if scaled else None)
 
 
@@ -255,6 +277,138 @@ class ScoreCombination:
 
     def __call__(self, scores: Mapping[str, np.ndarray], leave_one_out: bool = False) -> np.ndarray:
         return -2.0 * sum(np.log(self.pvalues(p, scores[p], leave_one_out)) for p in self.reference)
+
+
+def density_neighbours(n_points: int) -> int:
+    """The neighbours :class:`QueryDensity` counts among ``n_points`` (training + query + calibration
+    cells): sqrt(n), between 15 and 200 (chosen on the development set among 1, 2 and 3 sqrt(n),
+    RESULTS.md)."""
+    return int(np.clip(round(math.sqrt(n_points)), 15, 200))
+
+
+MIN_QUERY_CELLS = 100  # below this, query_density has little power (a missing type makes no dense region)
+# A query from the training cells' own batch has about half its known cells above the calibration
+# cells' median query_density (its novel cells above it too): 0.5 + f / 2 with a novel share f.
+# Above this share the query as a whole differs from the training cells (another batch, technology or
+# tissue: every region is query-dense), which the score cannot tell from novelty (RESULTS.md).
+QUERY_SHIFT_SHARE = 0.8
+
+
+def query_shift(query: np.ndarray, calibration: np.ndarray) -> float:
+    """The share of query cells whose ``query_density`` is above the calibration cells' median
+    (about 0.5 plus half the novel share for a query of the training cells' batch; near 1 when the
+    whole query is shifted; compare with ``QUERY_SHIFT_SHARE``)."""
+    if not len(query) or not len(calibration):
+        return float("nan")
+    return float((np.asarray(query) > np.median(calibration)).mean())
+
+
+@dataclass
+class QueryDensity:
+    """The ``query_density`` score: per query cell, the share of its ``k`` nearest neighbours that
+    are query or calibration cells rather than training (reference) cells, in a PCA of scaled
+    expression (:func:`density_neighbours` gives ``k``). Where the query holds a type the training
+    cells lack, the query is locally denser than the reference, and the share goes up.
+
+    Cross-fitted on two halves of the training cells: a PCA fitted on one half, the other half
+    projected into it as the reference, and the same with the halves swapped; the score is the mean
+    of the two shares. Cells that fit a PCA lie farther apart in it than new cells do (in-sample
+    components follow their own noise), so a reference made of the cells that fitted the PCA would
+    make every new cell look like a query neighbour of other new cells; one half alone is noisier
+    (RESULTS.md). The calibration cells (validation cells, known types, never trained on) are scored
+    in the same graph as the query, so their scores are the threshold's reference for this very
+    query."""
+
+    pcas: list[ExpressionPCA]  # one per half of the training cells (projections only, no class statistics)
+    references: list[np.ndarray]  # per PCA: the other half of the training cells, projected (cells x components, float32)
+    calibrations: list[np.ndarray] | None = None  # per PCA: the calibration cells, projected
+
+    CHUNK = 4096  # query cells whose neighbours are searched at a time
+
+    @classmethod
+    def fit(cls, X: Any, seed: int = 0, max_cells: int = MAX_REFERENCE_CELLS) -> QueryDensity | None:
+        """From the training cells ``X`` (as :meth:`ExpressionPCA.fit`), split in two seeded halves
+        of at most ``max_cells`` each. None below 30 training cells."""
+        n = X.shape[0]
+        if n < 30:
+            return None
+        order = np.random.default_rng(seed).permutation(n)
+        halves = [np.sort(order[: n // 2][:max_cells]), np.sort(order[n // 2:][:max_cells])]
+        pcas, refs = [], []
+        for fit_rows, ref_rows in (halves, halves[::-1]):
+            pca = ExpressionPCA.fit(X[fit_rows], None, 0, seed, max_cells=max_cells)
+            pcas.append(pca)
+            refs.append(pca.transform(X[ref_rows]).astype(np.float32))
+        return cls(pcas, refs)
+
+    def set_calibration(self, X: Any) -> QueryDensity:
+        """Project and keep the calibration cells ``X``."""
+        self.calibrations = [p.transform(X).astype(np.float32) for p in self.pcas]
+        return self
+
+    def score(self, X: Any, calibration: Any = None, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``query_density`` of the query cells ``X`` and of the calibration cells (``calibration``:
+        their expression; default: the ones kept by :meth:`set_calibration`), each PCA's share from
+        one neighbour graph of reference, query and calibration cells (``k`` neighbours; default
+        :func:`density_neighbours`), averaged over the PCAs."""
+        if calibration is None and self.calibrations is None:
+            raise ValueError("query_density needs calibration cells: set_calibration() or calibration=")
+        shares = []
+        for i, pca in enumerate(self.pcas):
+            cal = self.calibrations[i] if calibration is None else pca.transform(calibration).astype(np.float32)
+            shares.append(self._share(self.references[i], pca.transform(X).astype(np.float32), cal, k))
+        share = np.mean(shares, axis=0)
+        n_query = X.shape[0]
+        return share[:n_query], share[n_query:]
+
+    def _share(self, reference: np.ndarray, query: np.ndarray, cal: np.ndarray, k: int | None) -> np.ndarray:
+        """Per query and calibration cell, the share of its neighbours that are not reference cells."""
+        from sklearn.neighbors import NearestNeighbors
+
+        points = np.vstack([reference, query, cal])
+        k = min(k or density_neighbours(len(points)), len(points) - 1)
+        index = NearestNeighbors(n_neighbors=k + 1).fit(points)
+        side = np.arange(len(points)) >= len(reference)  # True: query or calibration cell
+        share = np.empty(len(query) + len(cal))
+        for start in range(0, len(share), self.CHUNK):
+            rows = np.arange(start, min(start + self.CHUNK, len(share))) + len(reference)
+            _, idx = index.kneighbors(points[rows], n_neighbors=k + 1)
+            idx = np.where(idx == rows[:, None], idx[:, -1:], idx)[:, :k]  # drop the cell itself (ties: wherever it is)
+            share[rows - len(reference)] = side[idx].mean(axis=1)
+        return share
+
+    def to_dict(self) -> dict[str, Any]:
+        import torch
+
+        out: dict[str, Any] = {"pcas": [p.to_dict() for p in self.pcas], "references": [torch.from_numpy(r) for r in self.references]}
+        if self.calibrations is not None:
+            out["calibrations"] = [torch.from_numpy(c) for c in self.calibrations]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QueryDensity:
+        cal = d.get("calibrations")
+        return cls([ExpressionPCA.from_dict(p) for p in d["pcas"]], [_array(r) for r in d["references"]],
+                   None if cal is None else [_array(c) for c in cal])
+
+
+def query_scores(density: QueryDensity, expression: Any, scores: Mapping[str, np.ndarray], calibration_scores: Mapping[str, np.ndarray],
+                 calibration_expression: Any = None, mahalanobis: str = "pca_mahalanobis",
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``query_density`` and ``query_combined`` of the query cells (``expression``; their other
+    ``scores``) and of the calibration cells (``calibration_scores``, aligned with the calibration
+    cells of ``density`` or with ``calibration_expression``). ``query_combined`` needs the
+    ``mahalanobis`` score (the expression PCA's) of both; without it only ``query_density``."""
+    q, c = density.score(expression, calibration_expression)
+    out_q, out_c = {"query_density": q}, {"query_density": c}
+    if mahalanobis in scores and mahalanobis in calibration_scores:
+        if len(calibration_scores[mahalanobis]) != len(c):
+            raise ValueError(f"{len(calibration_scores[mahalanobis])} calibration scores for {len(c)} calibration cells")
+        parts = (mahalanobis, "query_density")
+        comb = ScoreCombination.of({mahalanobis: calibration_scores[mahalanobis], "query_density": c}, parts)
+        out_q["query_combined"] = comb({mahalanobis: scores[mahalanobis], "query_density": q})
+        out_c["query_combined"] = comb({mahalanobis: calibration_scores[mahalanobis], "query_density": c}, leave_one_out=True)
+    return out_q, out_c
 
 
 def novelty_scores(probs: np.ndarray, logits: np.ndarray, features: np.ndarray | None = None, embeddings: np.ndarray | None = None,
@@ -362,6 +516,7 @@ def read_novelty_record(record: Mapping[str, Any] | None) -> tuple[NoveltyStats 
         cal = with_combined(Calibration(float(c["reject_rate"]), thresholds, scores))
         if stats is not None:
             stats.combination = ScoreCombination.of(cal.scores)
+            stats.calibration = cal
     return stats, cal
 
 

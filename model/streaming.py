@@ -155,7 +155,7 @@ def annotate_h5ad(
     classes = list(ckpt.classes or [])
     names = np.array([*classes, UNASSIGNED], dtype=object)
     keys = AnnotationKeys(key_added)
-    rule, stats = novelty_rule(ckpt, novelty, threshold, reject_rate)
+    rule, stats = novelty_rule(ckpt, novelty, threshold, reject_rate, whole_query=False)
     recheck_margin = resolve_recheck_margin(recheck_margin, ckpt, options, rule)
     chunk_size = max(1, math.ceil(chunk_size / batch_size)) * batch_size  # whole batches: the same batches as in memory
     info = distributed.current()

@@ -97,6 +97,9 @@ def build_parser():
                    help="Leiden resolution of the over-clustering (default: CellTypist's, 5 below 5,000 test cells, growing with their number)")
     g.add_argument("--reject-rate", type=float, default=0.05,
                    help="novel: each novelty score's threshold rejects this fraction of calibration cells of known types (default: 0.05)")
+    g.add_argument("--extra-reject-rates", type=float, nargs="+", default=[],
+                   help="novel: more rows per score, thresholded at these rates too (rows 'method [score @ 1%%]'; the best score is "
+                   "chosen among the --reject-rate rows)")
     g.add_argument("--subsample", nargs="+", default=None, help="imbalance: TYPE=N, training cells of TYPE subsampled to N")
     g.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75], help="fewshot: fractions of each training fold")
     g = p.add_argument_group("run")

@@ -303,7 +303,7 @@ def test_majority_voting_rows(tmp_path: Path) -> None:
           "--methods", "logreg_l2", "centroid_corr", "--majority-voting", "--out", str(out)])
     runs = json.loads((out / "results.json").read_text())["runs"]
     methods = {r["method"] for r in runs}
-    assert methods == {f"{m}{v}" for m in ("logreg_l2", "centroid_corr") for v in ("", " [majority voting]", " [soft voting]")}
+    assert methods == {f"{m}{v}" for m in ("logreg_l2", "centroid_corr") for v in ("", " [majority voting]", " [soft voting]", " [cautious voting]")}
     # three well-separated types: voting within expression over-clusters keeps the right labels
     for r in runs:
         assert r["accuracy"] > 0.9, r["method"]

@@ -21,18 +21,21 @@ from data.io import InputError
 from model.checkpoint import load_checkpoint
 from model.checkpoint.card import card_text, checkpoint_card
 from model.inference import PUBLISHED_RULE, NoveltyRule, annotate, assign_labels, novelty_rule
-from model.majority_voting import expression_pcs, majority_vote, over_cluster, over_clustering_resolution, soft_vote
+from model.majority_voting import cautious_vote, expression_pcs, majority_vote, over_cluster, over_clustering_resolution, soft_vote
 from model.novelty import (
     PCA_COMPONENTS,
+    QUERY_SCORES,
     SCORES,
     ExpressionPCA,
     NoveltyStats,
+    QueryDensity,
     ScoreCombination,
     calibrate,
     conformal_threshold,
     fpr_at_tpr,
     novelty_record,
     novelty_scores,
+    query_scores,
     read_novelty_record,
 )
 
@@ -236,7 +239,9 @@ def test_fine_tuning_stores_a_calibration_that_rejects_the_rate(calibrated: Path
     stats, cal = read_novelty_record(ckpt.novelty)
     assert stats is not None and cal.reject_rate == 0.1 and cal.n == 48  # the 48 validation cells
     m = json.loads((calibrated / "ft" / "metrics.json").read_text())
-    assert m["novelty"]["reject_rate"] == 0.1 and set(m["novelty"]["thresholds"]) == set(SCORES)
+    assert m["novelty"]["reject_rate"] == 0.1 and set(m["novelty"]["thresholds"]) == set(SCORES) - set(QUERY_SCORES)
+    # query_density: two cross-fitted PCAs, each with its reference half and the 48 calibration cells projected
+    assert len(stats.density.pcas) == 2 and all(len(c) == cal.n for c in stats.density.calibrations)
     for score, values in cal.scores.items():
         assert (values > cal.thresholds[score]).mean() <= 0.1, score
     # the stored scores are those of the model: recomputed on the validation cells
@@ -471,7 +476,179 @@ def test_checkpoint_calibrated_before_the_pca_scores(calibrated: Path) -> None:
     ckpt.novelty = record
     rule, stats = novelty_rule(ckpt, "mahalanobis")
     assert rule.score == "mahalanobis" and stats.pca is None
-    assert record["default"] == "pca_mahalanobis" and novelty_rule(ckpt)[0].score == "mahalanobis"  # auto: the best it has
+    assert record["default"] == "query_combined" and novelty_rule(ckpt)[0].score == "mahalanobis"  # auto: the best it has
+    ckpt.novelty = dict(record, default="pca_mahalanobis")  # the default such a checkpoint recorded
+    assert novelty_rule(ckpt)[0].score == "mahalanobis"
     for threshold in ("auto", 3.0):
         with pytest.raises(ValueError, match="fine-tune the model again"):
             novelty_rule(ckpt, "pca_mahalanobis", threshold)
+
+
+def _clusters(rng: np.random.Generator, centres: np.ndarray, n: int, genes: int = 40) -> np.ndarray:
+    """Log-expression-like cells around ``centres`` (one row per cluster), ``n`` per cluster."""
+    return np.vstack([np.abs(c + rng.normal(scale=0.6, size=(n, genes))) for c in centres]).astype(np.float32)
+
+
+def test_query_density_against_a_direct_computation() -> None:
+    """Each cross-fitted half: PCA of one half, the other half projected as the reference; a cell's
+    score is the share of its k nearest neighbours (itself left out) among reference + query +
+    calibration cells that are not reference cells, averaged over the two halves."""
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=2.0, size=(3, 40)) + 3
+    train, cal, query = _clusters(rng, centres, 30), _clusters(rng, centres, 8), _clusters(rng, centres[:2], 10)
+    density = QueryDensity.fit(train, seed=3).set_calibration(cal)
+    q, c = density.score(query, k=7)
+    shares = []
+    for pca, ref in zip(density.pcas, density.references):
+        z = lambda x, p=pca: np.clip((x - p.mean) / p.scale, -10, 10) @ p.components.T - p.offset  # noqa: E731
+        points = np.vstack([ref, z(query), z(cal)])
+        d = cdist(points, points)
+        np.fill_diagonal(d, np.inf)
+        nearest = np.argsort(d, axis=1, kind="stable")[len(ref):, :7]
+        shares.append((nearest >= len(ref)).mean(axis=1))
+    direct = np.mean(shares, axis=0)
+    np.testing.assert_allclose(np.r_[q, c], direct)
+    assert sum(len(r) for r in density.references) == len(train)  # every training cell is a reference once
+
+
+def test_query_density_finds_a_missing_type_beside_a_known_one() -> None:
+    """A type missing from training that lies right beside a known one (where distance to the known
+    type's mean sees little) makes the query locally denser than the reference."""
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=40) + 3, rng.normal(size=40) + 3
+    sibling = a + 0.9 * rng.normal(size=40)  # close to type a
+    train = _clusters(rng, np.stack([a, b]), 150)
+    cal = _clusters(rng, np.stack([a, b]), 30)
+    query = np.vstack([_clusters(rng, np.stack([a, b]), 100), _clusters(rng, sibling[None], 60)])
+    novel = np.r_[np.zeros(200, bool), np.ones(60, bool)]
+    density = QueryDensity.fit(train).set_calibration(cal)
+    q, c = density.score(query)
+    from model.novelty import auroc
+
+    assert auroc(q[~novel], q[novel]) > 0.95
+    cut = conformal_threshold(c, 0.1)
+    assert (q[novel] > cut).mean() > 0.8 and (q[~novel] > cut).mean() < 0.2
+
+
+def test_query_density_calibration_rejects_the_rate_without_a_novel_type() -> None:
+    """Query and calibration cells drawn like the training cells: the threshold set on the calibration
+    cells in the query's own graph rejects about the stated rate of query cells (exchangeable cells;
+    averaged over repeats, as conformal guarantees hold on average)."""
+    rng = np.random.default_rng(2)
+    centres = rng.normal(scale=2.0, size=(3, 40)) + 3
+    density = QueryDensity.fit(_clusters(rng, centres, 100))
+    rejected = []
+    for _ in range(10):
+        density.set_calibration(_clusters(rng, centres, 40))
+        q, c = density.score(_clusters(rng, centres, 80))
+        rejected.append((q > conformal_threshold(c, 0.1)).mean())
+    assert 0.03 < np.mean(rejected) <= 0.14
+
+
+def test_query_density_round_trip_and_query_combined() -> None:
+    rng = np.random.default_rng(3)
+    centres = rng.normal(scale=2.0, size=(2, 40)) + 3
+    train, cal, query = _clusters(rng, centres, 40), _clusters(rng, centres, 10), _clusters(rng, centres, 20)
+    labels = np.repeat([0, 1], 40)
+    stats = NoveltyStats.fit(train[:, :6], train[:, :5], labels, 2)
+    stats.pca = ExpressionPCA.fit(train, labels, 2)
+    stats.density = QueryDensity.fit(train).set_calibration(cal)
+    cal_scores = stats.pca.scores(cal)
+    record = novelty_record(stats, calibrate(cal_scores, 0.1))
+    back, back_cal = read_novelty_record(record)
+    q1, c1 = stats.density.score(query)
+    q2, c2 = back.density.score(query)
+    np.testing.assert_array_equal(q1, q2)
+    np.testing.assert_array_equal(c1, c2)
+    scores = back.pca.scores(query)
+    out_q, out_c = query_scores(back.density, query, scores, back_cal.scores)
+    comb = ScoreCombination.of({"pca_mahalanobis": back_cal.scores["pca_mahalanobis"], "query_density": c2}, ("pca_mahalanobis", "query_density"))
+    np.testing.assert_allclose(out_q["query_combined"], comb({"pca_mahalanobis": scores["pca_mahalanobis"], "query_density": q2}))
+    np.testing.assert_allclose(out_c["query_combined"], comb({"pca_mahalanobis": back_cal.scores["pca_mahalanobis"], "query_density": c2},
+                                                             leave_one_out=True))
+    assert QueryDensity.fit(train[:20]) is None  # too few training cells to split
+
+
+def test_query_scores_from_a_checkpoint(calibrated: Path, pbmc_small: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """predict's query_* scores: the calibration cells scored in the query's graph set the cutoff;
+    a query annotated a chunk at a time cannot use them; older checkpoints refuse them."""
+    ckpt = load_checkpoint(calibrated / "ft" / "model.pt")
+    adata = ad.read_h5ad(pbmc_small)
+    stats, cal = read_novelty_record(ckpt.novelty)
+    for score in QUERY_SCORES:
+        rule, _ = novelty_rule(ckpt, score)
+        assert rule.score == score and rule.cutoff is None and rule.reject_rate == 0.1  # set once the query is scored
+        res = annotate(adata, ckpt, novelty=score, progress=False)
+        prepared, _ = ckpt.prepare(adata)
+        q, c = query_scores(stats.density, prepared.X, res.novelty, cal.scores)
+        np.testing.assert_allclose(res.novelty[score], q[score])
+        assert res.rule.cutoff == conformal_threshold(c[score], 0.1)
+        assert ((res.labels == "Unassigned") == (q[score] > res.rule.cutoff)).all()
+        fixed = annotate(adata, ckpt, threshold=0.6, novelty=score, progress=False)
+        assert fixed.rule.cutoff == 0.6 and ((fixed.labels == "Unassigned") == (fixed.novelty[score] > 0.6)).all()
+    with pytest.raises(InputError, match="a chunk at a time"):
+        novelty_rule(ckpt, "query_density", whole_query=False)
+    record = dict(ckpt.novelty, default="query_combined")
+    old = dict(record, stats={k: v for k, v in record["stats"].items() if k != "density"})
+    log = logging.getLogger("scbert")  # the stages' logger does not propagate: listen on it directly
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="scbert"):
+            rule, _ = novelty_rule(dataclasses.replace(ckpt, novelty=record), whole_query=False)
+            assert rule.score == "pca_mahalanobis" and "chunk at a time" in caplog.text
+            assert novelty_rule(dataclasses.replace(ckpt, novelty=old))[0].score == "pca_mahalanobis"  # auto: the best it has
+            annotate(adata[:40].copy(), ckpt, novelty="query_density", progress=False)
+    finally:
+        log.removeHandler(caplog.handler)
+    assert "with 40 cells" in caplog.text
+    for threshold in ("auto", 0.5):
+        with pytest.raises(InputError, match="fine-tune"):
+            novelty_rule(dataclasses.replace(ckpt, novelty=old), "query_density", threshold)
+
+
+def test_cautious_voting_changes_only_unsure_cells_of_nearly_unanimous_clusters() -> None:
+    probs = np.array([[0.9, 0.1, 0.0], [0.8, 0.1, 0.1], [0.7, 0.2, 0.1], [0.85, 0.1, 0.05], [0.3, 0.45, 0.25],  # a: 4 of 5 say 0
+                      [0.3, 0.4, 0.3], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.4, 0.6, 0.0]])  # b: 3 of 5 say 1
+    clusters = np.array(["a"] * 5 + ["b"] * 5)
+    out = cautious_vote(probs, clusters)
+    # a's unsure dissenter (0.45) follows its cluster; b is too mixed for anything to change
+    np.testing.assert_array_equal(out, [0, 0, 0, 0, 0, 1, 0, 1, 1, 1])
+    np.testing.assert_array_equal(cautious_vote(probs, clusters, unsure=0.4), probs.argmax(1))  # 0.45 is sure enough
+    # b at a 60% majority: its unsure cell (row 5, already 1) stays, its sure dissenter (row 6, 0.6) too
+    np.testing.assert_array_equal(cautious_vote(probs, clusters, majority=0.6), out)
+    np.testing.assert_array_equal(cautious_vote(probs, clusters, unsure=0.65, majority=0.6)[6], 1)
+
+
+def test_a_shifted_query_falls_back_from_the_query_scores(caplog: pytest.LogCaptureFixture) -> None:
+    """A query that differs from the training cells as a whole (every gene shifted, as another batch
+    or technology might) is query-dense everywhere: the default falls back to pca_mahalanobis, an
+    explicit query score warns; a query of the training cells' kind keeps the query score."""
+    from model.inference import query_rule
+    from model.novelty import QUERY_SHIFT_SHARE, query_shift
+
+    rng = np.random.default_rng(4)
+    centres = rng.normal(scale=2.0, size=(3, 40)) + 3
+    train, cal = _clusters(rng, centres, 150), _clusters(rng, centres, 40)
+    labels = np.repeat([0, 1, 2], 150)
+    stats = NoveltyStats.fit(train[:, :6], train[:, :5], labels, 3)
+    stats.pca = ExpressionPCA.fit(train, labels, 3)
+    stats.density = QueryDensity.fit(train).set_calibration(cal)
+    stats.calibration = calibrate(stats.pca.scores(cal), 0.05)
+    fallback = NoveltyRule("pca_mahalanobis", stats.calibration.thresholds["pca_mahalanobis"], 0.05)
+    log = logging.getLogger("scbert")
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="scbert"):
+            for query, shifted in ((_clusters(rng, centres, 100), False), (_clusters(rng, centres + 0.8, 100), True)):
+                scores = stats.pca.scores(query)
+                rule = query_rule(NoveltyRule("query_combined", None, 0.05), stats, query, scores, fallback)
+                assert (query_shift(scores["query_density"], stats.density.score(query)[1]) > QUERY_SHIFT_SHARE) is shifted
+                assert rule.score == ("pca_mahalanobis" if shifted else "query_combined") and rule.cutoff is not None
+            assert "differs from the training cells" in caplog.text
+            caplog.clear()
+            explicit = query_rule(NoveltyRule("query_density", None, 0.05), stats, query, stats.pca.scores(query))
+            assert explicit.score == "query_density" and "most cells will be Unassigned" in caplog.text
+    finally:
+        log.removeHandler(caplog.handler)

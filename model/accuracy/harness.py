@@ -176,6 +176,7 @@ def run_benchmark(
     threshold: float | None = None,
     progress: bool = True,
     reject_rate: float | None = None,
+    extra_reject_rates: Sequence[float] = (),
     majority_voting: bool = False,
     over_clustering_basis: str = "expression",
     over_clustering_resolution: float | None = None,
@@ -185,15 +186,17 @@ def run_benchmark(
     split's training part first gives up a tenth of its cells per type for calibration (the same
     cells for every method; scBERT stops early on them too), and there is one record per novelty
     score of the method, thresholded to reject ``reject_rate`` of the calibration cells (split-
-    conformal), plus the published rule (top probability below ``threshold``). With
-    ``majority_voting``, every method also gets a ``[majority voting]`` record: the test cells'
+    conformal), plus the published rule (top probability below ``threshold``), and per score one more
+    record for each of ``extra_reject_rates`` (``method [score @ 1%]``). With
+    ``majority_voting``, every method also gets ``[majority voting]``, ``[soft voting]`` and
+    ``[cautious voting]`` records (:mod:`model.majority_voting`'s rules): the test cells'
     predictions voted within Leiden over-clusters of the test cells, made once per split from their
     expression PCA (``over_clustering_basis="expression"``, the same clusters for every method) or
     from each method's own ``embedding`` (``"embedding"``), at ``over_clustering_resolution``
     (default: CellTypist's, growing with the number of test cells)."""
     from tqdm.auto import tqdm
 
-    from model.novelty import COMBINED_PARTS, ScoreCombination, conformal_threshold
+    from model.novelty import COMBINED_PARTS, ScoreCombination, conformal_threshold, query_scores
 
     X = sparse.csr_matrix(X)
     y = np.asarray(y).astype(str)
@@ -218,7 +221,7 @@ def run_benchmark(
             if cal_idx is None:
                 results = [(name, evaluate(y[split.test], probs, method.classes_, threshold))]
                 if majority_voting:
-                    from model.majority_voting import majority_vote, soft_vote
+                    from model.majority_voting import cautious_vote, majority_vote, soft_vote
 
                     ckey = split.key if over_clustering_basis == "expression" else f"{split.key} {name}"
                     if ckey not in clusters_of:
@@ -229,17 +232,27 @@ def run_benchmark(
                     onehot = (voted[:, None] == np.asarray(method.classes_)[None]).astype(float)
                     results.append((f"{name} [majority voting]", evaluate(y[split.test], onehot, method.classes_, threshold)))
                     results.append((f"{name} [soft voting]", evaluate(y[split.test], soft_vote(probs, clusters), method.classes_, threshold)))
+                    cautious = np.eye(probs.shape[1])[cautious_vote(probs, clusters)]
+                    results.append((f"{name} [cautious voting]", evaluate(y[split.test], cautious, method.classes_, threshold)))
             else:
                 test_scores = _novelty(method, X[split.test], probs)
                 cal_scores = _novelty(method, X[cal_idx], method.predict_proba(X[cal_idx]))
-                comb = ScoreCombination.of(cal_scores, getattr(method, "combined_parts", COMBINED_PARTS))
+                parts = getattr(method, "combined_parts", COMBINED_PARTS)
+                comb = ScoreCombination.of(cal_scores, parts)
                 if comb is not None:  # p-values against the calibration cells (each of them against the others)
                     cal_scores["combined"], test_scores["combined"] = comb(cal_scores, leave_one_out=True), comb(test_scores)
+                density = getattr(method, "query_density_", None)
+                if density is not None:  # the calibration cells join the test cells' neighbour graph
+                    q, c = query_scores(density, X[split.test], test_scores, cal_scores, X[cal_idx], mahalanobis=parts[0])
+                    test_scores.update(q)
+                    cal_scores.update(c)
                 results = [(f"{name} [published: top probability < {threshold:g}]",
                             evaluate_novelty(y[split.test], probs, method.classes_, "softmax", test_scores["softmax"], 1.0 - threshold))]
-                for score, values in test_scores.items():
-                    cutoff = conformal_threshold(cal_scores[score], reject_rate)
-                    results.append((f"{name} [{score}]", evaluate_novelty(y[split.test], probs, method.classes_, score, values, cutoff)))
+                for rate in (reject_rate, *extra_reject_rates):
+                    at = "" if rate == reject_rate else f" @ {rate:.2%}".replace(".00%", "%")
+                    for score, values in test_scores.items():
+                        cutoff = conformal_threshold(cal_scores[score], rate)
+                        results.append((f"{name} [{score}{at}]", evaluate_novelty(y[split.test], probs, method.classes_, score, values, cutoff)))
             seconds = time.time() - t0
             for label, m in results:
                 rec = {"method": label, **base, "seconds": round(seconds, 2), **m}

@@ -48,10 +48,11 @@ class InputSpaceNovelty:
     combined_parts = ("mahalanobis", "energy")  # the ``combined`` score's parts: here Mahalanobis is in the expression PCA
 
     def _fit_novelty(self, X: sparse.csr_matrix, codes: np.ndarray) -> None:
-        from model.novelty import ExpressionPCA
+        from model.novelty import ExpressionPCA, QueryDensity
 
         self.pca_ = ExpressionPCA.fit(X, codes, len(self.classes_), max_cells=max(X.shape[0], 1))
         self.stats_ = self.pca_.stats
+        self.query_density_ = QueryDensity.fit(X)  # the query_* scores: the same for every method on the same training cells
 
     def embedding(self, X: sparse.csr_matrix) -> np.ndarray:
         """The cells in the PCA of the training cells (for majority voting's over-clustering)."""
@@ -303,6 +304,7 @@ class ScBERTMethod:
         record = calibrate_novelty(self.model, X, codes, tr, va, len(self.classes_), 0.05, self.train.seed, self.train.batch_size,
                                    torch.device(self.device))
         self.stats_, _ = read_novelty_record(record)
+        self.query_density_ = self.stats_.density
 
     def embedding(self, X: sparse.csr_matrix) -> np.ndarray:
         """The scBERT cell embeddings (for majority voting's over-clustering)."""

@@ -44,7 +44,7 @@ def evaluate_novelty(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[st
                      cutoff: float) -> dict[str, Any]:
     """Metrics of one run of the novel protocol for one novelty score: cells whose ``novelty`` is
     above ``cutoff`` are Unassigned. Known cells: accuracy (Unassigned counts as wrong), accuracy
-    without rejection, the fraction wrongly rejected; novel cells: the fraction rejected (recall);
+    without rejection, accuracy of those kept (``assigned_accuracy``), the fraction wrongly rejected; novel cells: the fraction rejected (recall);
     both: the AUROC of the score (novel vs known) and the fraction of known cells rejected at the
     cutoff that rejects 95% of the novel ones."""
     from model.novelty import auroc, fpr_at_tpr
@@ -57,14 +57,15 @@ def evaluate_novelty(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[st
     m.update(n_unseen_type=int((~known).sum()), known_accuracy=m["accuracy"], threshold=cutoff,
              accuracy_no_rejection=float((top[known] == y_true[known]).mean()) if known.any() else float("nan"),
              known_unassigned=float(rejected[known].mean()) if known.any() else float("nan"),
+             assigned_accuracy=float((pred[known & ~rejected] == y_true[known & ~rejected]).mean()) if (known & ~rejected).any() else float("nan"),
              novel_unassigned=float(rejected[~known].mean()) if (~known).any() else float("nan"),
              auroc_known_vs_novel=auroc(novelty[known], novelty[~known]), fpr_at_95_tpr=fpr_at_tpr(novelty[known], novelty[~known]),
              y_pred=pred.tolist())
     return m
 
 
-SUMMARY_KEYS = ("accuracy", "macro_f1", "macro_f1_union", "known_accuracy", "accuracy_no_rejection", "known_unassigned", "novel_unassigned",
-                "auroc_known_vs_novel", "fpr_at_95_tpr")
+SUMMARY_KEYS = ("accuracy", "macro_f1", "macro_f1_union", "known_accuracy", "accuracy_no_rejection", "assigned_accuracy", "known_unassigned",
+                "novel_unassigned", "auroc_known_vs_novel", "fpr_at_95_tpr")
 
 
 class NoveltyTally:
@@ -167,7 +168,7 @@ def best_novelty_scores(means: Sequence[dict[str, Any]]) -> dict[str, dict[str, 
         method, _, score = str(r["method"]).partition(" [")
         score = score.rstrip("]")
         auc = r.get("auroc_known_vs_novel")
-        if not score or score.startswith("published") or auc is None or not np.isfinite(auc):
+        if not score or score.startswith("published") or " @ " in score or auc is None or not np.isfinite(auc):
             continue
         if method not in best or auc > best[method]["auroc"]:
             best[method] = {"score": score, "auroc": float(auc), "novel_recall": float(r.get("novel_unassigned", np.nan)),

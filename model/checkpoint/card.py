@@ -44,6 +44,7 @@ def checkpoint_card(ckpt: Checkpoint) -> dict[str, Any]:
         stats, cal = read_novelty_record(ckpt.novelty)
         card["novelty"] = {"default_score": ckpt.novelty.get("default"),
                            "reference_cells": None if stats is None else int(stats.reference.shape[0]),
+                           "query_scores": stats is not None and stats.density is not None,
                            "reject_rate": None if cal is None else cal.reject_rate, "calibration_cells": None if cal is None else cal.n,
                            "thresholds": None if cal is None else {k: (v if math.isfinite(v) else "inf") for k, v in cal.thresholds.items()},
                            "precision_error": ckpt.novelty.get("precision_error")}
@@ -81,7 +82,8 @@ def card_text(card: dict[str, Any]) -> str:
     if n:
         th = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in (n["thresholds"] or {}).items())
         lines.append(f"novelty: default score {n['default_score']}, thresholds rejecting {n['reject_rate']:.0%} of {n['calibration_cells']} "
-                     f"validation cells: {th}; statistics of {n['reference_cells']} training cells")
+                     f"validation cells: {th}; statistics of {n['reference_cells']} training cells"
+                     + ("; query_density / query_combined: thresholds set for each query" if n.get("query_scores") else ""))
         for prec, err in (n.get("precision_error") or {}).items():
             scores = ", ".join(f"{k} {v:.2g}" for k, v in err.get("scores", {}).items())
             lines.append(f"{prec} error on {err['n_cells']} validation cells: probabilities {err['probs']:.2g}"

@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> None:
         log.info("%s: %d cells x %d genes, %d types; %d splits x %d methods", args.protocol, X.shape[0], len(genes), len(set(y)), len(splits), len(methods))
         threshold = args.threshold if args.protocol == "novel" else None
         records = run_benchmark(X, y, genes, splits, methods, threshold, progress=not args.quiet,
-                                reject_rate=args.reject_rate if args.protocol == "novel" else None, majority_voting=args.majority_voting,
+                                reject_rate=args.reject_rate if args.protocol == "novel" else None, extra_reject_rates=args.extra_reject_rates,
+                                majority_voting=args.majority_voting,
                                 over_clustering_basis=args.over_clustering_basis, over_clustering_resolution=args.over_clustering_resolution)
         info: dict[str, Any] = {
             "protocol": args.protocol, "data": [str(p) for p in args.data] + [str(p) for p in (args.test_data or [])],

@@ -297,14 +297,28 @@ def calibrate_novelty(model: ScBERT, X: sparse.csr_matrix, y: np.ndarray, train:
     ``precision_cells``, also how much bf16 moves the outputs on that many (seeded) validation cells
     (``precision_error``, what predict.py's ``--fp32-recheck auto`` reads)."""
     from model.inference import measure_precision_error, predict_outputs
-    from model.novelty import MAX_REFERENCE_CELLS, ExpressionPCA, NoveltyStats, calibrate, novelty_record, novelty_scores
+    from model.novelty import (
+        MAX_CALIBRATION_CELLS,
+        MAX_REFERENCE_CELLS,
+        ExpressionPCA,
+        NoveltyStats,
+        QueryDensity,
+        calibrate,
+        novelty_record,
+        novelty_scores,
+    )
 
     if len(train) > MAX_REFERENCE_CELLS:
         train = np.sort(np.random.default_rng(seed).choice(train, MAX_REFERENCE_CELLS, replace=False))
+    if len(val) > MAX_CALIBRATION_CELLS:  # here, not in calibrate(): the query_* scores keep these cells' coordinates, aligned
+        val = np.sort(np.random.default_rng(seed).choice(val, MAX_CALIBRATION_CELLS, replace=False))
     bins = model.config.bin_num
     ref = predict_outputs(model, CellDataset(rows_of(X, train), bins), batch_size, device, embed=True, features=True, progress=progress)
     stats = NoveltyStats.fit(ref["features"], ref["embedding"], y[train], n_classes, seed)
     stats.pca = ExpressionPCA.fit(rows_of(X, train), y[train], n_classes, seed)
+    stats.density = QueryDensity.fit(rows_of(X, train), seed)
+    if stats.density is not None:
+        stats.density.set_calibration(rows_of(X, val))
     cal = predict_outputs(model, CellDataset(rows_of(X, val), bins), batch_size, device, embed=True, features=True, progress=progress)
     scores = novelty_scores(cal["probs"], cal["logits"], cal["features"], cal["embedding"], stats, expression=rows_of(X, val))
     record = novelty_record(stats, calibrate(scores, reject_rate, seed))

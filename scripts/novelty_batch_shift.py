@@ -1,0 +1,72 @@
+"""The query_* novelty scores under a batch shift (RESULTS.md, "Novel cell types"): a model of one
+dataset applied to another of the same types (no novel type), and the shift check that makes the
+default fall back to ``pca_mahalanobis`` (:data:`model.novelty.QUERY_SHIFT_SHARE`).
+
+1. PBMC3k -> pbmc4k and back (coarse shared types, ``data/label_maps/pbmc3k_pbmc4k.tsv``): logistic
+   regression (L2) on the training file (a tenth of each type held out to calibrate 5%), then, on the
+   other file, the share of cells each score rejects and the shift statistic
+   (:func:`model.novelty.query_shift`: query cells above the calibration cells' median query_density).
+2. The same statistic in the leave-one-type-out runs of the development scripts (one query per held-out
+   type, fold 0) on the given files, where the query comes from the training cells' own batch.
+
+    python scripts/novelty_batch_shift.py ../shared/data/more/pbmc4k_2170.h5ad data/pbmc3k_labeled.h5ad \\
+        ../shared/data/more/pbmc_sorted_2140.h5ad data/pancreas_baron_subset.h5ad
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import sparse
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.labels import holdout_per_class  # noqa: E402
+from model.accuracy.harness import calibration_holdout, development_splits, load_labelled  # noqa: E402
+from model.accuracy.methods import LogisticL2  # noqa: E402
+from model.accuracy.report import read_label_map  # noqa: E402
+from model.novelty import conformal_threshold, query_scores, query_shift  # noqa: E402
+
+LABEL_MAP = Path(__file__).resolve().parents[1] / "data" / "label_maps" / "pbmc3k_pbmc4k.tsv"
+
+
+def across(train_path: str, test_path: str) -> None:
+    names = read_label_map(str(LABEL_MAP))
+    adata, y, genes = load_labelled([train_path], "celltype", None, 2000)
+    other, y2, _ = load_labelled([test_path], "celltype", genes, None)
+    y, y2 = np.array([names.get(v, v) for v in y]), np.array([names.get(v, v) for v in y2])
+    keep, keep2 = y != "-", (y2 != "-") & (y2 != "?")
+    X, y, X2, y2 = sparse.csr_matrix(adata.X[keep]), y[keep], sparse.csr_matrix(other.X[keep2]), y2[keep2]
+    fit, cal = holdout_per_class(y, 0.1, 0)
+    model = LogisticL2()
+    model.fit(X[fit], y[fit], genes)
+    sc, sq = model.novelty_scores(X[cal]), model.novelty_scores(X2)
+    q, c = query_scores(model.query_density_, X2, sq, sc, X[cal], mahalanobis="mahalanobis")
+    sq.update(q)
+    sc.update(c)
+    accuracy = (np.asarray(model.classes_)[model.predict_proba(X2).argmax(1)] == y2).mean()
+    print(f"{Path(train_path).name} -> {Path(test_path).name}: {len(y2)} cells, accuracy {accuracy:.3f}, shift statistic "
+          f"{query_shift(q['query_density'], c['query_density']):.3f}; cells rejected at 5%: "
+          + ", ".join(f"{s} {(sq[s] > conformal_threshold(sc[s], 0.05)).mean():.3f}"
+                      for s in ("softmax", "energy", "mahalanobis", "query_density", "query_combined")))
+
+
+def within(path: str) -> None:
+    X, y, genes, splits = development_splits(path)
+    for split in splits[::2]:  # fold 0 of each held-out type
+        fit, cal = calibration_holdout(y, split)
+        model = LogisticL2()
+        model.fit(X[fit], y[fit], genes)
+        novel = ~np.isin(y[split.test], model.classes_)
+        q, c = model.query_density_.score(X[split.test], X[cal])
+        print(f"{Path(path).name} {split.variant}: novel share {novel.mean():.2f}, shift statistic {query_shift(q, c):.3f}")
+
+
+if __name__ == "__main__":
+    files = sys.argv[1:] or ["../shared/data/more/pbmc4k_2170.h5ad", "data/pbmc3k_labeled.h5ad"]
+    across(files[1], files[0])
+    across(files[0], files[1])
+    for f in files[1:]:
+        within(f)
