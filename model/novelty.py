@@ -286,6 +286,9 @@ def density_neighbours(n_points: int) -> int:
     return int(np.clip(round(math.sqrt(n_points)), 15, 200))
 
 
+# exact distances, computed pair by pair: the same neighbours whatever the thread count (the brute-force
+# search's BLAS products round differently with the number of threads and reorder near-ties)
+KNN_ALGORITHM = "kd_tree"
 MIN_QUERY_CELLS = 100  # below this, query_density has little power (a missing type makes no dense region)
 # A query from the training cells' own batch has about half its known cells above the calibration
 # cells' median query_density (its novel cells above it too): 0.5 + f / 2 with a novel share f.
@@ -367,7 +370,7 @@ class QueryDensity:
 
         points = np.vstack([reference, query, cal])
         k = min(k or density_neighbours(len(points)), len(points) - 1)
-        index = NearestNeighbors(n_neighbors=k + 1).fit(points)
+        index = NearestNeighbors(n_neighbors=k + 1, algorithm=KNN_ALGORITHM).fit(points)
         side = np.arange(len(points)) >= len(reference)  # True: query or calibration cell
         share = np.empty(len(query) + len(cal))
         for start in range(0, len(share), self.CHUNK):

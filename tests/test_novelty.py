@@ -652,3 +652,20 @@ def test_a_shifted_query_falls_back_from_the_query_scores(caplog: pytest.LogCapt
             assert explicit.score == "query_density" and "most cells will be Unassigned" in caplog.text
     finally:
         log.removeHandler(caplog.handler)
+
+
+def test_query_scores_do_not_depend_on_the_thread_count(calibrated: Path, pbmc_small: Path) -> None:
+    """The neighbour search is exact (a k-d tree): the same scores with 1 and 2 BLAS threads, even for
+    a query that repeats the training and validation cells (near-ties everywhere)."""
+    from threadpoolctl import threadpool_limits
+
+    ckpt = load_checkpoint(calibrated / "ft" / "model.pt")
+    stats, cal = read_novelty_record(ckpt.novelty)
+    prepared, _ = ckpt.prepare(ad.read_h5ad(pbmc_small))
+    runs = []
+    for threads in (1, 2):
+        with threadpool_limits(threads):
+            runs.append(query_scores(stats.density, prepared.X, stats.pca.scores(prepared.X), cal.scores))
+    for part in (0, 1):
+        for score in QUERY_SCORES:
+            np.testing.assert_array_equal(runs[0][part][score], runs[1][part][score])
