@@ -658,6 +658,9 @@ def query_rule(rule: NoveltyRule, stats: Any, expression: Any, scores: dict[str,
 
     if rule.score not in QUERY_SCORES:
         return rule
+    if stats is None or stats.density is None or stats.density.calibrations is None or stats.calibration is None:
+        raise InputError(f"--novelty {rule.score} needs the statistics that fine-tuning now stores: fine-tune the model again, or "
+                         f"use --novelty pca_mahalanobis")
     n = expression.shape[0]
     if n < MIN_QUERY_CELLS:
         log.warning("%s compares the query's density with the training cells': with %d cells (< %d) a type missing from training "

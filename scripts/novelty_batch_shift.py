@@ -24,7 +24,7 @@ from scipy import sparse
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.labels import holdout_per_class  # noqa: E402
-from model.accuracy.harness import calibration_holdout, development_splits, load_labelled  # noqa: E402
+from model.accuracy.harness import development_runs, load_labelled  # noqa: E402
 from model.accuracy.methods import LogisticL2  # noqa: E402
 from model.accuracy.report import read_label_map  # noqa: E402
 from model.novelty import conformal_threshold, query_scores, query_shift  # noqa: E402
@@ -54,14 +54,11 @@ def across(train_path: str, test_path: str) -> None:
 
 
 def within(path: str) -> None:
-    X, y, genes, splits = development_splits(path)
-    for split in splits[::2]:  # fold 0 of each held-out type
-        fit, cal = calibration_holdout(y, split)
-        model = LogisticL2()
-        model.fit(X[fit], y[fit], genes)
-        novel = ~np.isin(y[split.test], model.classes_)
-        q, c = model.query_density_.score(X[split.test], X[cal])
-        print(f"{Path(path).name} {split.variant}: novel share {novel.mean():.2f}, shift statistic {query_shift(q, c):.3f}")
+    for run in development_runs(path):
+        if run.split.fold != 0:  # one query per held-out type
+            continue
+        q, c = run.model.query_density_.score(run.X[run.split.test], run.X[run.cal])
+        print(f"{Path(path).name} {run.split.variant}: novel share {run.novel.mean():.2f}, shift statistic {query_shift(q, c):.3f}")
 
 
 if __name__ == "__main__":

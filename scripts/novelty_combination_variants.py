@@ -18,8 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.accuracy.harness import calibration_holdout, development_splits  # noqa: E402
-from model.accuracy.methods import LogisticL2  # noqa: E402
+from model.accuracy.harness import development_runs  # noqa: E402
 from model.accuracy.report import NoveltyTally  # noqa: E402
 from model.novelty import ScoreCombination  # noqa: E402
 
@@ -27,14 +26,9 @@ COMBINATIONS = {"mahalanobis + energy": ("mahalanobis", "energy"), "mahalanobis 
 
 
 def main(path: str, label_key: str = "celltype") -> None:
-    X, y, genes, splits = development_splits(path, label_key)
     tally = NoveltyTally()
-    for split in splits:
-        fit, cal = calibration_holdout(y, split)
-        model = LogisticL2()
-        model.fit(X[fit], y[fit], genes)
-        novel = ~np.isin(y[split.test], model.classes_)
-        sc, sq = model.novelty_scores(X[cal]), model.novelty_scores(X[split.test])
+    for run in development_runs(path, label_key):
+        split, novel, sc, sq = run.split, run.novel, run.calibration_scores, run.test_scores
         variants = {k: (sc[k], sq[k]) for k in ("mahalanobis", "energy", "softmax", "knn")}  # mahalanobis / knn: in its expression PCA
         for name, parts in COMBINATIONS.items():
             comb = ScoreCombination.of(sc, parts)

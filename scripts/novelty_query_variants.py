@@ -19,8 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.accuracy.harness import calibration_holdout, development_splits  # noqa: E402
-from model.accuracy.methods import LogisticL2  # noqa: E402
+from model.accuracy.harness import development_runs  # noqa: E402
 from model.accuracy.report import NoveltyTally  # noqa: E402
 from model.novelty import QueryDensity, ScoreCombination  # noqa: E402
 
@@ -33,14 +32,10 @@ def fisher(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.n
 
 
 def main(path: str, label_key: str = "celltype") -> None:
-    X, y, genes, splits = development_splits(path, label_key)
     tally = NoveltyTally()
-    for split in splits:
-        fit, cal = calibration_holdout(y, split)
-        model = LogisticL2()
-        model.fit(X[fit], y[fit], genes)
-        novel = ~np.isin(y[split.test], model.classes_)
-        sc, sq = model.novelty_scores(X[cal]), model.novelty_scores(X[split.test])
+    for run in development_runs(path, label_key):
+        X, split, cal, model, novel = run.X, run.split, run.cal, run.model, run.novel
+        sc, sq = run.calibration_scores, run.test_scores
         tally.add("mahalanobis (expression PCA)", split, sc["mahalanobis"], sq["mahalanobis"], novel)
         density = model.query_density_
         n = len(density.references[0]) + len(split.test) + len(cal)
@@ -51,11 +46,11 @@ def main(path: str, label_key: str = "celltype") -> None:
             tally.add(f"Fisher(density {mult} sqrt(n), mahalanobis)", split, *fisher([(c, q), (sc["mahalanobis"], sq["mahalanobis"])]), novel)
             tally.add(f"Fisher(density {mult} sqrt(n), mahalanobis, energy)", split,
                       *fisher([(c, q), (sc["mahalanobis"], sq["mahalanobis"]), (sc["energy"], sq["energy"])]), novel)
-        # the reference made of the cells that fitted the PCA (the whole training part, in-sample)
         half = QueryDensity(density.pcas[:1], density.references[:1])  # one half, not cross-fitted
         q, c = half.score(X[split.test], X[cal])
         tally.add("query_density, one half (not cross-fitted)", split, c, q, novel)
-        insample = QueryDensity([model.pca_], [model.pca_.transform(X[fit]).astype(np.float32)])
+        # the reference made of the cells that fitted the PCA (the whole training part, in-sample)
+        insample = QueryDensity([model.pca_], [model.pca_.transform(X[run.fit]).astype(np.float32)])
         q, c = insample.score(X[split.test], X[cal])
         tally.add("query_density, in-sample reference", split, c, q, novel)
     print(path)

@@ -606,6 +606,8 @@ def test_query_scores_from_a_checkpoint(calibrated: Path, pbmc_small: Path, capl
     for threshold in ("auto", 0.5):
         with pytest.raises(InputError, match="fine-tune"):
             novelty_rule(dataclasses.replace(ckpt, novelty=old), "query_density", threshold)
+    with pytest.raises(InputError, match="fine-tune"):  # never Unassigned, but the score is still asked for
+        annotate(adata, dataclasses.replace(ckpt, novelty=old), threshold=None, novelty="query_density", progress=False)
 
 
 def test_cautious_voting_changes_only_unsure_cells_of_nearly_unanimous_clusters() -> None:

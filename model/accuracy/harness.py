@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,35 @@ def development_splits(path: str, label_key: str = "celltype") -> tuple[sparse.c
     adata, y, genes = load_labelled([path], label_key, None, 2000)
     X, y, splits = protocol_splits(ProtocolSettings(protocol="novel", folds=2, seeds=[0]), adata, y, genes, [path], label_key, 200)
     return X, y, list(genes), splits
+
+
+@dataclass
+class DevelopmentRun:
+    """One run of the novelty development scripts: logistic regression (L2) fitted on a split's
+    training part less its calibration cells, and its novelty scores of those calibration cells and of
+    the split's test cells (``novel`` marks the test cells of the held-out type)."""
+
+    split: Split
+    X: sparse.csr_matrix  # every cell of the file (rows: split indices)
+    fit: np.ndarray
+    cal: np.ndarray
+    model: Any
+    novel: np.ndarray
+    calibration_scores: dict[str, np.ndarray]
+    test_scores: dict[str, np.ndarray]
+
+
+def development_runs(path: str, label_key: str = "celltype") -> Iterator[DevelopmentRun]:
+    """The runs of :func:`development_splits` on ``path``, one at a time (see :class:`DevelopmentRun`)."""
+    from model.accuracy.methods import LogisticL2
+
+    X, y, genes, splits = development_splits(path, label_key)
+    for split in splits:
+        fit, cal = calibration_holdout(y, split)
+        model = LogisticL2()
+        model.fit(X[fit], y[fit], genes)
+        novel = ~np.isin(y[split.test], model.classes_)
+        yield DevelopmentRun(split, X, fit, cal, model, novel, model.novelty_scores(X[cal]), model.novelty_scores(X[split.test]))
 
 
 def calibration_holdout(y: np.ndarray, split: Split) -> tuple[np.ndarray, np.ndarray]:
