@@ -348,7 +348,7 @@ def score_cells(net: ScBERT, ds: CellDataset, stats: Any, rule: NoveltyRule, bat
 
     wanted = {"softmax", "energy", rule.score}
     if rule.score in QUERY_SCORES:
-        wanted.add(QUERY_COMBINED_PARTS[0])  # for query_combined and the default's fallback; the query score itself: query_rule
+        wanted.add(QUERY_COMBINED_PARTS[0])  # for query_combined and query_rule's fall-back; the query score itself: query_rule
     features = stats is not None and "mahalanobis" in wanted
     expression = bool(wanted & {*EXPRESSION_SCORES, "combined"})  # the pca_* scores (and so combined) also read the cells' input matrix
 
@@ -646,14 +646,15 @@ def novelty_rule(ckpt: Checkpoint, novelty: str = "auto", threshold: float | str
 
 
 def query_rule(rule: NoveltyRule, stats: Any, expression: Any, scores: dict[str, np.ndarray],
-               fallback: NoveltyRule | None = None) -> NoveltyRule:
+               fall_back: bool = False) -> NoveltyRule:
     """For a rule on a ``query_*`` score: that score of the query cells (``expression``, the model's
     input matrix; added to ``scores``, which must hold the other scores of the cells) and, for a
     calibrated rule, its cutoff: the conformal threshold of the calibration cells scored in the same
     neighbour graph. When the query as a whole differs from the training cells
     (:func:`model.novelty.query_shift` above ``QUERY_SHIFT_SHARE``: another batch, technology or
-    tissue), the score would reject most known cells: ``fallback`` (the rule the default falls back
-    to) is returned instead, or, without one, a warning says so. Other rules are returned as they are."""
+    tissue), the score would reject most known cells: with ``fall_back`` (the default rule) a
+    calibrated rule becomes ``pca_mahalanobis`` at the same reject rate, else a warning says so.
+    Other rules are returned as they are."""
     from model.novelty import MIN_QUERY_CELLS, QUERY_SCORES, QUERY_SHIFT_SHARE, conformal_threshold, query_scores, query_shift
 
     if rule.score not in QUERY_SCORES:
@@ -673,9 +674,9 @@ def query_rule(rule: NoveltyRule, stats: Any, expression: Any, scores: dict[str,
         why = (f"{shift:.0%} of the query cells are denser around them than the median validation cell (about 50-65% when the "
                f"query comes from the training data's batch): the query as a whole differs from the training cells (another "
                f"batch, technology or tissue), and {rule.score} cannot tell a novel type from that")
-        if fallback is not None:
-            log.info("novelty: %s; using %s instead", why, fallback.score)
-            return fallback
+        if fall_back and rule.reject_rate is not None:
+            log.info("novelty: %s; using pca_mahalanobis instead", why)
+            return NoveltyRule("pca_mahalanobis", stats.calibration.threshold("pca_mahalanobis", rule.reject_rate), rule.reject_rate)
         log.warning("novelty: %s: most cells will be Unassigned; --novelty pca_mahalanobis does not depend on the query as a whole", why)
     if rule.reject_rate is None or rule.cutoff is not None:
         return rule
@@ -706,8 +707,6 @@ def annotate(
     no re-check, or "auto", see :func:`resolve_recheck_margin`)."""
     import time
 
-    from model.novelty import QUERY_SCORES
-
     ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
     if not ckpt.is_classifier:
         raise InputError(f"{ckpt.source or 'the model'} is a pretrained (not fine-tuned) model: it cannot name cell types; fine-tune it with finetune.py first")
@@ -719,8 +718,7 @@ def annotate(
     tune_allocator()
     out, scores, rechecked = score_cells(net, CellDataset(prepared.X, ckpt.config.bin_num), stats, rule, batch_size, torch.device(device),
                                          pooling, progress, num_workers, margin)
-    fallback = novelty_rule(ckpt, "pca_mahalanobis", threshold, reject_rate)[0] if novelty == "auto" and rule.score in QUERY_SCORES else None
-    rule = query_rule(rule, stats, prepared.X, scores, fallback)
+    rule = query_rule(rule, stats, prepared.X, scores, fall_back=novelty == "auto")
     rechecked_fp32 = rechecks(net.options, margin)
     return AnnotationResult(probabilities=out["probs"], classes=list(ckpt.classes or []), embedding=out["embedding"], rule=rule,
                             cell_names=list(map(str, adata.obs_names)), novelty=scores, model=ckpt.source,
