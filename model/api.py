@@ -7,7 +7,7 @@
 >>> adata.obs["scbert_celltype"].value_counts()
 >>> embed(adata, model="runs/pretrain/model.pt")        # obsm["X_scbert"] from any checkpoint
 
-For the result object itself (tables, reports, plots), use :func:`model.inference.annotate`.
+For the result object itself (tables, reports, plots), use :func:`model.annotation.annotate`.
 Bad input raises :class:`InputError` (a ``ValueError``) or :class:`CheckpointError` with a message
 saying what was wrong and what to do; corrections (mapped gene names, recovered counts...) are
 logged as warnings on the ``scbert`` logger and recorded in ``uns``.
@@ -25,10 +25,12 @@ import numpy as np
 from data.io import CellSource, InputError, select_cells
 from data.preprocess import MIN_GENES, prepare
 from data.vocab import read_name_list
-from model import inference
+from model import annotation
 from model.checkpoint import Checkpoint, CheckpointError, choose_library_size, load_checkpoint, load_vocab
+from model.inference import InferenceOptions
 from model.nn.config import ExecutionOptions
 from model.nn.network import POOLINGS
+from model.novelty.rule import NoveltySettings
 from model.runtime import resolve_device
 
 __all__ = ["CheckpointError", "InputError", "annotate", "embed", "load_model", "preprocess"]
@@ -100,7 +102,7 @@ def annotate(
     ``adata.raw`` instead of ``X`` (as scvi-tools' ``setup_anndata(layer=...)``); ``gene_symbols``: a
     ``var`` column holding the gene names (see :class:`data.io.CellSource`). ``fp32_recheck``: with
     ``precision`` bf16/fp16, cells this close to a decision are scored again in float32 (0: never;
-    ``"auto"``: from the error measured at fine-tuning, see :func:`model.inference.resolve_recheck_margin`).
+    ``"auto"``: from the error measured at fine-tuning, see :func:`model.recheck.resolve_recheck_margin`).
     Every cell is kept, in order. Modifies ``adata`` in place and returns it (a copy with ``copy``).
     """
     _check_adata(adata)
@@ -112,8 +114,9 @@ def annotate(
             raise InputError(f"over_clustering {over_clustering!r} is not a column of the AnnData; available: {list(adata.obs.columns)}")
         clusters = adata.obs[over_clustering].astype(str).to_numpy()
     cells = select_cells(target, CellSource(layer, use_raw, gene_symbols), "the AnnData")
-    result = inference.annotate(cells, ckpt, threshold, batch_size, _device(device), ExecutionOptions(precision=precision),
-                                progress=progress, species=species, novelty=novelty, reject_rate=reject_rate, recheck_margin=fp32_recheck)
+    options = InferenceOptions(batch_size, _device(device), progress=progress, execution=ExecutionOptions(precision=precision),
+                               fp32_recheck=fp32_recheck)
+    result = annotation.annotate(cells, ckpt, NoveltySettings(novelty, threshold, reject_rate), options, species=species)
     if majority_voting or clusters is not None:
         result.vote(clusters, basis=over_clustering_basis, voting=voting)
     return result.to_adata(target, key_added)
@@ -145,7 +148,8 @@ def embed(
     ckpt = load_model(model)
     target = adata.copy() if copy else adata
     cells = select_cells(target, CellSource(layer, use_raw, gene_symbols), "the AnnData")
-    emb, rep = inference.embed(cells, ckpt, pooling, batch_size, _device(device), ExecutionOptions(precision=precision), progress, species)
+    options = InferenceOptions(batch_size, _device(device), progress=progress, execution=ExecutionOptions(precision=precision))
+    emb, rep = annotation.embed(cells, ckpt, options, pooling, species)
     target.obsm[key_added] = emb.astype(np.float32)
     target.uns[f"{key_added}_embedding"] = json.dumps({"model": ckpt.source, "pooling": pooling, "preprocessing": rep}, default=str)
     return target

@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from model.novelty.rule import UNASSIGNED
+
 log = logging.getLogger("scbert")
 
-UNASSIGNED = "Unassigned"  # the label of cells whose confidence is below the threshold (model.inference.assign_labels)
 
 
 def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str] | None = None) -> dict[str, Any]:

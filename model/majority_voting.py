@@ -110,3 +110,16 @@ def cautious_vote(probabilities: np.ndarray, clusters: Any, unsure: float = CAUT
             change = rows[p[rows].max(axis=1) < unsure]
             out[change] = counts.argmax()
     return out
+
+
+def vote(rule: str, labels: np.ndarray, probabilities: np.ndarray, classes: Any, clusters: Any) -> np.ndarray:
+    """Each cell's label after majority voting by ``rule`` (:data:`VOTING_RULES`): ``hard`` votes the
+    cells' ``labels``, ``soft`` and ``cautious`` their ``probabilities`` (columns: ``classes``)."""
+    names = np.asarray(classes, dtype=object)
+    if rule == "hard":
+        return majority_vote(labels, clusters)
+    if rule == "cautious":
+        return names[cautious_vote(probabilities, clusters)].astype(str)
+    if rule == "soft":
+        return names[soft_vote(probabilities, clusters).argmax(1)].astype(str)
+    raise ValueError(f"voting must be one of {VOTING_RULES}, got {rule!r}")

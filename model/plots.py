@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from model.evaluation import UNASSIGNED
+from model.novelty.rule import UNASSIGNED
 
 
 def _pyplot() -> Any:

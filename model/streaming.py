@@ -1,51 +1,43 @@
 """Annotating an ``.h5ad`` larger than memory: a chunk of cells at a time, across torchrun processes.
 
 :func:`annotate_h5ad` reads the query a chunk at a time (:class:`data.chunks.ChunkedH5ad`),
-preprocesses and annotates each chunk exactly as :func:`model.inference.annotate` does the whole
-file, and writes the output (a copy of the input plus the same keys as
-:meth:`model.inference.AnnotationResult.to_adata`) a chunk at a time (:class:`data.chunks.H5adCopy`).
-Per cell only its label codes, confidence and novelty score stay in memory (10 bytes), for the
-report and plots; probabilities and embeddings go to disk as they come. Under torchrun each process
-annotates every world-size-th chunk and saves it to a parts folder; rank 0 assembles the output.
+preprocesses and annotates each chunk exactly as :func:`model.annotation.annotate` does the whole
+file (the same :func:`~model.annotation.score_cells`, rule and labels), and writes the output (a
+copy of the input plus the keys of :meth:`model.annotation.AnnotationResult.to_adata`, with the same
+:func:`~model.annotation.uns_entries` and :func:`~model.annotation.label_table`) a chunk at a time
+(:class:`data.chunks.H5adCopy`). Per cell only its label codes, confidence and novelty score stay in
+memory (10 bytes), for the report and plots; probabilities and embeddings go to disk as they come.
+Under torchrun each process annotates every world-size-th chunk and saves it to a parts folder;
+rank 0 assembles the output.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from data.chunks import ChunkedH5ad, H5adCopy
 from data.dataset import CellDataset
-from data.io import DEFAULT_SOURCE, CellSource, InputError, atomic_path
+from data.io import DEFAULT_SOURCE, CellSource, atomic_path
 from model import distributed
+from model.annotation import Annotation, AnnotationKeys, fine_tuned, label_table, score_cells, uns_entries
 from model.checkpoint import Checkpoint
-from model.evaluation import UNASSIGNED
-from model.inference import (
-    AnnotationKeys,
-    NoveltyRule,
-    annotation_record,
-    assign_labels,
-    label_plots,
-    label_report,
-    novelty_rule,
-    rechecks,
-    resolve_recheck_margin,
-    score_cells,
-)
-from model.nn.config import ExecutionOptions
+from model.inference import DEFAULT_INFERENCE, InferenceOptions
+from model.novelty.record import NoveltyRecord
+from model.novelty.rule import DEFAULT_NOVELTY, UNASSIGNED, NoveltyRule, NoveltySettings, assign_labels, choose_rule
+from model.novelty.scores import softmax_score
+from model.recheck import rechecks, resolve_recheck_margin
 from model.runtime import release_memory, tune_allocator
 
 log = logging.getLogger("scbert")
@@ -54,10 +46,9 @@ DEFAULT_CHUNK = 10_000
 
 
 @dataclass
-class StreamedAnnotation:
-    """What :func:`annotate_h5ad` keeps of an annotation written to disk: per cell the label,
-    the top label, confidence and novelty score (as in :class:`model.inference.AnnotationResult`),
-    and the report and plots they make."""
+class StreamedAnnotation(Annotation):
+    """What :func:`annotate_h5ad` keeps of an annotation written to disk: per cell the label, the
+    top label, confidence and novelty score, and the report and plots they make."""
 
     labels: np.ndarray
     labels_raw: np.ndarray
@@ -72,16 +63,6 @@ class StreamedAnnotation:
     chunk_size: int = 0
     rechecked: int | None = None  # cells re-scored in float32 after a bf16/fp16 pass (None: no re-check ran)
     recheck_margin: float | None = None  # the margin of that re-check
-
-    @property
-    def n_cells(self) -> int:
-        return len(self.labels)
-
-    def report(self, truth: pd.Series | np.ndarray | None = None) -> tuple[dict[str, Any], list[str]]:
-        return label_report(self.labels, self.confidence, self.classes, self.rule, truth, self.rechecked, self.recheck_margin)
-
-    def to_plots(self, folder: Path, truth: pd.Series | np.ndarray | None = None) -> list[Path]:
-        return label_plots(folder, self.labels, self.confidence, self.novelty_score, self.rule, self.classes, truth)
 
 
 @contextlib.contextmanager
@@ -98,23 +79,43 @@ def _quiet(on: bool) -> Iterator[None]:
         log.setLevel(old)
 
 
-def _annotate_chunk(reader: ChunkedH5ad, start: int, stop: int, ckpt: Checkpoint, net: Any, rule: NoveltyRule, stats: Any,
-                    batch_size: int, device: torch.device, num_workers: int, species: str, quiet: bool,
-                    recheck_margin: float | None) -> tuple[dict[str, np.ndarray], Any]:
-    with _quiet(quiet):
-        prepared, rep = ckpt.prepare(reader.chunk(start, stop), what=str(reader.path), species=species)
-    out, scores, rechecked = score_cells(net, CellDataset(prepared.X, ckpt.config.bin_num), stats, rule, batch_size, device,
-                                         progress=False, num_workers=num_workers, recheck_margin=recheck_margin)
-    classes = list(ckpt.classes or [])
-    labels, raw, conf = assign_labels(out["probs"], classes, rule, scores.get(rule.score))
-    score = scores.get(rule.score, 1.0 - conf.astype(np.float64))
-    names = np.array([*classes, UNASSIGNED], dtype=object)
-    code = {c: i for i, c in enumerate(names)}
-    return {
-        "probabilities": out["probs"].astype(np.float32), "embedding": out["embedding"].astype(np.float32),
-        "label": np.array([code[v] for v in labels], dtype=np.int32), "raw": np.array([code[v] for v in raw], dtype=np.int32),
-        "confidence": conf.astype(np.float32), "novelty": np.asarray(score, dtype=np.float32), "rechecked": np.array(rechecked),
-    }, rep
+@dataclass
+class _Chunks:
+    """The chunks of one file and the model that annotates them (one process's share under torchrun)."""
+
+    reader: ChunkedH5ad
+    ckpt: Checkpoint
+    net: Any
+    rule: NoveltyRule
+    options: InferenceOptions
+    margin: float | None
+    species: str
+    size: int
+
+    @property
+    def starts(self) -> list[int]:
+        return list(range(0, self.reader.n_obs, self.size))
+
+    def stop(self, k: int) -> int:
+        return min(self.reader.n_obs, self.starts[k] + self.size)
+
+    def annotate(self, k: int, quiet: bool) -> tuple[dict[str, np.ndarray], Any]:
+        """Chunk ``k``'s outputs (probabilities, embedding, label codes, confidence, novelty score,
+        cells re-checked) and preprocessing report."""
+        start, record = self.starts[k], self.ckpt.novelty
+        with _quiet(quiet):
+            prepared, rep = self.ckpt.prepare(self.reader.chunk(start, self.stop(k)), what=str(self.reader.path), species=self.species)
+        out, scores, rechecked = score_cells(self.net, CellDataset(prepared.X, self.ckpt.config.bin_num), record, self.rule,
+                                             self.options.replace(progress=False), recheck_margin=self.margin)
+        classes = list(self.ckpt.classes or [])
+        labels, raw, conf = assign_labels(out["probs"], classes, self.rule, scores.get(self.rule.score))
+        score = scores[self.rule.score] if self.rule.score in scores else softmax_score(out["probs"])
+        code = {c: i for i, c in enumerate([*classes, UNASSIGNED])}
+        return {
+            "probabilities": out["probs"].astype(np.float32), "embedding": out["embedding"].astype(np.float32),
+            "label": np.array([code[v] for v in labels], dtype=np.int32), "raw": np.array([code[v] for v in raw], dtype=np.int32),
+            "confidence": conf.astype(np.float32), "novelty": np.asarray(score, dtype=np.float32), "rechecked": np.array(rechecked),
+        }, rep
 
 
 def _categorical(codes: np.ndarray, names: np.ndarray) -> pd.Categorical:
@@ -125,56 +126,88 @@ def _categorical(codes: np.ndarray, names: np.ndarray) -> pd.Categorical:
     return cat.reorder_categories(natsorted(cat.categories))
 
 
-def annotate_h5ad(
-    path: str | Path,
-    ckpt: Checkpoint,
-    out: str | Path,
-    *,
-    source: CellSource = DEFAULT_SOURCE,
-    threshold: float | str | None = "auto",
-    novelty: str = "auto",
-    reject_rate: float | None = None,
-    batch_size: int = 16,
-    device: str | torch.device = "cpu",
-    options: ExecutionOptions | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
-    csv: str | Path | None = None,
-    key_added: str = "scbert",
-    species: str = "auto",
-    num_workers: int = 0,
-    progress: bool = True,
-    recheck_margin: float | str | None = "auto",
-) -> StreamedAnnotation | None:
+def _in_order(chunks: _Chunks, annotated: Iterator[dict[str, np.ndarray]], mine: list[int], parts: Path) -> Iterator[dict[str, np.ndarray]] | None:
+    """Every chunk's outputs in file order: this process's own, or under torchrun all processes'
+    (each saves its chunks to ``parts``; None on the processes other than rank 0)."""
+    info = distributed.current()
+    if not info.enabled:
+        return annotated
+    if info.is_main:
+        shutil.rmtree(parts, ignore_errors=True)
+        parts.mkdir(parents=True)
+    distributed.barrier()
+    for k, part in zip(mine, annotated):
+        np.savez(parts / f"chunk{k:06d}.npz", **part)
+    distributed.barrier()
+    if not info.is_main:
+        return None
+    return (dict(np.load(parts / f"chunk{k:06d}.npz")) for k in range(len(chunks.starts)))
+
+
+def _write(chunks: _Chunks, parts: Iterator[dict[str, np.ndarray]], path: Path, out: Path, csv: Path | None, keys: AnnotationKeys,
+           first_report: Callable[[], Any]) -> tuple[dict[str, np.ndarray], dict[str, Any], int | None]:
+    """Write the output .h5ad (and the table ``csv``) from the chunks' outputs, in order; returns
+    the per-cell arrays kept, the preprocessing report and the cells re-checked."""
+    classes = list(chunks.ckpt.classes or [])
+    names = np.array([*classes, UNASSIGNED], dtype=object)
+    n = chunks.reader.n_obs
+    kept = {k: np.empty(n, dtype=t) for k, t in (("label", np.int32), ("raw", np.int32), ("confidence", np.float32), ("novelty", np.float32))}
+    rechecked = 0
+    with atomic_path(out) as tmp_out, contextlib.ExitStack() as stack:
+        writer = H5adCopy(path, tmp_out)
+        stack.callback(writer.close)
+        table = stack.enter_context(atomic_path(csv)) if csv is not None else None
+        for k, part in enumerate(parts):
+            start, stop = chunks.starts[k], chunks.starts[k] + len(part["label"])
+            rechecked += int(part["rechecked"])
+            writer.write_rows(keys.probabilities, start, part["probabilities"])
+            writer.write_rows(keys.embedding, start, part["embedding"])
+            for key, arr in kept.items():
+                arr[start:stop] = part[key]
+            if table is not None:
+                frame = label_table(keys, chunks.reader.obs_names(start, stop), names[part["label"]], part["confidence"], part["novelty"],
+                                    names[part["raw"]], part["probabilities"], classes)
+                frame.to_csv(table, mode="w" if k == 0 else "a", header=k == 0)
+        prep = first_report().to_dict()
+        prep["n_cells_in"] = prep["n_cells_out"] = n
+        obs = {keys.celltype: _categorical(kept["label"], names), keys.celltype_raw: _categorical(kept["raw"], names),
+               keys.confidence: kept["confidence"], keys.novelty: kept["novelty"]}
+        checked = rechecks(chunks.net.options, chunks.margin)
+        uns = uns_entries(keys, classes, chunks.rule, chunks.ckpt.source, prep, rechecked if checked else None,
+                          chunks.margin if checked else None)
+        uns[keys.classes] = np.array(uns[keys.classes], dtype=object)  # h5py writes text arrays, not lists
+        writer.finish(obs, uns)
+    return kept, prep, rechecked if checked else None
+
+
+def annotate_h5ad(path: str | Path, ckpt: Checkpoint, out: str | Path, *, source: CellSource = DEFAULT_SOURCE,
+                  novelty: NoveltySettings = DEFAULT_NOVELTY, options: InferenceOptions = DEFAULT_INFERENCE,
+                  chunk_size: int = DEFAULT_CHUNK, csv: str | Path | None = None, key_added: str = "scbert",
+                  species: str = "auto") -> StreamedAnnotation | None:
     """Annotate the ``.h5ad`` at ``path`` a chunk of ``chunk_size`` cells at a time into ``out``
     (and the table ``csv``), with the same outputs as annotating it in memory. Under torchrun
     every process calls it; rank 0 writes the outputs and returns the result, the others None."""
     t0 = time.time()
-    if not ckpt.is_classifier:
-        raise InputError(f"{ckpt.source or 'the model'} is a pretrained (not fine-tuned) model: it cannot name cell types; "
-                         f"fine-tune it with finetune.py first")
-    classes = list(ckpt.classes or [])
-    names = np.array([*classes, UNASSIGNED], dtype=object)
-    keys = AnnotationKeys(key_added)
-    rule, stats = novelty_rule(ckpt, novelty, threshold, reject_rate, whole_query=False)
-    recheck_margin = resolve_recheck_margin(recheck_margin, ckpt, options, rule)
-    chunk_size = max(1, math.ceil(chunk_size / batch_size)) * batch_size  # whole batches: the same batches as in memory
+    ckpt = fine_tuned(ckpt)
+    record: NoveltyRecord | None = ckpt.novelty
+    rule = choose_rule(record, novelty, ckpt.source or "the model", whole_query=False)
+    margin = resolve_recheck_margin(options.fp32_recheck, record, options.execution, rule)
+    chunk_size = max(1, math.ceil(chunk_size / options.batch_size)) * options.batch_size  # whole batches: the same batches as in memory
     info = distributed.current()
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
     reps: list[Any] = []
     with ChunkedH5ad(path, source) as reader:
-        n = reader.n_obs
-        starts = list(range(0, n, chunk_size))
-        mine = list(range(info.rank, len(starts), info.world_size))
-        net = ckpt.build_model(options)
+        net = ckpt.build_model(options.execution)
         tune_allocator()
-        bar = tqdm(total=sum(min(n, starts[k] + chunk_size) - starts[k] for k in mine), desc="annotate", unit="cell",
-                   disable=not progress or not info.is_main, smoothing=0.1)
+        chunks = _Chunks(reader, ckpt, net, rule, options, margin, species, chunk_size)
+        mine = list(range(info.rank, len(chunks.starts), info.world_size))
+        bar = tqdm(total=sum(chunks.stop(k) - chunks.starts[k] for k in mine), desc="annotate", unit="cell",
+                   disable=not options.progress or not info.is_main, smoothing=0.1)
 
         def annotated() -> Iterator[dict[str, np.ndarray]]:
             for k in mine:
-                part, rep = _annotate_chunk(reader, starts[k], min(n, starts[k] + chunk_size), ckpt, net, rule, stats, batch_size,
-                                            torch.device(device), num_workers, species, bool(reps), recheck_margin)
+                part, rep = chunks.annotate(k, quiet=bool(reps))
                 if not reps:
                     reps.append(rep)  # the first chunk's report stands for all (the others differ only in their cell counts)
                 release_memory()  # the chunk's matrices are freed: give their heap pages back, or they pile up chunk after chunk
@@ -182,54 +215,17 @@ def annotate_h5ad(
                 yield part
 
         try:
-            if info.enabled:
-                if info.is_main:
-                    shutil.rmtree(parts, ignore_errors=True)
-                    parts.mkdir(parents=True)
-                distributed.barrier()
-                for k, part in zip(mine, annotated()):
-                    np.savez(parts / f"chunk{k:06d}.npz", **part)
-                distributed.barrier()
-                if not info.is_main:
-                    return None
-                chunks: Any = (dict(np.load(parts / f"chunk{k:06d}.npz")) for k in range(len(starts)))
-            else:
-                chunks = annotated()
-            kept = {k: np.empty(n, dtype=t) for k, t in (("label", np.int32), ("raw", np.int32), ("confidence", np.float32),
-                                                        ("novelty", np.float32))}
-            with atomic_path(out) as tmp_out, contextlib.ExitStack() as stack:
-                writer = H5adCopy(path, tmp_out)
-                stack.callback(writer.close)
-                table = stack.enter_context(atomic_path(csv)) if csv is not None else None
-                rechecked = 0
-                for k, part in enumerate(chunks):
-                    start, stop = starts[k], starts[k] + len(part["label"])
-                    rechecked += int(part["rechecked"])
-                    writer.write_rows(keys.probabilities, start, part["probabilities"])
-                    writer.write_rows(keys.embedding, start, part["embedding"])
-                    for key, arr in kept.items():
-                        arr[start:stop] = part[key]
-                    if table is not None:
-                        frame = pd.DataFrame({keys.celltype: names[part["label"]], keys.confidence: part["confidence"],
-                                              keys.novelty: part["novelty"], keys.celltype_raw: names[part["raw"]]},
-                                             index=pd.Index(reader.obs_names(start, stop), name="cell"))
-                        probs = pd.DataFrame(part["probabilities"], index=frame.index, columns=[f"p_{c}" for c in classes])
-                        pd.concat([frame, probs], axis=1).to_csv(table, mode="w" if k == 0 else "a", header=k == 0)
-                prep = reps[0].to_dict()
-                prep["n_cells_in"] = prep["n_cells_out"] = n
-                obs = {keys.celltype: _categorical(kept["label"], names), keys.celltype_raw: _categorical(kept["raw"], names),
-                       keys.confidence: kept["confidence"], keys.novelty: kept["novelty"]}
-                if not rechecks(net.options, recheck_margin):
-                    rechecked, recheck_margin = None, None
-                uns = {keys.classes: np.array(classes, dtype=object),
-                       keys.threshold: float("nan") if rule.threshold is None else float(rule.threshold),
-                       keys.novelty: json.dumps(rule.to_dict()), keys.report: annotation_record(ckpt.source, prep, rechecked, recheck_margin)}
-                writer.finish(obs, uns)
+            ordered = _in_order(chunks, annotated(), mine, parts)
+            if ordered is None:
+                return None
+            kept, prep, rechecked = _write(chunks, ordered, Path(path), out, None if csv is None else Path(csv), AnnotationKeys(key_added),
+                                           lambda: reps[0])
         finally:
             bar.close()
             if info.enabled and info.is_main:
                 shutil.rmtree(parts, ignore_errors=True)
+    names = np.array([*(ckpt.classes or []), UNASSIGNED], dtype=object)
     return StreamedAnnotation(labels=names[kept["label"]], labels_raw=names[kept["raw"]], confidence=kept["confidence"],
-                              novelty_score=kept["novelty"], classes=classes, rule=rule, model=ckpt.source, preprocessing=prep,
-                              seconds=time.time() - t0, n_chunks=len(starts), chunk_size=chunk_size,
-                              rechecked=rechecked, recheck_margin=recheck_margin)
+                              novelty_score=kept["novelty"], classes=list(ckpt.classes or []), rule=rule, model=ckpt.source,
+                              preprocessing=prep, seconds=time.time() - t0, n_chunks=len(chunks.starts), chunk_size=chunk_size,
+                              rechecked=rechecked, recheck_margin=margin if rechecked is not None else None)

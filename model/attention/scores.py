@@ -29,7 +29,7 @@ from scipy import sparse
 from torch import Tensor, nn
 
 from data.dataset import CellDataset
-from model.inference import run_batches
+from model.inference import InferenceOptions, run_batches
 from model.nn.network import ScBERT
 
 with warnings.catch_warnings():
@@ -182,8 +182,8 @@ def _batches(model: ScBERT, X: sparse.csr_matrix, layer: Layer, batch_size: int,
     def scores(m: ScBERT, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"scores": attention_received(m, batch["tokens"], layer, normalize)[:, :-1]}
 
-    for idx, out in run_batches(model, CellDataset(X, model.config.bin_num), scores, batch_size, torch.device(device), progress=progress,
-                                desc=desc):
+    options = InferenceOptions(batch_size, device, progress=progress)
+    for idx, out in run_batches(model, CellDataset(X, model.config.bin_num), scores, options, desc=desc):
         yield idx, out["scores"].numpy()
 
 

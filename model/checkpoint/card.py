@@ -38,16 +38,15 @@ def checkpoint_card(ckpt: Checkpoint) -> dict[str, Any]:
         "metrics": {k: v for k, v in (ckpt.metrics or {}).items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)},
         "provenance": dict(ckpt.provenance) or None,
     }
-    if ckpt.novelty:
-        from model.novelty import read_novelty_record
-
-        stats, cal = read_novelty_record(ckpt.novelty)
-        card["novelty"] = {"default_score": ckpt.novelty.get("default"),
-                           "reference_cells": None if stats is None else int(stats.reference.shape[0]),
-                           "query_scores": stats is not None and stats.density is not None,
+    record = ckpt.novelty
+    if record is not None:
+        cal = record.calibration
+        card["novelty"] = {"default_score": record.default,
+                           "reference_cells": None if record.classes is None else int(record.classes.reference.shape[0]),
+                           "query_scores": record.query_ready,
                            "reject_rate": None if cal is None else cal.reject_rate, "calibration_cells": None if cal is None else cal.n,
                            "thresholds": None if cal is None else {k: (v if math.isfinite(v) else "inf") for k, v in cal.thresholds.items()},
-                           "precision_error": ckpt.novelty.get("precision_error")}
+                           "precision_error": record.precision_error or None}
     else:
         card["novelty"] = None
     return card
@@ -88,10 +87,10 @@ def card_text(card: dict[str, Any]) -> str:
             scores = ", ".join(f"{k} {v:.2g}" for k, v in err.get("scores", {}).items())
             lines.append(f"{prec} error on {err['n_cells']} validation cells: probabilities {err['probs']:.2g}"
                          + (f", novelty scores (relative to the threshold) {scores}" if scores else "")
-                         + ("" if err.get("head") == "float32" else f", with the classifier head in {prec} (before 5 December 2026: cautious)")
+                         + ("" if err["head"] == "float32" else f", measured with the classifier head in {prec} (a cautious margin)")
                          + " (predict.py --fp32-recheck auto reads it)")
     elif card["kind"].startswith("fine-tuned"):
-        lines.append("novelty: no calibration (fine-tuned before it existed): predict.py uses the published rule")
+        lines.append("novelty: no calibration: predict.py uses the published rule")
     prov = card["provenance"]
     lines.append(f"written by: {prov['package']} {prov.get('version')}, git commit {prov.get('git_commit')}" if prov else "written by: unknown (older file)")
     return "\n".join(lines)

@@ -4,7 +4,7 @@
 A checkpoint is a plain dict of tensors, strings and numbers::
 
     format          "scbert-pytorch"
-    format_version  1
+    format_version  2 (older versions are upgraded on load: model/checkpoint/upgrade.py)
     config          the ScBERTConfig, as a dict (model size, head, number of classes)
     genes           the ordered vocabulary: one name per token position
     classes         class names in logit order (fine-tuned models), or None
@@ -13,10 +13,11 @@ A checkpoint is a plain dict of tensors, strings and numbers::
                     ("all": over all input genes; "vocab": over the vocabulary genes, as published)
     training        the training settings (see below)
     metrics         what the run measured (validation accuracy, masked accuracy, ...)
-    novelty         fine-tuned models: what the novelty scores need (class means and shared precision of
-                    the head's penultimate features, reference embeddings of up to 5,000 training
-                    cells) and the thresholds calibrated on validation cells, with their scores
-                    (see model/novelty.py); absent in checkpoints fine-tuned before it existed
+    novelty         fine-tuned models: what the novelty scores need (class statistics of the head's
+                    features and embeddings, the expression PCA, the query-density reference), the
+                    thresholds calibrated on validation cells with their scores, and the measured
+                    bf16 error (model.novelty.record.NoveltyRecord.to_dict); absent when the model
+                    has none (pretrained and converted models)
     provenance      the package version and git commit that wrote the file
 
 ``training`` is a plain dict of what produced the weights: ``stage`` (``pretrain``, ``finetune`` or
@@ -26,9 +27,7 @@ selection, label smoothing, seed), ``execution`` (precision, gradient checkpoint
 ``gene2vec`` (how the gene embedding was made), and per stage ``pretraining`` (mask and replace
 probabilities, held-out fraction) or ``finetuning`` (label column, pretrained checkpoint, folds,
 validation fraction, head dropout, class weights, freezing policy, head start); converted published
-checkpoints record ``source``, ``converted_from`` and ``published_epoch``. Checkpoints written
-before this dict existed carry ``train_args`` (the command-line flags) instead; they load as is,
-with those flags as their ``training``.
+checkpoints record ``source``, ``converted_from`` and ``published_epoch``.
 """
 
 from __future__ import annotations
@@ -45,11 +44,13 @@ import torch
 
 from data.io import atomic_write
 from data.preprocess import DEFAULT_PREPROCESSING, PrepReport, prepare
+from model.checkpoint.upgrade import upgrade
 from model.nn.config import ExecutionOptions, ScBERTConfig
 from model.nn.network import ScBERT
+from model.novelty.record import NoveltyRecord
 
 FORMAT = "scbert-pytorch"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class CheckpointError(ValueError):
@@ -66,7 +67,7 @@ class Checkpoint:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     source: str = ""
-    novelty: dict[str, Any] | None = None  # model.novelty.novelty_record: training statistics and calibrated thresholds
+    novelty: NoveltyRecord | None = None  # training statistics, calibrated thresholds, measured bf16 error
     provenance: dict[str, Any] = field(default_factory=dict)  # package version and git commit that wrote it
 
     @property
@@ -139,7 +140,7 @@ def save_checkpoint(
     preprocessing: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
-    novelty: dict[str, Any] | None = None,
+    novelty: NoveltyRecord | None = None,
 ) -> None:
     """Save ``model`` with everything needed to use it later; ``training``: the settings that
     produced it (see the module docstring)."""
@@ -159,11 +160,9 @@ def save_checkpoint(
         "metrics": _plain(metrics or {}),
     }
     if novelty is not None:
-        payload["novelty"] = novelty  # tensors and numbers (model.novelty.novelty_record)
+        payload["novelty"] = novelty.to_dict()
     payload["provenance"] = provenance()
     atomic_torch_save(payload, path)
-
-
 
 
 def _first_line(e: BaseException) -> str:
@@ -204,17 +203,18 @@ def from_payload(obj: Any, path: Path) -> Checkpoint:
     if obj.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer version of this package (format {obj['format_version']}); upgrade")
     try:
+        obj = upgrade(obj, FORMAT_VERSION)
         config = ScBERTConfig.from_dict(obj["config"])
         ckpt = Checkpoint(
             config=config,
             genes=list(obj["genes"]),
             state_dict=obj["state_dict"],
             classes=obj.get("classes"),
-            preprocessing={**DEFAULT_PREPROCESSING, **(obj.get("preprocessing") or {})},
-            training=obj.get("training") or obj.get("train_args") or {},  # train_args: written before "training" existed
+            preprocessing=dict(obj["preprocessing"]),
+            training=obj["training"],
             metrics=obj.get("metrics") or {},
             source=str(path),
-            novelty=obj.get("novelty"),
+            novelty=NoveltyRecord.from_dict(obj["novelty"]) if obj.get("novelty") else None,
             provenance=obj.get("provenance") or {},
         )
     except (KeyError, TypeError, ValueError) as e:

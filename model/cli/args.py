@@ -334,3 +334,21 @@ def apply_recipe(args: argparse.Namespace, stage: str) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
+
+
+def novelty_settings(args: argparse.Namespace) -> Any:
+    """:class:`model.novelty.rule.NoveltySettings` of --novelty, --threshold, --reject-rate (and the
+    published --novel_type false: never Unassigned)."""
+    from model.novelty.rule import NoveltySettings
+
+    threshold = None if getattr(args, "novel_type", True) is False else args.threshold
+    return NoveltySettings(args.novelty, threshold, args.reject_rate)
+
+
+def inference_options(args: argparse.Namespace, device: Any, batch_size: int) -> Any:
+    """:class:`model.inference.InferenceOptions` of --num-workers, --quiet, --precision and the speed
+    flags, --fp32-recheck, for ``device`` and ``batch_size`` (--batch-size once resolved)."""
+    from model.inference import InferenceOptions
+
+    return InferenceOptions(batch_size, device, getattr(args, "num_workers", 0), progress=not args.quiet,
+                            execution=execution_options(args), fp32_recheck=getattr(args, "fp32_recheck", "auto"))

@@ -12,6 +12,7 @@ import numpy as np
 
 from data.io import InputError, read_cells, write_json
 from data.labels import label_column
+from model.annotation import AnnotationKeys, annotate
 from model.attention.analysis import (
     BUNDLED_GMT,
     BUNDLED_MARKERS,
@@ -23,7 +24,7 @@ from model.attention.analysis import (
 from model.checkpoint import load_checkpoint
 from model.cli.args import cell_source, execution_options, published_names
 from model.cli.run import start_run, user_errors, write_summary
-from model.inference import AnnotationKeys, annotate
+from model.inference import InferenceOptions
 from model.plots import plot_umap
 from model.runtime import resolve_device
 
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> None:
         if args.umap:
             log.info("embedding all %d cells for the UMAP", labelled.n_obs)
             keys = AnnotationKeys()
-            result = annotate(labelled, ckpt, batch_size=args.batch_size, device=device, options=options, progress=not args.quiet)
+            result = annotate(labelled, ckpt, options=InferenceOptions(args.batch_size, device, progress=not args.quiet, execution=options))
             plot_umap(result.to_adata(labelled.copy()), args.label_key, out / "umap.png", args.seed, keys.celltype, keys.embedding)
             metrics["umap_accuracy_vs_label"] = float((result.labels == labels).mean())
     metrics["seconds_attention"] = round(analysis.seconds, 1)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 from data.io import InputError, atomic_path, check_writable, read_anndata, record_dir, select_cells, write_h5ad_atomic, write_json
 from data.labels import label_column
 from model import distributed
+from model.annotation import annotate
 from model.checkpoint import load_checkpoint
-from model.cli.args import cell_source, execution_options, published_names
+from model.cli.args import cell_source, inference_options, novelty_settings, published_names
 from model.cli.run import setup_logging, start_run, user_errors, write_summary
-from model.inference import annotate
 from model.runtime import inference_batch_size
 
 log = logging.getLogger("scbert")
@@ -63,42 +64,26 @@ def run(args: argparse.Namespace) -> None:
         if backed and args.majority_voting:
             raise InputError("--majority-voting needs every cell's embedding in memory (to over-cluster them), which --backed avoids: "
                              "drop one of them (run majority voting on the written output with model.majority_voting)")
+        source, novelty, names = cell_source(args), novelty_settings(args), published_names(args)
     run_dir = start_run(args.run_dir or record_dir(out), args, protected=("summary.txt",)) if main else None
     with user_errors():
-        ckpt = load_checkpoint(args.model, **published_names(args))
-        if args.batch_size == "auto":
-            args.batch_size = inference_batch_size(ckpt.config.seq_len, ckpt.config.dim, device)
-            log.info("%d cells per forward pass (--batch-size auto, %s)", args.batch_size, device.type)
+        ckpt = load_checkpoint(args.model, **names)
+        batch_size = args.batch_size
+        if batch_size == "auto":
+            batch_size = inference_batch_size(ckpt.config.seq_len, ckpt.config.dim, device)
+            log.info("%d cells per forward pass (--batch-size auto, %s)", batch_size, device.type)
+        options = inference_options(args, device, batch_size)
         if backed:
-            from data.chunks import ChunkedH5ad
-            from model.streaming import annotate_h5ad
-
-            truth = None
-            if args.label_key:  # read first: a missing column is reported before the work, not after it
-                with ChunkedH5ad(args.data, cell_source(args)) as reader:
-                    truth = reader.obs_column(args.label_key)
-            result = annotate_h5ad(args.data, ckpt, out, source=cell_source(args), threshold=None if args.novel_type is False else args.threshold,
-                                   novelty=args.novelty, reject_rate=args.reject_rate, batch_size=args.batch_size, device=device,
-                                   options=execution_options(args), chunk_size=args.chunk_size, csv=args.csv, num_workers=args.num_workers,
-                                   progress=not args.quiet, recheck_margin=args.fp32_recheck)
-            if not main:
+            result, truth = _annotate_backed(args, ckpt, out, source, novelty, options)
+            if result is None:
                 distributed.shutdown()
                 return
         else:
             adata = read_anndata(args.data)
             truth = label_column(adata, args.label_key, args.data) if args.label_key else None
-            threshold = None if args.novel_type is False else args.threshold
-            result = annotate(select_cells(adata, cell_source(args), str(args.data)), ckpt, threshold, args.batch_size, device,
-                              execution_options(args), progress=not args.quiet, num_workers=args.num_workers, novelty=args.novelty,
-                              reject_rate=args.reject_rate, recheck_margin=args.fp32_recheck)
+            result = annotate(select_cells(adata, source, str(args.data)), ckpt, novelty, options)
             if args.majority_voting:
-                clusters = None
-                if args.over_clustering:
-                    if args.over_clustering not in adata.obs:
-                        raise InputError(f"--over-clustering {args.over_clustering!r} is not a column of {args.data}; available columns: "
-                                         f"{list(adata.obs.columns)}")
-                    clusters = adata.obs[args.over_clustering].astype(str).to_numpy()
-                result.vote(clusters, basis=args.over_clustering_basis, voting=args.voting)
+                result.vote(_over_clusters(args, adata), basis=args.over_clustering_basis, voting=args.voting)
         metrics, lines = result.report(truth)
         if args.plots == "true" or (args.plots == "auto" and result.n_cells >= MIN_PLOT_CELLS):
             result.to_plots(run_dir, truth)
@@ -118,3 +103,28 @@ def run(args: argparse.Namespace) -> None:
     lines.append(f"wrote {out}" + (f" and {args.csv}" if args.csv else "") + f"; run record in {run_dir}")
     write_summary(run_dir, lines, results=("accuracy", "note:"))
     distributed.shutdown()
+
+
+def _annotate_backed(args: argparse.Namespace, ckpt: Any, out: Path, source: Any, novelty: Any, options: Any) -> tuple[Any, Any]:
+    """The query annotated a chunk at a time (and across torchrun processes), with its known labels
+    (read first: a missing column is reported before the work, not after it); (None, None) on
+    the processes other than rank 0."""
+    from data.chunks import ChunkedH5ad
+    from model.streaming import annotate_h5ad
+
+    truth = None
+    if args.label_key:
+        with ChunkedH5ad(args.data, source) as reader:
+            truth = reader.obs_column(args.label_key)
+    result = annotate_h5ad(args.data, ckpt, out, source=source, novelty=novelty, options=options, chunk_size=args.chunk_size, csv=args.csv)
+    return (result, truth) if result is not None else (None, None)
+
+
+def _over_clusters(args: argparse.Namespace, adata: Any) -> Any:
+    """The cells' over-clusters from --over-clustering (None: computed by the vote)."""
+    if not args.over_clustering:
+        return None
+    if args.over_clustering not in adata.obs:
+        raise InputError(f"--over-clustering {args.over_clustering!r} is not a column of {args.data}; available columns: "
+                         f"{list(adata.obs.columns)}")
+    return adata.obs[args.over_clustering].astype(str).to_numpy()

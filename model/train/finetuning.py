@@ -23,9 +23,15 @@ from data.preprocess import DEFAULT_PREPROCESSING
 from model import distributed
 from model.checkpoint import Checkpoint, save_checkpoint
 from model.evaluation import classification_metrics
-from model.inference import PRECISION_CHECK_CELLS, predict_distributed
+from model.inference import InferenceOptions, predict_distributed, predict_outputs
 from model.nn.config import ExecutionOptions, ModelSize
 from model.nn.network import ScBERT
+from model.novelty.calibration import MAX_CALIBRATION_CELLS, calibrate
+from model.novelty.expression import ExpressionPCA
+from model.novelty.query import QueryDensity
+from model.novelty.record import NoveltyRecord, novelty_scores
+from model.novelty.scores import MAX_REFERENCE_CELLS, ClassStatistics
+from model.recheck import PRECISION_CHECK_CELLS, measure_precision_error
 from model.runtime import set_seed
 from model.train.config import TrainConfig
 from model.train.initialisation import HEAD_INITS, freezing_policy, gene_embedding, init_head_from_expression, new_classifier
@@ -81,7 +87,7 @@ def finetune(
         return (losses * w).sum(), float(w.sum())
 
     def evaluate() -> dict[str, float]:
-        probs = predict_distributed(model, val, cfg.batch_size, device, num_workers=cfg.num_workers)
+        probs = predict_distributed(model, val, InferenceOptions(cfg.batch_size, device, cfg.num_workers))
         y = val.labels.numpy()
         val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(y)))
         return {"val_loss": val_loss, "val_accuracy": float((probs.argmax(1) == y).mean())}
@@ -247,7 +253,7 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
         best, history = finetune(model, train_ds, val_ds, cfg, device, weights, name, head_init=s.head_init)
         scored = va if te is None else te
         scored_ds = val_ds if te is None else CellDataset(rows_of(X, te), model.config.bin_num, y[te])
-        pred = np.asarray(classes)[predict_distributed(model, scored_ds, cfg.batch_size, device, num_workers=cfg.num_workers).argmax(1)]
+        pred = np.asarray(classes)[predict_distributed(model, scored_ds, InferenceOptions(cfg.batch_size, device, cfg.num_workers)).argmax(1)]
         m = classification_metrics(y_str[scored], pred, classes)
         m.update(best_epoch=best["epoch"], n_train=len(tr), n_val=len(va), history=history)
         if te is not None:
@@ -278,7 +284,7 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
     if main:
         novelty = calibrate_novelty(model, X, y, *kept_split, len(classes), s.reject_rate, s.train.seed, cfg.batch_size, device, progress,
                                     s.precision_check_cells)
-        cal = novelty["calibration"]
+        cal = novelty.calibration.to_dict()
         metrics["novelty"] = {"reject_rate": cal["reject_rate"], "n_calibration_cells": cal["n_cells"], "thresholds": cal["thresholds"],
                               "what": "novelty thresholds: each rejects at most reject_rate of new cells of known types (split-conformal "
                                       "quantile of the scores of the validation cells, which did not train the model)"}
@@ -291,43 +297,30 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
 
 def calibrate_novelty(model: ScBERT, X: sparse.csr_matrix, y: np.ndarray, train: np.ndarray, val: np.ndarray, n_classes: int,
                       reject_rate: float, seed: int, batch_size: int, device: torch.device, progress: bool = False,
-                      precision_cells: int = 0) -> dict[str, Any]:
-    """The checkpoint's ``novelty`` record: statistics of (up to MAX_REFERENCE_CELLS, seeded) training
+                      precision_cells: int = 0) -> NoveltyRecord:
+    """The checkpoint's novelty record: statistics of (up to MAX_REFERENCE_CELLS, seeded) training
     cells, and the thresholds of every score calibrated on the validation cells ``val``; with
     ``precision_cells``, also how much bf16 moves the outputs on that many (seeded) validation cells
     (``precision_error``, what predict.py's ``--fp32-recheck auto`` reads)."""
-    from model.inference import measure_precision_error, predict_outputs
-    from model.novelty import (
-        MAX_CALIBRATION_CELLS,
-        MAX_REFERENCE_CELLS,
-        ExpressionPCA,
-        NoveltyStats,
-        QueryDensity,
-        calibrate,
-        novelty_record,
-        novelty_scores,
-    )
-
     if len(train) > MAX_REFERENCE_CELLS:
         train = np.sort(np.random.default_rng(seed).choice(train, MAX_REFERENCE_CELLS, replace=False))
     if len(val) > MAX_CALIBRATION_CELLS:  # here, not in calibrate(): the query_* scores keep these cells' coordinates, aligned
         val = np.sort(np.random.default_rng(seed).choice(val, MAX_CALIBRATION_CELLS, replace=False))
     bins = model.config.bin_num
-    ref = predict_outputs(model, CellDataset(rows_of(X, train), bins), batch_size, device, embed=True, features=True, progress=progress)
-    stats = NoveltyStats.fit(ref["features"], ref["embedding"], y[train], n_classes, seed)
-    stats.pca = ExpressionPCA.fit(rows_of(X, train), y[train], n_classes, seed)
-    stats.density = QueryDensity.fit(rows_of(X, train), seed)
-    if stats.density is not None:
-        stats.density.set_calibration(rows_of(X, val))
-    cal = predict_outputs(model, CellDataset(rows_of(X, val), bins), batch_size, device, embed=True, features=True, progress=progress)
-    scores = novelty_scores(cal["probs"], cal["logits"], cal["features"], cal["embedding"], stats, expression=rows_of(X, val))
-    record = novelty_record(stats, calibrate(scores, reject_rate, seed))
+    options = InferenceOptions(batch_size, device, progress=progress)
+    ref = predict_outputs(model, CellDataset(rows_of(X, train), bins), options, embed=True, features=True)
+    record = NoveltyRecord(classes=ClassStatistics.fit(ref["features"], ref["embedding"], y[train], n_classes, seed),
+                           pca=ExpressionPCA.fit(rows_of(X, train), y[train], n_classes, seed), density=QueryDensity.fit(rows_of(X, train), seed))
+    if record.density is not None:
+        record.density.set_calibration(rows_of(X, val))
+    cal = predict_outputs(model, CellDataset(rows_of(X, val), bins), options, embed=True, features=True)
+    scores = novelty_scores(cal["probs"], cal["logits"], cal["features"], cal["embedding"], record, expression=rows_of(X, val))
+    record.calibration = calibrate(scores, reject_rate, seed)
     if precision_cells > 0 and len(val):
         rows = val if len(val) <= precision_cells else np.sort(np.random.default_rng(seed).choice(val, precision_cells, replace=False))
-        thresholds = {k: float(v) for k, v in record["calibration"]["thresholds"].items()}
         log.info("measuring the bf16 error on %d validation cells (for predict.py --precision bf16)", len(rows))
-        err = measure_precision_error(model, CellDataset(rows_of(X, rows), bins), stats, thresholds, batch_size, device, "bf16", progress)
-        record["precision_error"] = {"bf16": err}
+        err = measure_precision_error(model, CellDataset(rows_of(X, rows), bins), record, dict(record.calibration.thresholds), options, "bf16")
+        record.precision_error["bf16"] = err
         log.info("bf16 error: largest probability change %.2g, novelty scores %s", err["probs"],
                  ", ".join(f"{k} {v:.2g}" for k, v in err["scores"].items()) or "-")
     return record

@@ -18,7 +18,7 @@ from data.dataset import CellDataset
 from data.gene2vec import embeddings_for_vocab, load_pretrained, train_gene2vec
 from data.io import InputError
 from model.checkpoint import Checkpoint
-from model.inference import run_batches
+from model.inference import InferenceOptions, run_batches
 from model.nn.config import ExecutionOptions, ScBERTConfig
 from model.nn.network import ScBERT
 
@@ -106,7 +106,7 @@ def init_head_from_expression(model: ScBERT, ds: CellDataset, device: torch.devi
         return {"h": torch.gather(h.float(), 1, pos[..., None].expand(-1, -1, h.shape[-1])), "bins": torch.gather(tokens, 1, pos)}
 
     # one cell at a time: the same numbers whatever the batch size or process count
-    parts = [out for _, out in run_batches(model, ds, sample, 1, device, rows=rows)]
+    parts = [out for _, out in run_batches(model, ds, sample, InferenceOptions(1, device, progress=False), rows=rows)]
     model.train(was_training)
     return model.to_out.init_from_expression(torch.cat([p["h"] for p in parts]), torch.cat([p["bins"] for p in parts]),
                                              max_tokens=max_tokens, seed=seed)

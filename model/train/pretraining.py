@@ -21,7 +21,7 @@ from data.io import InputError
 from data.preprocess import DEFAULT_PREPROCESSING
 from model import distributed
 from model.checkpoint import save_checkpoint
-from model.inference import run_batches
+from model.inference import InferenceOptions, run_batches
 from model.nn.config import ExecutionOptions, ModelSize
 from model.nn.network import ScBERT
 from model.train.config import TrainConfig
@@ -104,7 +104,8 @@ def evaluate_mlm(
                 "baseline": (baseline[:, None].expand_as(labels)[sel] == labels[sel]).sum(), "n": sel.sum()}
 
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, correct, baseline correct, masked tokens
-    for _, out in run_batches(model, ds, score, cfg.batch_size, device, rows=distributed.shard(len(ds)), num_workers=cfg.num_workers):
+    options = InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=False)
+    for _, out in run_batches(model, ds, score, options, rows=distributed.shard(len(ds))):
         sums[0] += out["loss"].item()
         sums[1] += int(out["correct"])
         sums[2] += int(out["baseline"])

@@ -3,7 +3,7 @@
 Every method has the same interface: ``fit(X, y, genes)`` on a log2-normalised cells x genes CSR
 matrix and string labels, then ``predict_proba(X)`` -> (cells, classes) scores whose columns follow
 ``classes_``; the highest score is the prediction and, for the novel-type protocol, the confidence.
-All of them see the same preprocessed matrix and the same split (see :mod:`model.accuracy.protocols`).
+All of them see the same preprocessed matrix and the same split (see :mod:`scripts.benchmark.protocols`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ from scipy import sparse
 from data.dataset import CellDataset
 from data.labels import holdout_per_class
 from model.checkpoint import Checkpoint
-from model.inference import predict
+from model.inference import InferenceOptions, embed_cells, predict, predict_outputs
 from model.nn.config import ExecutionOptions, ScBERTConfig
 from model.nn.network import ScBERT
+from model.novelty.expression import ExpressionPCA
+from model.novelty.query import QueryDensity
+from model.novelty.record import NoveltyRecord, novelty_scores
 from model.runtime import set_seed
 from model.train.config import TrainConfig
 from model.train.finetuning import balanced_class_weights, finetune
@@ -48,10 +51,8 @@ class InputSpaceNovelty:
     combined_parts = ("mahalanobis", "energy")  # the ``combined`` score's parts: here Mahalanobis is in the expression PCA
 
     def _fit_novelty(self, X: sparse.csr_matrix, codes: np.ndarray) -> None:
-        from model.novelty import ExpressionPCA, QueryDensity
-
         self.pca_ = ExpressionPCA.fit(X, codes, len(self.classes_), max_cells=max(X.shape[0], 1))
-        self.stats_ = self.pca_.stats
+        self.record_ = NoveltyRecord(classes=self.pca_.stats)  # Mahalanobis and kNN in the PCA of the expression
         self.query_density_ = QueryDensity.fit(X)  # the query_* scores: the same for every method on the same training cells
 
     def embedding(self, X: sparse.csr_matrix) -> np.ndarray:
@@ -59,12 +60,10 @@ class InputSpaceNovelty:
         return self.pca_.transform(X)
 
     def novelty_scores(self, X: sparse.csr_matrix) -> dict[str, np.ndarray]:
-        from model.novelty import novelty_scores
-
         z = self.pca_.transform(X)
         logits = self.model.decision_function(X)
         logits = logits[:, None] if logits.ndim == 1 else logits
-        return novelty_scores(self.predict_proba(X), logits, z, z, self.stats_)
+        return novelty_scores(self.predict_proba(X), logits, z, z, self.record_)
 
 
 def _classes(y: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -298,32 +297,26 @@ class ScBERTMethod:
         weights = balanced_class_weights(codes[tr], len(self.classes_)) if self.class_weights else None
         _, self.history = finetune(self.model, CellDataset(X[tr], bin_num, codes[tr]), CellDataset(X[va], bin_num, codes[va]),
                                    self.train, torch.device(self.device), weights, desc=self.name, head_init=self.head_init)
-        from model.novelty import read_novelty_record
         from model.train.finetuning import calibrate_novelty
 
-        record = calibrate_novelty(self.model, X, codes, tr, va, len(self.classes_), 0.05, self.train.seed, self.train.batch_size,
-                                   torch.device(self.device))
-        self.stats_, _ = read_novelty_record(record)
-        self.query_density_ = self.stats_.density
+        self.record_ = calibrate_novelty(self.model, X, codes, tr, va, len(self.classes_), 0.05, self.train.seed, self.train.batch_size,
+                                         torch.device(self.device))
+        self.query_density_ = self.record_.density
+
+    @property
+    def _options(self) -> InferenceOptions:
+        return InferenceOptions(self.train.batch_size, self.device, progress=False)
 
     def embedding(self, X: sparse.csr_matrix) -> np.ndarray:
         """The scBERT cell embeddings (for majority voting's over-clustering)."""
-        from model.inference import embed_cells
-
-        return embed_cells(self.model, CellDataset(X, self.model.config.bin_num), self.train.batch_size, torch.device(self.device),
-                           progress=False)
+        return embed_cells(self.model, CellDataset(X, self.model.config.bin_num), self._options)
 
     def novelty_scores(self, X: sparse.csr_matrix) -> dict[str, np.ndarray]:
-        from model.inference import predict_outputs
-        from model.novelty import novelty_scores
-
-        out = predict_outputs(self.model, CellDataset(X, self.model.config.bin_num), self.train.batch_size, torch.device(self.device),
-                              embed=True, features=True, progress=False)
-        return novelty_scores(out["probs"], out["logits"], out["features"], out["embedding"], self.stats_, expression=X)
+        out = predict_outputs(self.model, CellDataset(X, self.model.config.bin_num), self._options, embed=True, features=True)
+        return novelty_scores(out["probs"], out["logits"], out["features"], out["embedding"], self.record_, expression=X)
 
     def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
-        probs, _ = predict(self.model, CellDataset(X, self.model.config.bin_num), self.train.batch_size, torch.device(self.device),
-                           progress=False)
+        probs, _ = predict(self.model, CellDataset(X, self.model.config.bin_num), self._options)
         return probs
 
 

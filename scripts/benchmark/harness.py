@@ -17,8 +17,8 @@ from scipy import sparse
 from data.io import InputError
 from data.labels import label_column
 from data.preprocess import MIN_GENES, read_prepared
-from model.accuracy.protocols import Split, cross_splits, cv_splits, fewshot_splits, imbalance_splits, novel_splits, select_genes
-from model.accuracy.report import evaluate, evaluate_novelty
+from scripts.benchmark.protocols import Split, cross_splits, cv_splits, fewshot_splits, imbalance_splits, novel_splits, select_genes
+from scripts.benchmark.report import evaluate, evaluate_novelty
 
 log = logging.getLogger("scbert")
 
@@ -42,7 +42,7 @@ def load_labelled(paths: Sequence[str], label_key: str, genes: Sequence[str] | N
 
 @dataclass
 class ProtocolSettings:
-    """Which protocol, and its settings (see :mod:`model.accuracy.protocols`)."""
+    """Which protocol, and its settings (see :mod:`scripts.benchmark.protocols`)."""
 
     protocol: str = "cv"
     folds: int = 5
@@ -158,7 +158,7 @@ class DevelopmentRun:
 
 def development_runs(path: str, label_key: str = "celltype") -> Iterator[DevelopmentRun]:
     """The runs of :func:`development_splits` on ``path``, one at a time (see :class:`DevelopmentRun`)."""
-    from model.accuracy.methods import LogisticL2
+    from scripts.benchmark.methods import LogisticL2
 
     X, y, genes, splits = development_splits(path, label_key)
     for split in splits:
@@ -182,7 +182,9 @@ def _novelty(method: Any, X: sparse.csr_matrix, probs: np.ndarray) -> dict[str, 
     """The novelty scores a method gives (at least softmax: 1 - its top probability)."""
     if hasattr(method, "novelty_scores"):
         return method.novelty_scores(X)
-    return {"softmax": 1.0 - probs.max(axis=1).astype(np.float64)}
+    from model.novelty.scores import softmax_score
+
+    return {"softmax": softmax_score(probs)}
 
 
 def _over_clusters(X_test: sparse.csr_matrix, seed: int, basis: str, method: Any, resolution: float | None) -> np.ndarray:
@@ -194,6 +196,15 @@ def _over_clusters(X_test: sparse.csr_matrix, seed: int, basis: str, method: Any
     if not hasattr(method, "embedding"):
         raise ValueError(f"{type(method).__name__} has no embedding to over-cluster; use over_clustering_basis='expression'")
     return over_cluster(method.embedding(X_test), resolution, seed=seed)
+
+
+def _voted(rule: str, probs: np.ndarray, classes: Sequence[str], clusters: np.ndarray) -> np.ndarray:
+    """The labels after majority voting by ``rule``, one-hot over ``classes`` (what :func:`evaluate` scores)."""
+    from model.majority_voting import vote
+
+    names = np.asarray(classes)
+    voted = vote(rule, names[probs.argmax(1)], probs, names, clusters)
+    return (voted[:, None] == names[None]).astype(float)
 
 
 def run_benchmark(
@@ -225,7 +236,9 @@ def run_benchmark(
     (default: CellTypist's, growing with the number of test cells)."""
     from tqdm.auto import tqdm
 
-    from model.novelty import COMBINED_PARTS, ScoreCombination, conformal_threshold, query_scores
+    from model.novelty.calibration import ScoreCombination, conformal_threshold
+    from model.novelty.query import query_scores
+    from model.novelty.scores import COMBINED_PARTS
 
     X = sparse.csr_matrix(X)
     y = np.asarray(y).astype(str)
@@ -250,18 +263,16 @@ def run_benchmark(
             if cal_idx is None:
                 results = [(name, evaluate(y[split.test], probs, method.classes_, threshold))]
                 if majority_voting:
-                    from model.majority_voting import cautious_vote, majority_vote, soft_vote
+                    from model.majority_voting import soft_vote
 
                     ckey = split.key if over_clustering_basis == "expression" else f"{split.key} {name}"
                     if ckey not in clusters_of:
                         clusters_of[ckey] = _over_clusters(X[split.test], split.seed, over_clustering_basis, method,
                                                            over_clustering_resolution)
                     clusters = clusters_of[ckey]
-                    voted = majority_vote(np.asarray(method.classes_)[probs.argmax(1)], clusters)
-                    onehot = (voted[:, None] == np.asarray(method.classes_)[None]).astype(float)
-                    results.append((f"{name} [majority voting]", evaluate(y[split.test], onehot, method.classes_, threshold)))
+                    hard, cautious = (_voted(rule, probs, method.classes_, clusters) for rule in ("hard", "cautious"))
+                    results.append((f"{name} [majority voting]", evaluate(y[split.test], hard, method.classes_, threshold)))
                     results.append((f"{name} [soft voting]", evaluate(y[split.test], soft_vote(probs, clusters), method.classes_, threshold)))
-                    cautious = np.eye(probs.shape[1])[cautious_vote(probs, clusters)]
                     results.append((f"{name} [cautious voting]", evaluate(y[split.test], cautious, method.classes_, threshold)))
             else:
                 test_scores = _novelty(method, X[split.test], probs)

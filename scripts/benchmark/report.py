@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 
 from data.io import InputError, write_text
-from model.accuracy.protocols import Split
-from model.evaluation import UNASSIGNED, classification_metrics
-from model.inference import NoveltyRule, assign_labels
+from model.evaluation import classification_metrics
+from model.novelty.rule import UNASSIGNED, NoveltyRule, assign_labels
 from model.plots import plot_confusion
+from scripts.benchmark.protocols import Split
 
 
 def evaluate(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], threshold: float | None = None) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def evaluate_novelty(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[st
     without rejection, accuracy of those kept (``assigned_accuracy``), the fraction wrongly rejected; novel cells: the fraction rejected (recall);
     both: the AUROC of the score (novel vs known) and the fraction of known cells rejected at the
     cutoff that rejects 95% of the novel ones."""
-    from model.novelty import auroc, fpr_at_tpr
+    from model.novelty.calibration import auroc, fpr_at_tpr
 
     y_true = np.asarray(y_true).astype(str)
     pred, top, _ = assign_labels(probs, classes, NoveltyRule(score, cutoff), novelty)
@@ -80,7 +80,7 @@ class NoveltyTally:
     def add(self, name: str, split: Split, calibration: np.ndarray, query: np.ndarray, novel: np.ndarray) -> None:
         """One run's scores of variant ``name``: ``calibration`` (known cells held out of fitting) and
         ``query`` (the split's test cells, ``novel`` marking those of the held-out type)."""
-        from model.novelty import auroc, conformal_threshold
+        from model.novelty.calibration import auroc, conformal_threshold
 
         cut = conformal_threshold(calibration, self.reject_rate)
         self.runs.setdefault(name, {}).setdefault(split.variant, []).append(

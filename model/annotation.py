@@ -1,0 +1,378 @@
+"""Annotation as one contract: cells + a fine-tuned checkpoint -> :func:`annotate` ->
+:class:`AnnotationResult` (labels, ``Unassigned`` where the novelty rule rejects a cell, confidence,
+probabilities, embeddings), which writes itself into an AnnData under the key names of
+:class:`AnnotationKeys` (:meth:`~AnnotationResult.to_adata`), a table (:meth:`~AnnotationResult.to_table`),
+a report and plots. ``predict.py``, the Python API (:mod:`model.api`), ``attn_analysis.py --umap``
+and the accuracy benchmark all go through it; :mod:`model.streaming` annotates a file a chunk at a
+time with the same pieces (:func:`score_cells`, :func:`label_table`, :func:`uns_entries`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from data.dataset import CellDataset
+from data.io import InputError
+from model.checkpoint import Checkpoint, load_checkpoint
+from model.evaluation import annotation_report, known_truth
+from model.inference import DEFAULT_INFERENCE, InferenceOptions, embed_cells, predict_outputs
+from model.nn.network import ScBERT
+from model.novelty.record import NoveltyRecord, novelty_scores
+from model.novelty.rule import DEFAULT_NOVELTY, NoveltyRule, NoveltySettings, assign_labels, choose_rule, query_rule
+from model.novelty.scores import EXPRESSION_SCORES, QUERY_COMBINED_PARTS, QUERY_SCORES, softmax_score
+from model.recheck import near_decision, rechecks, rescore_in_float32, resolve_recheck_margin
+from model.runtime import tune_allocator
+
+
+@dataclass(frozen=True)
+class AnnotationKeys:
+    """Where annotations live in an AnnData, for the prefix ``key_added`` (default ``scbert``)."""
+
+    key_added: str = "scbert"
+
+    @property
+    def celltype(self) -> str:
+        return f"{self.key_added}_celltype"  # obs: the label, or Unassigned
+
+    @property
+    def confidence(self) -> str:
+        return f"{self.key_added}_confidence"  # obs: the top class probability
+
+    @property
+    def probabilities(self) -> str:
+        return f"{self.key_added}_probabilities"  # obsm: cells x classes
+
+    @property
+    def embedding(self) -> str:
+        return f"X_{self.key_added}"  # obsm: cells x dim
+
+    @property
+    def classes(self) -> str:
+        return f"{self.key_added}_classes"  # uns: the columns of the probabilities
+
+    @property
+    def threshold(self) -> str:
+        return f"{self.key_added}_threshold"  # uns
+
+    @property
+    def report(self) -> str:
+        return f"{self.key_added}_annotation"  # uns: JSON of the model and the preprocessing report
+
+    @property
+    def celltype_raw(self) -> str:
+        return f"{self.key_added}_celltype_raw"  # obs: the top class, never Unassigned
+
+    @property
+    def novelty(self) -> str:
+        return f"{self.key_added}_novelty"  # obs: the novelty score that decides Unassigned; uns: the rule (score, threshold, reject rate)
+
+    @property
+    def majority_voting(self) -> str:
+        return f"{self.key_added}_majority_voting"  # obs: the majority label of the cell's over-cluster
+
+    @property
+    def over_clustering(self) -> str:
+        return f"{self.key_added}_over_clustering"  # obs: the over-cluster of each cell
+
+    def obs(self) -> tuple[str, ...]:
+        return self.celltype, self.confidence
+
+    def obsm(self) -> tuple[str, ...]:
+        return self.probabilities, self.embedding
+
+    def uns(self) -> tuple[str, ...]:
+        return self.classes, self.threshold, self.report
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring: one pass for the outputs and the novelty scores, with the float32 re-check
+# --------------------------------------------------------------------------------------------
+
+
+def score_cells(net: ScBERT, ds: CellDataset, record: NoveltyRecord | None, rule: NoveltyRule, options: InferenceOptions,
+                pooling: str = "mean", recheck_margin: float | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """The model's outputs (see :func:`model.inference.predict_outputs`, with embeddings) and the
+    novelty scores the rule needs (``softmax`` and ``energy`` always; others when the rule uses
+    them), from one pass. After a bf16/fp16 pass, the cells :func:`model.recheck.near_decision`
+    finds are run again in float32 and their outputs replaced, so that labels match a float32 run
+    (``recheck_margin`` None or 0: no re-check). Returns outputs, scores and the number of cells re-checked."""
+    wanted = {"softmax", "energy", rule.score}
+    if rule.score in QUERY_SCORES:
+        wanted.add(QUERY_COMBINED_PARTS[0])  # for query_combined and query_rule's fall-back; the query score itself: query_rule
+    features = record is not None and record.classes is not None and "mahalanobis" in wanted
+    expression = bool(wanted & {*EXPRESSION_SCORES, "combined"})  # the pca_* scores (and so combined) also read the cells' input matrix
+
+    def run(dataset: CellDataset, show: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        out = predict_outputs(net, dataset, options.replace(progress=show), embed=True, features=features, pooling=pooling)
+        if not out:
+            return out, {}
+        return out, novelty_scores(out["probs"], out["logits"], out.get("features"), out["embedding"], record, which=wanted,
+                                   expression=dataset.X if expression else None)
+
+    out, scores = run(ds, options.progress)
+    if not (rechecks(net.options, recheck_margin) and out):
+        return out, scores, 0
+    rows = np.flatnonzero(near_decision(out["probs"], rule, scores.get(rule.score), recheck_margin))
+    again = rescore_in_float32(net, rows, lambda: run(ds.subset(rows), False))
+    if again is not None:
+        for k, v in again[0].items():
+            out[k][rows] = v
+        for k, v in again[1].items():
+            scores[k][rows] = v
+    return out, scores, len(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# What an annotation writes: the table, the uns entries, the report and the plots
+# --------------------------------------------------------------------------------------------
+
+
+def annotation_record(model: str | None, preprocessing: dict[str, Any], rechecked: int | None, margin: float | None = None) -> str:
+    """What ``uns['scbert_annotation']`` holds (JSON): the model, the preprocessing report, how many
+    cells the float32 re-check re-scored (None: no re-check ran) and its margin."""
+    return json.dumps({"model": model, "preprocessing": preprocessing, "rechecked_fp32": rechecked, "recheck_margin": margin},
+                      default=str)
+
+
+def uns_entries(keys: AnnotationKeys, classes: Sequence[str], rule: NoveltyRule, model: str | None, preprocessing: dict[str, Any],
+                rechecked: int | None, margin: float | None) -> dict[str, Any]:
+    """The ``uns`` entries of an annotation: classes, threshold, the rule and the run's record."""
+    return {keys.classes: list(classes), keys.threshold: float("nan") if rule.threshold is None else float(rule.threshold),
+            keys.novelty: json.dumps(rule.to_dict()), keys.report: annotation_record(model, preprocessing, rechecked, margin)}
+
+
+def label_table(keys: AnnotationKeys, cell_names: Sequence[str], labels: np.ndarray, confidence: np.ndarray, novelty: np.ndarray,
+                labels_raw: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],
+                majority_voting: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per cell (index ``cell``): label, confidence, novelty, top label, majority voting
+    (when done), and ``p_<class>`` per class: the ``--csv`` table."""
+    index = pd.Index(list(cell_names), name="cell")
+    cols: dict[str, Any] = {keys.celltype: labels, keys.confidence: np.asarray(confidence, dtype=np.float32),
+                            keys.novelty: np.asarray(novelty, dtype=np.float32), keys.celltype_raw: labels_raw}
+    if majority_voting is not None:
+        cols[keys.majority_voting] = majority_voting
+    table = pd.DataFrame(cols, index=index)
+    probs = pd.DataFrame(np.asarray(probabilities, dtype=np.float32), index=index, columns=[f"p_{c}" for c in classes])
+    return pd.concat([table, probs], axis=1)
+
+
+def label_report(labels: np.ndarray, confidence: np.ndarray, classes: Sequence[str], rule: NoveltyRule,
+                 truth: pd.Series | np.ndarray | None = None, rechecked: int | None = None,
+                 margin: float | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Metrics and readable lines of an annotation's labels (see :meth:`Annotation.report`);
+    ``rechecked``: cells re-scored in float32 after a low-precision pass, with the re-check's ``margin``."""
+    name = f"column {truth.name!r}" if isinstance(truth, pd.Series) and truth.name is not None else "the label column"
+    metrics, lines = annotation_report(labels, confidence, classes, rule.threshold, truth, name, rule.describe())
+    metrics["novelty"] = rule.to_dict()
+    if rechecked is not None:
+        metrics["rechecked_fp32"] = int(rechecked)
+        metrics["recheck_margin"] = margin
+        within = "" if margin is None else f" (within {margin:.4g})"
+        lines.insert(1, f"{rechecked} of {len(labels)} cells near a decision{within} were scored again in float32 after the low-precision pass")
+    return metrics, lines
+
+
+class Annotation:
+    """What every annotation has, per cell (in input order): ``labels`` (``Unassigned`` where the
+    novelty ``rule`` rejects the cell), ``labels_raw`` (the top class), ``confidence`` and
+    ``novelty_score`` (the rule's score); the model's ``classes``; and the report and plots they
+    make. Shared by :class:`AnnotationResult` (in memory) and
+    :class:`model.streaming.StreamedAnnotation` (written to disk a chunk at a time)."""
+
+    labels: np.ndarray
+    labels_raw: np.ndarray
+    confidence: np.ndarray
+    novelty_score: np.ndarray
+    classes: list[str]
+    rule: NoveltyRule
+    rechecked: int | None  # cells re-scored in float32 after a bf16/fp16 pass (None: no re-check ran)
+    recheck_margin: float | None  # the margin of that re-check
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.labels)
+
+    @property
+    def threshold(self) -> float | None:
+        return self.rule.threshold
+
+    def report(self, truth: pd.Series | np.ndarray | None = None) -> tuple[dict[str, Any], list[str]]:
+        """Metrics and readable lines; with ``truth`` (known labels, missing ones as NaN/None; a
+        Series' name is used in messages) also accuracy and macro-F1 (Unassigned counts as wrong)
+        and the types the model never saw."""
+        return label_report(self.labels, self.confidence, self.classes, self.rule, truth, self.rechecked, self.recheck_margin)
+
+    def to_plots(self, folder: Path, truth: pd.Series | np.ndarray | None = None) -> list[Path]:
+        """predictions.png (cells per type, novelty scores and the cutoff) and, with ``truth``,
+        confusion_matrix.png in ``folder``; returns the files written."""
+        from model import plots
+
+        rule = self.rule
+        written = [folder / "predictions.png"]
+        plots.plot_predictions(self.labels, self.novelty_score if rule.score != "softmax" else self.confidence, rule.threshold,
+                               written[0], rule.score)
+        ok, known = known_truth(truth, self.n_cells)
+        if known is not None:
+            metrics = label_report(self.labels, self.confidence, self.classes, rule, truth)[0]
+            written.append(folder / "confusion_matrix.png")
+            plots.plot_confusion(known, np.asarray(self.labels)[ok], written[1],
+                                 f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
+        return written
+
+
+@dataclass
+class AnnotationResult(Annotation):
+    """What annotating cells with a fine-tuned model gives: per cell (in input order) the class
+    probabilities, the top label, the label (``Unassigned`` where the novelty ``rule`` rejects the
+    cell), its confidence, its novelty scores and its embedding; plus the model's classes and the
+    preprocessing report. :meth:`vote` adds majority voting over an over-clustering."""
+
+    probabilities: np.ndarray  # cells x classes
+    classes: list[str]
+    embedding: np.ndarray  # cells x dim
+    rule: NoveltyRule
+    cell_names: list[str]
+    novelty: dict[str, np.ndarray] = field(default_factory=dict)  # every score computed, per cell
+    model: str = ""
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0  # preprocessing and model included
+    over_clustering: np.ndarray | None = None
+    majority_voting: np.ndarray | None = None
+    rechecked: int | None = None  # cells re-scored in float32 after a bf16/fp16 pass (None: no re-check ran)
+    recheck_margin: float | None = None  # the margin of that re-check
+    expression: Any = field(default=None, repr=False)  # the prepared cells x genes matrix, for over-clustering on expression
+
+    def __post_init__(self) -> None:
+        if self.rule.cutoff is not None and self.rule.score not in self.novelty and self.rule.score != "softmax":
+            raise ValueError(f"the rule's score {self.rule.score!r} was not computed")
+        self.labels, self.labels_raw, self.confidence = assign_labels(self.probabilities, self.classes, self.rule,
+                                                                      self.novelty.get(self.rule.score))
+
+    @property
+    def novelty_score(self) -> np.ndarray:
+        """The score the rule uses, per cell (1 - confidence for softmax)."""
+        return self.novelty[self.rule.score] if self.rule.score in self.novelty else softmax_score(self.probabilities)
+
+    def vote(self, clusters: Sequence[Any] | None = None, seed: int = 0, basis: str = "expression", voting: str = "cautious",
+             resolution: float | None = None) -> AnnotationResult:
+        """Majority voting: each cell gets its cluster's label only when it is unsure and the cluster
+        nearly unanimous (``voting="cautious"``, the default, :func:`model.majority_voting.cautious_vote`),
+        the top class of its probabilities averaged half and half with its cluster's mean
+        (``"soft"``: confident cells keep their label), or the most common label of its cluster
+        (``"hard"``, CellTypist's). Clusters: ``clusters`` given, or Leiden over-clusters of the
+        cells' expression PCA (``basis="expression"``) or of the scBERT embedding (``"embedding"``)."""
+        from model.majority_voting import OVER_CLUSTERING_BASES, VOTING_RULES, expression_pcs, over_cluster, vote
+
+        if basis not in OVER_CLUSTERING_BASES or voting not in VOTING_RULES:
+            raise InputError(f"over-clustering basis {basis!r} / voting {voting!r}: use one of {OVER_CLUSTERING_BASES} / {VOTING_RULES}")
+        if clusters is not None:
+            self.over_clustering = np.asarray(clusters).astype(str)
+        elif basis == "embedding":
+            self.over_clustering = over_cluster(self.embedding, resolution, seed=seed)
+        else:
+            if self.expression is None:
+                raise InputError("over-clustering on expression needs the cells' prepared expression, which this result does not keep "
+                                 "(it came from a streamed run): pass clusters, or basis='embedding'")
+            self.over_clustering = over_cluster(expression_pcs(self.expression, seed=seed), resolution, seed=seed)
+        if len(self.over_clustering) != self.n_cells:
+            raise InputError(f"the over-clustering has {len(self.over_clustering)} entries for {self.n_cells} cells")
+        self.majority_voting = vote(voting, self.labels, self.probabilities, self.classes, self.over_clustering)
+        return self
+
+    def to_adata(self, adata: ad.AnnData, key_added: str = "scbert") -> ad.AnnData:
+        """Write the annotation into ``adata`` (in place; the same cells, in order) under the keys
+        of :class:`AnnotationKeys` and return it."""
+        if adata.n_obs != self.n_cells:
+            raise ValueError(f"the annotation has {self.n_cells} cells, the AnnData {adata.n_obs}")
+        keys = AnnotationKeys(key_added)
+        adata.obs[keys.celltype] = self.labels
+        adata.obs[keys.celltype_raw] = self.labels_raw
+        adata.obs[keys.confidence] = self.confidence.astype(np.float32)
+        adata.obs[keys.novelty] = self.novelty_score.astype(np.float32)
+        if self.majority_voting is not None:
+            adata.obs[keys.over_clustering] = pd.Categorical(self.over_clustering)
+            adata.obs[keys.majority_voting] = self.majority_voting
+        adata.obsm[keys.probabilities] = self.probabilities.astype(np.float32)
+        adata.obsm[keys.embedding] = self.embedding.astype(np.float32)
+        adata.uns.update(uns_entries(keys, self.classes, self.rule, self.model, self.preprocessing, self.rechecked, self.recheck_margin))
+        return adata
+
+    def to_table(self, key_added: str = "scbert") -> pd.DataFrame:
+        """One row per cell (index ``cell``): label, confidence, novelty, top label, majority
+        voting (when done), and ``p_<class>`` per class."""
+        return label_table(AnnotationKeys(key_added), self.cell_names, self.labels, self.confidence, self.novelty_score,
+                           self.labels_raw, self.probabilities, self.classes, self.majority_voting)
+
+    def report(self, truth: pd.Series | np.ndarray | None = None) -> tuple[dict[str, Any], list[str]]:
+        """:meth:`Annotation.report`, and how majority voting scores when it was done."""
+        metrics, lines = super().report(truth)
+        if self.majority_voting is not None:
+            ok, known = known_truth(truth, self.n_cells)
+            n_clusters = len(set(self.over_clustering))
+            changed = int((self.majority_voting != self.labels).sum())
+            metrics["majority_voting"] = {"n_clusters": n_clusters, "changed": changed}
+            line = f"majority voting over {n_clusters} over-clusters changed {changed} labels"
+            if known is not None:
+                acc = float((self.majority_voting[ok] == known).mean())
+                metrics["majority_voting"]["accuracy"] = acc
+                line += f"; accuracy {acc:.4f}"
+            lines.append(line)
+        return metrics, lines
+
+
+# --------------------------------------------------------------------------------------------
+# The entry points: annotate and embed an AnnData
+# --------------------------------------------------------------------------------------------
+
+
+def fine_tuned(model: str | Path | Checkpoint) -> Checkpoint:
+    """The checkpoint ``model`` (loaded when a path), refused when it cannot name cell types."""
+    ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+    if not ckpt.is_classifier:
+        raise InputError(f"{ckpt.source or 'the model'} is a pretrained (not fine-tuned) model: it cannot name cell types; "
+                         f"fine-tune it with finetune.py first")
+    return ckpt
+
+
+def annotate(adata: ad.AnnData, model: str | Path | Checkpoint, novelty: NoveltySettings = DEFAULT_NOVELTY,
+             options: InferenceOptions = DEFAULT_INFERENCE, species: str = "auto", pooling: str = "mean") -> AnnotationResult:
+    """Annotate the cells of ``adata`` (raw counts or log-normalised; every cell kept, in order)
+    with a fine-tuned checkpoint: preprocessed as the model's inputs were, aligned to its genes,
+    scored in batches as ``options`` say, with the novelty scores the rule needs computed in the
+    same pass; ``novelty`` chooses the rule (:func:`model.novelty.rule.choose_rule`). Under
+    bf16/fp16, cells near a decision are re-scored in float32 (``options.fp32_recheck``)."""
+    ckpt = fine_tuned(model)
+    record = ckpt.novelty
+    rule = choose_rule(record, novelty, ckpt.source or "the model")
+    margin = resolve_recheck_margin(options.fp32_recheck, record, options.execution, rule)
+    t0 = time.time()
+    prepared, rep = ckpt.prepare(adata, what="the query", species=species)
+    net = ckpt.build_model(options.execution)
+    tune_allocator()
+    out, scores, rechecked = score_cells(net, CellDataset(prepared.X, ckpt.config.bin_num), record, rule, options, pooling, margin)
+    rule = query_rule(rule, record, prepared.X, scores, fall_back=novelty.score == "auto")
+    checked = rechecks(net.options, margin)
+    return AnnotationResult(probabilities=out["probs"], classes=list(ckpt.classes or []), embedding=out["embedding"], rule=rule,
+                            cell_names=list(map(str, adata.obs_names)), novelty=scores, model=ckpt.source,
+                            preprocessing=rep.to_dict(), seconds=time.time() - t0,
+                            rechecked=rechecked if checked else None, recheck_margin=margin if checked else None, expression=prepared.X)
+
+
+def embed(adata: ad.AnnData, model: str | Path | Checkpoint, options: InferenceOptions = DEFAULT_INFERENCE, pooling: str = "mean",
+          species: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
+    """Cell embeddings (cells x dim, in order, every cell kept) of ``adata`` from any of our
+    checkpoints, pretrained or fine-tuned, with the preprocessing report."""
+    ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+    prepared, rep = ckpt.prepare(adata, species=species)
+    net = ckpt.build_model(options.execution)
+    tune_allocator()
+    return embed_cells(net, CellDataset(prepared.X, ckpt.config.bin_num), options, pooling), rep.to_dict()

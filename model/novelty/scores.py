@@ -1,0 +1,120 @@
+"""Per-cell novelty scores from one prediction pass (higher = more novel), and the class statistics
+in whose terms the distance scores are measured.
+
+- ``softmax``: 1 - the top class probability (the published rule rejects above 0.5);
+- ``energy``: -logsumexp of the logits (Liu et al. 2020);
+- ``mahalanobis``: the smallest squared Mahalanobis distance of the classifier's penultimate
+  features to a class mean, one covariance shared by the classes, shrunk (Ledoit-Wolf; Lee et al. 2018);
+- ``knn``: the Euclidean distance of the L2-normalised cell embedding to its k-th nearest training
+  cell (Sun et al. 2022).
+
+The expression scores (``pca_*``) are in :mod:`model.novelty.expression`, the scores of a whole
+query (``query_*``) in :mod:`model.novelty.query`, ``combined`` in :mod:`model.novelty.calibration`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SCORES = ("softmax", "energy", "mahalanobis", "knn", "pca_mahalanobis", "pca_knn", "combined", "query_density", "query_combined")
+NETWORK_SCORES = ("energy", "mahalanobis", "knn")  # computed by the network, so its precision moves them (softmax aside)
+PCA_SCORES = ("pca_mahalanobis", "pca_knn")
+QUERY_SCORES = ("query_density", "query_combined")  # depend on the whole query: thresholds set at prediction
+EXPRESSION_SCORES = (*PCA_SCORES, *QUERY_SCORES)  # computed from the input expression alone (the network's precision cannot move them)
+COMBINED_PARTS = ("pca_mahalanobis", "energy")  # the scores that ``combined`` joins
+QUERY_COMBINED_PARTS = ("pca_mahalanobis", "query_density")  # the scores that ``query_combined`` joins
+MAX_REFERENCE_CELLS = 5000  # training cells kept for the kNN score and the class statistics (seeded sample)
+KNN_K = 10
+
+
+def logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=1, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def softmax_score(probs: np.ndarray) -> np.ndarray:
+    """1 - the top class probability, in float64: the one definition of the ``softmax`` score."""
+    return 1.0 - np.asarray(probs).max(axis=1).astype(np.float64)
+
+
+def energy_score(logits: np.ndarray) -> np.ndarray:
+    return -logsumexp(logits.astype(np.float64))
+
+
+def normalise_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float64)."""
+    x = x.astype(np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def as_array(x: Any) -> np.ndarray:
+    """A stored tensor (or array-like) as a numpy array."""
+    return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+
+
+@dataclass
+class ClassStatistics:
+    """What the ``mahalanobis`` and ``knn`` scores need from the training cells: class means and the
+    shared, shrunk precision of some features, and a kNN reference of L2-normalised embeddings."""
+
+    class_means: np.ndarray  # classes x features
+    precision: np.ndarray  # features x features: inverse of the shared, shrunk covariance
+    reference: np.ndarray  # cells x dim: L2-normalised embeddings of (up to MAX_REFERENCE_CELLS) training cells
+    k: int = KNN_K
+    _index: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def fit(cls, features: np.ndarray, embeddings: np.ndarray, labels: np.ndarray, n_classes: int, seed: int = 0,
+            max_cells: int = MAX_REFERENCE_CELLS, k: int = KNN_K) -> ClassStatistics:
+        """From the training cells' features, embeddings and class ids (0..n_classes-1)."""
+        from sklearn.covariance import LedoitWolf
+
+        labels = np.asarray(labels)
+        if len(labels) > max_cells:
+            keep = np.sort(np.random.default_rng(seed).choice(len(labels), max_cells, replace=False))
+            features, embeddings, labels = features[keep], embeddings[keep], labels[keep]
+        f = features.astype(np.float64)
+        means = np.zeros((n_classes, f.shape[1]))
+        for c in range(n_classes):
+            rows = labels == c
+            means[c] = f[rows].mean(axis=0) if rows.any() else np.nan
+        centred = f - means[labels]
+        precision = LedoitWolf(assume_centered=True).fit(centred).precision_
+        return cls(means, precision, normalise_rows(embeddings).astype(np.float32), min(k, len(labels)))
+
+    def mahalanobis(self, features: np.ndarray) -> np.ndarray:
+        f = features.astype(np.float64)
+        best = np.full(len(f), np.inf)
+        for mean in self.class_means:
+            if np.isnan(mean).any():
+                continue
+            d = f - mean
+            best = np.minimum(best, np.einsum("ij,jk,ik->i", d, self.precision, d))
+        return best
+
+    def knn(self, embeddings: np.ndarray) -> np.ndarray:
+        from sklearn.neighbors import NearestNeighbors
+
+        if self._index is None:
+            self._index = NearestNeighbors(n_neighbors=self.k).fit(self.reference)
+        dist, _ = self._index.kneighbors(normalise_rows(embeddings).astype(np.float32), n_neighbors=self.k)
+        return dist[:, -1].astype(np.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        import torch
+
+        return {"class_means": torch.from_numpy(self.class_means), "precision": torch.from_numpy(self.precision),
+                "reference": torch.from_numpy(self.reference), "k": int(self.k)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ClassStatistics:
+        return cls(as_array(d["class_means"]), as_array(d["precision"]), as_array(d["reference"]), int(d["k"]))
+
+# The score predict.py uses by default: the highest mean AUROC (known vs held-out type) for scBERT
+# in the benchmark of RESULTS.md ("Novel cell types", PBMC3k leave-one-type-out). It needs the whole
+# query from the training data's batch: model.novelty.rule.query_rule falls back to pca_mahalanobis otherwise.
+DEFAULT_SCORE = "query_combined"
