@@ -100,8 +100,8 @@ def resolve_recheck_margin(margin: float | str | None, record: NoveltyRecord | N
         log.info("float32 re-check margin %.4f: %g x the largest %s change measured on %d validation cells at fine-tuning",
                  value, RECHECK_SAFETY, precision, error["n_cells"])
         if error["head"] != "float32" and value > RECHECK_FLOOR:
-            log.info("(measured with the classifier head in %s, which made most of that change: the margin is cautious, and more "
-                     "cells are re-checked than needed; a model fine-tuned again measures a smaller one)", precision)
+            log.info("(measured when the classifier head still ran in %s, which made most of that change: the margin is cautious, "
+                     "and more cells are re-checked than needed; a model fine-tuned again measures a smaller one)", precision)
     else:
         log.info("float32 re-check margin %.2f (the checkpoint did not measure its %s error at fine-tuning)", value, precision)
     return value

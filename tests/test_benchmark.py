@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from scipy import sparse
 
-from model.accuracy.harness import run_benchmark
-from model.accuracy.methods import CentroidCorrelation, KNNReference, LogisticL1, LogisticL2, method_factories
-from model.accuracy.protocols import cross_splits, cv_splits, fewshot_splits, imbalance_splits, novel_splits, select_genes
-from model.accuracy.report import NoveltyTally, check_same_splits, evaluate, paired_against, paired_table
+from scripts.benchmark.harness import run_benchmark
+from scripts.benchmark.methods import CentroidCorrelation, KNNReference, LogisticL1, LogisticL2, method_factories
+from scripts.benchmark.protocols import cross_splits, cv_splits, fewshot_splits, imbalance_splits, novel_splits, select_genes
+from scripts.benchmark.report import NoveltyTally, check_same_splits, evaluate, paired_against, paired_table
 
 REPO = Path(__file__).resolve().parents[1]
 GENES = ["CD3D", "CD3E", "CD2", "IL7R", "CD79A", "MS4A1", "CD19", "CD22", "LYZ", "CD14", "S100A8", "S100A9", "NKG7", "GNLY",
@@ -147,7 +147,7 @@ def test_every_method_gets_the_same_split() -> None:
 
 def test_celltypist_offline() -> None:
     pytest.importorskip("celltypist")
-    from model.accuracy.methods import CellTypist
+    from scripts.benchmark.methods import CellTypist
 
     X, y, genes = toy()
     X = X.log1p().tolil()
@@ -161,7 +161,7 @@ def test_celltypist_offline() -> None:
 
 
 def test_cli_cross_and_novel_with_tiny_scbert(tmp_path: Path) -> None:
-    from scripts.accuracy_benchmark import main
+    from scripts.benchmark.cli import main
 
     data = toy_h5ad(tmp_path / "toy.h5ad")
     out = tmp_path / "cross"
@@ -190,7 +190,7 @@ def test_cli_cross_and_novel_with_tiny_scbert(tmp_path: Path) -> None:
 
 
 def test_cli_refuses_bad_input_plainly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from scripts.accuracy_benchmark import main
+    from scripts.benchmark.cli import main
 
     data = toy_h5ad(tmp_path / "toy.h5ad")
     with pytest.raises(SystemExit):
@@ -204,8 +204,8 @@ def test_cli_refuses_bad_input_plainly(tmp_path: Path, capsys: pytest.CaptureFix
 def test_scbert_inner_split_never_puts_a_cell_on_both_sides() -> None:
     """Rare types (2 cells, 1 cell) in a run's training part: validation and training stay disjoint,
     every type is trained on, and a 2-cell type is validated too."""
-    from model.accuracy.methods import ScBERTMethod
     from model.train.config import TrainConfig
+    from scripts.benchmark.methods import ScBERTMethod
 
     X, y, genes = toy(n_per=10)
     keep = np.r_[np.flatnonzero(y == "alpha"), np.flatnonzero(y == "beta")[:2], np.flatnonzero(y == "gamma")[:1]]
@@ -228,7 +228,7 @@ def test_macro_f1_over_true_and_over_true_and_predicted_labels() -> None:
 def test_pretraining_per_split_never_sees_the_test_cells(tmp_path: Path) -> None:
     """--pretrain-per-split: each run pretrains its own encoder on the corpus plus its training cells
     (the novel type held out of both), and the report says which cells the encoder saw."""
-    from scripts.accuracy_benchmark import main
+    from scripts.benchmark.cli import main
 
     data = toy_h5ad(tmp_path / "toy.h5ad")
     corpus = toy_h5ad(tmp_path / "corpus.h5ad", n_per=4, seed=3)
@@ -245,9 +245,9 @@ def test_pretraining_per_split_never_sees_the_test_cells(tmp_path: Path) -> None
 
 
 def test_encoder_exposure_names_a_checkpoint_pretrained_on_the_evaluation_data(tmp_path: Path) -> None:
-    from model.accuracy.harness import encoder_exposure
     from model.checkpoint import Checkpoint
     from model.nn.config import ScBERTConfig
+    from scripts.benchmark.harness import encoder_exposure
 
     cfg = ScBERTConfig(n_genes=3, dim=8, depth=1, heads=2, dim_head=4)
     seen = Checkpoint(cfg, ["a", "b", "c"], {}, training={"data": ["runs/x/prep_1_pbmc3k_labeled.h5ad", "immune.h5ad"]}, source="pre.pt")
@@ -260,7 +260,7 @@ def test_leave_one_type_out_with_calibrated_novelty_scores(tmp_path: Path) -> No
     """Without --hold-out the novel protocol holds out each type with >= 20 cells in turn; every
     method gets one row per novelty score (thresholds calibrated on the same calibration cells) and
     a row for the published rule; results.md adds the mean over the held-out types."""
-    from scripts.accuracy_benchmark import main
+    from scripts.benchmark.cli import main
 
     data = toy_h5ad(tmp_path / "toy.h5ad", n_per=30)
     out = tmp_path / "loto"
@@ -295,7 +295,7 @@ def test_leave_one_type_out_with_calibrated_novelty_scores(tmp_path: Path) -> No
 
 
 def test_majority_voting_rows(tmp_path: Path) -> None:
-    from scripts.accuracy_benchmark import main
+    from scripts.benchmark.cli import main
 
     data = toy_h5ad(tmp_path / "toy.h5ad", n_per=30)
     out = tmp_path / "mv"
@@ -310,7 +310,7 @@ def test_majority_voting_rows(tmp_path: Path) -> None:
 
 
 def test_label_map_leaves_out_cells_mapped_to_dash(tmp_path: Path) -> None:
-    from scripts.accuracy_benchmark import main
+    from scripts.benchmark.cli import main
 
     data = toy_h5ad(tmp_path / "toy.h5ad", n_per=30)
     labels = sorted(set(ad.read_h5ad(data).obs["celltype"]))

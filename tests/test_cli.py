@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
+from pathlib import Path
 
+import anndata as ad
+import numpy as np
 import pytest
 
 import finetune
@@ -14,7 +18,7 @@ import preprocess
 import pretrain
 from model.cli.args import str2bool
 
-from .conftest import REPO
+from .conftest import REPO, linked_run
 
 
 @pytest.mark.parametrize("text,value", [("False", False), ("false", False), ("0", False), ("no", False), ("True", True), ("yes", True), ("1", True)])
@@ -64,3 +68,31 @@ def test_help_shows_an_example(script: str) -> None:
 def test_parsers_build() -> None:
     for mod in (preprocess, pretrain, finetune, predict):
         assert isinstance(mod.build_parser(), argparse.ArgumentParser)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_run: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return linked_run(tiny_run, tmp_path_factory.mktemp("cli"))
+
+
+@pytest.mark.parametrize("backed", ["false", "true"])
+def test_predict_script_writes_everything_before_its_quick_exit(calibrated: Path, pbmc_small: Path, backed: str) -> None:
+    """``python predict.py`` ends without the interpreter's teardown (exit_now): its h5ad, table and
+    run record are complete, and equal to those of main() in this process."""
+    import subprocess
+    import sys
+
+    args = ["--data", str(pbmc_small), "--model", str(calibrated / "ft" / "model.pt"), "--backed", backed, "--chunk-size", "50"]
+    here, there = calibrated / f"here_{backed}", calibrated / f"there_{backed}"
+    predict.main([*args, "--out", f"{here}.h5ad", "--csv", f"{here}.csv", "--quiet"])
+    proc = subprocess.run([sys.executable, "predict.py", *args, "--out", f"{there}.h5ad", "--csv", f"{there}.csv"],
+                          cwd=Path(predict.__file__).parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "wrote" in proc.stderr
+    a, b = ad.read_h5ad(f"{here}.h5ad"), ad.read_h5ad(f"{there}.h5ad")
+    assert (a.obs["scbert_celltype"] == b.obs["scbert_celltype"]).all()
+    np.testing.assert_allclose(a.obsm["scbert_probabilities"], b.obsm["scbert_probabilities"], rtol=1e-5, atol=1e-6)
+    assert Path(f"{here}.csv").read_text() == Path(f"{there}.csv").read_text()
+    log_lines = Path(f"{there}_run/log.txt").read_text().splitlines()
+    assert "wrote" in log_lines[-1]  # the last message reached the file
+    assert json.loads(Path(f"{there}_run/metrics.json").read_text())["n_cells"] == a.n_obs

@@ -12,26 +12,18 @@ import pytest
 
 import finetune
 import predict
-import preprocess
 import pretrain
 from model.checkpoint import load_checkpoint
 
-from .conftest import TINY_MODEL
-
-FAST = ["--batch-size", "16", "--lr", "1e-3", "--quiet", "--seed", "0"]
+from .conftest import FAST, TINY_MODEL, linked_run
 
 
 @pytest.fixture(scope="module")
-def runs(pbmc_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("e2e")
-    prep = d / "prep.h5ad"
-    preprocess.main(["--data", str(pbmc_small), "--out", str(prep), "--n-top-genes", "300", "--quiet"])
-    pretrain.main(["--data", str(prep), "--out", str(d / "pre"), *TINY_MODEL, "--epochs", "2", "--grad-checkpointing", *FAST])
-    finetune.main(["--data", str(prep), "--label-key", "celltype", "--pretrained", str(d / "pre" / "model.pt"),
-                   "--out", str(d / "ft"), "--epochs", "3", *FAST])
+def runs(tiny_run: dict[str, Path], pbmc_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = linked_run(tiny_run, tmp_path_factory.mktemp("e2e"))
     predict.main(["--data", str(pbmc_small), "--model", str(d / "ft" / "model.pt"), "--out", str(d / "pred.h5ad"),
                   "--csv", str(d / "pred.csv"), "--label-key", "celltype", "--threshold", "0.5", "--novelty", "softmax", "--quiet"])
-    return {"dir": d, "prep": prep, "raw": pbmc_small}
+    return {"dir": d, "prep": d / "prep.h5ad", "raw": pbmc_small}
 
 
 def test_preprocess_output(runs: dict[str, Path]) -> None:

@@ -19,10 +19,12 @@ from scipy import sparse
 from data.io import InputError, read_cells
 from data.labels import check_labels
 from data.preprocess import prepare
+from model.annotation import annotate
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.inference import annotate
+from model.inference import InferenceOptions
 from model.nn.config import ScBERTConfig
 from model.nn.network import ScBERT
+from model.novelty import NoveltySettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:(Observation|Variable) names are not unique:UserWarning")
 
@@ -102,7 +104,7 @@ def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> object:
 def test_annotate_gives_valid_output_or_a_clean_error(tiny_classifier: object, a: ad.AnnData, threshold: float, truth: list) -> None:
     a.obs["truth"] = truth[: a.n_obs]
     try:
-        result = annotate(a, tiny_classifier, threshold=threshold, batch_size=4, progress=False)
+        result = annotate(a, tiny_classifier, NoveltySettings(threshold=threshold), InferenceOptions(4, progress=False))
         out = result.to_adata(a.copy())
     except InputError as e:
         assert str(e)

@@ -25,10 +25,10 @@ from data.io import CellSource, InputError, read_cells
 from model import annotate, embed
 from model import preprocess as api_preprocess
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.inference import predict_outputs
+from model.inference import InferenceOptions, predict_outputs
 from model.nn.config import ScBERTConfig
 from model.nn.network import ScBERT
-from model.novelty import NoveltyStats, calibrate, novelty_record, novelty_scores
+from model.novelty import ClassStatistics, NoveltyRecord, calibrate, novelty_scores
 
 from .conftest import PBMC, REPO
 from .test_distributed import run_env, torchrun_cmd
@@ -78,11 +78,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ck = load_checkpoint(d / "plain_clf.pt")
     net = ck.build_model()
     prepared, _ = ck.prepare(plain)
-    out = predict_outputs(net, CellDataset(prepared.X, ck.config.bin_num), 8, torch.device("cpu"), embed=True, features=True, progress=False)
+    out = predict_outputs(net, CellDataset(prepared.X, ck.config.bin_num), InferenceOptions(8, progress=False), embed=True, features=True)
     y = np.array([TYPES.index(t) for t in plain.obs["celltype"]])
-    stats = NoveltyStats.fit(out["features"], out["embedding"], y, 3, k=3)
-    cal = calibrate(novelty_scores(out["probs"], out["logits"], out["features"], out["embedding"], stats), 0.1)
-    save_checkpoint(d / "clf.pt", net, genes, TYPES, novelty=novelty_record(stats, cal))
+    record = NoveltyRecord(classes=ClassStatistics.fit(out["features"], out["embedding"], y, 3, k=3))
+    record.calibration = calibrate(novelty_scores(out["probs"], out["logits"], out["features"], out["embedding"], record), 0.1)
+    save_checkpoint(d / "clf.pt", net, genes, TYPES, novelty=record)
     return {"dir": d, "plain": plain, "genes": genes}
 
 
