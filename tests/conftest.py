@@ -1,7 +1,11 @@
-"""Shared fixtures: small real data cut from the bundled PBMC3k file, and tiny model sizes."""
+"""Shared fixtures: small real data cut from the bundled PBMC3k file, tiny model sizes, a tiny run of
+the stages shared by the tests that need a trained model; and the ``slow`` marker (tests of several
+seconds each: subprocesses, torchrun, compiling; skipped unless ``--run-slow`` or ``SCBERT_SLOW_TESTS=1``,
+which ``.ci/run`` sets)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +16,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PBMC = REPO / "data" / "pbmc3k_labeled.h5ad"
 TINY_MODEL = ["--dim", "16", "--depth", "2", "--heads", "2", "--dim-head", "8"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", default=False, help="also run the tests marked slow (CI runs them)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow") or os.environ.get("SCBERT_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow or SCBERT_SLOW_TESTS=1 (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

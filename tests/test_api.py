@@ -5,19 +5,16 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
 import pytest
-import torch
 from scipy import sparse
 
 import predict
 from model import annotate, embed, load_model, preprocess
 from model.api import CheckpointError, InputError
-from model.checkpoint import save_checkpoint
-from model.nn.config import ScBERTConfig
-from model.nn.network import ScBERT
 
 from .conftest import PBMC, REPO
 
@@ -25,7 +22,7 @@ TYPES = ["B", "CD14+ Mono", "NK"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def setup(tmp_path_factory: pytest.TempPathFactory, random_checkpoints: Any) -> dict[str, object]:
     """16 raw PBMCs x their 200 most expressed genes, and tiny classifier / pretrained checkpoints on those genes."""
     d = tmp_path_factory.mktemp("api")
     full = ad.read_h5ad(PBMC)
@@ -37,10 +34,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     query.X = sparse.csr_matrix(query.X, dtype=np.float32)
     query.write_h5ad(d / "query.h5ad")
     genes = list(query.var_names)
-    torch.manual_seed(0)
-    for name, head in (("clf", "classifier"), ("mlm", "mlm")):
-        cfg = ScBERTConfig(n_genes=len(genes), dim=8, depth=1, heads=2, dim_head=4, head=head, n_classes=3 if head == "classifier" else None)
-        save_checkpoint(d / f"{name}.pt", ScBERT(cfg), genes, TYPES if head == "classifier" else None)
+    for name, path in random_checkpoints(genes, TYPES).items():
+        (d / f"{name}.pt").symlink_to(path)
     return {"dir": d, "query": query, "genes": genes}
 
 

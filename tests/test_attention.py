@@ -189,7 +189,7 @@ MARKERS = {"B": ["MS4A1", "CD79A", "CD79B", "CD19"], "NK": ["NKG7", "GNLY", "PRF
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def attention_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("attn")
     genes = [g for gs in MARKERS.values() for g in gs] + [f"GENE{i}" for i in range(48)]
     rng = np.random.default_rng(0)
@@ -221,8 +221,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"dir": d, "out": d / "out", "bundled": d / "bundled", "common": common}  # type: ignore[dict-item]
 
 
-def test_analysis_outputs(tiny_run: dict) -> None:
-    out = tiny_run["out"]
+@pytest.mark.slow
+def test_analysis_outputs(attention_run: dict) -> None:
+    out = attention_run["out"]
     for name in ("attention_top_genes.csv", "attention_by_celltype.csv", "attention_heatmap.png", "marker_overlap.csv",
                  "enrichment.csv", "summary.txt", "metrics.json", "config.json", "log.txt", "umap.png"):
         assert (out / name).is_file(), name
@@ -248,8 +249,8 @@ def test_analysis_outputs(tiny_run: dict) -> None:
     assert "known markers" in (out / "summary.txt").read_text()
 
 
-def test_analysis_with_bundled_defaults(tiny_run: dict) -> None:
-    out = tiny_run["bundled"]
+def test_analysis_with_bundled_defaults(attention_run: dict) -> None:
+    out = attention_run["bundled"]
     m = json.loads((out / "metrics.json").read_text())
     assert m["layers"] == [0, 1] and m["n_cells_scored"] == {"B": 15, "CD14+ Mono": 15, "NK": 15}
     mo = pd.read_csv(out / "marker_overlap.csv").set_index("cell_type")
@@ -258,8 +259,8 @@ def test_analysis_with_bundled_defaults(tiny_run: dict) -> None:
     assert pd.read_csv(out / "enrichment.csv")["collection"].eq("msigdb_hallmark_v7.5.1.gmt.gz").all()
 
 
-def test_analysis_errors(tiny_run: dict, capsys: pytest.CaptureFixture[str]) -> None:
-    d, common = tiny_run["dir"], tiny_run["common"]
+def test_analysis_errors(attention_run: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    d, common = attention_run["dir"], attention_run["common"]
     with pytest.raises(SystemExit) as exit_info:
         attn_analysis.main([*common, "--model", str(d / "model.pt"), "--out", str(d / "out")])
     assert exit_info.value.code == 2 and "attention_top_genes.csv; pass --overwrite" in capsys.readouterr().err
@@ -304,7 +305,7 @@ def test_slice_by_slice_scores_equal_the_batched_formula() -> None:
     torch.testing.assert_close(received_from_qk(q, k, proj, heads), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_batch_size_fits_the_memory_budget(tiny_run: dict) -> None:
+def test_batch_size_fits_the_memory_budget(attention_run: dict) -> None:
     from model.attention.scores import cell_working_bytes, fit_batch_size
     from model.nn.config import ScBERTConfig
 
@@ -312,11 +313,11 @@ def test_batch_size_fits_the_memory_budget(tiny_run: dict) -> None:
     assert 0.3 * 2**30 < cell_working_bytes(published) < 0.5 * 2**30
     assert fit_batch_size(published, 0.5, 16) == 1 and fit_batch_size(published, None, 16) == 16
     assert fit_batch_size(ScBERTConfig(n_genes=4000, dim=200, depth=6, heads=10, dim_head=64), 0.5, 16) == 5
-    d = tiny_run["dir"]
-    attn_analysis.main([*tiny_run["common"], "--model", str(d / "pre.pt"), "--out", str(d / "budget"), "--max-memory", "1e-5"])
+    d = attention_run["dir"]
+    attn_analysis.main([*attention_run["common"], "--model", str(d / "pre.pt"), "--out", str(d / "budget"), "--max-memory", "1e-5"])
     assert "attention batches of 1 cells" in (d / "budget" / "log.txt").read_text()
     a = pd.read_csv(d / "budget" / "attention_top_genes.csv")
-    b = pd.read_csv(tiny_run["bundled"] / "attention_top_genes.csv")
+    b = pd.read_csv(attention_run["bundled"] / "attention_top_genes.csv")
     # the CSV holds 6 significant digits: a 1e-7 difference of the float32 sums (batch 1 vs a bigger
     # batch, seen on an AVX2-only CPU) can cross a rounding boundary, so compare to that precision
     np.testing.assert_allclose(a["score"], b["score"], rtol=1e-5, atol=1e-9)

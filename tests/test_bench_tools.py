@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -12,8 +11,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from model.nn.config import NAIVE, ScBERTConfig
 from model.nn.flops import forward_cost
 from model.nn.network import ScBERT
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_forward_cost_matches_counted_products() -> None:
@@ -31,8 +28,7 @@ def test_forward_cost_matches_counted_products() -> None:
 
 
 def test_bench_gpu_runs_on_cpu(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench_gpu
+    from scripts.bench import gpu as bench_gpu
 
     out_json, out_md = tmp_path / "g.json", tmp_path / "g.md"
     bench_gpu.main(["--device", "cpu", "--genes", "60", "--dim", "16", "--depth", "1", "--heads", "2", "--dim-head", "8",
@@ -47,28 +43,25 @@ def test_bench_gpu_runs_on_cpu(tmp_path: Path) -> None:
 
 
 def test_bench_attention_rss_runs(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench_attention_rss
+    from scripts.bench.attention_rss import main
 
     out = tmp_path / "a.json"
-    bench_attention_rss.main(["--genes", "60", "--cases", "12:1", "--json", str(out)])
+    main(["--genes", "60", "--cases", "12:1", "--json", str(out)])
     (case,) = json.loads(out.read_text())["cases"]
     assert case["scored_cells"] == 4 and case["peak_rss_mb"] > 0 and case["seconds"] > 0
 
 
 def test_forward_breakdown_times_the_network_it_reproduces() -> None:
-    """The per-part timing of bench_forward_settings.py walks the same computation as the network."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench_forward_settings
-
+    """The per-part timing of ``python -m scripts.bench.forward_settings`` walks the same computation as the network."""
     from model.nn.config import ExecutionOptions
+    from scripts.bench.forward_settings import breakdown
 
     torch.manual_seed(0)
     cfg = ScBERTConfig(n_genes=60, dim=16, depth=3, heads=2, dim_head=8, head="classifier", n_classes=3)
     net = ScBERT(cfg, options=ExecutionOptions()).eval()
     tokens = torch.randint(0, 6, (3, 61))
     tokens[:, ::2] = 0  # unexpressed genes: the first-layer cache takes them
-    parts, (out,) = bench_forward_settings.breakdown(net, [tokens], repeats=2)
+    parts, (out,) = breakdown(net, [tokens], repeats=2)
     assert set(parts) == {"embedding + first layer", "layer norms", "q, k, v products", "FAVOR+ attention", "output product",
                           "feed-forward (norm, MLP)", "final norm + head"}
     assert all(t > 0 for t in parts.values())

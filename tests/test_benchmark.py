@@ -160,6 +160,7 @@ def test_celltypist_offline() -> None:
     assert (np.asarray(m.classes_)[probs.argmax(1)] == y[1::2]).mean() > 0.9
 
 
+@pytest.mark.slow
 def test_cli_cross_and_novel_with_tiny_scbert(tmp_path: Path) -> None:
     from scripts.benchmark.cli import main
 
@@ -225,6 +226,7 @@ def test_macro_f1_over_true_and_over_true_and_predicted_labels() -> None:
     assert m["macro_f1_union"] == pytest.approx((2 / 3 + 2 / 3 + 0 + 0) / 4)  # Unassigned and c count with F1 0
 
 
+@pytest.mark.slow
 def test_pretraining_per_split_never_sees_the_test_cells(tmp_path: Path) -> None:
     """--pretrain-per-split: each run pretrains its own encoder on the corpus plus its training cells
     (the novel type held out of both), and the report says which cells the encoder saw."""
@@ -256,6 +258,7 @@ def test_encoder_exposure_names_a_checkpoint_pretrained_on_the_evaluation_data(t
     assert encoder_exposure(Checkpoint(cfg, ["a", "b", "c"], {}, source="old.pt"), ["d.h5ad"], False)["includes_test_cells"] is None
 
 
+@pytest.mark.slow
 def test_leave_one_type_out_with_calibrated_novelty_scores(tmp_path: Path) -> None:
     """Without --hold-out the novel protocol holds out each type with >= 20 cells in turn; every
     method gets one row per novelty score (thresholds calibrated on the same calibration cells) and

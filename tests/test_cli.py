@@ -75,6 +75,7 @@ def calibrated(tiny_run: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     return linked_run(tiny_run, tmp_path_factory.mktemp("cli"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backed", ["false", "true"])
 def test_predict_script_writes_everything_before_its_quick_exit(calibrated: Path, pbmc_small: Path, backed: str) -> None:
     """``python predict.py`` ends without the interpreter's teardown (exit_now): its h5ad, table and

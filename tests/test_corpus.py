@@ -103,15 +103,9 @@ def test_build_corpus_reports_unmeasured_genes_and_pretraining_never_scores_them
 
     from data.corpus import CORPUS_KEY, build_corpus
     from data.dataset import IGNORE_INDEX, mask_tokens, tokenize_rows
-    from model.checkpoint import load_checkpoint
-
-    sys_path = Path(__file__).resolve().parents[1] / "scripts"
-    import sys
-
-    sys.path.insert(0, str(sys_path))
-    import build_corpus as script
-
     from data.genes import load_gene_table
+    from model.checkpoint import load_checkpoint
+    from scripts import build_corpus as script
 
     names = sorted(g for g in load_gene_table().symbols if g.isalnum() and g.isupper() and len(g) > 3)[:70]
     a = _counts_file(tmp_path / "a.h5ad", names[:60], 30, 0)  # does not measure GENE60..69

@@ -147,6 +147,7 @@ def test_epoch_batches_split_every_cell_once() -> None:
     assert [len(shard(10, r, 4)) for r in range(4)] == [3, 3, 2, 2] and np.concatenate([shard(10, r, 4) for r in range(4)]).tolist() == list(range(10))
 
 
+@pytest.mark.slow
 def test_two_process_pretraining_loop_matches_one_process(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     """The real loop under torchrun (2 x 3 cells per step) sees each cell once per epoch, and ends
     with the weights of one process with 6 cells per step (tolerance 1e-5, float summation order)."""
@@ -180,6 +181,7 @@ def test_two_process_pretraining_loop_matches_one_process(tiny: tuple[Path, Path
         assert np.isfinite(mine["train_loss"]) and abs(mine["train_loss"] - one["train_loss"]) < 2e-2 * one["train_loss"]
 
 
+@pytest.mark.slow
 def test_two_process_finetune_cli_matches_one_process(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     """finetune.py under torchrun (2 x 3 cells, gradient accumulation over 2 steps with no_sync,
     class weights) writes the model.pt of one process with 6 cells per step (tolerance 1e-5)."""
@@ -200,6 +202,7 @@ def test_two_process_finetune_cli_matches_one_process(tiny: tuple[Path, Path], t
     assert not (tmp_path / "ddp" / "log.txt").read_text().count("torchrun job") > 1  # only rank 0 logs
 
 
+@pytest.mark.slow
 def test_two_process_pretraining_resumes_after_sigkill(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     """pretrain.py under torchrun is SIGKILLed (the whole job) once a mid-epoch state is on disk,
     resumed under torchrun, and ends with the weights of an uninterrupted one-process run with the

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -43,7 +44,7 @@ STAGES = ["preprocess", "pretrain", "finetune", "predict", "attn"]
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def base(tmp_path_factory: pytest.TempPathFactory, random_checkpoints: Any) -> dict[str, object]:
     """24 raw-count PBMCs (3 types x 8) x the 300 genes they express most, plus tiny checkpoints on those genes."""
     d = tmp_path_factory.mktemp("errors")
     full = ad.read_h5ad(PBMC)
@@ -57,10 +58,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     raw.X = sparse.csr_matrix(raw.X, dtype=np.float32)
     genes = list(raw.var_names)
     raw.write_h5ad(d / "raw.h5ad")
-    torch.manual_seed(0)
-    for name, head in (("clf", "classifier"), ("mlm", "mlm")):
-        cfg = ScBERTConfig(n_genes=len(genes), dim=8, depth=1, heads=2, dim_head=4, head=head, n_classes=3 if head == "classifier" else None)
-        save_checkpoint(d / f"{name}.pt", ScBERT(cfg), genes, TYPES if head == "classifier" else None)
+    for name, path in random_checkpoints(genes, TYPES).items():
+        (d / f"{name}.pt").symlink_to(path)
     return {"dir": d, "raw": raw, "genes": genes}
 
 

@@ -7,11 +7,11 @@ import math
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from scipy import sparse
@@ -20,10 +20,8 @@ from data.io import InputError, read_cells
 from data.labels import check_labels
 from data.preprocess import prepare
 from model.annotation import annotate
-from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.checkpoint import CheckpointError, load_checkpoint
 from model.inference import InferenceOptions
-from model.nn.config import ScBERTConfig
-from model.nn.network import ScBERT
 from model.novelty import NoveltySettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:(Observation|Variable) names are not unique:UserWarning")
@@ -91,12 +89,8 @@ def test_prepare_gives_valid_output_or_a_clean_error(a: ad.AnnData, use_vocab: b
 
 
 @pytest.fixture(scope="module")
-def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> object:
-    torch.manual_seed(0)
-    cfg = ScBERTConfig(n_genes=len(VOCAB), dim=8, depth=1, heads=2, dim_head=4, head="classifier", n_classes=3)
-    path = tmp_path_factory.mktemp("fuzz") / "clf.pt"
-    save_checkpoint(path, ScBERT(cfg), VOCAB, ["a", "b", "c"])
-    return load_checkpoint(path)
+def tiny_classifier(random_checkpoints: Any) -> object:
+    return load_checkpoint(random_checkpoints(list(VOCAB), ["a", "b", "c"])["clf"])
 
 
 @SETTINGS

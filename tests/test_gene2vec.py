@@ -248,7 +248,8 @@ def test_train_gene2vec_modules_and_report() -> None:
     assert report.extra["n_cells_used"] == 300
     assert report.extra["top_k"] == 5 and report.extra["epochs"] == 100
     assert json.loads(json.dumps(report.to_dict())) == report.to_dict()
-    assert isinstance(report, Gene2VecReport)
+    assert Gene2VecReport(**report.to_dict()) == report  # the record a checkpoint keeps gives the same report back
+    assert report.summary().startswith("gene2vec source=trained dim=16: 30/40 genes with a vector (75.0%), 10 fallback")
 
 
 def test_train_gene2vec_deterministic_and_subsampling() -> None:

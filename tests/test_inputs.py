@@ -8,6 +8,7 @@ import json
 import logging
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -26,8 +27,6 @@ from model import annotate, embed
 from model import preprocess as api_preprocess
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.inference import InferenceOptions, predict_outputs
-from model.nn.config import ScBERTConfig
-from model.nn.network import ScBERT
 from model.novelty import ClassStatistics, NoveltyRecord, calibrate, novelty_scores
 
 from .conftest import PBMC, REPO
@@ -44,7 +43,7 @@ def scaled(counts: sparse.csr_matrix) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def setup(tmp_path_factory: pytest.TempPathFactory, random_checkpoints: Any) -> dict:
     """39 raw PBMCs x their 300 most expressed genes in several on-disk forms, and a tiny classifier
     with a novelty calibration on those genes."""
     d = tmp_path_factory.mktemp("inputs")
@@ -72,9 +71,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ens.write_h5ad(d / "ensembl.h5ad")
 
     genes = list(plain.var_names)
-    torch.manual_seed(0)
-    cfg = ScBERTConfig(n_genes=len(genes), dim=8, depth=1, heads=2, dim_head=4, head="classifier", n_classes=3)
-    save_checkpoint(d / "plain_clf.pt", ScBERT(cfg), genes, TYPES)
+    (d / "plain_clf.pt").symlink_to(random_checkpoints(genes, TYPES)["clf"])
     ck = load_checkpoint(d / "plain_clf.pt")
     net = ck.build_model()
     prepared, _ = ck.prepare(plain)
@@ -235,6 +232,7 @@ def test_backed_prediction_equals_the_in_memory_one(setup: dict, tmp_path: Path)
         assert (tmp_path / f"{name}_str_run" / "confusion_matrix.png").is_file()
 
 
+@pytest.mark.slow
 def test_torchrun_processes_share_the_chunks(setup: dict, tmp_path: Path) -> None:
     d = setup["dir"]
     common = ["--data", str(d / "plain.h5ad"), "--model", str(d / "clf.pt"), "--quiet", "--batch-size", "4", "--device", "cpu"]

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import finetune
-import preprocess
 import pretrain
 from data.dataset import CellDataset, mask_tokens
 from model.checkpoint import load_checkpoint
@@ -94,10 +93,8 @@ def test_masked_accuracy_over_expression_bins() -> None:
 
 
 @pytest.fixture(scope="module")
-def prep(pbmc_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("recipe") / "prep.h5ad"
-    preprocess.main(["--data", str(pbmc_small), "--out", str(path), "--n-top-genes", "200", "--quiet"])
-    return path
+def prep(tiny_run: dict[str, Path]) -> Path:
+    return tiny_run["prep"]
 
 
 def test_recipe_reaches_the_records(prep: Path, tmp_path: Path) -> None:

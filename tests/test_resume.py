@@ -34,6 +34,7 @@ def last_state(folder: Path) -> dict:
     return torch.load(list_states(folder / "checkpoints")[-1], weights_only=True)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     """Killed (SIGKILL) in its second epoch, right after a state was written; resumed; the final
     weights equal those of a run never interrupted (tolerance 1e-6; in practice 0)."""
