@@ -298,6 +298,53 @@ def _prepared_state(adata: ad.AnnData, X: sparse.csr_matrix, state: ValueState, 
     return ValueState("log", LOG_BASE, target_sum)
 
 
+def _revised_genes(X: sparse.csr_matrix, names: list[str], genes: Sequence[str] | None, species: str, rep: PrepReport,
+                   what: str) -> tuple[sparse.csr_matrix, list[str]]:
+    """The genes under current human symbols (mouse symbols mapped, aliases revised, unmatched and
+    duplicated genes dropped; a name already in the vocabulary ``genes`` kept), with their columns."""
+    sp = check_species(names, vocab=genes)
+    if species == "mouse" or (species == "auto" and sp.looks_mouse):
+        names = mouse_to_human(names)
+        rep.symbols_species = "mouse"
+        rep.warn(f"the genes of {what} are mouse symbols (e.g. {', '.join(sp.examples[:3])}: {sp.n_mouse_style} of {sp.n_names} "
+                 f"are capitalised like mouse genes). scBERT's vocabulary is human: mapped to human symbols by upper-casing "
+                 f"(Cd3e -> CD3E, right for orthologs that share their symbol); {sp.n_upper + sp.n_as_is} genes match after "
+                 f"mapping, the others are dropped", loud=True)
+    new_names, sym = revise_symbols(names, vocab=genes)
+    rep.symbols, rep.symbols_summary = sym.to_dict(), sym.summary()
+    kept = [j for j, n in enumerate(new_names) if n is not None]
+    return (X[:, kept] if len(kept) < X.shape[1] else X), [new_names[j] for j in kept]
+
+
+def _on_vocabulary(X: sparse.csr_matrix, names: list[str], genes: Sequence[str] | None, rep: PrepReport, input_names: list[str],
+                   what: str) -> tuple[sparse.csr_matrix, list[str]]:
+    """The cells on the vocabulary ``genes`` in its order (its genes the input lacks as zeros, with a
+    loud warning below MIN_VOCAB_FRACTION present), or on their own genes without a vocabulary."""
+    if genes is None:
+        if not names:
+            raise InputError(f"no gene of {what} matches a human NCBI gene symbol. {naming_hint(input_names)}"
+                             f"scBERT needs human gene symbols (e.g. CD3E) or Ensembl ids (ENSG...); first input genes: "
+                             f"{input_names[:5]}")
+        return X, names
+    X, present = align_to_genes(X, names, genes)
+    rep.vocab_size, rep.vocab_present = len(genes), present
+    measured = set(names)
+    rep.missing_genes = [g for g in genes if g not in measured]
+    if present == 0:
+        raise InputError(
+            f"none of the {len(genes)} vocabulary genes occurs in {what}. {naming_hint(input_names)}Are the genes "
+            f"named by human symbol (e.g. CD3E) and is this the right model? First input genes: {input_names[:5]}; "
+            f"first vocabulary genes: {list(genes[:5])}"
+        )
+    if present < MIN_VOCAB_FRACTION * len(genes):
+        rep.warn(
+            f"only {present} of {len(genes)} vocabulary genes ({100 * present / len(genes):.1f}%) are in {what}; "
+            f"the other genes are treated as not expressed and predictions may be unreliable",
+            loud=True,
+        )
+    return X, list(genes)
+
+
 def prepare(
     adata: ad.AnnData,
     genes: Sequence[str] | None = None,
@@ -346,45 +393,8 @@ def prepare(
         if state.kind == "log" and state.log_base is None:
             rep.warn(rep.normalisation)
 
-    names = list(adata.var_names)
-    sp = check_species(names, vocab=genes)
-    if species == "mouse" or (species == "auto" and sp.looks_mouse):
-        names = mouse_to_human(names)
-        rep.symbols_species = "mouse"
-        rep.warn(f"the genes of {what} are mouse symbols (e.g. {', '.join(sp.examples[:3])}: {sp.n_mouse_style} of {sp.n_names} "
-                 f"are capitalised like mouse genes). scBERT's vocabulary is human: mapped to human symbols by upper-casing "
-                 f"(Cd3e -> CD3E, right for orthologs that share their symbol); {sp.n_upper + sp.n_as_is} genes match after "
-                 f"mapping, the others are dropped", loud=True)
-    new_names, sym = revise_symbols(names, vocab=genes)
-    rep.symbols, rep.symbols_summary = sym.to_dict(), sym.summary()
-    kept = [j for j, n in enumerate(new_names) if n is not None]
-    names = [new_names[j] for j in kept]
-    X = X[:, kept] if len(kept) < X.shape[1] else X
-
-    if genes is not None:
-        X, present = align_to_genes(X, names, genes)
-        rep.vocab_size, rep.vocab_present = len(genes), present
-        measured = set(names)
-        rep.missing_genes = [g for g in genes if g not in measured]
-        if present == 0:
-            raise InputError(
-                f"none of the {len(genes)} vocabulary genes occurs in {what}. {naming_hint(adata.var_names)}Are the genes "
-                f"named by human symbol (e.g. CD3E) and is this the right model? First input genes: {list(adata.var_names[:5])}; "
-                f"first vocabulary genes: {list(genes[:5])}"
-            )
-        if present < MIN_VOCAB_FRACTION * len(genes):
-            rep.warn(
-                f"only {present} of {len(genes)} vocabulary genes ({100 * present / len(genes):.1f}%) are in {what}; "
-                f"the other genes are treated as not expressed and predictions may be unreliable",
-                loud=True,
-            )
-        var_names = list(genes)
-    else:
-        var_names = names
-        if not var_names:
-            raise InputError(f"no gene of {what} matches a human NCBI gene symbol. {naming_hint(adata.var_names)}"
-                             f"scBERT needs human gene symbols (e.g. CD3E) or Ensembl ids (ENSG...); first input genes: "
-                             f"{list(adata.var_names[:5])}")
+    X, names = _revised_genes(X, list(adata.var_names), genes, species, rep, what)
+    X, var_names = _on_vocabulary(X, names, genes, rep, list(adata.var_names), what)
     if library_size == "vocab":
         X, obs = _min_genes_filter(X, obs, min_genes, what, "vocabulary genes")
         done_before = prepared and _prepared_library_size(adata) == "vocab" and list(adata.var_names) == var_names

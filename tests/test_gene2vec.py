@@ -17,9 +17,8 @@ from data.gene2vec import (
     read_npy_embeddings,
     read_word2vec_text,
     save_word2vec_text,
-    top_correlated_pairs,
-    train_gene2vec,
 )
+from data.gene2vec_training import top_correlated_pairs, train_gene2vec
 
 GENES = ["CD3E", "MS4A1", "LYZ", "NKG7", "PPBP"]
 

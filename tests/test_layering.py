@@ -1,6 +1,8 @@
 """The package's layering, read from the source: ``data`` never imports ``model``, the library never
-imports the command line (``model.cli``), and no two modules import each other, directly or in a
-ring (imports inside functions included: they hide cycles, they do not remove them)."""
+imports the command line (``model.cli``) nor the scripts (the benchmark and experiments live outside
+the installed package), no two modules import each other, directly or in a ring (imports inside
+functions included: they hide cycles, they do not remove them); and the rooms stay small (no library
+module over 500 lines, no function over 100)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,10 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("data", "model")
+PACKAGES = ("data", "model", "scripts")
+LIBRARY = ("data", "model")  # what setup.py installs
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 100
 # `python -m model.convert` and `python -m model.info` must stay where users call them: a command entry point, not library code.
 ENTRY_POINTS = {"model.convert", "model.info"}
 
@@ -92,8 +97,29 @@ def test_library_never_imports_the_command_line() -> None:
     def cli(m: str) -> bool:
         return m == "model.cli" or m.startswith("model.cli.")
 
-    bad = {m: sorted(filter(cli, deps)) for m, deps in _graph().items() if not cli(m) and m not in ENTRY_POINTS}
+    library = {m: deps for m, deps in _graph().items() if m.split(".")[0] in LIBRARY}  # scripts are commands too
+    bad = {m: sorted(filter(cli, deps)) for m, deps in library.items() if not cli(m) and m not in ENTRY_POINTS}
     assert not {m: d for m, d in bad.items() if d}
+
+
+def test_the_library_never_imports_the_scripts() -> None:
+    bad = {m: sorted(d for d in deps if d.split(".")[0] == "scripts") for m, deps in _graph().items() if m.split(".")[0] in LIBRARY}
+    assert not {m: d for m, d in bad.items() if d}, "scripts/ (benchmark, experiments, benches) sits on top of the library"
+
+
+def test_library_rooms_stay_small() -> None:
+    """No library module over MAX_MODULE_LINES lines, no function over MAX_FUNCTION_LINES."""
+    too_big = []
+    for name, path in _modules().items():
+        if name.split(".")[0] not in LIBRARY:
+            continue
+        text = path.read_text(encoding="utf-8")
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            too_big.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+                too_big.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_big
 
 
 def test_no_import_cycles() -> None:
@@ -103,6 +129,7 @@ def test_no_import_cycles() -> None:
 def test_the_checks_see_what_they_check() -> None:
     """The graph holds the imports inside functions too, and the cycle finder finds a ring."""
     graph = _graph()
-    assert "model.plots" in graph["model.inference"]  # imported inside AnnotationResult.to_plots
+    assert "model.plots" in graph["model.annotation"]  # imported inside Annotation.to_plots
+    assert "model.novelty.rule" in graph["model.annotation"] and "model.novelty.record" in graph["model.checkpoint.format"]
     assert "model.nn.network" in graph["model.checkpoint.format"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

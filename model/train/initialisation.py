@@ -15,7 +15,8 @@ import torch
 from scipy import sparse
 
 from data.dataset import CellDataset
-from data.gene2vec import embeddings_for_vocab, load_pretrained, train_gene2vec
+from data.gene2vec import embeddings_for_vocab, load_pretrained
+from data.gene2vec_training import train_gene2vec
 from data.io import InputError
 from model.checkpoint import Checkpoint
 from model.inference import InferenceOptions, run_batches
