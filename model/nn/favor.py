@@ -50,13 +50,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     from performer_pytorch.performer_pytorch import FastAttention
 
-# Elements of one feature tile (4 MB of float32, or 2M bf16 elements). Smaller tiles fit a core's
-# cache but mean many small operations: on a busy machine their thread synchronisation and fresh
-# allocations cost more than the cache misses (Intel, 25 November: up to 9 s per layer and cell for
-# 2 MB tiles while other processes ran, 1.1 s idle). On the Zen 4 VM of 5 December, published sizes
-# at 4,000 genes, real cells: 4 MB tiles against 16 MB took 0.192 vs 0.222 s per cell (bf16, batch 2),
-# 0.253 vs 0.292 (bf16, batch 1), 0.600 vs 0.690 (fp32, batch 2); the same at 16,906 genes (1.23 vs
-# 1.21 s, bf16) and for a dim-32 model at 2,000 genes; under load both slowed alike (0.78 vs 0.80 s).
+# Elements of one feature tile (4 MB of float32): smaller tiles fit a core's cache but pay more thread
+# synchronisation and allocation on a busy machine; larger ones were slower too (BENCHMARKS.md, tile sizes).
 TILE_ELEMENTS = 1 << 20
 
 

@@ -5,7 +5,7 @@ forward pass through the encoder, per component, from the model configuration al
 elementwise work (exp, LayerNorm, GELU, softmax-kernel shifts) is counted separately as
 element passes: it is memory- and instruction-bound, not product-bound. A training step costs
 about three forward passes (the backward pass computes two products per forward product), plus
-the recomputation that :mod:`model.fast` and gradient checkpointing trade for memory.
+the recomputation that :mod:`model.nn.favor` and gradient checkpointing trade for memory.
 """
 
 from __future__ import annotations
