@@ -6,8 +6,8 @@ Writes a randomly initialised published-size classifier and labelled raw-count f
 (``--markers none --gmt none``: the synthetic gene names match no marker) in a fresh process per
 case and reports that process's peak RSS (``ru_maxrss``) and wall time.
 
-    python scripts/bench_attention_rss.py                       # ~3 minutes on 2 cores
-    python scripts/bench_attention_rss.py --genes 4000 --cases 200:2,16:0
+    python -m scripts.bench.attention_rss                       # ~3 minutes on 2 cores
+    python -m scripts.bench.attention_rss --genes 4000 --cases 200:2,16:0
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]  # the repository, where attn_analysis.py runs
 
 TYPES = ["A", "B", "C", "D"]
 

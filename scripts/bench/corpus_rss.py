@@ -1,12 +1,12 @@
 """Peak memory of pretraining from disk (``pretrain.py --backed``) as the corpus grows.
 
-For each size, a synthetic corpus (``scripts/make_corpus.py``: 16,906 genes, ``--genes-per-cell``
+For each size, a synthetic corpus (``python -m scripts.make_corpus``: 16,906 genes, ``--genes-per-cell``
 expressed per cell) is written to ``--workdir``, a fresh process runs a few optimiser steps of
 ``pretrain.py --backed`` on it and reports its peak resident memory (``ru_maxrss``), and the file
 is deleted. ``--in-memory`` sizes are also run without ``--backed`` (the whole matrix loaded), for
 contrast. Prints a table; the figures depend on the machine.
 
-    python scripts/bench_corpus_rss.py --sizes 20000 200000 --in-memory 20000
+    python -m scripts.bench.corpus_rss --sizes 20000 200000 --in-memory 20000
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the repository: the child process runs there, as a module
 
 
 def peak_rss_mb() -> float:
@@ -38,7 +38,6 @@ def peak_rss_mb() -> float:
 
 def child(args: argparse.Namespace) -> None:
     """Run pretraining in this process and print its peak RSS as JSON."""
-    sys.path.insert(0, str(REPO))
     import pretrain
 
     t0 = time.time()
@@ -51,7 +50,7 @@ def measure(data: Path, out: Path, backed: bool, opts: argparse.Namespace) -> di
 
     genes = out.with_suffix(".genes.txt")
     genes.write_text("\n".join(ad.read_h5ad(data, backed="r").var_names) + "\n")  # synthetic names: keep them all
-    cmd = [sys.executable, __file__, "--child", "--", "--data", str(data), "--vocab", str(genes), "--out", str(out), "--overwrite", "--quiet",
+    cmd = [sys.executable, "-m", "scripts.bench.corpus_rss", "--child", "--", "--data", str(data), "--vocab", str(genes), "--out", str(out), "--overwrite", "--quiet",
            "--device", "cpu", "--dim", "16", "--depth", "1", "--heads", "2", "--dim-head", "8", "--batch-size", str(opts.batch_size),
            "--max-steps", str(opts.steps), "--val-frac", "0.001", "--gene2vec", opts.gene2vec, "--gene2vec-cells",
            str(opts.gene2vec_cells), "--min-genes", "0", "--num-workers", str(opts.num_workers)]
@@ -79,7 +78,6 @@ def main() -> None:
     p.add_argument("--gene2vec-cells", type=int, default=5000)
     p.add_argument("--workdir", default=None, help="where the corpora are written (default: a temporary folder); each is deleted after use")
     opts = p.parse_args()
-    sys.path.insert(0, str(REPO))
     from scripts.make_corpus import make_corpus
 
     work = Path(opts.workdir or tempfile.mkdtemp(prefix="scbert_rss_"))

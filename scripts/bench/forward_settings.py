@@ -1,27 +1,23 @@
 """Seconds per cell of a fine-tuned model's forward pass on real cells, per batch size and FAVOR+
 tile size, and the bf16 error of its probabilities (BENCHMARKS.md, 4-5 December):
 
-    python scripts/bench_forward_settings.py --checkpoint runs17/ft4000/model.pt --query runs17/query320.h5ad \\
+    python -m scripts.bench.forward_settings --checkpoint runs17/ft4000/model.pt --query runs17/query320.h5ad \\
         --precision bf16 --batch-sizes 1,2,4,8,16 --tiles 4194304,1048576
-    python scripts/bench_forward_settings.py --checkpoint runs17/ft16906/model.pt --query runs17/query320.h5ad --error-cells 16
+    python -m scripts.bench.forward_settings --checkpoint runs17/ft16906/model.pt --query runs17/query320.h5ad --error-cells 16
 
 ``--breakdown B``: milliseconds per cell of each part of the forward pass at batch size B (the first
 layer with its cache of unexpressed genes, and per later layer the norm, the q/k/v products, FAVOR+,
 the output product, the feed-forward block; the head), summed over the layers:
 
-    python scripts/bench_forward_settings.py --checkpoint runs18/ft4000/model.pt --query runs17/query320.h5ad --breakdown 2
+    python -m scripts.bench.forward_settings --checkpoint runs18/ft4000/model.pt --query runs17/query320.h5ad --breakdown 2
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,9 +26,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import model.nn.favor as favor
     from data.dataset import tokenize_rows
+    from model.annotation import annotate
     from model.checkpoint import load_checkpoint
-    from model.inference import annotate
+    from model.inference import InferenceOptions
     from model.nn.config import ExecutionOptions
+    from model.novelty import NoveltySettings
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
@@ -79,8 +77,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{args.cells} cells, {args.repeats} repeats)")
     if args.error_cells:
         cells = query[: args.error_cells].copy()
-        probs = {prec: annotate(cells, ck, "auto", 1, "cpu", ExecutionOptions(precision=prec), progress=False,
-                                recheck_margin=0.0).probabilities.astype(np.float64) for prec in ("fp32", "bf16")}
+        options = InferenceOptions(batch_size=1, device="cpu", progress=False, fp32_recheck=0.0)
+        probs = {prec: annotate(cells, ck, NoveltySettings(), options.replace(execution=ExecutionOptions(precision=prec)))
+                 .probabilities.astype(np.float64) for prec in ("fp32", "bf16")}
         err = np.abs(probs["bf16"] - probs["fp32"])
         top = np.sort(probs["fp32"], axis=1)
         gap = top[:, -1] - top[:, -2]

@@ -2,11 +2,11 @@
 fraction of the device's bf16 peak the encoder reaches.
 
 One process, one device. For each attention path (``fast``: the FAVOR+ kernel of
-:mod:`model.fast` that predict.py/finetune.py/pretrain.py use; ``package``: the plain
+:mod:`model.nn.favor` that predict.py/finetune.py/pretrain.py use; ``package``: the plain
 ``performer_pytorch`` modules) it measures, with random weights at the given size:
 
 * ``predict``: batched forward passes under ``torch.inference_mode`` (tokens already on the device)
-  -> cells/s and the encoder's FLOP rate (:mod:`model.flops`) as a fraction of the peak;
+  -> cells/s and the encoder's FLOP rate (:mod:`model.nn.flops`) as a fraction of the peak;
 * ``finetune`` / ``pretrain``: optimiser steps (published freezing policy; 15% masking) -> cells/s,
   peak device memory;
 * ``gemm``: a large square bf16 product, the rate the device actually sustains.
@@ -14,8 +14,8 @@ One process, one device. For each attention path (``fast``: the FAVOR+ kernel of
 The peak is ``--peak-tflops`` if given, else a table of known dense bf16 peaks by device name
 (H100/H200 SXM 989, A100 312 TFLOP/s), else the measured GEMM rate. Writes JSON and markdown.
 
-    python scripts/bench_gpu.py                                   # published size, bf16, cuda
-    python scripts/bench_gpu.py --device cpu --genes 200 --dim 16 --depth 1 --heads 2 --dim-head 8 --batch-size 4   # smoke run
+    python -m scripts.bench.gpu                                   # published size, bf16, cuda
+    python -m scripts.bench.gpu --device cpu --genes 200 --dim 16 --depth 1 --heads 2 --dim-head 8 --batch-size 4   # smoke run
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 KNOWN_PEAKS_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
@@ -195,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     report = measure(args)
-    report["command"] = " ".join(["python", "scripts/bench_gpu.py", *(argv if argv is not None else sys.argv[1:])])
+    report["command"] = " ".join(["python", "-m", "scripts.bench.gpu", *(argv if argv is not None else sys.argv[1:])])
     Path(args.json).write_text(json.dumps(report, indent=2))
     Path(args.md).write_text(markdown(report))
     print(markdown(report))

@@ -1,6 +1,6 @@
 """Peak memory of ``predict.py --backed`` (a chunk of cells at a time) as the query grows.
 
-For each size, a synthetic query (``scripts/make_corpus.py``: 16,906 genes, ``--genes-per-cell``
+For each size, a synthetic query (``python -m scripts.make_corpus``: 16,906 genes, ``--genes-per-cell``
 expressed per cell, sparse by cell) is written to ``--workdir``; a tiny fine-tuned-format
 checkpoint (random weights, ``--model-genes`` of those genes, 3 classes) annotates it in a fresh
 process, which reports its peak resident memory (VmHWM) and time; output and query are deleted.
@@ -8,7 +8,7 @@ process, which reports its peak resident memory (VmHWM) and time; output and que
 model is tiny on purpose: what is measured is the memory of reading, preprocessing and writing,
 which does not depend on the model. Prints a table; the figures depend on the machine.
 
-    python scripts/bench_predict_rss.py --sizes 20000 200000 --in-memory 20000
+    python -m scripts.bench.predict_rss --sizes 20000 200000 --in-memory 20000
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the repository: the child process runs there, as a module
 
 
 def child(argv: list[str]) -> None:
     """Run predict.py in this process and print its peak RSS as JSON."""
-    sys.path.insert(0, str(REPO))
     import predict
-    from scripts.bench_corpus_rss import peak_rss_mb
+    from scripts.bench.corpus_rss import peak_rss_mb
 
     t0 = time.time()
     predict.main(argv)
@@ -50,7 +49,7 @@ def tiny_classifier(path: Path, genes: list[str]) -> Path:
 
 
 def measure(data: Path, model: Path, out: Path, backed: bool, opts: argparse.Namespace) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", "--", "--data", str(data), "--model", str(model), "--out", str(out), "--overwrite",
+    cmd = [sys.executable, "-m", "scripts.bench.predict_rss", "--child", "--", "--data", str(data), "--model", str(model), "--out", str(out), "--overwrite",
            "--quiet", "--device", "cpu", "--batch-size", str(opts.batch_size), "--chunk-size", str(opts.chunk_size),
            "--backed", "true" if backed else "false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -72,7 +71,6 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=10000)
     p.add_argument("--workdir", default=None, help="where the queries are written (default: a temporary folder); each is deleted after use")
     opts = p.parse_args()
-    sys.path.insert(0, str(REPO))
     import anndata as ad
 
     from scripts.make_corpus import make_corpus

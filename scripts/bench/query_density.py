@@ -1,24 +1,21 @@
-"""Time of the query_* novelty scores at prediction (:class:`model.novelty.QueryDensity.score`: two
+"""Time of the query_* novelty scores at prediction (:meth:`model.novelty.query.QueryDensity.score`: two
 PCA projections of the query and one neighbour search per PCA among reference + query + calibration
 cells), for growing queries, on synthetic log-expression (clusters of cells over ``--genes`` genes).
 The reference halves and calibration cells are as large as a checkpoint keeps at most (5,000 each
 half; ``--calibration`` validation cells, at most 10,000).
 
-    python scripts/bench_query_density.py --genes 2000 --calibration 2000 10000 --queries 100 1000 10000 50000
+    python -m scripts.bench.query_density --genes 2000 --calibration 2000 10000 --queries 100 1000 10000 50000
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.novelty import MAX_REFERENCE_CELLS, QueryDensity, density_neighbours  # noqa: E402
+from model.novelty.query import QueryDensity, density_neighbours
+from model.novelty.scores import MAX_REFERENCE_CELLS
 
 
 def cells(rng: np.random.Generator, centres: np.ndarray, n: int) -> np.ndarray:

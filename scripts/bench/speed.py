@@ -15,7 +15,7 @@ cases use the same randomly initialised model (same seed, same weights) at the s
   scores (attn_analysis) at several gene counts, to show linear cost.
 * ``batch``: peak RSS of a fast forward pass at several batch sizes.
 * ``roofline``: this machine's matrix-product rate (fp32, bf16) against the model's FLOPs
-  (:mod:`model.flops`): the fastest any implementation of the same model could run here, and what
+  (:mod:`model.nn.flops`): the fastest any implementation of the same model could run here, and what
   fraction of it the naive and fast encoders reach (with ``kernel``).
 * ``agreement`` (with ``--checkpoint`` and ``--query``, e.g. the demo's fine-tuned model): labels of
   ``annotate`` in bf16 vs fp32, and fast vs naive, on real cells.
@@ -23,8 +23,10 @@ cases use the same randomly initialised model (same seed, same weights) at the s
 With ``--rounds R`` the naive and fast runs alternate R times and the fastest of each is kept,
 which makes the ratio robust to other load on the machine.
 
-    python scripts/bench_speed.py                   # published size (slow on a CPU: ~30 minutes)
-    python scripts/bench_speed.py --quick           # 2,000 genes, 2 layers: a few minutes
+    python -m scripts.bench.speed                   # published size (slow on a CPU: ~30 minutes)
+    python -m scripts.bench.speed --quick           # 2,000 genes, 2 layers: a few minutes
+
+Run from the repository root (each case runs as ``python -m scripts.bench.speed --case ...`` there).
 """
 
 from __future__ import annotations
@@ -40,8 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the cases run there, as modules
 
 PUBLISHED_GENES = 16906
 N_CLASSES = 8
@@ -148,7 +149,7 @@ def _rechecked(path: Path) -> tuple[int | None, float | None]:
     """Cells the float32 re-check re-scored in a ``predict.py`` output and its margin (None: no re-check ran)."""
     import anndata as ad
 
-    from model.inference import AnnotationKeys
+    from model.annotation import AnnotationKeys
 
     adata = ad.read_h5ad(path, backed="r")
     try:
@@ -285,12 +286,13 @@ def case_agreement(args: argparse.Namespace) -> dict[str, Any]:
     """Top types and final labels (after the novelty rule) of a real fine-tuned model on real cells:
     naive fp32 (unless skipped), fast fp32, fast bf16 with and without the float32 re-check."""
     import numpy as np
-    import torch
 
     from data.io import read_cells
+    from model.annotation import annotate
     from model.checkpoint import load_checkpoint
-    from model.inference import annotate
+    from model.inference import InferenceOptions
     from model.nn.config import ExecutionOptions
+    from model.novelty import NoveltySettings
 
     ck = load_checkpoint(args.checkpoint)
     adata = read_cells(args.query)
@@ -304,8 +306,9 @@ def case_agreement(args: argparse.Namespace) -> dict[str, Any]:
     recheck = args.fp32_recheck if args.fp32_recheck == "auto" else float(args.fp32_recheck)
     for name, precision, margin in (("fp32", "fp32", 0.0), ("bf16", "bf16", recheck), ("bf16_norecheck", "bf16", 0.0)):
         t0 = time.perf_counter()
-        out = annotate(adata, ck, "auto", args.batch_size, torch.device("cpu"), ExecutionOptions(precision=precision),
-                       progress=False, recheck_margin=margin)
+        options = InferenceOptions(batch_size=args.batch_size, device="cpu", progress=False, execution=ExecutionOptions(precision=precision),
+                                   fp32_recheck=margin)
+        out = annotate(adata, ck, NoveltySettings(), options)
         res[f"fast_{name}_s"] = time.perf_counter() - t0
         top[name], labels[name] = out.probabilities.argmax(1), np.asarray(out.labels)
         if name == "bf16":
@@ -328,7 +331,7 @@ def _write_query_subset(query: Path, n_cells: int, out: Path) -> None:
 
 def run_case(argv: list[str]) -> dict[str, Any]:
     """Run one ``--case`` in a fresh interpreter; returns its result with ``peak_rss_mb``."""
-    proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench.speed", *argv], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"case {argv} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -440,7 +443,7 @@ def main() -> None:
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "model": {"genes": args.genes, "dim": args.dim, "depth": args.depth, "heads": args.heads, "dim_head": args.dim_head},
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python", "-m", "scripts.bench.speed", *sys.argv[1:]]),
         "cases": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
