@@ -6,7 +6,7 @@ checkpoint), or by default the genes every file measures. The report says, per f
 and kept, its genes, and the vocabulary genes it does not measure: those are zeros in its cells,
 which pretraining sees as not expressed and never masks or scores (only expressed genes are masked).
 
-    python scripts/build_corpus.py --data data/pbmc3k_labeled.h5ad data/immune_sample_unlabeled.h5ad \\
+    python -m scripts.build_corpus --data data/pbmc3k_labeled.h5ad data/immune_sample_unlabeled.h5ad \\
         --out corpus.h5ad
     python pretrain.py --data corpus.h5ad --out runs/pretrain
 """
@@ -14,13 +14,10 @@ which pretraining sees as not expressed and never masks or scores (only expresse
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.corpus import build_corpus  # noqa: E402
-from data.io import InputError, atomic_path, check_writable, write_h5ad_atomic  # noqa: E402
+from data.corpus import build_corpus
+from data.io import InputError, atomic_path, check_writable, write_h5ad_atomic
 
 
 def main(argv: list[str] | None = None) -> None:

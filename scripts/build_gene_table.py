@@ -11,7 +11,7 @@ re-running the script on the same input gives a byte-identical file.
 
 Usage::
 
-    python scripts/build_gene_table.py [INPUT] [--output OUTPUT]
+    python -m scripts.build_gene_table [INPUT] [--output OUTPUT]
 """
 
 from __future__ import annotations

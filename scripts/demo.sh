@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 MODEL="--dim 32 --depth 2 --heads 4 --dim-head 8"
 
 echo "== 1/5 hold out 20% of the labelled PBMCs as the query"
-python scripts/split_h5ad.py --data data/pbmc3k_labeled.h5ad --label-key celltype --test-frac 0.2 \
+python -m scripts.split_h5ad --data data/pbmc3k_labeled.h5ad --label-key celltype --test-frac 0.2 \
     --out-train "$OUT/pbmc_train.h5ad" --out-test "$OUT/pbmc_query.h5ad"
 
 echo "== 2/5 preprocess: normalise, log2, revise symbols, 2,000 most variable genes"

@@ -4,14 +4,13 @@ Each cell expresses ``--genes-per-cell`` genes drawn uniformly at random (withou
 with log2-normalised-looking values in [0.5, 6); the file carries the marker of preprocess.py, so
 ``pretrain.py --backed`` reads it directly. Memory stays at one chunk whatever the size.
 
-    python scripts/make_corpus.py --cells 200000 --out /tmp/corpus_200k.h5ad
+    python -m scripts.make_corpus --cells 200000 --out /tmp/corpus_200k.h5ad
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -21,8 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.preprocess import PREP_KEY  # noqa: E402
+from data.preprocess import PREP_KEY
 
 
 def make_corpus(out: Path, n_cells: int, n_genes: int = 16906, genes_per_cell: int = 1500, chunk: int = 5000, seed: int = 0,

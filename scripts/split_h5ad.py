@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.io import InputError, read_cells, write_h5ad_atomic  # noqa: E402
-from data.labels import label_column, stratified_holdout  # noqa: E402
+from data.io import InputError, read_cells, write_h5ad_atomic
+from data.labels import label_column, stratified_holdout
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, epilog="example: python scripts/split_h5ad.py --data data/pbmc3k_labeled.h5ad --label-key celltype --test-frac 0.2 --out-train train.h5ad --out-test test.h5ad")
+    p = argparse.ArgumentParser(description=__doc__, epilog="example: python -m scripts.split_h5ad --data data/pbmc3k_labeled.h5ad --label-key celltype --test-frac 0.2 --out-train train.h5ad --out-test test.h5ad")
     p.add_argument("--data", required=True)
     p.add_argument("--label-key", required=True)
     p.add_argument("--test-frac", type=float, default=0.2)

@@ -3,13 +3,13 @@
 # (DistributedDataParallel, NCCL). Re-running the same command after a crash goes on from the
 # last saved state (--resume OUT is harmless on a fresh run).
 #
-#   CORPUS=prep_shards/ LABELLED=prep_labelled.h5ad OUT=runs/atlas bash scripts/launch_single_node.sh
+#   CORPUS=prep_shards/ LABELLED=prep_labelled.h5ad OUT=runs/atlas bash scripts/launch/single_node.sh
 #
 # CORPUS: .h5ad files written by preprocess.py (one --vocab for all), or a folder of them; read
 # from disk a batch at a time (--backed). NGPUS defaults to every visible GPU. For a CPU-only
 # machine use DEVICE=cpu NGPUS=<processes> (Gloo backend).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 CORPUS=${CORPUS:?set CORPUS to a preprocessed .h5ad or a folder of them}
 LABELLED=${LABELLED:-}

@@ -3,7 +3,7 @@
 # per GPU; the nodes meet at the first node of the allocation (c10d rendezvous). The job can be
 # requeued or resubmitted unchanged: --resume goes on from the last saved state.
 #
-#   CORPUS=/shared/prep_shards OUT=/shared/runs/atlas sbatch scripts/launch_slurm.sh
+#   CORPUS=/shared/prep_shards OUT=/shared/runs/atlas sbatch scripts/launch/slurm.sh
 #
 # OUT and CORPUS must be on a file system every node sees. Only rank 0 writes OUT.
 #SBATCH --job-name=scbert-pretrain

@@ -7,7 +7,7 @@
 #   --out DIR                output folder [runs/paper/<experiment>]
 #   --unlabelled FILE ...    unlabelled cells for pretraining
 #   (default pretraining)    leakage-free: every run (fold x seed) pretrains its own encoder on the
-#                            unlabelled cells plus that run's training cells (accuracy_benchmark.py
+#                            unlabelled cells plus that run's training cells (python -m scripts.benchmark
 #                            --pretrain-per-split), so no test cell is seen by pretraining or gene2vec
 #   --pretrain-once          pretrain one encoder on the unlabelled cells plus ALL labelled cells
 #                            (without labels; the test cells of every run included), as before; the
@@ -27,14 +27,17 @@
 #   --methods "..."          baselines to run [logreg_l1 logreg_l2 knn_pca centroid_corr, + celltypist if installed]
 #   --pretrain-epochs N      [10]
 #   --no-ablation            skip the no-gene2vec pretraining and scbert_nogene2vec (ablation.sh only)
-#   -- ARGS                  passed on to scripts/accuracy_benchmark.py (protocol options such as --hold-out)
-# Benchmarks run torch on one thread (scripts/accuracy_benchmark.py --threads); on a busy or 2-core machine also
+#   -- ARGS                  passed on to python -m scripts.benchmark (protocol options such as --hold-out)
+# Benchmarks run torch on one thread (python -m scripts.benchmark --threads); on a busy or 2-core machine also
 # run the scripts with OMP_NUM_THREADS=1, or pretraining threads fight the other processes for the cores.
 # Finished steps (genes.txt, prep_*.h5ad, pretrain_*/metrics.json) are reused when a script is run again.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PY="${PYTHON:-python}"
+# The accuracy benchmark: the module scripts.benchmark of this repository (not installed with the package),
+# found from any working directory.
+benchmark() { PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m scripts.benchmark "$@"; }
 DATA=(); UNLABELLED=(); LABEL_KEY=celltype; OUT=""; PRETRAINED=""; PUBLISHED=0; N_GENES=""; VOCAB=""
 SEEDS="0 1 2"; SCBERT_SEEDS="0"; FOLDS=5; MIN_GENES=200; METHODS=""; PRETRAIN_EPOCHS=10; ABLATION=1; EXTRA=(); PRETRAIN_ONCE=0
 
@@ -96,9 +99,9 @@ prepare_and_pretrain() {
     local genes="$OUT/genes.txt"
     if [ ! -f "$genes" ]; then
         if [ -n "$VOCAB" ]; then
-            "$PY" "$REPO/scripts/accuracy_benchmark.py" --data "${DATA[@]}" --label-key "$LABEL_KEY" --vocab "$VOCAB" --min-genes "$MIN_GENES" --write-genes "$genes"
+            benchmark --data "${DATA[@]}" --label-key "$LABEL_KEY" --vocab "$VOCAB" --min-genes "$MIN_GENES" --write-genes "$genes"
         else
-            "$PY" "$REPO/scripts/accuracy_benchmark.py" --data "${DATA[@]}" --label-key "$LABEL_KEY" --n-genes "$N_GENES" --min-genes "$MIN_GENES" --write-genes "$genes"
+            benchmark --data "${DATA[@]}" --label-key "$LABEL_KEY" --n-genes "$N_GENES" --min-genes "$MIN_GENES" --write-genes "$genes"
         fi
     fi
     local corpus=() unlabelled=() f i=0
@@ -141,15 +144,15 @@ run_protocol() {
     if [ -n "$CKPT" ]; then encoder=(--pretrained "$CKPT"); fi
     local common=(--data "${DATA[@]}" --label-key "$LABEL_KEY" "${encoder[@]}" --folds "$FOLDS" --min-genes "$MIN_GENES" --preset "$PRESET" --overwrite "$@" "${EXTRA[@]}")
     # shellcheck disable=SC2086
-    "$PY" "$REPO/scripts/accuracy_benchmark.py" "${common[@]}" --methods $METHODS --seeds $SEEDS --out "$OUT/${name}_baselines"
+    benchmark "${common[@]}" --methods $METHODS --seeds $SEEDS --out "$OUT/${name}_baselines"
     local parts=("$OUT/${name}_baselines")
     if [ -n "$scbert_methods" ]; then
         local nog2v=()
         if [ -n "$CKPT_NOG2V" ]; then nog2v=(--pretrained-nogene2vec "$CKPT_NOG2V"); fi
         # shellcheck disable=SC2086
-        "$PY" "$REPO/scripts/accuracy_benchmark.py" "${common[@]}" "${nog2v[@]}" --methods $scbert_methods --seeds $SCBERT_SEEDS --out "$OUT/${name}_scbert"
+        benchmark "${common[@]}" "${nog2v[@]}" --methods $scbert_methods --seeds $SCBERT_SEEDS --out "$OUT/${name}_scbert"
         parts+=("$OUT/${name}_scbert")
     fi
-    "$PY" "$REPO/scripts/accuracy_benchmark.py" --merge "${parts[@]}" --out "$OUT/$name" --overwrite
+    benchmark --merge "${parts[@]}" --out "$OUT/$name" --overwrite
     echo "results: $OUT/$name/results.md"
 }
