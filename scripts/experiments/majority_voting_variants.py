@@ -5,24 +5,21 @@ half with the cluster mean, at two weights), gated (the whole cluster takes its 
 that label has at least a share), and cautious (only cells whose top probability is below a bar
 change, and only in clusters with an 80% majority). Prints the accuracy of each and its change
 against no voting. ``cautious`` (0.5, 0.8) of :mod:`model.majority_voting` was chosen with it on the
-sorted PBMCs, never on PBMC3k:
+sorted PBMCs, never on PBMC3k (``$M``: the folder of the extra data sets):
 
-    python scripts/majority_voting_variants.py ../shared/data/more/pbmc_sorted_2140.h5ad
+    python -m scripts.experiments.majority_voting_variants --data $M/pbmc_sorted_2140.h5ad
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.accuracy.harness import ProtocolSettings, load_labelled, protocol_splits  # noqa: E402
-from model.accuracy.methods import KNNReference, LogisticL2  # noqa: E402
-from model.majority_voting import cautious_vote, expression_pcs, majority_vote, over_cluster, soft_vote  # noqa: E402
+from model.majority_voting import cautious_vote, expression_pcs, majority_vote, over_cluster, soft_vote
+from scripts.benchmark.harness import ProtocolSettings, load_labelled, protocol_splits
+from scripts.benchmark.methods import KNNReference, LogisticL2
 
 
 def gated(labels: np.ndarray, clusters: np.ndarray, share: float) -> np.ndarray:
@@ -62,6 +59,14 @@ def main(path: str, label_key: str = "celltype") -> None:
         print(f"{method:10s} {rule:18s} accuracy {np.mean(values):.4f}  change {np.mean(values) - base:+.4f}")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="labelled .h5ad file(s), each run on its own")
+    p.add_argument("--label-key", default="celltype", help="obs column of the cell types (default: celltype)")
+    return p.parse_args(argv)
+
+
 if __name__ == "__main__":
-    for p in sys.argv[1:] or ["../shared/data/more/pbmc_sorted_2140.h5ad"]:
-        main(p)
+    args = parse_args()
+    for path in args.data:
+        main(path, args.label_key)

@@ -1,35 +1,38 @@
 """The query_* novelty scores under a batch shift (RESULTS.md, "Novel cell types"): a model of one
 dataset applied to another of the same types (no novel type), and the shift check that makes the
-default fall back to ``pca_mahalanobis`` (:data:`model.novelty.QUERY_SHIFT_SHARE`).
+default fall back to ``pca_mahalanobis`` (:data:`model.novelty.query.QUERY_SHIFT_SHARE`).
 
 1. PBMC3k -> pbmc4k and back (coarse shared types, ``data/label_maps/pbmc3k_pbmc4k.tsv``): logistic
    regression (L2) on the training file (a tenth of each type held out to calibrate 5%), then, on the
    other file, the share of cells each score rejects and the shift statistic
-   (:func:`model.novelty.query_shift`: query cells above the calibration cells' median query_density).
+   (:func:`model.novelty.query.query_shift`: query cells above the calibration cells' median query_density).
 2. The same statistic in the leave-one-type-out runs of the development scripts (one query per held-out
-   type, fold 0) on the given files, where the query comes from the training cells' own batch.
+   type, fold 0) on the given files after the first, where the query comes from the training cells' own
+   batch.
 
-    python scripts/novelty_batch_shift.py ../shared/data/more/pbmc4k_2170.h5ad data/pbmc3k_labeled.h5ad \\
-        ../shared/data/more/pbmc_sorted_2140.h5ad data/pancreas_baron_subset.h5ad
+``--data``: pbmc4k, then PBMC3k (the pair of step 1), then any further files for step 2 (``$M``: the
+folder of the extra data sets):
+
+    python -m scripts.experiments.novelty_batch_shift --data $M/pbmc4k_2170.h5ad data/pbmc3k_labeled.h5ad \\
+        $M/pbmc_sorted_2140.h5ad data/pancreas_baron_subset.h5ad
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import numpy as np
 from scipy import sparse
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.labels import holdout_per_class
+from model.novelty.calibration import conformal_threshold
+from model.novelty.query import query_scores, query_shift
+from scripts.benchmark.harness import development_runs, load_labelled
+from scripts.benchmark.methods import LogisticL2
+from scripts.benchmark.report import read_label_map
 
-from data.labels import holdout_per_class  # noqa: E402
-from model.accuracy.harness import development_runs, load_labelled  # noqa: E402
-from model.accuracy.methods import LogisticL2  # noqa: E402
-from model.accuracy.report import read_label_map  # noqa: E402
-from model.novelty import conformal_threshold, query_scores, query_shift  # noqa: E402
-
-LABEL_MAP = Path(__file__).resolve().parents[1] / "data" / "label_maps" / "pbmc3k_pbmc4k.tsv"
+LABEL_MAP = Path(__file__).resolve().parents[2] / "data" / "label_maps" / "pbmc3k_pbmc4k.tsv"
 
 
 def across(train_path: str, test_path: str) -> None:
@@ -61,8 +64,18 @@ def within(path: str) -> None:
         print(f"{Path(path).name} {run.split.variant}: novel share {run.novel.mean():.2f}, shift statistic {query_shift(q, c):.3f}")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE",
+                   help="pbmc4k, PBMC3k (labels in obs 'celltype'), then more labelled files for the within-batch statistic")
+    args = p.parse_args(argv)
+    if len(args.data) < 2:
+        p.error("--data needs at least two files: pbmc4k and PBMC3k")
+    return args
+
+
 if __name__ == "__main__":
-    files = sys.argv[1:] or ["../shared/data/more/pbmc4k_2170.h5ad", "data/pbmc3k_labeled.h5ad"]
+    files = parse_args().data
     across(files[1], files[0])
     across(files[0], files[1])
     for f in files[1:]:

@@ -3,24 +3,22 @@ type-out, 2 folds, seed 0, logistic regression (L2) as the classifier, a tenth o
 calibrating a 5% reject rate. Each score is turned into its conformal p-value against the
 calibration cells; the p-values of two or three scores are joined by their minimum or by Fisher's
 -2 sum log p. Prints mean AUROC, novel recall and known cells rejected per variant, and AUROC per
-held-out type. The ``combined`` score of :mod:`model.novelty` (Fisher, Mahalanobis in the expression
-PCA + energy) was chosen with it on the sorted PBMCs, never on PBMC3k:
+held-out type. The ``combined`` score of :mod:`model.novelty.calibration` (Fisher, Mahalanobis in the
+expression PCA + energy: ``COMBINED_PARTS`` of :mod:`model.novelty.scores`) was chosen with it on the
+sorted PBMCs, never on PBMC3k (``$M``: the folder of the extra data sets):
 
-    python scripts/novelty_combination_variants.py ../shared/data/more/pbmc_sorted_2140.h5ad
+    python -m scripts.experiments.novelty_combination_variants --data $M/pbmc_sorted_2140.h5ad
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.accuracy.harness import development_runs  # noqa: E402
-from model.accuracy.report import NoveltyTally  # noqa: E402
-from model.novelty import ScoreCombination  # noqa: E402
+from model.novelty.calibration import ScoreCombination
+from scripts.benchmark.harness import development_runs
+from scripts.benchmark.report import NoveltyTally
 
 COMBINATIONS = {"mahalanobis + energy": ("mahalanobis", "energy"), "mahalanobis + energy + softmax": ("mahalanobis", "energy", "softmax")}
 
@@ -42,6 +40,14 @@ def main(path: str, label_key: str = "celltype") -> None:
     print("\n".join(tally.lines()))
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="labelled .h5ad file(s), each run on its own")
+    p.add_argument("--label-key", default="celltype", help="obs column of the cell types (default: celltype)")
+    return p.parse_args(argv)
+
+
 if __name__ == "__main__":
-    for p in sys.argv[1:] or ["../shared/data/more/pbmc_sorted_2140.h5ad"]:
-        main(p)
+    args = parse_args()
+    for path in args.data:
+        main(path, args.label_key)

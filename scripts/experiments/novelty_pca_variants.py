@@ -1,26 +1,23 @@
 """Variants of the expression-PCA novelty scores on a development set (RESULTS.md, "Novel cell
 types"): leave-one-type-out, 2 folds, seed 0, a tenth of each known type calibrating a 5% reject
 rate; prints mean AUROC, novel recall and known cells rejected per variant, and AUROC per held-out
-type. The default of :class:`model.novelty.ExpressionPCA` (scaled genes, 30 components) was chosen
-with it on the sorted PBMCs, never on PBMC3k:
+type. The default of :class:`model.novelty.expression.ExpressionPCA` (scaled genes, ``PCA_COMPONENTS`` =
+30) was chosen with it on the sorted PBMCs, never on PBMC3k (``$M``: the folder of the extra data sets):
 
-    python scripts/novelty_pca_variants.py ../shared/data/more/pbmc_sorted_2140.h5ad
+    python -m scripts.experiments.novelty_pca_variants --data $M/pbmc_sorted_2140.h5ad
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
 
 import numpy as np
 from sklearn.covariance import LedoitWolf
 from sklearn.neighbors import NearestNeighbors
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.accuracy.harness import calibration_holdout, development_splits  # noqa: E402
-from model.accuracy.report import NoveltyTally  # noqa: E402
-from model.novelty import ExpressionPCA  # noqa: E402
+from model.novelty.expression import ExpressionPCA
+from scripts.benchmark.harness import calibration_holdout, development_splits
+from scripts.benchmark.report import NoveltyTally
 
 
 def main(path: str, label_key: str = "celltype") -> None:
@@ -48,8 +45,18 @@ def main(path: str, label_key: str = "celltype") -> None:
                                      "relative_mahalanobis": relative})
                 for name, f in variants.items():
                     tally.add(f"{name}, {'scaled' if scaled else 'unscaled'}, {n_pc} PCs", split, f(zc), f(zq), novel)
+    print(path)
     print("\n".join(tally.lines()))
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="labelled .h5ad file(s), each run on its own")
+    p.add_argument("--label-key", default="celltype", help="obs column of the cell types (default: celltype)")
+    return p.parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    args = parse_args()
+    for path in args.data:
+        main(path, args.label_key)

@@ -2,26 +2,26 @@
 type-out, 2 folds, seed 0, logistic regression (L2) as the classifier, a tenth of each known type
 calibrating a 5% reject rate. Variants: the neighbours counted (1, 2, 3 x sqrt of the cells in the
 graph), one half of the cross-fitting alone, a reference made of the cells that fitted the PCA (what
-:class:`model.novelty.QueryDensity` avoids), and Fisher's combination with the expression-PCA Mahalanobis score (``query_combined``)
-and with energy too. The defaults of :mod:`model.novelty` (sqrt(n); ``query_combined`` =
-Mahalanobis + query_density) were chosen with it on the sorted PBMCs, never on PBMC3k:
+:class:`model.novelty.query.QueryDensity` avoids), and Fisher's combination with the expression-PCA
+Mahalanobis score (``query_combined``) and with energy too. The defaults of :mod:`model.novelty`
+(k = sqrt(n): :func:`model.novelty.query.density_neighbours`; ``query_combined`` = Mahalanobis +
+query_density: ``QUERY_COMBINED_PARTS`` of :mod:`model.novelty.scores`) were chosen with it on the
+sorted PBMCs, never on PBMC3k (``$M``: the folder of the extra data sets):
 
-    python scripts/novelty_query_variants.py ../shared/data/more/pbmc_sorted_2140.h5ad
+    python -m scripts.experiments.novelty_query_variants --data $M/pbmc_sorted_2140.h5ad
 """
 
 from __future__ import annotations
 
+import argparse
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.accuracy.harness import development_runs  # noqa: E402
-from model.accuracy.report import NoveltyTally  # noqa: E402
-from model.novelty import QueryDensity, ScoreCombination  # noqa: E402
+from model.novelty.calibration import ScoreCombination
+from model.novelty.query import QueryDensity
+from scripts.benchmark.harness import development_runs
+from scripts.benchmark.report import NoveltyTally
 
 
 def fisher(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -57,6 +57,14 @@ def main(path: str, label_key: str = "celltype") -> None:
     print("\n".join(tally.lines()))
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="labelled .h5ad file(s), each run on its own")
+    p.add_argument("--label-key", default="celltype", help="obs column of the cell types (default: celltype)")
+    return p.parse_args(argv)
+
+
 if __name__ == "__main__":
-    for p in sys.argv[1:] or ["../shared/data/more/pbmc_sorted_2140.h5ad"]:
-        main(p)
+    args = parse_args()
+    for path in args.data:
+        main(path, args.label_key)
