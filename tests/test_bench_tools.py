@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -27,6 +28,7 @@ def test_forward_cost_matches_counted_products() -> None:
     assert 300e9 < published.encoder < 320e9  # ~51 GFLOP per layer and cell at the published size
 
 
+@pytest.mark.slow
 def test_bench_gpu_runs_on_cpu(tmp_path: Path) -> None:
     from scripts.bench import gpu as bench_gpu
 
@@ -42,6 +44,7 @@ def test_bench_gpu_runs_on_cpu(tmp_path: Path) -> None:
     assert "| fast |" in out_md.read_text()
 
 
+@pytest.mark.slow
 def test_bench_attention_rss_runs(tmp_path: Path) -> None:
     from scripts.bench.attention_rss import main
 

@@ -97,6 +97,7 @@ def prep(tiny_run: dict[str, Path]) -> Path:
     return tiny_run["prep"]
 
 
+@pytest.mark.slow
 def test_recipe_reaches_the_records(prep: Path, tmp_path: Path) -> None:
     pbmc_small = prep
     out = tmp_path / "pre"

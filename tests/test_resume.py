@@ -63,6 +63,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tiny: tup
         assert a == pytest.approx(b, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_from_any_state_of_a_finetune_run_with_early_stopping(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     """Every saved state (mid-epoch and epoch ends) of a fine-tuning run with early stopping and
     gradient accumulation resumes to the same model, history and stopping epoch."""
