@@ -51,7 +51,7 @@ with warnings.catch_warnings():
     from performer_pytorch.performer_pytorch import FastAttention
 
 # Elements of one feature tile (4 MB of float32): smaller tiles fit a core's cache but pay more thread
-# synchronisation and allocation on a busy machine; larger ones were slower too (BENCHMARKS.md, tile sizes).
+# synchronisation and allocation on a busy machine; larger ones were slower too (BENCHMARKS.md, "Feature tile size").
 TILE_ELEMENTS = 1 << 20
 
 
