@@ -79,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "RESULTS.md); soft: each cell's probabilities are averaged half and half with its cluster's mean, so confident "
                    "cells keep their label; hard: each cell takes its cluster's most common label (CellTypist)")
     add_bool(g, "--novel_type", "--novel-type", default=True, help="published flag: false never reports Unassigned")
-    p.add_argument("--label-key", default=None, help="obs column with known labels: prints accuracy and macro-F1, plots a confusion matrix (default: none)")
+    p.add_argument("--label-key", default=None, help="obs column with known labels: prints accuracy and macro-F1, plots a confusion matrix, "
+                   "and adds the column to the --csv table (default: none)")
+    p.add_argument("--label-map", default=None, metavar="FILE",
+                   help="with --label-key: a text file of two columns (tab or comma), a label of the query and the model's class it "
+                   "means, for queries that name types otherwise ('CD4+ T cells' -> 'Naive CD4 T'; '-' leaves those cells out of "
+                   "the scores); labels it does not name are kept as they are (default: none)")
     add_batch_size(p, "auto", "cells per forward pass; auto = 16 on a GPU, on a CPU what keeps a batch in the caches (2 cells at "
                    "4,000 genes and the published width, 1 at 16,906, 16 for small models)")
     g = p.add_argument_group("large queries and torchrun")
@@ -110,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.reject_rate is not None and args.reject_rate <= 0:
         p.error("--reject-rate must be above 0")
+    if args.label_map and not args.label_key:
+        p.error("--label-map renames the labels of --label-key: give the column too (--label-key COLUMN)")
 
     from model.cli.predict import run
 

@@ -70,8 +70,10 @@ class ChunkedH5ad:
         self.n_obs = int(self._index.shape[0])
         if self.n_obs == 0:
             raise InputError(f"{path} holds no cells")
-        self.uns = {PREP_KEY: read_elem(f["uns"][PREP_KEY])} if "uns" in f and PREP_KEY in f["uns"] else {}
+        # what preparing a chunk reads of uns: preprocess.py's mark and the log base (scanpy's record, or the one given)
+        kept = {key: read_elem(f["uns"][key]) for key in (PREP_KEY, "log1p") if "uns" in f and key in f["uns"]}
         self.source = resolve_source(self._sample(min(self.n_obs, 2000)), source, str(path))
+        self.uns = self.source.uns(kept)
         self._matrix, var = self._element(self.source)
         self.var_names = gene_names(var, self.source.gene_symbols, str(path))
         enc = _encoding(self._matrix)

@@ -43,14 +43,24 @@ class CellSource:
     layer: str | None = None
     use_raw: bool = False
     gene_symbols: str | None = None
+    log_base: float | None = None  # the base of log-normalised values, when the file does not record it (uns['log1p'])
 
     def __post_init__(self) -> None:
         if self.layer is not None and self.use_raw:
             raise InputError("give either a layer (--layer) or .raw (--use-raw), not both")
+        if self.log_base is not None and not self.log_base > 1:
+            raise InputError(f"a log base must be above 1, got {self.log_base}")
 
     @property
     def is_default(self) -> bool:
         return self.layer is None and not self.use_raw and self.gene_symbols is None
+
+    def uns(self, uns: Any) -> Any:
+        """``uns`` of the cells read, with the log base given here recorded as scanpy records its
+        own (``uns['log1p']['base']``), where :func:`data.preprocess.prepare` reads it."""
+        if self.log_base is None:
+            return uns
+        return {**dict(uns), "log1p": {"base": float(self.log_base)}}
 
     def describe(self) -> str:
         where = f"layers[{self.layer!r}]" if self.layer is not None else ".raw" if self.use_raw else "X"
@@ -201,7 +211,7 @@ def resolve_source(adata: ad.AnnData, source: CellSource = DEFAULT_SOURCE, what:
             flag, found = next(iter(usable.items()))
             log.warning("X of %s %s; using %s instead (the one usable matrix; give %s to say so)", what, _problem(adata.X),
                         found.describe(), flag)
-            return CellSource(layer=found.layer, use_raw=found.use_raw, gene_symbols=source.gene_symbols)
+            return CellSource(layer=found.layer, use_raw=found.use_raw, gene_symbols=source.gene_symbols, log_base=source.log_base)
         if usable:
             raise InputError(f"X of {what} {_problem(adata.X)}, and several other matrices could be used: choose one with "
                              f"{' or '.join(usable)}")
@@ -220,7 +230,7 @@ def select_cells(adata: ad.AnnData, source: CellSource = DEFAULT_SOURCE, what: s
     M, var = _matrix(adata, source, what)
     if not sparse.issparse(M):
         M = sparse.csr_matrix(np.asarray(M, dtype=np.float32))
-    out = ad.AnnData(X=sparse.csr_matrix(M, dtype=np.float32), obs=adata.obs, uns=adata.uns)
+    out = ad.AnnData(X=sparse.csr_matrix(M, dtype=np.float32), obs=adata.obs, uns=source.uns(adata.uns))
     out.var_names = gene_names(var, source.gene_symbols, what)
     return out
 

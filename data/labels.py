@@ -4,7 +4,8 @@ benchmark and ``scripts/split_h5ad.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,36 @@ def label_column(adata: Any, key: str, source: str) -> pd.Series:
     if key not in adata.obs:
         raise InputError(f"--label-key {key!r} is not a column of {source}; available columns: {list(adata.obs.columns)}")
     return adata.obs[key]
+
+
+DROP_LABEL = "-"  # a label map's "label to use" that leaves those cells out (e.g. unassigned, or a type the model lacks)
+
+
+def read_label_map(path: str | Path) -> dict[str, str]:
+    """Two columns per line (tab or comma separated): a label as it appears in the data, and the
+    name to use instead (e.g. a query's type name -> the model's class; ``-`` leaves those cells
+    out). Lines starting with # are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"label map {path} does not exist: give a text file of two columns (label in the data, label to use)")
+    mapping: dict[str, str] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = [p.strip() for p in (line.split("\t") if "\t" in line else line.split(","))]
+        if len(parts) != 2 or not all(parts):
+            raise InputError(f"{path} line {n}: expected two columns (label in the data, label to use), got {line!r}")
+        mapping[parts[0]] = parts[1]
+    return mapping
+
+
+def map_labels(labels: pd.Series, mapping: Mapping[str, str]) -> pd.Series:
+    """``labels`` renamed through ``mapping`` (labels it does not name are kept; those mapped to
+    :data:`DROP_LABEL` become missing, so they are left out of any score); missing labels stay missing."""
+    known = labels.notna()
+    text = labels.astype(object).where(~known, labels.astype(str))
+    renamed = text.map(lambda v: mapping.get(v, v) if isinstance(v, str) else v)
+    return renamed.where(renamed != DROP_LABEL, None).rename(labels.name)
 
 
 def check_labels(y: Sequence[str], key: str, cv: int | None = None, val_frac: float = 0.2) -> tuple[list[str], dict[str, int]]:

@@ -30,11 +30,10 @@ from scipy import sparse
 
 from data.genes import check_species, mouse_to_human, revise_symbols
 from data.io import CellSource, InputError
+from data.values import LOG_BASE, TARGET_SUM, ValueState, check_values, detect_state, input_log_base, normalize_log2
 
 log = logging.getLogger("scbert")
 
-TARGET_SUM = 1e4
-LOG_BASE = 2.0
 MIN_GENES = 200  # cells expressing fewer genes are dropped before training, as published
 LIBRARY_SIZES = ("all", "vocab")
 PUBLISHED_VOCAB_SIZE = 16906  # genes of the published scBERT vocabulary (panglao_10000.h5ad)
@@ -44,118 +43,6 @@ PUBLISHED_PREPROCESSING: dict[str, Any] = {**DEFAULT_PREPROCESSING, "library_siz
 MIN_VOCAB_FRACTION = 0.5
 SPECIES = ("auto", "human", "mouse")
 PREP_KEY = "scbert_preprocess"  # uns key preprocess.py writes: the values are log2-normalised already
-
-
-@dataclass
-class ValueState:
-    """What the values of an expression matrix look like."""
-
-    kind: str  # "counts", "normalized" (not logged), "log" or "log_counts" (log(1 + raw counts), never normalised)
-    log_base: float | None = None  # for "log"/"log_counts": 2 or e when it could be told
-    row_sum: float | None = None  # per-cell total after undoing the log, when constant across cells
-    note: str = ""
-
-
-def _sample_rows(X: sparse.csr_matrix, n: int = 2000, seed: int = 0) -> sparse.csr_matrix:
-    if X.shape[0] <= n:
-        return X
-    rows = np.sort(np.random.default_rng(seed).choice(X.shape[0], n, replace=False))
-    return X[rows]
-
-
-def check_values(X: sparse.csr_matrix, what: str = "the input") -> None:
-    """Refuse NaN, infinite and negative values, which no scBERT input can hold."""
-    data = X.data
-    if not np.all(np.isfinite(data)):
-        n = int((~np.isfinite(data)).sum())
-        raise InputError(f"{what} contains {n} NaN or infinite values; fix or remove those entries before running scBERT")
-    if data.size and data.min() < 0:
-        raise InputError(
-            f"{what} contains negative values (min {data.min():.3g}): it looks scaled or batch-corrected. "
-            f"scBERT needs raw counts or log-normalised values (e.g. adata.raw or adata.layers['counts'])"
-        )
-
-
-def detect_state(X: sparse.csr_matrix) -> ValueState:
-    """Tell raw counts from normalised or log-normalised values (and which log, when possible)."""
-    S = _sample_rows(X)
-    data = S.data
-    if data.size == 0:
-        return ValueState("counts", note="all values are zero")
-    if np.allclose(data, np.round(data)):
-        return ValueState("counts")
-    if data.max() > 30:
-        return ValueState("normalized", note=f"non-integer values up to {data.max():.3g}")
-    best: ValueState | None = None
-    best_cv = math.inf
-    for base in (2.0, math.e):
-        sums = np.asarray(_pow_minus_one(S, base).sum(axis=1)).ravel()
-        sums = sums[sums > 0]
-        if sums.size == 0:
-            continue
-        cv = float(sums.std() / sums.mean())
-        if cv < best_cv:
-            best_cv, best = cv, ValueState("log", base, float(np.median(sums)))
-    if best is not None and best_cv < 0.01:
-        return best
-    for base in (math.e, 2.0):
-        # log1p of raw counts without normalising first: undoing the log gives whole numbers.
-        x = data.astype(np.float64)
-        counts = np.power(base, x) - 1.0
-        tol = 1e-3 + 4 * np.finfo(np.float32).eps * x * math.log(base) * (counts + 1.0)  # float32 rounding of x
-        if np.all(np.abs(counts - np.round(counts)) <= tol) and np.all(counts > 0.5):
-            return ValueState("log_counts", base, note="log(1 + x) of raw counts that were not normalised per cell")
-    return ValueState("log", None, None, note="log-transformed values whose base and per-cell total cannot be verified (were genes removed after normalising?)")
-
-
-def _pow_minus_one(X: sparse.csr_matrix, base: float) -> sparse.csr_matrix:
-    Y = X.copy()
-    Y.data = np.power(base, Y.data, dtype=np.float64) - 1.0
-    return Y
-
-
-def normalize_log2(X: sparse.csr_matrix, state: ValueState, target_sum: float = TARGET_SUM,
-                   over: str | None = None) -> tuple[sparse.csr_matrix, str]:
-    """Bring any supported input to log2(1 + x) of counts normalised to ``target_sum`` per cell
-    over the columns of ``X``: all input genes, or (``over``, e.g. "the 16906 vocabulary genes")
-    the vocabulary the cells were aligned to, in which case log-normalised input is always
-    renormalised over those genes.
-
-    Returns the matrix and one line saying what was done.
-    """
-    X = sparse.csr_matrix(X, dtype=np.float32, copy=True)
-    where = over or f"all {X.shape[1]} genes"
-    if state.kind == "log_counts":
-        X = sparse.csr_matrix(np.round(_pow_minus_one(X, state.log_base or 2.0)), dtype=np.float32)
-        X.eliminate_zeros()
-        X, how = normalize_log2(X, ValueState("counts"), target_sum, over)
-        base_name = "2" if abs((state.log_base or 2.0) - 2.0) < 1e-9 else "e"
-        return X, f"log{base_name}(1 + raw counts) (not normalised per cell): counts recovered, then {how.split(': ', 1)[1]}"
-    if state.kind == "counts" or state.kind == "normalized":
-        totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-        scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-        X = sparse.csr_matrix(sparse.diags(scale.astype(np.float32)) @ X)
-        X.data = np.log2(1.0 + X.data, dtype=np.float32)
-        how = "raw counts" if state.kind == "counts" else "normalised (not logged) values"
-        return X, f"{how}: normalised to {target_sum:g} per cell over {where}, then log2(1 + x)"
-    if state.log_base is None:
-        return X, f"log-normalised input used as is, assumed log2(1 + x) at {target_sum:g} per cell ({state.note})"
-    at_target = abs(state.log_base - 2.0) < 1e-9 and state.row_sum is not None and abs(state.row_sum / target_sum - 1) < 0.01
-    if at_target and over is None:
-        return X, f"already log2-normalised at {target_sum:g} per cell: used as is"
-    # Undo the log, rescale the per-cell total, and redo it in base 2.
-    base_name = "2" if abs(state.log_base - 2.0) < 1e-9 else "e"
-    Y = _pow_minus_one(X, state.log_base)
-    totals = np.asarray(Y.sum(axis=1)).ravel()
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    Y = sparse.csr_matrix(sparse.diags(scale) @ Y)
-    Y.data = np.log2(1.0 + Y.data)
-    if over is not None:
-        return sparse.csr_matrix(Y, dtype=np.float32), (
-            f"log{base_name}-normalised input undone, renormalised to {target_sum:g} per cell over {over}, then log2(1 + x)")
-    return sparse.csr_matrix(Y, dtype=np.float32), (
-        f"log{base_name}-normalised input at ~{state.row_sum:.3g} per cell converted to log2(1 + x) at {target_sum:g} per cell"
-    )
 
 
 def expressed_per_cell(X: sparse.csr_matrix) -> np.ndarray:
@@ -198,6 +85,7 @@ class PrepReport:
     warnings: list[str] = field(default_factory=list)
     symbols_species: str = "human"
     library_size: str = "all"
+    min_genes: int | None = None  # the quality filter applied (None: every cell kept)
     missing_genes: list[str] = field(default_factory=list, repr=False)  # vocabulary genes the input does not measure (not in to_dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -215,6 +103,10 @@ class PrepReport:
             out.append(f"vocabulary: {self.vocab_present} of {self.vocab_size} genes present in the input ({pct:.1f}%); the others are zero")
         if self.n_top_genes:
             out.append(f"highly variable genes: kept the top {self.n_top_genes}")
+        if self.min_genes:
+            dropped = self.n_cells_in - self.n_cells_out
+            out.append(f"cells: kept {self.n_cells_out:,} of {self.n_cells_in:,}; {dropped:,} expressed fewer than {self.min_genes} "
+                       f"{'vocabulary ' if self.library_size == 'vocab' else ''}genes (--min-genes {self.min_genes}) and were dropped")
         out.append(f"output: {self.n_cells_out} cells x {self.n_genes_out} genes")
         if with_warnings:
             out += [f"WARNING: {w}" for w in self.warnings]
@@ -227,6 +119,18 @@ class PrepReport:
             log.warning("!" * 80 + "\nWARNING: %s\n" + "!" * 80, msg)
         else:
             log.warning("WARNING: %s", msg)
+
+
+def query_lines(report: dict[str, Any]) -> list[str]:
+    """What preparing a query did, as prediction reports it (from :meth:`PrepReport.to_dict`): the
+    values detected, gene names mapped or dropped, the model's genes the query measures, cells kept."""
+    out = [f"values: {report.get('normalisation', '')}", f"gene symbols: {report.get('symbols_summary', '')}"]
+    size, present = report.get("vocab_size"), report.get("vocab_present")
+    if size:
+        out.append(f"model genes present in the query: {present or 0:,} of {size:,} ({100.0 * (present or 0) / size:.1f}%); "
+                   f"the others count as not expressed")
+    out.append(f"cells kept: {report.get('n_cells_out', 0):,} of {report.get('n_cells_in', 0):,}")
+    return out
 
 
 def naming_hint(names: Sequence[str]) -> str:
@@ -375,7 +279,7 @@ def prepare(
         raise InputError(f"library_size must be one of {LIBRARY_SIZES}, got {library_size!r}")
     if library_size == "vocab" and n_top_genes is not None and genes is None:
         raise InputError("library sizes over the vocabulary need a vocabulary: give --vocab, or use --library-size all with --n-top-genes")
-    rep = PrepReport(n_cells_in=adata.n_obs, n_genes_in=adata.n_vars, library_size=library_size)
+    rep = PrepReport(n_cells_in=adata.n_obs, n_genes_in=adata.n_vars, library_size=library_size, min_genes=min_genes or None)
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"{what} holds {adata.n_obs} cells x {adata.n_vars} genes: nothing to work on")
     X = sparse.csr_matrix(adata.X, dtype=np.float32)
@@ -384,13 +288,13 @@ def prepare(
     obs = adata.obs.copy()
     if library_size == "all":
         X, obs = _min_genes_filter(X, obs, min_genes, what)
-    state = detect_state(X)  # over all input genes, whatever the library size: aligning first would hide the per-cell totals
+    state = detect_state(X, input_log_base(adata.uns))  # over all input genes, whatever the library size: aligning first would hide the per-cell totals
     prepared = PREP_KEY in adata.uns
     if prepared:
         state = _prepared_state(adata, X, state, rep, what, target_sum)
     if library_size == "all":
         X, rep.normalisation = normalize_log2(X, state, target_sum)
-        if state.kind == "log" and state.log_base is None:
+        if state.kind == "log" and state.row_sum is None:
             rep.warn(rep.normalisation)
 
     X, names = _revised_genes(X, list(adata.var_names), genes, species, rep, what)

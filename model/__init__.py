@@ -1,11 +1,12 @@
 """scBERT in PyTorch. ``from model import annotate, embed, preprocess, load_model`` gives the
-Python API (:mod:`model.api`); it is imported on first use, so the stage scripts start fast."""
+Python API (:mod:`model.api`), and ``from model import InputError, CheckpointError`` the errors it
+raises (both ``ValueError``); they are imported on first use, so the stage scripts start fast."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["annotate", "embed", "load_model", "preprocess"]
+__all__ = ["CheckpointError", "InputError", "annotate", "embed", "load_model", "preprocess"]
 
 
 def __getattr__(name: str) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +22,13 @@ import pandas as pd
 
 from data.dataset import CellDataset
 from data.io import InputError
+from data.labels import map_labels, read_label_map
 from model.checkpoint import Checkpoint, load_checkpoint
-from model.evaluation import annotation_report, known_truth
+from model.evaluation import annotation_report, known_truth, label_map_report
 from model.inference import DEFAULT_INFERENCE, InferenceOptions, embed_cells, predict_outputs
 from model.nn.network import ScBERT
 from model.novelty.record import NoveltyRecord, novelty_scores
-from model.novelty.rule import DEFAULT_NOVELTY, NoveltyRule, NoveltySettings, assign_labels, choose_rule, query_rule
+from model.novelty.rule import DEFAULT_NOVELTY, UNASSIGNED, NoveltyRule, NoveltySettings, assign_labels, choose_rule, query_rule
 from model.novelty.scores import EXPRESSION_SCORES, QUERY_COMBINED_PARTS, QUERY_SCORES, softmax_score
 from model.recheck import near_decision, rechecks, rescore_in_float32, resolve_recheck_margin
 from model.runtime import tune_allocator
@@ -136,28 +137,52 @@ def score_cells(net: ScBERT, ds: CellDataset, record: NoveltyRecord | None, rule
 # --------------------------------------------------------------------------------------------
 
 
-def annotation_record(model: str | None, preprocessing: dict[str, Any], rechecked: int | None, margin: float | None = None) -> str:
-    """What ``uns['scbert_annotation']`` holds (JSON): the model, the preprocessing report, how many
-    cells the float32 re-check re-scored (None: no re-check ran) and its margin."""
-    return json.dumps({"model": model, "preprocessing": preprocessing, "rechecked_fp32": rechecked, "recheck_margin": margin},
-                      default=str)
+def uns_value(obj: Any) -> Any:
+    """``obj`` as anndata writes it into ``uns`` of an ``.h5ad`` and reads it back alike: dicts (keys
+    as text) of numbers, text, booleans, None and arrays; a list of one kind becomes an array, a mixed
+    list (or a list of dicts, which h5py cannot store) its JSON text."""
+    obj = json.loads(json.dumps(obj, default=str))  # numpy scalars, paths and the like as plain values
+    return _uns(obj)
+
+
+def _uns(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _uns(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        if all(isinstance(v, str) for v in obj):
+            return np.array(obj, dtype=object)
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in obj) or all(isinstance(v, bool) for v in obj):
+            return np.array(obj)
+        return json.dumps(obj)
+    return obj
+
+
+def annotation_record(model: str | None, preprocessing: dict[str, Any], rechecked: int | None, margin: float | None = None
+                      ) -> dict[str, Any]:
+    """What ``uns['scbert_annotation']`` holds: the model, the preprocessing report, how many cells
+    the float32 re-check re-scored (None: no re-check ran) and its margin."""
+    return uns_value({"model": model, "preprocessing": preprocessing, "rechecked_fp32": rechecked, "recheck_margin": margin})
 
 
 def uns_entries(keys: AnnotationKeys, classes: Sequence[str], rule: NoveltyRule, model: str | None, preprocessing: dict[str, Any],
                 rechecked: int | None, margin: float | None) -> dict[str, Any]:
-    """The ``uns`` entries of an annotation: classes, threshold, the rule and the run's record."""
-    return {keys.classes: list(classes), keys.threshold: float("nan") if rule.threshold is None else float(rule.threshold),
-            keys.novelty: json.dumps(rule.to_dict()), keys.report: annotation_record(model, preprocessing, rechecked, margin)}
+    """The ``uns`` entries of an annotation: classes, threshold, the rule and the run's record (as
+    dicts, which ``.h5ad`` files store as groups)."""
+    return {keys.classes: np.array(list(classes), dtype=object),
+            keys.threshold: float("nan") if rule.threshold is None else float(rule.threshold),
+            keys.novelty: uns_value(rule.to_dict()), keys.report: annotation_record(model, preprocessing, rechecked, margin)}
 
 
 def label_table(keys: AnnotationKeys, cell_names: Sequence[str], labels: np.ndarray, confidence: np.ndarray, novelty: np.ndarray,
                 labels_raw: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],
-                majority_voting: np.ndarray | None = None) -> pd.DataFrame:
-    """One row per cell (index ``cell``): label, confidence, novelty, top label, majority voting
-    (when done), and ``p_<class>`` per class: the ``--csv`` table."""
+                majority_voting: np.ndarray | None = None, truth: dict[str, Sequence[Any]] | None = None) -> pd.DataFrame:
+    """One row per cell (index ``cell``): the known labels ``truth`` (column name -> values, e.g.
+    the --label-key column and its label-mapped version) when given, label, confidence, novelty,
+    top label, majority voting (when done), and ``p_<class>`` per class: the ``--csv`` table."""
     index = pd.Index(list(cell_names), name="cell")
-    cols: dict[str, Any] = {keys.celltype: labels, keys.confidence: np.asarray(confidence, dtype=np.float32),
-                            keys.novelty: np.asarray(novelty, dtype=np.float32), keys.celltype_raw: labels_raw}
+    cols: dict[str, Any] = {name: np.asarray(values, dtype=object) for name, values in (truth or {}).items()}
+    cols.update({keys.celltype: labels, keys.confidence: np.asarray(confidence, dtype=np.float32),
+                 keys.novelty: np.asarray(novelty, dtype=np.float32), keys.celltype_raw: labels_raw})
     if majority_voting is not None:
         cols[keys.majority_voting] = majority_voting
     table = pd.DataFrame(cols, index=index)
@@ -165,13 +190,33 @@ def label_table(keys: AnnotationKeys, cell_names: Sequence[str], labels: np.ndar
     return pd.concat([table, probs], axis=1)
 
 
+def known_labels(truth: pd.Series | np.ndarray | None, label_map: Mapping[str, str] | str | Path | None, n_cells: int
+                 ) -> pd.Series | None:
+    """The known labels as a Series (missing ones as NaN), renamed through ``label_map`` (a dict, or
+    a file of two columns read by :func:`data.labels.read_label_map`) when one is given."""
+    if truth is None:
+        return None
+    series = truth if isinstance(truth, pd.Series) else pd.Series(list(truth), name=None)
+    if len(series) != n_cells:
+        raise InputError(f"{len(series)} known labels for {n_cells} annotated cells")
+    if label_map is None:
+        return series.reset_index(drop=True)
+    mapping = read_label_map(label_map) if isinstance(label_map, (str, Path)) else dict(label_map)
+    return map_labels(series.reset_index(drop=True), mapping)
+
+
 def label_report(labels: np.ndarray, confidence: np.ndarray, classes: Sequence[str], rule: NoveltyRule,
                  truth: pd.Series | np.ndarray | None = None, rechecked: int | None = None,
-                 margin: float | None = None) -> tuple[dict[str, Any], list[str]]:
+                 margin: float | None = None, label_map: Mapping[str, str] | str | Path | None = None) -> tuple[dict[str, Any], list[str]]:
     """Metrics and readable lines of an annotation's labels (see :meth:`Annotation.report`);
-    ``rechecked``: cells re-scored in float32 after a low-precision pass, with the re-check's ``margin``."""
+    ``rechecked``: cells re-scored in float32 after a low-precision pass, with the re-check's ``margin``;
+    ``label_map``: the query's label names -> the model's classes (see :func:`known_labels`)."""
     name = f"column {truth.name!r}" if isinstance(truth, pd.Series) and truth.name is not None else "the label column"
-    metrics, lines = annotation_report(labels, confidence, classes, rule.threshold, truth, name, rule.describe())
+    mapped = known_labels(truth, label_map, len(labels))
+    metrics, lines = annotation_report(labels, confidence, classes, rule.threshold, mapped, name, rule.describe())
+    if label_map is not None and mapped is not None:
+        metrics["label_map"], map_lines = label_map_report(known_labels(truth, None, len(labels)), mapped, classes)
+        lines[1:1] = map_lines
     metrics["novelty"] = rule.to_dict()
     if rechecked is not None:
         metrics["rechecked_fp32"] = int(rechecked)
@@ -205,27 +250,38 @@ class Annotation:
     def threshold(self) -> float | None:
         return self.rule.threshold
 
-    def report(self, truth: pd.Series | np.ndarray | None = None) -> tuple[dict[str, Any], list[str]]:
+    def report(self, truth: pd.Series | np.ndarray | None = None,
+               label_map: Mapping[str, str] | str | Path | None = None) -> tuple[dict[str, Any], list[str]]:
         """Metrics and readable lines; with ``truth`` (known labels, missing ones as NaN/None; a
         Series' name is used in messages) also accuracy and macro-F1 (Unassigned counts as wrong)
-        and the types the model never saw."""
-        return label_report(self.labels, self.confidence, self.classes, self.rule, truth, self.rechecked, self.recheck_margin)
+        and the types the model never saw; ``label_map`` renames the known labels to the model's
+        classes first (a dict or a two-column file; ``-`` leaves cells out). When no known label is
+        one of the model's classes, no accuracy is given, and the report says so."""
+        return label_report(self.labels, self.confidence, self.classes, self.rule, truth, self.rechecked, self.recheck_margin,
+                            label_map)
 
-    def to_plots(self, folder: Path, truth: pd.Series | np.ndarray | None = None) -> list[Path]:
-        """predictions.png (cells per type, novelty scores and the cutoff) and, with ``truth``,
-        confusion_matrix.png in ``folder``; returns the files written."""
+    def to_plots(self, folder: Path, truth: pd.Series | np.ndarray | None = None,
+                 label_map: Mapping[str, str] | str | Path | None = None) -> list[Path]:
+        """predictions.png (cells per type, novelty scores and the cutoff) and, with ``truth``
+        (renamed through ``label_map``), confusion_matrix.png in ``folder``: known labels as rows;
+        when none of them is a class of the model, the model's classes and Unassigned as columns.
+        Returns the files written."""
         from model import plots
 
         rule = self.rule
         written = [folder / "predictions.png"]
         plots.plot_predictions(self.labels, self.novelty_score if rule.score != "softmax" else self.confidence, rule.threshold,
                                written[0], rule.score)
-        ok, known = known_truth(truth, self.n_cells)
+        ok, known = known_truth(known_labels(truth, label_map, self.n_cells), self.n_cells)
         if known is not None:
-            metrics = label_report(self.labels, self.confidence, self.classes, rule, truth)[0]
+            metrics = label_report(self.labels, self.confidence, self.classes, rule, truth, label_map=label_map)[0]
             written.append(folder / "confusion_matrix.png")
-            plots.plot_confusion(known, np.asarray(self.labels)[ok], written[1],
-                                 f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
+            if "accuracy" in metrics:
+                plots.plot_confusion(known, np.asarray(self.labels)[ok], written[1],
+                                     f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
+            else:
+                plots.plot_confusion(known, np.asarray(self.labels)[ok], written[1], "query labels vs the model's classes",
+                                     columns=[*self.classes, UNASSIGNED])
         return written
 
 
@@ -306,17 +362,21 @@ class AnnotationResult(Annotation):
         adata.uns.update(uns_entries(keys, self.classes, self.rule, self.model, self.preprocessing, self.rechecked, self.recheck_margin))
         return adata
 
-    def to_table(self, key_added: str = "scbert") -> pd.DataFrame:
-        """One row per cell (index ``cell``): label, confidence, novelty, top label, majority
-        voting (when done), and ``p_<class>`` per class."""
+    def to_table(self, key_added: str = "scbert", truth: dict[str, Sequence[Any]] | None = None) -> pd.DataFrame:
+        """One row per cell (index ``cell``): the known labels ``truth`` (column name -> one value
+        per cell) when given, label, confidence, novelty, top label, majority voting (when done),
+        and ``p_<class>`` per class."""
         return label_table(AnnotationKeys(key_added), self.cell_names, self.labels, self.confidence, self.novelty_score,
-                           self.labels_raw, self.probabilities, self.classes, self.majority_voting)
+                           self.labels_raw, self.probabilities, self.classes, self.majority_voting, truth)
 
-    def report(self, truth: pd.Series | np.ndarray | None = None) -> tuple[dict[str, Any], list[str]]:
+    def report(self, truth: pd.Series | np.ndarray | None = None,
+               label_map: Mapping[str, str] | str | Path | None = None) -> tuple[dict[str, Any], list[str]]:
         """:meth:`Annotation.report`, and how majority voting scores when it was done."""
-        metrics, lines = super().report(truth)
+        metrics, lines = super().report(truth, label_map)
         if self.majority_voting is not None:
-            ok, known = known_truth(truth, self.n_cells)
+            ok, known = known_truth(known_labels(truth, label_map, self.n_cells), self.n_cells)
+            if "accuracy" not in metrics:
+                known = None
             n_clusters = len(set(self.over_clustering))
             changed = int((self.majority_voting != self.labels).sum())
             metrics["majority_voting"] = {"n_clusters": n_clusters, "changed": changed}

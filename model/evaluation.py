@@ -42,6 +42,29 @@ def known_truth(truth: pd.Series | np.ndarray | Sequence[Any] | None, n_cells: i
     return ok, col[ok].astype(str).to_numpy()
 
 
+def _some(names: Sequence[str], n: int = 4) -> str:
+    """The first ``n`` names, quoted, and how many more."""
+    shown = ", ".join(repr(str(x)) for x in list(names)[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def label_map_report(truth: pd.Series, mapped: pd.Series, classes: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """What a label map did to the query's labels ``truth`` (``mapped``: after it): the labels
+    renamed, the cells left out, and mapped labels that are none of the model's ``classes``."""
+    before, after = truth.astype(object), mapped.astype(object)
+    known, kept = before.notna().to_numpy(), after.notna().to_numpy()
+    renamed = sorted({(str(b), str(a)) for b, a in zip(before[known & kept], after[known & kept]) if str(b) != str(a)})
+    dropped = int((known & ~kept).sum())
+    foreign = sorted({str(a) for a in after.dropna()} - set(map(str, classes)))
+    metrics: dict[str, Any] = {"renamed": dict(renamed), "cells_left_out": dropped, "not_model_classes": foreign}
+    lines = [f"label map: {len(renamed)} query labels renamed ({', '.join(f'{b} -> {a}' for b, a in renamed[:4])}"
+             f"{', ...' if len(renamed) > 4 else ''}); {dropped} cells left out (mapped to -)"]
+    if foreign:
+        lines.append(f"note: after the label map, {len(foreign)} query labels are none of the model's classes ({_some(foreign)}): "
+                     f"their cells count as errors")
+    return metrics, lines
+
+
 def annotation_report(pred: np.ndarray, conf: np.ndarray, classes: Sequence[str], threshold: float | None,
                       truth: pd.Series | np.ndarray | None = None, truth_name: str = "the label column",
                       rule: str | None = None) -> tuple[dict[str, Any], list[str]]:
@@ -66,6 +89,14 @@ def annotation_report(pred: np.ndarray, conf: np.ndarray, classes: Sequence[str]
     ok, labels = known_truth(truth, len(pred))
     if labels is None:
         log.warning("WARNING: no cell has a label in %s: accuracy is not computed", truth_name)
+        return metrics, lines
+    if not set(labels) & set(classes):
+        # Another lab's names for the same types: an accuracy of 0 would only say the names differ.
+        query_types = sorted(set(labels))
+        metrics.update(n_labelled=int(ok.sum()), label_overlap=0, query_types=query_types)
+        lines.append(f"accuracy not computed: none of the {len(query_types)} labels of {truth_name} ({_some(query_types)}) is one of "
+                     f"the model's classes ({_some(classes)}); give a label map (two columns: query label, model class) to score them "
+                     f"(predict.py --label-map FILE; label_map= in Python)")
         return metrics, lines
     m = classification_metrics(labels, pred[ok])
     metrics.update(accuracy=m["accuracy"], macro_f1=m["macro_f1"], macro_f1_union=m["macro_f1_union"], n_labelled=int(ok.sum()),

@@ -24,14 +24,18 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_confusion(y_true: Sequence[str], y_pred: Sequence[str], path: Path, title: str = "") -> None:
-    """Row-normalised confusion matrix (true types as rows) as a PNG."""
+def plot_confusion(y_true: Sequence[str], y_pred: Sequence[str], path: Path, title: str = "", columns: Sequence[str] | None = None) -> None:
+    """Row-normalised confusion matrix (true types as rows) as a PNG. Columns: the true types, then
+    the other predicted ones; or ``columns`` (then any other predicted label), e.g. a model's classes
+    and Unassigned when the true types are named otherwise."""
     plt = _pyplot()
     from sklearn.metrics import confusion_matrix
 
     rows = sorted(set(y_true))
-    cols = rows + sorted(set(y_pred) - set(rows))
-    cm = confusion_matrix(y_true, y_pred, labels=cols)[: len(rows)]
+    cols = rows + sorted(set(y_pred) - set(rows)) if columns is None else [*columns, *sorted(set(y_pred) - set(columns))]
+    names = list(dict.fromkeys([*rows, *cols]))  # scikit-learn counts over one label list: rows first, then the columns
+    full = confusion_matrix(y_true, y_pred, labels=names)
+    cm = full[: len(rows)][:, [names.index(c) for c in cols]]
     frac = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(cols), 1.0 + 0.5 * len(rows)))
     im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)

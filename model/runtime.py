@@ -32,6 +32,53 @@ def check_precision(precision: str, device: torch.device | None = None) -> str:
     return precision
 
 
+def _cpu_flags() -> tuple[str, set[str]]:
+    """(vendor, instruction-set flags) of this CPU, from /proc/cpuinfo (empty where there is none)."""
+    vendor, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return vendor, flags
+
+
+def auto_precision(device: torch.device) -> tuple[str, str]:
+    """The precision ``--precision auto`` picks, and why: bf16 where its products are measured or
+    known to be faster than fp32 ones, fp32 elsewhere. GPUs with bf16; CPUs with AMX (Intel
+    Sapphire Rapids and later); AMD CPUs with AVX512-BF16 (Zen 4 and later: 958 vs 226 GFLOP/s of
+    bf16 and fp32 products on the Zen 4 VM of BENCHMARKS.md, and predict.py 5.1-6.8x the published
+    way against 2.7-2.9x in fp32). Not Intel's AVX512-BF16 without AMX (Cooper Lake), where bf16
+    products ran at half the fp32 rate."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "a GPU with bf16"
+        return "fp32", "this GPU has no bf16"
+    if device.type != "cpu":
+        return "fp32", f"bf16 is not known to be faster on {device.type}"
+    vendor, flags = _cpu_flags()
+    if "amx_bf16" in flags:
+        return "bf16", "a CPU with AMX: bf16 products are several times faster than fp32 ones"
+    if "avx512_bf16" in flags and vendor == "AuthenticAMD":
+        return "bf16", "an AMD CPU with AVX512-BF16 (Zen 4 or later): bf16 products ~4x faster than fp32 ones"
+    if "avx512_bf16" in flags:
+        return "fp32", "AVX512-BF16 without AMX: bf16 products are slower than fp32 ones there"
+    return "fp32", "no bf16 instructions on this CPU"
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """``precision``, with ``auto`` resolved for ``device`` (:func:`auto_precision`); and why."""
+    if precision == "auto":
+        return auto_precision(device)
+    return check_precision(precision, device), "as asked"
+
+
 def low_precision_dtype(precision: str) -> torch.dtype | None:
     """The dtype of the products under ``precision``: None for fp32."""
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[check_precision(precision)]

@@ -145,9 +145,11 @@ def _in_order(chunks: _Chunks, annotated: Iterator[dict[str, np.ndarray]], mine:
 
 
 def _write(chunks: _Chunks, parts: Iterator[dict[str, np.ndarray]], path: Path, out: Path, csv: Path | None, keys: AnnotationKeys,
-           first_report: Callable[[], Any]) -> tuple[dict[str, np.ndarray], dict[str, Any], int | None]:
-    """Write the output .h5ad (and the table ``csv``) from the chunks' outputs, in order; returns
-    the per-cell arrays kept, the preprocessing report and the cells re-checked."""
+           first_report: Callable[[], Any], truth: dict[str, np.ndarray] | None = None
+           ) -> tuple[dict[str, np.ndarray], dict[str, Any], int | None]:
+    """Write the output .h5ad (and the table ``csv``, with the known labels ``truth`` of every cell)
+    from the chunks' outputs, in order; returns the per-cell arrays kept, the preprocessing report
+    and the cells re-checked."""
     classes = list(chunks.ckpt.classes or [])
     names = np.array([*classes, UNASSIGNED], dtype=object)
     n = chunks.reader.n_obs
@@ -166,7 +168,8 @@ def _write(chunks: _Chunks, parts: Iterator[dict[str, np.ndarray]], path: Path, 
                 arr[start:stop] = part[key]
             if table is not None:
                 frame = label_table(keys, chunks.reader.obs_names(start, stop), names[part["label"]], part["confidence"], part["novelty"],
-                                    names[part["raw"]], part["probabilities"], classes)
+                                    names[part["raw"]], part["probabilities"], classes,
+                                    truth={name: values[start:stop] for name, values in (truth or {}).items()})
                 frame.to_csv(table, mode="w" if k == 0 else "a", header=k == 0)
         prep = first_report().to_dict()
         prep["n_cells_in"] = prep["n_cells_out"] = n
@@ -175,7 +178,6 @@ def _write(chunks: _Chunks, parts: Iterator[dict[str, np.ndarray]], path: Path, 
         checked = rechecks(chunks.net.options, chunks.margin)
         uns = uns_entries(keys, classes, chunks.rule, chunks.ckpt.source, prep, rechecked if checked else None,
                           chunks.margin if checked else None)
-        uns[keys.classes] = np.array(uns[keys.classes], dtype=object)  # h5py writes text arrays, not lists
         writer.finish(obs, uns)
     return kept, prep, rechecked if checked else None
 
@@ -183,10 +185,11 @@ def _write(chunks: _Chunks, parts: Iterator[dict[str, np.ndarray]], path: Path, 
 def annotate_h5ad(path: str | Path, ckpt: Checkpoint, out: str | Path, *, source: CellSource = DEFAULT_SOURCE,
                   novelty: NoveltySettings = DEFAULT_NOVELTY, options: InferenceOptions = DEFAULT_INFERENCE,
                   chunk_size: int = DEFAULT_CHUNK, csv: str | Path | None = None, key_added: str = "scbert",
-                  species: str = "auto") -> StreamedAnnotation | None:
+                  species: str = "auto", truth: dict[str, Any] | None = None) -> StreamedAnnotation | None:
     """Annotate the ``.h5ad`` at ``path`` a chunk of ``chunk_size`` cells at a time into ``out``
-    (and the table ``csv``), with the same outputs as annotating it in memory. Under torchrun
-    every process calls it; rank 0 writes the outputs and returns the result, the others None."""
+    (and the table ``csv``, with the known labels ``truth``: column name -> one value per cell),
+    with the same outputs as annotating it in memory. Under torchrun every process calls it; rank 0
+    writes the outputs and returns the result, the others None."""
     t0 = time.time()
     ckpt = fine_tuned(ckpt)
     record: NoveltyRecord | None = ckpt.novelty
@@ -219,7 +222,7 @@ def annotate_h5ad(path: str | Path, ckpt: Checkpoint, out: str | Path, *, source
             if ordered is None:
                 return None
             kept, prep, rechecked = _write(chunks, ordered, Path(path), out, None if csv is None else Path(csv), AnnotationKeys(key_added),
-                                           lambda: reps[0])
+                                           lambda: reps[0], {k: np.asarray(v, dtype=object) for k, v in (truth or {}).items()})
         finally:
             bar.close()
             if info.enabled and info.is_main:

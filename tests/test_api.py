@@ -68,10 +68,10 @@ def test_embed_works_with_pretrained_and_finetuned_models(setup: dict) -> None:
     adata = setup["query"].copy()
     embed(adata, d / "mlm.pt", progress=False)
     assert adata.obsm["X_scbert"].shape == (adata.n_obs, 8) and np.all(np.isfinite(adata.obsm["X_scbert"]))
-    embed(adata, d / "clf.pt", key_added="X_clf", progress=False)
-    ann = annotate(adata.copy(), d / "clf.pt", progress=False)
+    embed(adata, d / "clf.pt", key_added="X_clf", progress=False, precision="fp32")  # one precision for both (auto: bf16 on some CPUs)
+    ann = annotate(adata.copy(), d / "clf.pt", progress=False, precision="fp32")
     np.testing.assert_allclose(adata.obsm["X_clf"], ann.obsm["X_scbert"], atol=1e-5)
-    embed(adata, d / "clf.pt", key_added="X_expr", pooling="expressed", progress=False)
+    embed(adata, d / "clf.pt", key_added="X_expr", pooling="expressed", progress=False, precision="fp32")
     assert not np.allclose(adata.obsm["X_expr"], adata.obsm["X_clf"])
 
 

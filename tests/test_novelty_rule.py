@@ -115,7 +115,7 @@ def test_predict_uses_the_calibration_and_writes_the_keys(calibrated: Path, pbmc
     predict.main(["--data", str(pbmc_small), "--model", str(calibrated / "ft" / "model.pt"), "--out", str(out), "--quiet",
                   "--novelty", "mahalanobis", "--majority-voting", "--csv", str(calibrated / "pred.csv")])
     a = ad.read_h5ad(out)
-    rule = json.loads(a.uns["scbert_novelty"])
+    rule = a.uns["scbert_novelty"]  # a dict, written as a group of the .h5ad
     assert rule["score"] == "mahalanobis" and rule["calibrated"] and rule["reject_rate"] == 0.1
     rejected = a.obs["scbert_novelty"].to_numpy() > rule["cutoff"]
     assert ((a.obs["scbert_celltype"] == "Unassigned").to_numpy() == rejected).all()
@@ -125,8 +125,7 @@ def test_predict_uses_the_calibration_and_writes_the_keys(calibrated: Path, pbmc
     predict.main(["--data", str(pbmc_small), "--model", str(calibrated / "ft" / "model.pt"), "--out", str(soft), "--quiet",
                   "--majority-voting", "--voting", "soft", "--over-clustering-basis", "embedding"])
     c = ad.read_h5ad(soft)
-    assert set(c.obs["scbert_majority_voting"]) <= set(json.loads(c.uns["scbert_classes"]) if isinstance(c.uns["scbert_classes"], str)
-                                                       else c.uns["scbert_classes"])
+    assert set(c.obs["scbert_majority_voting"]) <= set(c.uns["scbert_classes"])
     published = calibrated / "pub.h5ad"
     predict.main(["--data", str(pbmc_small), "--model", str(calibrated / "ft" / "model.pt"), "--out", str(published), "--quiet",
                   "--threshold", "0.5", "--novelty", "softmax"])

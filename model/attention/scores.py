@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from data.dataset import CellDataset
 from model.inference import InferenceOptions, run_batches
+from model.memory import cell_working_bytes
 from model.nn.network import ScBERT
 
 with warnings.catch_warnings():
@@ -185,15 +186,6 @@ def _batches(model: ScBERT, X: sparse.csr_matrix, layer: Layer, batch_size: int,
     options = InferenceOptions(batch_size, device, progress=progress)
     for idx, out in run_batches(model, CellDataset(X, model.config.bin_num), scores, options, desc=desc):
         yield idx, out["scores"].numpy()
-
-
-def cell_working_bytes(config: Any) -> int:
-    """Bytes one cell of a batch holds at the peak of a forward pass with attention hooks, in
-    float32: the residual stream and its LayerNorm, q, k, v, the heads' output and the block's
-    output, the feed-forward hidden layer twice (linear, GELU) and the q, k the hooks keep."""
-    hd = config.heads * config.dim_head
-    per_token = 3 * config.dim + 4 * hd + 2 * 4 * config.dim + 2 * hd
-    return 4 * config.seq_len * per_token
 
 
 def fit_batch_size(config: Any, max_memory_gb: float | None, batch_size: int) -> int:

@@ -118,14 +118,19 @@ def add_input_args(g: argparse._ActionsContainer, layer_flags: tuple[str, ...] =
     g.add_argument("--gene-symbols", default=None, metavar="COLUMN",
                    help="take the gene names from this var column (scanpy's gene_symbols): symbols when var_names are Ensembl ids, or "
                    "Ensembl ids (mapped to current symbols) when the symbols are outdated (default: var_names)")
+    g.add_argument("--log-base", choices=["auto", "2", "e", "10"], default="auto",
+                   help="the base of log-normalised input whose per-cell totals cannot be checked (genes removed after normalising): "
+                   "e for scanpy's log1p, 2 for log2(1 + x). auto = as the file records it (scanpy's uns['log1p']['base']: "
+                   "absent or None = e), else log2; raw counts and checkable log values are recognised whatever it says (default: auto)")
 
 
 def cell_source(args: argparse.Namespace) -> Any:
-    """The :class:`data.io.CellSource` of --layer, --use-raw, --gene-symbols."""
+    """The :class:`data.io.CellSource` of --layer, --use-raw, --gene-symbols, --log-base."""
     from data.io import CellSource
+    from data.values import parse_log_base
 
     return CellSource(layer=getattr(args, "data_layer", None), use_raw=bool(getattr(args, "use_raw", False)),
-                      gene_symbols=getattr(args, "gene_symbols", None))
+                      gene_symbols=getattr(args, "gene_symbols", None), log_base=parse_log_base(getattr(args, "log_base", None)))
 
 
 def add_device(g: argparse._ActionsContainer, default: str = "auto") -> None:

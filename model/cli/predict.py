@@ -7,8 +7,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from data.io import InputError, atomic_path, check_writable, read_anndata, record_dir, select_cells, write_h5ad_atomic, write_json
-from data.labels import label_column
+from data.labels import label_column, map_labels, read_label_map
+from data.preprocess import query_lines
 from model import distributed
 from model.annotation import annotate
 from model.checkpoint import load_checkpoint
@@ -65,6 +68,7 @@ def run(args: argparse.Namespace) -> None:
             raise InputError("--majority-voting needs every cell's embedding in memory (to over-cluster them), which --backed avoids: "
                              "drop one of them (run majority voting on the written output with model.majority_voting)")
         source, novelty, names = cell_source(args), novelty_settings(args), published_names(args)
+        label_map = read_label_map(args.label_map) if args.label_map else None
     run_dir = start_run(args.run_dir or record_dir(out), args, protected=("summary.txt",)) if main else None
     with user_errors():
         ckpt = load_checkpoint(args.model, **names)
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
             log.info("%d cells per forward pass (--batch-size auto, %s)", batch_size, device.type)
         options = inference_options(args, device, batch_size)
         if backed:
-            result, truth = _annotate_backed(args, ckpt, out, source, novelty, options)
+            result, truth = _annotate_backed(args, ckpt, out, source, novelty, options, label_map)
             if result is None:
                 distributed.shutdown()
                 return
@@ -84,28 +88,41 @@ def run(args: argparse.Namespace) -> None:
             result = annotate(select_cells(adata, source, str(args.data)), ckpt, novelty, options)
             if args.majority_voting:
                 result.vote(_over_clusters(args, adata), basis=args.over_clustering_basis, voting=args.voting)
-        metrics, lines = result.report(truth)
+        metrics, lines = result.report(truth, label_map)
         if args.plots == "true" or (args.plots == "auto" and result.n_cells >= MIN_PLOT_CELLS):
-            result.to_plots(run_dir, truth)
+            result.to_plots(run_dir, truth, label_map)
         elif args.plots == "auto":
             log.info("plots skipped for a query of %d cells (--plots true draws them)", result.n_cells)
         how = f", a chunk of {result.chunk_size} cells at a time over {result.n_chunks} chunks" if backed else ""
-        lines.insert(0, f"annotated {result.n_cells} cells in {result.seconds:.1f} s ({result.n_cells / max(result.seconds, 1e-9):.1f} cells/s{how}"
-                     + (f", {info.world_size} processes" if info.enabled else "") + ")")
+        lines[0:0] = [f"annotated {result.n_cells} cells in {result.seconds:.1f} s ({result.n_cells / max(result.seconds, 1e-9):.1f} cells/s{how}"
+                      + (f", {info.world_size} processes" if info.enabled else "") + ")", *query_lines(result.preprocessing)]
         metrics.update(seconds=round(result.seconds, 2), model=str(args.model), data=str(args.data), preprocessing=result.preprocessing,
                        backed=backed, processes=info.world_size)
         if not backed:
             write_h5ad_atomic(result.to_adata(adata), out)
             if args.csv:
                 with atomic_path(args.csv) as tmp:
-                    result.to_table().to_csv(tmp)
+                    result.to_table(truth=_truth_columns(truth, label_map)).to_csv(tmp)
         write_json(run_dir / "metrics.json", metrics)
     lines.append(f"wrote {out}" + (f" and {args.csv}" if args.csv else "") + f"; run record in {run_dir}")
     write_summary(run_dir, lines, results=("accuracy", "note:"))
     distributed.shutdown()
 
 
-def _annotate_backed(args: argparse.Namespace, ckpt: Any, out: Path, source: Any, novelty: Any, options: Any) -> tuple[Any, Any]:
+def _truth_columns(truth: pd.Series | None, label_map: dict[str, str] | None) -> dict[str, Any] | None:
+    """The known labels as columns of the --csv table: the --label-key column as it is and, with
+    --label-map, as mapped to the model's classes (``<key>_mapped``)."""
+    if truth is None:
+        return None
+    name = str(truth.name or "label")
+    columns = {name: truth.to_numpy(dtype=object)}
+    if label_map is not None:
+        columns[f"{name}_mapped"] = map_labels(truth.reset_index(drop=True), label_map).to_numpy(dtype=object)
+    return columns
+
+
+def _annotate_backed(args: argparse.Namespace, ckpt: Any, out: Path, source: Any, novelty: Any, options: Any,
+                     label_map: dict[str, str] | None) -> tuple[Any, Any]:
     """The query annotated a chunk at a time (and across torchrun processes), with its known labels
     (read first: a missing column is reported before the work, not after it); (None, None) on
     the processes other than rank 0."""
@@ -116,7 +133,8 @@ def _annotate_backed(args: argparse.Namespace, ckpt: Any, out: Path, source: Any
     if args.label_key:
         with ChunkedH5ad(args.data, source) as reader:
             truth = reader.obs_column(args.label_key)
-    result = annotate_h5ad(args.data, ckpt, out, source=source, novelty=novelty, options=options, chunk_size=args.chunk_size, csv=args.csv)
+    result = annotate_h5ad(args.data, ckpt, out, source=source, novelty=novelty, options=options, chunk_size=args.chunk_size, csv=args.csv,
+                           truth=_truth_columns(truth, label_map))
     return (result, truth) if result is not None else (None, None)
 
 

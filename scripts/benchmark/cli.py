@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from data.io import InputError, write_json, write_text
+from data.labels import read_label_map
 from data.preprocess import read_prepared
 from model.checkpoint import CheckpointError, load_checkpoint, load_vocab
 from model.cli.args import add_bool, add_device, add_min_genes, parser, positive_float, positive_int
@@ -24,7 +25,7 @@ from model.majority_voting import OVER_CLUSTERING_BASES
 from model.runtime import set_threads
 from scripts.benchmark.harness import ProtocolSettings, encoder_exposure, load_labelled, parse_subsample, protocol_splits, run_benchmark
 from scripts.benchmark.methods import ALL_METHODS, BASELINES, PRESETS, method_factories
-from scripts.benchmark.report import markdown_table, read_label_map, write_report
+from scripts.benchmark.report import markdown_table, write_report
 
 log = logging.getLogger("scbert")
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from data.io import InputError, write_text
+from data.io import write_text
+from data.labels import read_label_map  # noqa: F401 - the library's reader, imported here by older callers
 from model.evaluation import classification_metrics
 from model.novelty.rule import UNASSIGNED, NoveltyRule, assign_labels
 from model.plots import plot_confusion
@@ -279,18 +280,3 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Split):
         return {k: v for k, v in asdict(o).items() if k not in ("train", "test")}
     raise TypeError(type(o))
-
-
-def read_label_map(path: str | Path) -> dict[str, str]:
-    """Two columns per line (tab or comma separated): a label as it appears in the data, and the
-    name to use instead (e.g. a query's type name -> the reference's; ``-`` leaves those cells out).
-    Lines starting with # are skipped."""
-    mapping: dict[str, str] = {}
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        parts = [p.strip() for p in (line.split("\t") if "\t" in line else line.split(","))]
-        if len(parts) != 2 or not all(parts):
-            raise InputError(f"{path} line {n}: expected two columns (label in the data, label to use), got {line!r}")
-        mapping[parts[0]] = parts[1]
-    return mapping
