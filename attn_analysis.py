@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "so batches hold one cell and the whole run stays under ~1.5 GB (default: 0.5)")
     g.add_argument("--seed", type=int, default=0, help="random seed for the cell subsample and the UMAP (default: 0)")
     add_device(g)
-    add_precision(g)
+    add_precision(g, stage="attention")
     add_bool(g, "--overwrite", default=False, help="replace the outputs of an earlier run in --out")
     add_log_args(g)
     return p
@@ -85,9 +85,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_set_size < args.min_set_size:
         p.error("--max-set-size must be at least --min-set-size")
 
-    from model.cli.attention import run
+    from model.cli.boundary import stage
+    from model.cli.preflight import check_paths
 
-    run(args)
+    with stage():
+        check_paths(args, "attention")
+        from model.cli.attention import run
+
+        run(args)
 
 
 if __name__ == "__main__":

@@ -86,9 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.train_all and args.head_only:
         p.error("--train-all and --head-only exclude each other: choose one")
 
-    from model.cli.finetune import run
+    from model.cli.boundary import stage, training_interrupted
+    from model.cli.preflight import check_paths
 
-    run(args)
+    with stage(lambda: training_interrupted(args.out)):
+        check_paths(args, "finetune")
+        from model.cli.finetune import run
+
+        run(args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from model.cli.args import (
     add_device,
     add_input_args,
     add_log_args,
+    add_memory_limit,
     add_precision,
     add_published_args,
     add_speed_args,
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "writes the output")
     g.add_argument("--chunk-size", type=positive_int, default=10_000, help="cells per chunk with --backed (default: 10000)")
     add_device(p)
-    add_precision(p)
+    add_precision(p, default="auto", stage="predict")
+    add_memory_limit(p)
     p.add_argument("--fp32-recheck", type=fraction_or_auto, default="auto", metavar="MARGIN",
                    help="after a bf16/fp16 pass, score again in float32 the cells whose top two probabilities are within MARGIN of "
                    "each other or whose novelty score is within MARGIN of its cutoff (relative to the cutoff, except softmax), so that "
@@ -118,9 +120,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.label_map and not args.label_key:
         p.error("--label-map renames the labels of --label-key: give the column too (--label-key COLUMN)")
 
-    from model.cli.predict import run
+    from model.cli.boundary import stage
+    from model.cli.preflight import check_paths
 
-    run(args)
+    with stage():
+        check_paths(args, "predict")
+        from model.cli.predict import run
+
+        run(args)
 
 
 if __name__ == "__main__":

@@ -47,9 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.n_top_genes is not None and args.n_top_genes < 1:
         p.error("--n-top-genes must be at least 1")
 
-    from model.cli.preprocess import run
+    from model.cli.boundary import stage
+    from model.cli.preflight import check_paths
 
-    run(args)
+    with stage():
+        check_paths(args, "preprocess")
+        from model.cli.preprocess import run
+
+        run(args)
 
 
 if __name__ == "__main__":

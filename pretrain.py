@@ -63,9 +63,14 @@ def main(argv: list[str] | None = None) -> None:
     p = build_parser()
     args = apply_recipe(p.parse_args(argv), "pretrain")
 
-    from model.cli.pretrain import run
+    from model.cli.boundary import stage, training_interrupted
+    from model.cli.preflight import check_paths
 
-    run(args)
+    with stage(lambda: training_interrupted(args.out)):
+        check_paths(args, "pretrain")
+        from model.cli.pretrain import run
+
+        run(args)
 
 
 if __name__ == "__main__":

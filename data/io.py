@@ -17,13 +17,11 @@ import anndata as ad
 import numpy as np
 from scipy import sparse
 
+from data.errors import InputError
+
 log = logging.getLogger("scbert")
 
 READABLE = ".h5ad, .zarr, .loom, 10x .h5, a 10x matrix folder (matrix.mtx[.gz] + genes/features + barcodes), .mtx, .csv/.tsv[.gz]"
-
-
-class InputError(ValueError):
-    """Bad user input; the message says what was wrong and what to do."""
 
 
 def _scanpy() -> Any:

@@ -40,6 +40,11 @@ def parameter_count(config: Any) -> int:
     return config.seq_len * config.dim + config.num_tokens * config.dim + config.depth * layer + head
 
 
+def size_text(n_bytes: float) -> str:
+    """Bytes in words: "350 MB", "2.4 GB"."""
+    return f"{n_bytes / 2**20:.0f} MB" if n_bytes < 0.1 * GB else f"{n_bytes / GB:.1f} GB"
+
+
 @dataclass(frozen=True)
 class BatchMemory:
     """The memory a batch is estimated to need (``bytes``) and what is free for it (``free``, None when unknown)."""
@@ -51,8 +56,8 @@ class BatchMemory:
     limited: bool  # ``free`` is a limit the user set, not the free memory
 
     def describe(self, batch_size: int) -> str:
-        free = "" if self.free is None else f" ({self.free / GB:.1f} GB {'allowed' if self.limited else 'free'})"
-        return f"a batch of {batch_size} cells needs about {self.bytes / GB:.2f} GB{free}"
+        free = "" if self.free is None else f" ({size_text(self.free)} {'allowed' if self.limited else 'free'})"
+        return f"a batch of {batch_size} cells needs about {size_text(self.bytes)}{free}"
 
     def largest_batch(self) -> int:
         """The most cells a batch can hold within ``free`` (0 when not even one cell fits)."""
@@ -104,16 +109,18 @@ def batch_memory(config: Any, batch_size: int, device: Any, kept_layers: int | N
 def check_batch_memory(config: Any, batch_size: int, device: Any, kept_layers: int | None = None, limit_gb: float | None = None,
                        name: str = "--batch-size", hint: str = "") -> BatchMemory:
     """:func:`batch_memory`, or an InputError saying the estimate, what is free and the largest
-    batch that fits (``name``: how the caller sets the batch size; ``hint``: other ways out)."""
+    batch that fits (``name``: how the caller sets the batch size; ``hint``: other ways out, where
+    ``{acc}`` becomes the accumulation steps that keep ``{cells}``, the cells of a step)."""
     need = batch_memory(config, batch_size, device, kept_layers, limit_gb)
     if need.free is None or need.bytes <= need.free:
         return need
     what = "one inference pass" if kept_layers is None else f"one training step ({kept_layers} layers in the backward pass)"
     fits = need.largest_batch()
-    advice = (f"use {name} {min(fits, batch_size - 1)} or less{hint}" if fits >= 1 else
+    smaller = min(fits, batch_size - 1)
+    advice = (f"use {name} {smaller} or less{hint.format(acc=math.ceil(batch_size / max(smaller, 1)), cells=batch_size)}" if fits >= 1 else
               "not even one cell fits: close other programs, use a machine with more memory, or a smaller model")
-    where = f"{need.free / GB:.2f} GB {'are allowed (--memory-limit)' if need.limited else 'are free'}"
-    raise InputError(f"{name} {batch_size} needs about {need.bytes / GB:.1f} GB for {what} of this model ({config.seq_len:,} tokens "
+    where = f"{size_text(need.free)} {'are allowed (--memory-limit)' if need.limited else 'are free'}"
+    raise InputError(f"{name} {batch_size} needs about {size_text(need.bytes)} for {what} of this model ({config.seq_len:,} tokens "
                      f"x dim {config.dim}, {config.depth} layers), but {where}: {advice}")
 
 

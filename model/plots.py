@@ -54,8 +54,11 @@ def plot_confusion(y_true: Sequence[str], y_pred: Sequence[str], path: Path, tit
     plt.close(fig)
 
 
-def plot_history(history: list[dict[str, float]], keys: Sequence[str], path: Path, title: str = "") -> None:
-    """Training curves (one panel per key) as a PNG."""
+def plot_history(history: list[dict[str, float]], keys: Sequence[str], path: Path, title: str = "", chosen_epoch: int | None = None,
+                 baselines: dict[str, str] | None = None) -> None:
+    """Training curves (one panel per key) as a PNG; ``chosen_epoch`` (1-based) is marked on every
+    panel as the epoch whose weights the model kept, and ``baselines`` (panel key -> history key)
+    draws a reference next to a curve, e.g. the most-common-bin baseline next to the masked accuracy."""
     plt = _pyplot()
 
     keys = [k for k in keys if history and k in history[0]]
@@ -63,6 +66,14 @@ def plot_history(history: list[dict[str, float]], keys: Sequence[str], path: Pat
     epochs = [h["epoch"] for h in history]
     for ax, k in zip(axes[0], keys):
         ax.plot(epochs, [h[k] for h in history], marker="o", ms=3)
+        base = (baselines or {}).get(k)
+        if base is not None and base in history[0]:
+            ax.plot(epochs, [h[base] for h in history], color="tab:gray", ls="--", label="most-common-bin baseline")
+            ax.legend(fontsize=7)
+        if chosen_epoch is not None:
+            ax.axvline(chosen_epoch, color="tab:red", ls=":", lw=1)
+            ax.annotate(f"kept: epoch {chosen_epoch}", (chosen_epoch, 1.0), xycoords=("data", "axes fraction"), fontsize=7,
+                        color="tab:red", ha="left", va="top")
         ax.set_xlabel("epoch")
         ax.set_title(k.replace("_", " "), fontsize=9)
     fig.suptitle(title, fontsize=10)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data.io import InputError
+from data.paths import MODEL_FILE, model_file
 from data.preprocess import LIBRARY_SIZES, PUBLISHED_VOCAB_SIZE, recorded_library_size
 from data.vocab import read_vocab_file
 from model.checkpoint import published
@@ -18,9 +19,10 @@ def load_checkpoint(path: str | Path, genes: list[str] | None = None, classes: l
     """Load one of our checkpoints, or one saved by the published scBERT code (which carries no
     gene or class names: pass ``genes``, and ``classes`` for a fine-tuned one). Refuses anything
     else, with a reason; never runs code stored in the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (or is a folder): give the path to a model.pt file")
+    try:
+        path = model_file(path)  # a run folder means its model.pt; a file of cells is refused before torch reads it
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
     try:
         obj = read_file(path)
     except CheckpointError as refusal:
@@ -47,8 +49,10 @@ def load_checkpoint(path: str | Path, genes: list[str] | None = None, classes: l
 
 def load_vocab(source: str | Path) -> list[str]:
     """The ordered vocabulary of a gene list (.txt/.tsv/.csv), an .h5ad (its var_names, e.g. the
-    output of preprocess.py) or one of our checkpoints."""
+    output of preprocess.py), one of our checkpoints or a run folder holding one."""
     path = Path(source)
+    if path.is_dir() and (path / MODEL_FILE).is_file():
+        path = path / MODEL_FILE  # a run folder: its model's genes
     if path.is_file() and path.name.lower().endswith(CHECKPOINT_SUFFIXES):
         try:
             return list(load_checkpoint(path).genes)
@@ -75,6 +79,8 @@ def choose_library_size(requested: str = "auto", pretrained: Checkpoint | None =
     recorded = recorded_library_size(list(data))
     if recorded is not None:
         return recorded, "as preprocess.py recorded in the input"
+    if vocab is not None and Path(vocab).is_dir() and (Path(vocab) / MODEL_FILE).is_file():
+        vocab = Path(vocab) / MODEL_FILE
     if vocab is not None and Path(vocab).name.lower().endswith(CHECKPOINT_SUFFIXES):
         ckpt = load_checkpoint(vocab)
         return ckpt.preprocessing["library_size"], f"as {vocab} was trained"

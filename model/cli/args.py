@@ -137,10 +137,26 @@ def add_device(g: argparse._ActionsContainer, default: str = "auto") -> None:
     g.add_argument("--device", default=default, help=f"cpu, cuda, cuda:N or auto (default: {default}; auto = cuda when available)")
 
 
-def add_precision(g: argparse._ActionsContainer) -> None:
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="arithmetic precision (default: fp32; bf16 pays off on GPUs and on CPUs with native bf16 (AVX-512 BF16/AMX), "
-                   "see BENCHMARKS.md; fp16: GPU only)")
+PRECISION_NOTES = {
+    "predict": "auto = bf16 where its products are known to be faster: GPUs with bf16, CPUs with AMX, AMD CPUs with AVX512-BF16 "
+               "(Zen 4); fp32 elsewhere. Cells near a decision are scored again in float32 (--fp32-recheck), so labels match fp32",
+    "training": "training keeps fp32 unless asked: bf16 training is faster (BENCHMARKS.md) but its accuracy against fp32 training "
+                "is not measured; auto = bf16 where its products are known to be faster (GPUs, AMX, Zen 4)",
+    "attention": "auto = bf16 where its products are known to be faster (GPUs, AMX, Zen 4); attention scores in bf16 are not "
+                 "compared with fp32 ones, so fp32 stays the default",
+}
+
+
+def add_precision(g: argparse._ActionsContainer, default: str = "fp32", stage: str = "training") -> None:
+    why = PRECISION_NOTES[stage]
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=default,
+                   help=f"arithmetic precision (default: {default}; {why}; fp16: GPU only)")
+
+
+def add_memory_limit(g: argparse._ActionsContainer) -> None:
+    g.add_argument("--memory-limit", type=positive_float, default=None, metavar="GB",
+                   help="refuse, before the first step, a --batch-size whose estimated memory is above this many GB (default: the "
+                   "memory free when the run starts: on a CPU MemAvailable or the cgroup limit, on a GPU its free memory)")
 
 
 positive_int_or_auto = or_auto(positive_int)  # auto or a whole number >= 1
@@ -160,8 +176,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     add_device(g)
     add_precision(g)
+    add_memory_limit(g)
     add_speed_args(g)
-    add_bool(g, "--overwrite", default=False, help="replace an existing output")
+    add_bool(g, "--overwrite", default=False, help="replace an existing output (for training: also start again beside the "
+             "training states of an unfinished run, which are removed)")
     add_log_args(g)
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -181,12 +199,19 @@ def add_speed_args(g: argparse._ActionsContainer) -> None:
              help="torch.compile the encoder (needs a C/C++ compiler; the first batches are slow while it compiles; see BENCHMARKS.md)")
 
 
+SIZES = {"small": {"dim": 32, "depth": 2, "heads": 4, "dim_head": 8}, "published": {"dim": 200, "depth": 6, "heads": 10, "dim_head": 64}}
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model size (ignored when starting from a checkpoint)")
-    g.add_argument("--dim", type=positive_int, default=200, help="embedding size (default: %(default)s, as published)")
-    g.add_argument("--depth", type=positive_int, default=6, help="Performer layers (default: %(default)s)")
-    g.add_argument("--heads", type=positive_int, default=10, help="attention heads (default: %(default)s)")
-    g.add_argument("--dim-head", type=positive_int, default=64, help="size of each head (default: %(default)s)")
+    g.add_argument("--size", choices=["auto", *SIZES], default="auto",
+                   help="small = the demo's model (dim 32, depth 2, 4 heads of 8: minutes per epoch on a laptop CPU); published = "
+                   "scBERT's (dim 200, depth 6, 10 heads of 64: hours per epoch on a CPU). --dim, --depth, --heads, --dim-head change "
+                   "single values (default: auto = small on a CPU, published on a GPU)")
+    g.add_argument("--dim", type=positive_int, default=None, help="embedding size (default: of --size)")
+    g.add_argument("--depth", type=positive_int, default=None, help="Performer layers (default: of --size)")
+    g.add_argument("--heads", type=positive_int, default=None, help="attention heads (default: of --size)")
+    g.add_argument("--dim-head", type=positive_int, default=None, help="size of each head (default: of --size)")
     g.add_argument("--bin-num", "--bin_num", type=positive_int, default=5, help="expression bins; values above are capped (default: 5 -> 7 tokens)")
     g.add_argument("--gene_num", type=int, default=None, help="published flag; checked against the vocabulary size")
     g.add_argument(
@@ -270,6 +295,17 @@ def add_training_args(p: argparse.ArgumentParser, stage: str, epochs_help: str) 
 # --------------------------------------------------------------------------------------------
 
 
+def resolve_precision_flag(args: argparse.Namespace, device: Any) -> str:
+    """--precision with ``auto`` resolved for ``device`` (in ``args``, so every setting built from
+    them gets it), logged with the reason; returns it."""
+    from model.runtime import resolve_precision
+
+    if getattr(args, "precision", None) == "auto":
+        args.precision, why = resolve_precision("auto", device)
+        log.info("precision %s (--precision auto: %s)", args.precision, why)
+    return args.precision
+
+
 def execution_options(args: argparse.Namespace) -> Any:
     """:class:`model.nn.config.ExecutionOptions` of --precision, --compile, --grad-checkpointing."""
     from model.nn.config import ExecutionOptions
@@ -278,10 +314,38 @@ def execution_options(args: argparse.Namespace) -> Any:
                             grad_checkpointing=bool(getattr(args, "grad_checkpointing", False)))
 
 
-def model_size(args: argparse.Namespace) -> Any:
+def model_size(args: argparse.Namespace, device: Any = None, say: bool = False) -> Any:
+    """The :class:`model.nn.config.ModelSize` of --size (auto: small on a CPU, published on a GPU) and
+    of --dim, --depth, --heads, --dim-head given explicitly; ``say``: log which size runs."""
     from model.nn.config import ModelSize
 
-    return ModelSize(dim=args.dim, depth=args.depth, heads=args.heads, dim_head=args.dim_head, bin_num=args.bin_num)
+    name = getattr(args, "size", "auto")
+    if name == "auto":
+        name = "published" if getattr(device, "type", "cpu") == "cuda" else "small"
+    base = SIZES[name]
+    given = {k: getattr(args, k) for k in base if getattr(args, k, None) is not None}
+    size = ModelSize(**{**base, **given}, bin_num=args.bin_num)
+    if say:
+        why = "--size auto on a GPU" if getattr(args, "size", "auto") == "auto" and name == "published" else (
+            "--size auto on a CPU (--size published for scBERT's size: about 300x the work per cell)"
+            if getattr(args, "size", "auto") == "auto" else "--size " + name)
+        changed = f"; changed by flags: {', '.join(f'{k} {v}' for k, v in given.items())}" if given else ""
+        log.info("model size %s: dim %d, depth %d, %d heads of %d (%s%s)", name, size.dim, size.depth, size.heads, size.dim_head, why, changed)
+    return size
+
+
+def training_checks(args: argparse.Namespace, config: Any, device: Any, kept: str, n_train: int, n_val: int) -> None:
+    """Before the first step of a training stage: refuse a --batch-size the memory cannot hold (the
+    estimate, what is free, the largest batch that fits), and say roughly how long an epoch takes.
+    ``kept``: the layers the backward pass goes through (see :func:`model.memory.kept_layers_of`)."""
+    from model.estimate import epoch_estimate
+    from model.memory import check_batch_memory, kept_layers_of
+
+    layers = kept_layers_of(config.depth, kept, bool(getattr(args, "grad_checkpointing", False)))
+    hint = " (with --grad-acc {acc} for the same {cells} cells a step)" + ("" if args.grad_checkpointing else ", or --grad-checkpointing")
+    need = check_batch_memory(config, args.batch_size, device, layers, getattr(args, "memory_limit", None), hint=hint)
+    log.info("memory: %s", need.describe(args.batch_size))
+    log.info(epoch_estimate(config, n_train, n_val, args.precision, device, layers))
 
 
 def gene2vec_spec(args: argparse.Namespace) -> str:

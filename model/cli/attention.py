@@ -22,7 +22,7 @@ from model.attention.analysis import (
     subsample_per_type,
 )
 from model.checkpoint import load_checkpoint
-from model.cli.args import cell_source, execution_options, published_names
+from model.cli.args import cell_source, execution_options, published_names, resolve_precision_flag
 from model.cli.run import start_run, user_errors, write_summary
 from model.inference import InferenceOptions
 from model.plots import plot_umap
@@ -79,7 +79,9 @@ def run(args: argparse.Namespace) -> None:
         if not known.all():
             log.warning("%d cells have no %s label and are left out", int((~known).sum()), args.label_key)
         labels = column[known].astype(str).to_numpy()
-        device, options = resolve_device(args.device), execution_options(args)
+        device = resolve_device(args.device)
+        resolve_precision_flag(args, device)
+        options = execution_options(args)
         if backed:  # draw the scored cells first, then read only them
             sel = subsample_per_type(labels, args.max_cells_per_type, args.seed)
             with ChunkedH5ad(args.data, cell_source(args)) as reader:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from model.cli.args import (
     preprocessing_record,
     published_names,
     train_config,
+    training_checks,
 )
 from model.cli.pretrain import warn_if_nothing_to_resume
 from model.cli.run import start_training_run, user_errors, write_summary
@@ -30,6 +32,22 @@ from model.runtime import set_seed
 from model.train.finetuning import FinetuningSettings, rows_of, run_finetuning
 
 log = logging.getLogger("scbert")
+
+
+def before_training(args: argparse.Namespace, pre: Any, genes: list[str], classes: list[str], n_cells: int, device: Any) -> Any:
+    """What a fine-tuning run says and checks before its first step: a fine-tuned model given as
+    --pretrained, the model size (from scratch), the memory of a step and the time of an epoch.
+    Returns the model size of a run from scratch."""
+    size = None if pre else model_size(args, device, say=True)
+    if pre is not None and pre.is_classifier:
+        log.info("--pretrained %s is a fine-tuned classifier (of %s): its encoder is the start and a new classifier head is "
+                 "trained for the %d cell types of --data; its own head and classes are not kept", pre.source,
+                 ", ".join(pre.classes or []), len(classes))
+    config = (pre.config if pre else size.config(len(genes))).replace(head="classifier", n_classes=len(classes))
+    kept = "head" if args.head_only else "published" if pre and not args.train_all else "all"
+    n_val = int(round(n_cells / args.cv)) if args.cv else int(np.ceil(args.val_frac * n_cells))
+    training_checks(args, config, device, kept, n_cells - n_val, n_val)
+    return size if size is not None else model_size(args)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -62,8 +80,9 @@ def run(args: argparse.Namespace) -> None:
         y = column[known].astype(str).to_numpy()
         classes, counts = check_labels(y, args.label_key, args.cv, args.val_frac)
         log.info("fine-tuning on %d cells, %d cell types: %s", len(y), len(classes), counts)
+        size = before_training(args, pre, genes, classes, len(y), device)
         settings = FinetuningSettings(
-            size=model_size(args), gene2vec=gene2vec_spec(args), gene2vec_genes=args.gene2vec_genes, cv=args.cv, val_frac=args.val_frac,
+            size=size, gene2vec=gene2vec_spec(args), gene2vec_genes=args.gene2vec_genes, cv=args.cv, val_frac=args.val_frac,
             dropout=args.dropout, class_weights=args.class_weights, train_all=args.train_all, head_only=args.head_only,
             head_init=args.head_init, options=execution_options(args), preprocessing=preprocessing_record(args, library_size),
             reject_rate=args.reject_rate, precision_check_cells=args.precision_check_cells, recipe=args.recipe, train=train_config(args, progress=not args.quiet and main, patience=args.patience,
@@ -79,7 +98,8 @@ def run(args: argparse.Namespace) -> None:
                 m = fold.metrics
                 plot_confusion(fold.y_true, fold.y_pred, folder / "confusion_matrix.png",
                                f"{fold.name}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
-                plot_history(fold.history, ["train_loss", "val_loss", "val_accuracy"], folder / "training_curves.png", fold.name)
+                plot_history(fold.history, ["train_loss", "val_loss", "val_accuracy"], folder / "training_curves.png", fold.name,
+                             chosen_epoch=m.get("best_epoch"))
             write_json(out / "metrics.json", result.metrics)
     if main:
         write_summary(out, [*result.summary_lines(), f"model: {out / 'model.pt'}"])

@@ -15,24 +15,15 @@ from data.preprocess import query_lines
 from model import distributed
 from model.annotation import annotate
 from model.checkpoint import load_checkpoint
-from model.cli.args import cell_source, inference_options, novelty_settings, published_names
+from model.cli.args import cell_source, inference_options, novelty_settings, published_names, resolve_precision_flag
 from model.cli.run import setup_logging, start_run, user_errors, write_summary
+from model.estimate import cell_seconds, duration
+from model.memory import available_memory, check_batch_memory
 from model.runtime import inference_batch_size
 
 log = logging.getLogger("scbert")
 
 MIN_PLOT_CELLS = 100  # --plots auto: smaller queries get no plots (drawing them costs about a second, mostly importing matplotlib)
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def use_backed(args: argparse.Namespace) -> bool:
@@ -43,7 +34,7 @@ def use_backed(args: argparse.Namespace) -> bool:
     if distributed.launched_by_torchrun():
         return True
     path = Path(args.data)
-    free = _available_memory()
+    free = available_memory(None)
     if path.suffix.lower() != ".h5ad" or not path.is_file() or free is None:
         return False
     if 3 * 3 * path.stat().st_size > free:
@@ -72,11 +63,7 @@ def run(args: argparse.Namespace) -> None:
     run_dir = start_run(args.run_dir or record_dir(out), args, protected=("summary.txt",)) if main else None
     with user_errors():
         ckpt = load_checkpoint(args.model, **names)
-        batch_size = args.batch_size
-        if batch_size == "auto":
-            batch_size = inference_batch_size(ckpt.config.seq_len, ckpt.config.dim, device)
-            log.info("%d cells per forward pass (--batch-size auto, %s)", batch_size, device.type)
-        options = inference_options(args, device, batch_size)
+        options = _inference(args, ckpt, device)
         if backed:
             result, truth = _annotate_backed(args, ckpt, out, source, novelty, options, label_map)
             if result is None:
@@ -85,6 +72,7 @@ def run(args: argparse.Namespace) -> None:
         else:
             adata = read_anndata(args.data)
             truth = label_column(adata, args.label_key, args.data) if args.label_key else None
+            _say_estimate(args, ckpt, device, adata.n_obs)
             result = annotate(select_cells(adata, source, str(args.data)), ckpt, novelty, options)
             if args.majority_voting:
                 result.vote(_over_clusters(args, adata), basis=args.over_clustering_basis, voting=args.voting)
@@ -107,6 +95,25 @@ def run(args: argparse.Namespace) -> None:
     lines.append(f"wrote {out}" + (f" and {args.csv}" if args.csv else "") + f"; run record in {run_dir}")
     write_summary(run_dir, lines, results=("accuracy", "note:"))
     distributed.shutdown()
+
+
+def _inference(args: argparse.Namespace, ckpt: Any, device: Any) -> Any:
+    """The inference options of --batch-size, --precision (auto resolved) and the speed flags; a
+    batch the memory cannot hold is refused before the first one, with the estimate."""
+    resolve_precision_flag(args, device)
+    batch_size = args.batch_size
+    if batch_size == "auto":
+        batch_size = inference_batch_size(ckpt.config.seq_len, ckpt.config.dim, device)
+        log.info("%d cells per forward pass (--batch-size auto, %s)", batch_size, device.type)
+    need = check_batch_memory(ckpt.config, batch_size, device, limit_gb=args.memory_limit,
+                              hint=" (--batch-size auto picks a size that keeps a batch in the CPU's caches)")
+    log.info("memory: %s", need.describe(batch_size))
+    return inference_options(args, device, batch_size)
+
+
+def _say_estimate(args: argparse.Namespace, ckpt: Any, device: Any, n_cells: int) -> None:
+    log.info("annotating %d cells: the model's arithmetic takes roughly %s here, plus reading and preprocessing (the progress "
+             "bar gives the remaining time as it goes)", n_cells, duration(n_cells * cell_seconds(ckpt.config, args.precision, device)))
 
 
 def _truth_columns(truth: pd.Series | None, label_map: dict[str, str] | None) -> dict[str, Any] | None:

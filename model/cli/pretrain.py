@@ -10,7 +10,16 @@ from data.corpus import read_corpus
 from data.io import write_json
 from model import distributed
 from model.checkpoint import choose_library_size, load_vocab
-from model.cli.args import cell_source, check_gene_num, execution_options, gene2vec_spec, model_size, preprocessing_record, train_config
+from model.cli.args import (
+    cell_source,
+    check_gene_num,
+    execution_options,
+    gene2vec_spec,
+    model_size,
+    preprocessing_record,
+    train_config,
+    training_checks,
+)
 from model.cli.run import start_training_run, user_errors, write_summary
 from model.plots import plot_history
 from model.runtime import set_seed
@@ -39,7 +48,10 @@ def run(args: argparse.Namespace) -> None:
                              gene2vec_cells=args.gene2vec_cells if spec == "train" and main else None, seed=args.seed, library_size=library_size,
                              source=cell_source(args))
         check_gene_num(args, len(corpus.genes))
-        settings = PretrainingSettings(size=model_size(args), gene2vec=spec, gene2vec_genes=args.gene2vec_genes, mask_prob=args.mask_prob,
+        size = model_size(args, device, say=main)
+        n_val = max(1, int(round(args.val_frac * corpus.n_cells)))
+        training_checks(args, size.config(len(corpus.genes), head="mlm"), device, "all", corpus.n_cells - n_val, n_val)
+        settings = PretrainingSettings(size=size, gene2vec=spec, gene2vec_genes=args.gene2vec_genes, mask_prob=args.mask_prob,
                                        replace_prob=args.replace_prob, val_frac=args.val_frac, mask_rounding=args.mask_rounding,
                                        accuracy=args.masked_accuracy, recipe=args.recipe,
                                        train=train_config(args, progress=not args.quiet and main), options=execution_options(args),
@@ -48,7 +60,8 @@ def run(args: argparse.Namespace) -> None:
         result = run_pretraining(corpus, settings, device, out, data=[str(d) for d in args.data], progress=not args.quiet)
         if main:
             write_json(out / "metrics.json", result.metrics)
-            plot_history(result.history, ["train_loss", "val_loss", "val_masked_accuracy"], out / "training_curves.png", "pretraining")
+            plot_history(result.history, ["train_loss", "val_loss", "val_masked_accuracy"], out / "training_curves.png", "pretraining",
+                         chosen_epoch=result.best.get("epoch"), baselines={"val_masked_accuracy": "baseline_accuracy"})
             if args.export_gene2vec and result.model.config.gene_embedding == "gene2vec":
                 from data.gene2vec import save_word2vec_text
 

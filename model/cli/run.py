@@ -130,6 +130,24 @@ def write_summary(folder: Path, lines: Sequence[str], results: tuple[str, ...] =
             log.info(line)
 
 
+def earlier_states(out: Path, overwrite: bool) -> list[Path]:
+    """The training states an earlier, unfinished run left in ``out/checkpoints``: refused (a new run
+    would silently start again from epoch 1 beside them) unless ``overwrite``, when they are removed
+    (else they would mix with the new run's states). Returns those removed."""
+    states = sorted((out / "checkpoints").rglob("state-*.pt")) if (out / "checkpoints").is_dir() else []
+    if not states:
+        return []
+    if not overwrite:
+        from model.cli.boundary import training_interrupted
+
+        where = training_interrupted(out).removeprefix("interrupted ").split(";")[0]
+        fail(f"{out} holds the training states of an earlier run that did not finish (it stopped {where}): continue it with "
+             f"--resume {out}, or pass --overwrite to start again from epoch 1")
+    for state in states:
+        state.unlink()
+    return states
+
+
 def start_training_run(args: argparse.Namespace) -> tuple[Path, Any]:
     """Join the torchrun job if there is one; rank 0 creates the run folder and logs, the other
     ranks only report warnings and errors. Resuming into the run's own folder needs no --overwrite.
@@ -144,9 +162,16 @@ def start_training_run(args: argparse.Namespace) -> tuple[Path, Any]:
     out = Path(args.out)
     resuming_here = bool(args.resume) and Path(args.resume).resolve() in (out.resolve(), (out / "checkpoints").resolve())
     if info.is_main:
+        setup_logging(args.quiet, level=getattr(args, "log_level", None))
+        earlier = [] if args.resume else earlier_states(out, args.overwrite)
         start_run(out, args, () if resuming_here else ("model.pt",))
+        if earlier:
+            log.info("--overwrite: removed %d training states of an earlier run from %s; starting from epoch 1", len(earlier), out / "checkpoints")
     else:
         setup_logging(quiet=True)
+    from model.cli.args import resolve_precision_flag
+
+    resolve_precision_flag(args, device)
     distributed.barrier()
     if info.enabled:
         log.info("torchrun job: %d processes, backend %s, this one on %s; %d cells per step", info.world_size, info.backend,
