@@ -23,7 +23,7 @@ setup(
     package_data={"data": ["gene_table.tsv.gz", "README.md", "genesets/*", "label_maps/*"]},
     py_modules=["preprocess", "pretrain", "finetune", "predict", "attn_analysis"],
     install_requires=requirements,
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "ruff>=0.4"], "bench": ["celltypist>=1.6"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "ruff>=0.4"], "bench": ["celltypist>=1.7.1"]},
     entry_points={
         "console_scripts": [
             "scbert-preprocess=preprocess:main",

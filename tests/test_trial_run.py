@@ -260,3 +260,12 @@ def test_celltypist_baseline_with_this_scikit_learn() -> None:
     m.fit(sparse.csr_matrix(np.log2(1 + X.toarray())), y, [f"g{i}" for i in range(30)])
     p = m.predict_proba(sparse.csr_matrix(np.log2(1 + X.toarray())))
     assert p.shape == (60, 3) and np.allclose(p.sum(1), 1) and (np.array(m.classes_)[p.argmax(1)] == y).mean() > 0.8
+
+
+def test_celltypist_refuses_the_path_scikit_learn_removed() -> None:
+    from scripts.benchmark.methods import CellTypist, _sklearn_version
+
+    if _sklearn_version() < (1, 8):
+        pytest.skip("scikit-learn < 1.8 still has multi_class")
+    with pytest.raises(ValueError, match="multi_class"):
+        CellTypist(use_SGD=False)

@@ -174,6 +174,13 @@ class CentroidCorrelation:
         return e / e.sum(axis=1, keepdims=True)
 
 
+def _sklearn_version() -> tuple[int, int]:
+    from sklearn import __version__
+
+    major, minor = (__version__.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 class CellTypist:
     """CellTypist (``pip install celltypist``), trained offline with ``celltypist.train`` on the
     training cells. CellTypist expects ln(1 + x) values; the log2 matrix is rescaled by ln 2.
@@ -185,6 +192,9 @@ class CellTypist:
         self.name, self.seed = name, seed
         self.train_kwargs = {"feature_selection": False, "check_expression": False, "use_SGD": True, "n_jobs": 1, "max_iter": 1000,
                              "random_state": seed, **train_kwargs}
+        if not self.train_kwargs["use_SGD"] and _sklearn_version() >= (1, 8):
+            raise ValueError("celltypist's LogisticRegression path passes multi_class, which scikit-learn >= 1.8 removed: keep "
+                             "use_SGD=True (the default here; tested with celltypist 1.7.1 and scikit-learn 1.9.1)")
 
     def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str]) -> None:
         try:
