@@ -243,7 +243,7 @@ def test_ensembl_ids_are_mapped_to_symbols(base: dict, tmp_path: Path, capsys: p
     for name, data in (("sym", base["dir"] / "raw.h5ad"), ("ens", _data(base, "ensembl ids"))):
         fn, argv = _argv("predict", base, data, tmp_path / f"{name}.h5ad")
         expect_success(fn, argv, capsys)
-    report = json.loads(ad.read_h5ad(tmp_path / "ens.h5ad").uns["scbert_annotation"])["preprocessing"]
+    report = ad.read_h5ad(tmp_path / "ens.h5ad").uns["scbert_annotation"]["preprocessing"]
     # The data name genes with 2014 symbols; some ids map to symbols renamed since, which this vocabulary lacks.
     assert report["symbols"]["n_ensembl"] >= 290 and report["vocab_present"] >= 270, report["symbols"]["summary"]
     np.testing.assert_allclose(_probs(tmp_path / "ens.h5ad"), _probs(tmp_path / "sym.h5ad"), atol=0.01)
