@@ -153,7 +153,8 @@ def _rechecked(path: Path) -> tuple[int | None, float | None]:
 
     adata = ad.read_h5ad(path, backed="r")
     try:
-        record = json.loads(adata.uns[AnnotationKeys().report])
+        record = adata.uns[AnnotationKeys().report]
+        record = json.loads(record) if isinstance(record, str) else record  # outputs written before the records were dicts
         return record.get("rechecked_fp32"), record.get("recheck_margin")
     finally:
         adata.file.close()
