@@ -27,7 +27,8 @@ def product_rate(precision: str = "fp32", device_type: str = "cpu") -> float:
     (~0.1-0.5 s), so that a machine shared with other jobs is measured as the run will find it."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     device = torch.device(device_type)
-    a = torch.randn(768, 768, device=device).to(dtype)
+    # its own generator: a measurement that runs or not (it is cached) must not move the run's random state
+    a = torch.randn(768, 768, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     times = []
     for _ in range(9):
         if device.type == "cuda":

@@ -218,8 +218,10 @@ def test_backed_prediction_equals_the_in_memory_one(setup: dict, tmp_path: Path)
     d = setup["dir"]
     for name, extra in (("plain", []), ("layer", ["--layer", "counts"])):
         data = d / f"{name}.h5ad"
+        # fp32: in bf16 the cells near a decision are re-scored in float32 in batches of their own, whose composition
+        # (and so the last bits) differs between a whole query and its chunks
         common = ["--data", str(data), "--model", str(d / "clf.pt"), "--quiet", "--batch-size", "4", "--label-key", "celltype", "--plots", "true",
-                  *extra]
+                  "--precision", "fp32", *extra]
         predict.main([*common, "--out", str(tmp_path / f"{name}_mem.h5ad"), "--csv", str(tmp_path / f"{name}_mem.csv"), "--backed", "false"])
         predict.main([*common, "--out", str(tmp_path / f"{name}_str.h5ad"), "--csv", str(tmp_path / f"{name}_str.csv"), "--backed",
                       "--chunk-size", "6"])
@@ -235,7 +237,7 @@ def test_backed_prediction_equals_the_in_memory_one(setup: dict, tmp_path: Path)
 @pytest.mark.slow
 def test_torchrun_processes_share_the_chunks(setup: dict, tmp_path: Path) -> None:
     d = setup["dir"]
-    common = ["--data", str(d / "plain.h5ad"), "--model", str(d / "clf.pt"), "--quiet", "--batch-size", "4", "--device", "cpu"]
+    common = ["--data", str(d / "plain.h5ad"), "--model", str(d / "clf.pt"), "--quiet", "--batch-size", "4", "--device", "cpu", "--precision", "fp32"]
     predict.main([*common, "--out", str(tmp_path / "mem.h5ad"), "--backed", "false"])
     cmd = torchrun_cmd(REPO / "predict.py", [*common, "--out", str(tmp_path / "tr.h5ad"), "--chunk-size", "5", "--csv", str(tmp_path / "tr.csv")])
     proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
@@ -260,7 +262,7 @@ def test_backed_fine_tuning_equals_the_in_memory_one(setup: dict, tmp_path: Path
         torch.testing.assert_close(a.state_dict[k], b.state_dict[k], rtol=0, atol=1e-6, msg=k)
     m1, m2 = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("mem", "disk"))
     assert m1["accuracy"] == m2["accuracy"] and m1["novelty"]["thresholds"] == pytest.approx(m2["novelty"]["thresholds"])
-    expect_error(finetune.main, [*tiny, "--out", str(tmp_path / "x"), "--backed", "--label-key", "nope"], capsys, "'nope' is not a column of obs")
+    expect_error(finetune.main, [*tiny, "--out", str(tmp_path / "x"), "--backed", "--label-key", "nope"], capsys, "'nope' is not a column of")
     expect_error(finetune.main, [*tiny, "--out", str(tmp_path / "y"), "--backed", "--layer", "counts"], capsys, "preprocess.py")
 
 

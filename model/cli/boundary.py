@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -52,6 +54,36 @@ def training_interrupted(out: str | Path) -> str:
     return f"interrupted {where}; continue with --resume {out}"
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupts_not_swallowed() -> Iterator[None]:
+    """A Ctrl-C that lands in a finaliser or a weakref callback (the garbage collector runs them
+    between any two bytecodes) is printed by Python as "Exception ignored ... Traceback" and dropped,
+    and the run goes on. Here such an interrupt is raised again a moment later, in ordinary code."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+    default_hook, old_alarm = sys.unraisablehook, signal.getsignal(signal.SIGALRM)
+
+    def hook(unraisable: object) -> None:
+        if isinstance(getattr(unraisable, "exc_value", None), KeyboardInterrupt):
+            signal.setitimer(signal.ITIMER_REAL, 0.01)  # SIGALRM: raised again outside the callback
+            return
+        default_hook(unraisable)
+
+    sys.unraisablehook = hook
+    signal.signal(signal.SIGALRM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_alarm)
+        sys.unraisablehook = default_hook
+
+
 @contextlib.contextmanager
 def stage(interrupted: Callable[[], str] | str = NOTHING_WRITTEN) -> Iterator[None]:
     """The boundary of a stage script's ``main`` (see the module docstring); ``interrupted``: the
@@ -60,7 +92,8 @@ def stage(interrupted: Callable[[], str] | str = NOTHING_WRITTEN) -> Iterator[No
         log.removeHandler(handler)
         handler.close()
     try:
-        yield
+        with _interrupts_not_swallowed():
+            yield
     except KeyboardInterrupt:
         say("error: " + (interrupted() if callable(interrupted) else interrupted))
         raise SystemExit(INTERRUPTED) from None
