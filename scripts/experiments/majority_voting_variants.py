@@ -12,7 +12,6 @@ sorted PBMCs, never on PBMC3k (``$M``: the folder of the extra data sets):
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 
 import numpy as np
@@ -20,6 +19,7 @@ import numpy as np
 from model.majority_voting import cautious_vote, expression_pcs, majority_vote, over_cluster, soft_vote
 from scripts.benchmark.harness import ProtocolSettings, load_labelled, protocol_splits
 from scripts.benchmark.methods import KNNReference, LogisticL2
+from scripts.experiments.common import each_data_file
 
 
 def gated(labels: np.ndarray, clusters: np.ndarray, share: float) -> np.ndarray:
@@ -59,14 +59,5 @@ def main(path: str, label_key: str = "celltype") -> None:
         print(f"{method:10s} {rule:18s} accuracy {np.mean(values):.4f}  change {np.mean(values) - base:+.4f}")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="labelled .h5ad file(s), each run on its own")
-    p.add_argument("--label-key", default="celltype", help="obs column of the cell types (default: celltype)")
-    return p.parse_args(argv)
-
-
 if __name__ == "__main__":
-    args = parse_args()
-    for path in args.data:
-        main(path, args.label_key)
+    each_data_file(main, __doc__)

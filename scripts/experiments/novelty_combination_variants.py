@@ -12,13 +12,12 @@ sorted PBMCs, never on PBMC3k (``$M``: the folder of the extra data sets):
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
 from model.novelty.calibration import ScoreCombination
 from scripts.benchmark.harness import development_runs
 from scripts.benchmark.report import NoveltyTally
+from scripts.experiments.common import each_data_file
 
 COMBINATIONS = {"mahalanobis + energy": ("mahalanobis", "energy"), "mahalanobis + energy + softmax": ("mahalanobis", "energy", "softmax")}
 
@@ -40,14 +39,5 @@ def main(path: str, label_key: str = "celltype") -> None:
     print("\n".join(tally.lines()))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="labelled .h5ad file(s), each run on its own")
-    p.add_argument("--label-key", default="celltype", help="obs column of the cell types (default: celltype)")
-    return p.parse_args(argv)
-
-
 if __name__ == "__main__":
-    args = parse_args()
-    for path in args.data:
-        main(path, args.label_key)
+    each_data_file(main, __doc__)

@@ -9,8 +9,6 @@ type. The default of :class:`model.novelty.expression.ExpressionPCA` (scaled gen
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 from sklearn.covariance import LedoitWolf
 from sklearn.neighbors import NearestNeighbors
@@ -18,6 +16,7 @@ from sklearn.neighbors import NearestNeighbors
 from model.novelty.expression import ExpressionPCA
 from scripts.benchmark.harness import calibration_holdout, development_splits
 from scripts.benchmark.report import NoveltyTally
+from scripts.experiments.common import each_data_file
 
 
 def main(path: str, label_key: str = "celltype") -> None:
@@ -49,14 +48,5 @@ def main(path: str, label_key: str = "celltype") -> None:
     print("\n".join(tally.lines()))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="labelled .h5ad file(s), each run on its own")
-    p.add_argument("--label-key", default="celltype", help="obs column of the cell types (default: celltype)")
-    return p.parse_args(argv)
-
-
 if __name__ == "__main__":
-    args = parse_args()
-    for path in args.data:
-        main(path, args.label_key)
+    each_data_file(main, __doc__)

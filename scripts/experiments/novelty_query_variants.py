@@ -13,7 +13,6 @@ sorted PBMCs, never on PBMC3k (``$M``: the folder of the extra data sets):
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import numpy as np
@@ -22,6 +21,7 @@ from model.novelty.calibration import ScoreCombination
 from model.novelty.query import QueryDensity
 from scripts.benchmark.harness import development_runs
 from scripts.benchmark.report import NoveltyTally
+from scripts.experiments.common import each_data_file
 
 
 def fisher(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -57,14 +57,5 @@ def main(path: str, label_key: str = "celltype") -> None:
     print("\n".join(tally.lines()))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="labelled .h5ad file(s), each run on its own")
-    p.add_argument("--label-key", default="celltype", help="obs column of the cell types (default: celltype)")
-    return p.parse_args(argv)
-
-
 if __name__ == "__main__":
-    args = parse_args()
-    for path in args.data:
-        main(path, args.label_key)
+    each_data_file(main, __doc__)
