@@ -102,17 +102,16 @@ def predict(model: ScBERT, ds: CellDataset, options: InferenceOptions, embed: bo
     return out["probs"], out.get("embedding")
 
 
-def predict_distributed(model: ScBERT, ds: CellDataset, options: InferenceOptions) -> np.ndarray:
+def predict_distributed(model: ScBERT, ds: CellDataset, options: InferenceOptions, desc: str = "validation") -> np.ndarray:
     """:func:`predict`'s probabilities with the cells shared among the processes of a torchrun job
     (each scores a contiguous block; every rank gets all probabilities, in dataset order, each cell
-    once). In a single process it is :func:`predict`, without a progress bar."""
-    options = options.replace(progress=False)
-    if not distributed.current().enabled:
-        return predict(model, ds, options)[0]
-    rows = distributed.shard(len(ds))
-    parts = [out["probs"] for _, out in run_batches(model, ds, _probabilities(False, "mean"), options, rows=rows)]
+    once). The progress bar (``desc``) shows on the main process only."""
+    info = distributed.current()
+    rows = distributed.shard(len(ds)) if info.enabled else None
+    options = options.replace(progress=options.progress and info.is_main)
+    parts = [out["probs"] for _, out in run_batches(model, ds, _probabilities(False, "mean"), options, rows=rows, desc=desc)]
     mine = torch.cat(parts).numpy() if parts else np.zeros((0, model.config.n_classes), dtype=np.float32)
-    return np.concatenate(distributed.all_gather_objects(mine))
+    return np.concatenate(distributed.all_gather_objects(mine)) if info.enabled else mine
 
 
 def embed_cells(model: ScBERT, ds: CellDataset, options: InferenceOptions, pooling: str = "mean") -> np.ndarray:

@@ -87,7 +87,7 @@ def finetune(
         return (losses * w).sum(), float(w.sum())
 
     def evaluate() -> dict[str, float]:
-        probs = predict_distributed(model, val, InferenceOptions(cfg.batch_size, device, cfg.num_workers))
+        probs = predict_distributed(model, val, InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=cfg.progress))
         y = val.labels.numpy()
         val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(y)))
         return {"val_loss": val_loss, "val_accuracy": float((probs.argmax(1) == y).mean())}
@@ -253,7 +253,8 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
         best, history = finetune(model, train_ds, val_ds, cfg, device, weights, name, head_init=s.head_init)
         scored = va if te is None else te
         scored_ds = val_ds if te is None else CellDataset(rows_of(X, te), model.config.bin_num, y[te])
-        pred = np.asarray(classes)[predict_distributed(model, scored_ds, InferenceOptions(cfg.batch_size, device, cfg.num_workers)).argmax(1)]
+        pred = np.asarray(classes)[predict_distributed(model, scored_ds, InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=cfg.progress),
+                                                           desc="scoring").argmax(1)]
         m = classification_metrics(y_str[scored], pred, classes)
         m.update(best_epoch=best["epoch"], n_train=len(tr), n_val=len(va), history=history)
         if te is not None:

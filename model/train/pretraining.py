@@ -104,8 +104,8 @@ def evaluate_mlm(
                 "baseline": (baseline[:, None].expand_as(labels)[sel] == labels[sel]).sum(), "n": sel.sum()}
 
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, correct, baseline correct, masked tokens
-    options = InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=False)
-    for _, out in run_batches(model, ds, score, options, rows=distributed.shard(len(ds))):
+    options = InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=cfg.progress and distributed.current().is_main)
+    for _, out in run_batches(model, ds, score, options, rows=distributed.shard(len(ds)), desc="held-out cells"):
         sums[0] += out["loss"].item()
         sums[1] += int(out["correct"])
         sums[2] += int(out["baseline"])
