@@ -42,9 +42,11 @@ class ScoreCombination:
     :data:`COMBINED_PARTS`, chosen on the development set (RESULTS.md, "a combined score").
 
     ``tail``: beyond the largest calibration score a rank p-value stops falling (1 / (n + 1)), so
-    however far out a cell is on one part it cannot count for more than that; with ``tail`` the
-    p-value goes on falling there, ``exp(-(x - max) / beta) / (n + 1)``, ``beta`` the mean excess
-    of the top ``TAIL_CELLS`` calibration scores over the next one (an exponential tail)."""
+    however far out a cell is on one part it cannot count for more than that. With ``tail`` the
+    p-value goes on falling there, ``2 / (n + 1) * exp(-(x - max) / beta)``, ``beta`` the mean
+    excess of the top ``TAIL_CELLS`` calibration scores over the next one (an exponential tail);
+    and between calibration scores it is interpolated linearly, so that it is continuous in the
+    score: a rounding-size change of a part (another batch size) cannot jump a whole rank."""
 
     reference: dict[str, np.ndarray]  # part -> the calibration cells' scores, sorted
     tail: bool = False
@@ -73,10 +75,13 @@ class ScoreCombination:
         at_least = len(ref) - np.searchsorted(ref, x, side="left")
         if leave_one_out:
             return at_least / len(ref)  # the cell counts itself once: (1 + (count - 1)) / ((n - 1) + 1)
-        p = (1.0 + at_least) / (len(ref) + 1.0)
-        if self.tail and len(ref):
-            beyond = x > ref[-1]
-            p[beyond] = np.exp(-(x[beyond] - ref[-1]) / self._tail_scale(ref)) / (len(ref) + 1.0)
+        if not self.tail or not len(ref):
+            return (1.0 + at_least) / (len(ref) + 1.0)
+        n = len(ref)
+        grid = (1.0 + n - np.arange(n)) / (n + 1.0)  # the rank p-value at each calibration score (no ties)
+        p = np.interp(x, ref, grid, left=1.0)  # above the largest: its value, replaced just below
+        beyond = x > ref[-1]
+        p[beyond] = grid[-1] * np.exp(-(x[beyond] - ref[-1]) / self._tail_scale(ref))
         return p
 
     def __call__(self, scores: Mapping[str, np.ndarray], leave_one_out: bool = False) -> np.ndarray:
@@ -162,3 +167,13 @@ def fpr_at_tpr(known: np.ndarray, novel: np.ndarray, tpr: float = 0.95) -> float
         return float("nan")
     cut = np.quantile(novel, 1.0 - tpr)
     return float((known >= cut).mean())
+
+
+def aupr(known: np.ndarray, novel: np.ndarray) -> float:
+    """Average precision of the novel class (novel cells the positives, ranked by score): the area
+    under its precision-recall curve, which, unlike AUROC, depends on how few the novel cells are."""
+    from sklearn.metrics import average_precision_score
+
+    if not len(known) or not len(novel):
+        return float("nan")
+    return float(average_precision_score(np.r_[np.zeros(len(known)), np.ones(len(novel))], np.r_[known, novel]))
