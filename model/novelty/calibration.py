@@ -43,10 +43,11 @@ class ScoreCombination:
 
     ``tail``: beyond the largest calibration score a rank p-value stops falling (1 / (n + 1)), so
     however far out a cell is on one part it cannot count for more than that. With ``tail`` the
-    p-value goes on falling there, ``2 / (n + 1) * exp(-(x - max) / beta)``, ``beta`` the mean
-    excess of the top ``TAIL_CELLS`` calibration scores over the next one (an exponential tail);
-    and between calibration scores it is interpolated linearly, so that it is continuous in the
-    score: a rounding-size change of a part (another batch size) cannot jump a whole rank."""
+    p-value goes on falling there, ``exp(-(x - max) / beta) / (n + 1)``, ``beta`` the mean excess
+    of the top ``TAIL_CELLS`` calibration scores over the next one (an exponential tail); and
+    between calibration scores it runs linearly from the rank p-value just above one to that just
+    above the next (less than one rank below the step's), so that it is continuous in the score: a
+    rounding-size change of a part (another batch size) cannot jump a whole rank."""
 
     reference: dict[str, np.ndarray]  # part -> the calibration cells' scores, sorted
     tail: bool = False
@@ -78,8 +79,8 @@ class ScoreCombination:
         if not self.tail or not len(ref):
             return (1.0 + at_least) / (len(ref) + 1.0)
         n = len(ref)
-        grid = (1.0 + n - np.arange(n)) / (n + 1.0)  # the rank p-value at each calibration score (no ties)
-        p = np.interp(x, ref, grid, left=1.0)  # above the largest: its value, replaced just below
+        grid = (n - np.arange(n)) / (n + 1.0)  # the rank p-value just above each calibration score (no ties)
+        p = np.interp(x, ref, grid)  # below the smallest: n / (n + 1); above the largest: replaced just below
         beyond = x > ref[-1]
         p[beyond] = grid[-1] * np.exp(-(x[beyond] - ref[-1]) / self._tail_scale(ref))
         return p

@@ -52,6 +52,7 @@ class InputSpaceNovelty:
     combined_parts = ("mahalanobis", "energy")  # the ``combined`` score's parts: here Mahalanobis is in the expression PCA
 
     def _fit_novelty(self, X: sparse.csr_matrix, codes: np.ndarray) -> None:
+        self.codes_ = codes  # the training cells' class ids (the development scripts refit variants on them)
         self.pca_ = ExpressionPCA.fit(X, codes, len(self.classes_), max_cells=max(X.shape[0], 1))
         self.record_ = NoveltyRecord(classes=self.pca_.stats,  # Mahalanobis and kNN in the PCA of the expression
                                      crossfit=CrossFitPCA.fit(X, codes, len(self.classes_), max_cells=max(X.shape[0], 1)))
