@@ -119,9 +119,30 @@ def test_cross_fitting_scores_training_cells_like_new_ones() -> None:
     np.testing.assert_allclose(back.scores(new)["crossfit_mahalanobis"], s_new, rtol=1e-6)
 
 
+def test_tail_p_values_are_continuous_and_fall_beyond_the_calibration_range() -> None:
+    from model.novelty.calibration import ScoreCombination
+
+    ref = np.random.default_rng(0).normal(size=200)
+    rank, tail = ScoreCombination.of({"s": ref}, ["s"]), ScoreCombination.of({"s": ref}, ["s"], tail=True)
+    x = np.linspace(-4, 12, 4001)
+    p = tail.pvalues("s", x)
+    assert (np.diff(p) <= 0).all()  # monotone
+    at = np.r_[ref, ref.max() + 1e-12, x]  # at and just beside each calibration score: no jump of a rank
+    assert np.abs(tail.pvalues("s", at + 1e-9) - tail.pvalues("s", at)).max() < 1e-6
+    assert np.abs(p - rank.pvalues("s", x)).max() <= 1 / 201 + 1e-12  # within one rank of the rank p-value in range
+    far = x > ref.max() + 1
+    assert (p[far] < 1 / 201).all() and p[-1] < 1e-6  # beyond the largest score it goes on falling
+    np.testing.assert_allclose(tail.pvalues("s", ref, leave_one_out=True), rank.pvalues("s", ref, leave_one_out=True))
+
+
 def test_a_model_without_cross_fitted_statistics_falls_back(model: object, pbmc_small: Path) -> None:
     import dataclasses
 
+    from model.novelty import NoveltyRecord, choose_rule
+
+    stored = {k: v for k, v in model.novelty.to_dict().items() if k != "crossfit_pca"}  # a format-2 record written before them
+    assert NoveltyRecord.from_dict(stored).crossfit is None
+    assert choose_rule(NoveltyRecord.from_dict(stored)).score == "pca_mahalanobis"
     old = dataclasses.replace(model, novelty=dataclasses.replace(model.novelty, crossfit=None))
     got = annotate(ad.read_h5ad(pbmc_small)[CELLS].copy(), old, options=FP32)
     assert got.rule.score == "pca_mahalanobis"

@@ -150,7 +150,7 @@ def _calibrated_rule(record: NoveltyRecord | None, novelty: str, reject_rate: fl
         score = "pca_mahalanobis"
     if novelty == "auto" and (score not in cal.thresholds or not record.can_score(score)):
         fallback = next(s for s in FALLBACK_SCORES if s in cal.thresholds and record.can_score(s))
-        log.info("%s has no statistics for the per-cell default novelty score %s (fine-tuned before it existed): using %s; "
+        log.info("%s has no statistics for the novelty score %s (fine-tuned before it existed, or on too few cells): using %s; "
                  "fine-tune again for it", model_name, score, fallback)
         score = fallback
     elif novelty != "auto" and score in (*CROSSFIT_SCORES, "crossfit_combined") and not record.can_score(score) \
@@ -202,7 +202,6 @@ def query_rule(rule: NoveltyRule, record: NoveltyRecord | None, expression: Any,
     if rule.reject_rate is None or rule.cutoff is not None:
         return rule
     return replace(rule, cutoff=conformal_threshold(c[rule.score], rule.reject_rate))
-
 
 
 ALERT_P = 1e-3  # a binomial p-value below this (and twice the rate or more) says the share is far above the calibrated rate
