@@ -55,11 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "-logsumexp of the logits, mahalanobis = distance of the head's features to the nearest type, knn = distance of the "
                    "embedding to the 10th nearest training cell, pca_mahalanobis / pca_knn = the same two in a PCA of the training "
                    "cells' expression, combined = Fisher's combination of the p-values of pca_mahalanobis and energy against the "
-                   "validation cells; query_density = the share of a cell's nearest neighbours that are query cells rather than "
-                   "training cells (a type missing from training makes the query locally dense; it depends on the whole query, "
-                   "so its threshold is set on the validation cells scored with this query, and it needs the query read whole, "
-                   "at least ~100 cells), query_combined = Fisher's combination of pca_mahalanobis and query_density (default: auto "
-                   "= the model's default score, the best measured, with --threshold auto; softmax with a number)")
+                   "validation cells; crossfit_mahalanobis / crossfit_knn = the pca_* scores cross-fitted on two halves of the "
+                   "training cells (the training cells score like new cells), crossfit_combined = Fisher's combination of "
+                   "crossfit_mahalanobis and energy (the default of models fine-tuned now: per cell, a cell's label does not "
+                   "depend on the other cells of the file). Opt-in, whole-query scores: query_density = the share of a cell's "
+                   "nearest neighbours that are query cells rather than training cells, query_combined = its Fisher combination "
+                   "with pca_mahalanobis; they ASSUME the query comes from the training data's batch, holds no copies of the "
+                   "training cells and is of a size like the validation cells' (a cell's label then depends on the other cells "
+                   "of the file; the query must be read whole, at least ~100 cells; a run with them warns). Default: auto = the "
+                   "model's default score with --threshold auto; softmax with a number")
     g.add_argument("--threshold", "--unassign_thres", type=threshold_value, default="auto",
                    help="auto = the threshold calibrated at fine-tuning (models fine-tuned before: the published 0.5), or a number: for "
                    "softmax the top probability below which a cell is Unassigned (0-1; 0.5 as published), for the others the score "

@@ -27,8 +27,18 @@ from model.checkpoint import Checkpoint, load_checkpoint
 from model.evaluation import annotation_report, known_truth, label_map_report
 from model.inference import DEFAULT_INFERENCE, InferenceOptions, embed_cells, predict_outputs
 from model.nn.network import ScBERT
+from model.novelty.calibration import COMBINATIONS
 from model.novelty.record import NoveltyRecord, novelty_scores
-from model.novelty.rule import DEFAULT_NOVELTY, UNASSIGNED, NoveltyRule, NoveltySettings, assign_labels, choose_rule, query_rule
+from model.novelty.rule import (
+    DEFAULT_NOVELTY,
+    UNASSIGNED,
+    NoveltyRule,
+    NoveltySettings,
+    assign_labels,
+    choose_rule,
+    query_rule,
+    rejection_report,
+)
 from model.novelty.scores import EXPRESSION_SCORES, QUERY_COMBINED_PARTS, QUERY_SCORES, softmax_score
 from model.recheck import near_decision, rechecks, rescore_in_float32, resolve_recheck_margin
 from model.runtime import tune_allocator
@@ -110,7 +120,7 @@ def score_cells(net: ScBERT, ds: CellDataset, record: NoveltyRecord | None, rule
     if rule.score in QUERY_SCORES:
         wanted.add(QUERY_COMBINED_PARTS[0])  # for query_combined and query_rule's fall-back; the query score itself: query_rule
     features = record is not None and record.classes is not None and "mahalanobis" in wanted
-    expression = bool(wanted & {*EXPRESSION_SCORES, "combined"})  # the pca_* scores (and so combined) also read the cells' input matrix
+    expression = bool(wanted & {*EXPRESSION_SCORES, *COMBINATIONS})  # the pca_* scores (and so the combined ones) read the input matrix
 
     def run(dataset: CellDataset, show: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         out = predict_outputs(net, dataset, options.replace(progress=show), embed=True, features=features, pooling=pooling)
@@ -218,6 +228,9 @@ def label_report(labels: np.ndarray, confidence: np.ndarray, classes: Sequence[s
         metrics["label_map"], map_lines = label_map_report(known_labels(truth, None, len(labels)), mapped, classes)
         lines[1:1] = map_lines
     metrics["novelty"] = rule.to_dict()
+    rejected, rejected_lines = rejection_report(labels, rule)
+    metrics.update(rejected)
+    lines[1:1] = rejected_lines
     if rechecked is not None:
         metrics["rechecked_fp32"] = int(rechecked)
         metrics["recheck_margin"] = margin

@@ -121,7 +121,13 @@ def v1_novelty(record: Any) -> dict[str, Any]:
         stats["pca"] = pca(d["expression_pca"])
     if d["query_density"] is not None:
         stats["density"] = {**d["query_density"], "pcas": [pca(p) for p in d["query_density"]["pcas"]]}
-    return {"default": d["default"], "stats": stats, "calibration": d["calibration"], "precision_error": d["precision_error"]}
+    newer = ("crossfit_mahalanobis", "crossfit_knn", "crossfit_combined")  # scores version 1 never had
+    cal = d["calibration"]
+    if cal is not None:
+        cal = {**cal, "thresholds": {k: v for k, v in cal["thresholds"].items() if k not in newer},
+               "scores": {k: v for k, v in cal["scores"].items() if k not in newer}}
+    default = "query_combined" if d["default"] in newer else d["default"]  # version 1's default
+    return {"default": default, "stats": stats, "calibration": cal, "precision_error": d["precision_error"]}
 
 
 def upgraded(v1: dict[str, Any]) -> Any:

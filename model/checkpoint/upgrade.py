@@ -12,6 +12,10 @@ Version 1 (until December 2026) covers several shapes, told apart by their keys:
   the density reference, the density's calibration cells, the calibration's ``combined`` score,
   the ``default`` score and the error's ``head`` record may each be missing (models fine-tuned
   before they existed).
+
+Version 2 gained the cross-fitted expression statistics (``novelty.crossfit_pca``) in December
+2026 as an optional entry: a version-2 record without it reads as None, and the rule falls back
+to ``pca_mahalanobis`` (:func:`model.novelty.rule.choose_rule`); version-1 records get None here.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def _novelty_v1(record: Mapping[str, Any]) -> dict[str, Any]:
         calibration = Calibration.from_dict(calibration).with_combined().to_dict()
     errors = {p: {**e, "head": e.get("head", p)} for p, e in (record.get("precision_error") or {}).items()}  # head: measured in the low precision
     return {"default": record.get("default", V1_DEFAULT_SCORE), "class_statistics": _class_statistics_v1(stats),
-            "expression_pca": _pca_v1(stats.get("pca")), "query_density": density, "calibration": calibration or None,
+            "expression_pca": _pca_v1(stats.get("pca")), "crossfit_pca": None, "query_density": density, "calibration": calibration or None,
             "precision_error": errors}
 
 

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.novelty.scores import COMBINED_PARTS
+from model.novelty.scores import COMBINED_PARTS, CROSSFIT_COMBINED_PARTS
+
+# each combined score: its parts, and whether their p-values go on falling beyond the calibration range
+COMBINATIONS = {"combined": (COMBINED_PARTS, False), "crossfit_combined": (CROSSFIT_COMBINED_PARTS, True)}
 
 MAX_CALIBRATION_CELLS = 10000  # validation scores kept, so that predict.py can use another reject rate
 
@@ -36,25 +39,51 @@ class ScoreCombination:
     ``n`` calibration cells (known types, not trained on) scoring at least as high, (1 + count) /
     (n + 1); the combined score is -2 sum log p over the parts. A cell must be unusual on one part
     or somewhat unusual on both to score high; the parts need no common scale. ``combined`` joins
-    :data:`COMBINED_PARTS`, chosen on the development set (RESULTS.md, "a combined score")."""
+    :data:`COMBINED_PARTS`, chosen on the development set (RESULTS.md, "a combined score").
+
+    ``tail``: beyond the largest calibration score a rank p-value stops falling (1 / (n + 1)), so
+    however far out a cell is on one part it cannot count for more than that. With ``tail`` the
+    p-value goes on falling there, ``exp(-(x - max) / beta) / (n + 1)``, ``beta`` the mean excess
+    of the top ``TAIL_CELLS`` calibration scores over the next one (an exponential tail); and
+    between calibration scores it runs linearly from the rank p-value just above one to that just
+    above the next (less than one rank below the step's), so that it is continuous in the score: a
+    rounding-size change of a part (another batch size) cannot jump a whole rank."""
 
     reference: dict[str, np.ndarray]  # part -> the calibration cells' scores, sorted
+    tail: bool = False
+
+    TAIL_CELLS = 20  # the largest calibration scores whose spread sets the tail's scale
 
     @classmethod
-    def of(cls, scores: Mapping[str, np.ndarray], parts: Sequence[str] = COMBINED_PARTS) -> ScoreCombination | None:
+    def of(cls, scores: Mapping[str, np.ndarray], parts: Sequence[str] = COMBINED_PARTS, tail: bool = False) -> ScoreCombination | None:
         """From the calibration cells' ``scores`` (None when a part is missing)."""
         if not parts or any(p not in scores for p in parts) or not len(scores[parts[0]]):
             return None
-        return cls({p: np.sort(np.asarray(scores[p], dtype=np.float64)) for p in parts})
+        return cls({p: np.sort(np.asarray(scores[p], dtype=np.float64)) for p in parts}, tail)
+
+    def _tail_scale(self, ref: np.ndarray) -> float:
+        m = min(self.TAIL_CELLS, len(ref) - 1)
+        if m < 1:
+            return math.inf
+        beta = float(np.mean(ref[-m:] - ref[-m - 1]))
+        return beta if beta > 0 else math.inf
 
     def pvalues(self, part: str, x: np.ndarray, leave_one_out: bool = False) -> np.ndarray:
         """Per cell, (1 + calibration cells scoring >= x) / (n + 1); ``leave_one_out``: for the
         calibration cells themselves, each left out of its own reference."""
         ref = self.reference[part]
-        at_least = len(ref) - np.searchsorted(ref, np.asarray(x, dtype=np.float64), side="left")
+        x = np.asarray(x, dtype=np.float64)
+        at_least = len(ref) - np.searchsorted(ref, x, side="left")
         if leave_one_out:
             return at_least / len(ref)  # the cell counts itself once: (1 + (count - 1)) / ((n - 1) + 1)
-        return (1.0 + at_least) / (len(ref) + 1.0)
+        if not self.tail or not len(ref):
+            return (1.0 + at_least) / (len(ref) + 1.0)
+        n = len(ref)
+        grid = (n - np.arange(n)) / (n + 1.0)  # the rank p-value just above each calibration score (no ties)
+        p = np.interp(x, ref, grid)  # below the smallest: n / (n + 1); above the largest: replaced just below
+        beyond = x > ref[-1]
+        p[beyond] = grid[-1] * np.exp(-(x[beyond] - ref[-1]) / self._tail_scale(ref))
+        return p
 
     def __call__(self, scores: Mapping[str, np.ndarray], leave_one_out: bool = False) -> np.ndarray:
         return -2.0 * sum(np.log(self.pvalues(p, scores[p], leave_one_out)) for p in self.reference)
@@ -81,15 +110,21 @@ class Calibration:
     @property
     def combination(self) -> ScoreCombination | None:
         """The ``combined`` score's reference: these cells' scores of its parts (None without them)."""
-        return ScoreCombination.of(self.scores)
+        return self.combination_of("combined")
+
+    def combination_of(self, name: str) -> ScoreCombination | None:
+        """The reference of the combined score ``name`` (a key of :data:`COMBINATIONS`; None without its parts)."""
+        parts, tail = COMBINATIONS[name]
+        return ScoreCombination.of(self.scores, parts, tail)
 
     def with_combined(self) -> Calibration:
-        """Itself with the ``combined`` score of its cells (each against the others) and its
-        threshold, when it has the parts' scores."""
-        comb = self.combination
-        if comb is not None and "combined" not in self.scores:
-            self.scores["combined"] = comb(self.scores, leave_one_out=True)
-            self.thresholds["combined"] = conformal_threshold(self.scores["combined"], self.reject_rate)
+        """Itself with each combined score of :data:`COMBINATIONS` of its cells (each against the
+        others) and its threshold, when it has the parts' scores."""
+        for name in COMBINATIONS:
+            comb = self.combination_of(name)
+            if comb is not None and name not in self.scores:
+                self.scores[name] = comb(self.scores, leave_one_out=True)
+                self.thresholds[name] = conformal_threshold(self.scores[name], self.reject_rate)
         return self
 
     def to_dict(self) -> dict[str, object]:
@@ -110,7 +145,7 @@ def calibrate(scores: Mapping[str, np.ndarray], reject_rate: float = 0.05, seed:
               max_cells: int = MAX_CALIBRATION_CELLS) -> Calibration:
     """Thresholds for ``reject_rate`` from the scores of calibration cells (known types, not
     trained on), with the ``combined`` score's."""
-    kept = {k: np.asarray(v, dtype=np.float64) for k, v in scores.items() if k != "combined"}
+    kept = {k: np.asarray(v, dtype=np.float64) for k, v in scores.items() if k not in COMBINATIONS}
     n = len(next(iter(kept.values())))
     if n > max_cells:
         rows = np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False))
@@ -133,3 +168,13 @@ def fpr_at_tpr(known: np.ndarray, novel: np.ndarray, tpr: float = 0.95) -> float
         return float("nan")
     cut = np.quantile(novel, 1.0 - tpr)
     return float((known >= cut).mean())
+
+
+def aupr(known: np.ndarray, novel: np.ndarray) -> float:
+    """Average precision of the novel class (novel cells the positives, ranked by score): the area
+    under its precision-recall curve, which, unlike AUROC, depends on how few the novel cells are."""
+    from sklearn.metrics import average_precision_score
+
+    if not len(known) or not len(novel):
+        return float("nan")
+    return float(average_precision_score(np.r_[np.zeros(len(known)), np.ones(len(novel))], np.r_[known, novel]))

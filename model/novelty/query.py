@@ -153,3 +153,46 @@ def query_scores(density: QueryDensity, expression: Any, scores: Mapping[str, np
         out_q["query_combined"] = comb({mahalanobis: scores[mahalanobis], "query_density": q})
         out_c["query_combined"] = comb({mahalanobis: calibration_scores[mahalanobis], "query_density": c}, leave_one_out=True)
     return out_q, out_c
+
+
+# A query cell whose nearest training cell is closer than this share of the calibration cells' median
+# nearest-training-cell distance is taken for a copy of a training cell (exact copies are at 0).
+DUPLICATE_DISTANCE_SHARE = 0.01
+DUPLICATE_WARN_SHARE = 0.01  # warn when at least this share of the query copies training cells
+SIZE_RATIO_FACTOR = 5.0  # warn when the query/reference size ratio is this many times the calibration's, or less by it
+
+
+def reference_copies(density: QueryDensity, X: Any) -> np.ndarray:
+    """Per query cell (``X``), whether it is an exact or near copy of a training cell: its nearest
+    training cell (in either half-model's PCA) is closer than ``DUPLICATE_DISTANCE_SHARE`` of the
+    calibration cells' median distance to theirs."""
+    from sklearn.neighbors import NearestNeighbors
+
+    copies = np.zeros(X.shape[0], dtype=bool)
+    for i, pca in enumerate(density.pcas):
+        index = NearestNeighbors(n_neighbors=1, algorithm=KNN_ALGORITHM).fit(density.references[i])
+        typical = np.median(index.kneighbors(density.calibrations[i])[0]) if density.calibrations is not None else 1.0
+        dist = index.kneighbors(pca.transform(X).astype(np.float32))[0][:, 0]
+        copies |= dist <= DUPLICATE_DISTANCE_SHARE * typical
+    return copies
+
+
+def query_warnings(density: QueryDensity, X: Any, score: str) -> list[str]:
+    """What makes the ``query_*`` scores unreliable for this query (``X``), one line each: copies of
+    training cells in it (the training file itself), and a query/reference size ratio far from the
+    calibration's. The batch shift is :func:`query_shift`'s."""
+    lines = []
+    copies = reference_copies(density, X)
+    if copies.mean() >= DUPLICATE_WARN_SHARE:
+        lines.append(f"{int(copies.sum())} of {len(copies)} query cells ({copies.mean():.0%}) are copies of the model's training cells: "
+                     f"{score} counts them as query cells around the training cells, which makes known cells look novel; "
+                     f"annotate the new cells only, or use the per-cell default (--novelty auto)")
+    n_ref = len(density.references[0])
+    n_cal = 0 if density.calibrations is None else len(density.calibrations[0])
+    if n_ref and n_cal:
+        ratio, calibrated = X.shape[0] / n_ref, n_cal / n_ref
+        if not 1 / SIZE_RATIO_FACTOR <= ratio / calibrated <= SIZE_RATIO_FACTOR:
+            lines.append(f"the query has {X.shape[0]} cells against {n_ref} reference cells, a ratio {ratio / calibrated:.1f} times the "
+                         f"calibration's ({n_cal} cells): {score}'s threshold was not set for queries of this size; "
+                         f"the per-cell default (--novelty auto) does not depend on it")
+    return lines

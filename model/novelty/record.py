@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from model.novelty.calibration import Calibration
+from model.novelty.calibration import COMBINATIONS, Calibration
+from model.novelty.crossfit import CrossFitPCA
 from model.novelty.expression import ExpressionPCA
 from model.novelty.query import QueryDensity
 from model.novelty.scores import DEFAULT_SCORE, QUERY_COMBINED_PARTS, ClassStatistics, energy_score, softmax_score
@@ -26,6 +27,7 @@ class NoveltyRecord:
     default: str = DEFAULT_SCORE  # the score predict.py uses with --novelty auto
     classes: ClassStatistics | None = None  # of the head's penultimate features and the cell embeddings
     pca: ExpressionPCA | None = None  # the pca_* scores
+    crossfit: CrossFitPCA | None = None  # the crossfit_* scores (None: a model fine-tuned before they existed)
     density: QueryDensity | None = None  # the query_* scores (with the calibration cells projected)
     calibration: Calibration | None = None  # thresholds and the validation cells' scores
     precision_error: dict[str, dict[str, Any]] = field(default_factory=dict)  # precision -> model.recheck.measure_precision_error
@@ -45,8 +47,11 @@ class NoveltyRecord:
             return self.classes is not None
         if score in ("pca_mahalanobis", "pca_knn"):
             return self.pca is not None
-        if score == "combined":
-            return self.pca is not None and self.calibration is not None and self.calibration.combination is not None
+        if score in ("crossfit_mahalanobis", "crossfit_knn"):
+            return self.crossfit is not None
+        if score in COMBINATIONS:  # its expression part needs its PCA (energy needs nothing), and the calibration its parts
+            ready = self.crossfit is not None if score == "crossfit_combined" else self.pca is not None
+            return ready and self.calibration is not None and self.calibration.combination_of(score) is not None
         if score == "query_density":
             return self.query_ready
         return self.query_ready and self.pca is not None and QUERY_COMBINED_PARTS[0] in self.calibration.scores
@@ -56,6 +61,7 @@ class NoveltyRecord:
         return {"default": self.default,
                 "class_statistics": None if self.classes is None else self.classes.to_dict(),
                 "expression_pca": None if self.pca is None else self.pca.to_dict(),
+                "crossfit_pca": None if self.crossfit is None else self.crossfit.to_dict(),
                 "query_density": None if self.density is None else self.density.to_dict(),
                 "calibration": None if self.calibration is None else self.calibration.to_dict(),
                 "precision_error": dict(self.precision_error)}
@@ -65,6 +71,7 @@ class NoveltyRecord:
         return cls(default=d["default"],
                    classes=None if d["class_statistics"] is None else ClassStatistics.from_dict(d["class_statistics"]),
                    pca=None if d["expression_pca"] is None else ExpressionPCA.from_dict(d["expression_pca"]),
+                   crossfit=None if d.get("crossfit_pca") is None else CrossFitPCA.from_dict(d["crossfit_pca"]),
                    density=None if d["query_density"] is None else QueryDensity.from_dict(d["query_density"]),
                    calibration=None if d["calibration"] is None else Calibration.from_dict(d["calibration"]).with_combined(),
                    precision_error=dict(d["precision_error"]))
@@ -77,9 +84,10 @@ def novelty_scores(probs: np.ndarray, logits: np.ndarray, features: np.ndarray |
     ``energy`` always; with a ``record``, ``mahalanobis`` (the features) and ``knn`` (the
     embeddings), ``pca_*`` (the cells' ``expression``, the model's input matrix) and ``combined``
     (its parts' scores against the calibration)."""
-    combination = None if record is None or record.calibration is None else record.calibration.combination
-    if which is not None and "combined" in which and combination is not None:
-        which = {*which, *combination.reference}
+    cal = None if record is None else record.calibration
+    combinations = {} if cal is None else {n: c for n in COMBINATIONS if (c := cal.combination_of(n)) is not None}
+    if which is not None:
+        which = {*which, *(p for n, c in combinations.items() if n in which for p in c.reference)}
 
     def want(name: str) -> bool:
         return which is None or name in which
@@ -92,6 +100,9 @@ def novelty_scores(probs: np.ndarray, logits: np.ndarray, features: np.ndarray |
         out["knn"] = stats.knn(embeddings)
     if record is not None and record.pca is not None and expression is not None:
         out.update(record.pca.scores(expression, which))
-    if want("combined") and combination is not None and all(p in out for p in combination.reference):
-        out["combined"] = combination(out)
+    if record is not None and record.crossfit is not None and expression is not None:
+        out.update(record.crossfit.scores(expression, which))
+    for name, comb in combinations.items():
+        if want(name) and all(p in out for p in comb.reference):
+            out[name] = comb(out)
     return out

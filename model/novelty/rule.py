@@ -14,9 +14,9 @@ import numpy as np
 
 from data.io import InputError
 from model.novelty.calibration import conformal_threshold
-from model.novelty.query import MIN_QUERY_CELLS, QUERY_SHIFT_SHARE, query_scores, query_shift
+from model.novelty.query import MIN_QUERY_CELLS, QUERY_SHIFT_SHARE, query_scores, query_shift, query_warnings
 from model.novelty.record import NoveltyRecord
-from model.novelty.scores import QUERY_SCORES, SCORES, softmax_score
+from model.novelty.scores import CROSSFIT_SCORES, QUERY_SCORES, SCORES, softmax_score
 
 log = logging.getLogger("scbert")
 
@@ -148,8 +148,16 @@ def _calibrated_rule(record: NoveltyRecord | None, novelty: str, reject_rate: fl
         log.info("novelty score %s: %s; using pca_mahalanobis", score,
                  "the query is annotated a chunk at a time" if usable else "the model has no statistics for it")
         score = "pca_mahalanobis"
-    if novelty == "auto" and score not in cal.thresholds:
-        score = next(s for s in FALLBACK_SCORES if s in cal.thresholds)
+    if novelty == "auto" and (score not in cal.thresholds or not record.can_score(score)):
+        fallback = next(s for s in FALLBACK_SCORES if s in cal.thresholds and record.can_score(s))
+        log.info("%s has no statistics for the novelty score %s (fine-tuned before it existed, or on too few cells): using %s; "
+                 "fine-tune again for it", model_name, score, fallback)
+        score = fallback
+    elif novelty != "auto" and score in (*CROSSFIT_SCORES, "crossfit_combined") and not record.can_score(score) \
+            and record.can_score("pca_mahalanobis") and "pca_mahalanobis" in cal.thresholds:
+        log.info("--novelty %s: %s was fine-tuned before the cross-fitted statistics existed: using pca_mahalanobis, which "
+                 "rejects more of the model's own training cells; fine-tune again for %s", score, model_name, score)
+        score = "pca_mahalanobis"
     if score not in cal.thresholds:
         raise InputError(f"--novelty {score}: {model_name} has no calibration for that score (it has "
                          f"{sorted(cal.thresholds)}): choose one of those, or fine-tune the model again")
@@ -170,6 +178,11 @@ def query_rule(rule: NoveltyRule, record: NoveltyRecord | None, expression: Any,
     if record is None or not record.query_ready:
         raise InputError(f"--novelty {rule.score} needs the statistics that fine-tuning now stores: fine-tune the model again, or "
                          f"use --novelty pca_mahalanobis")
+    log.warning("novelty score %s compares the whole query with the training cells: a cell's label depends on the other cells "
+                "in the file, and the threshold assumes a query from the training data's batch and of a size like the "
+                "calibration's; --novelty auto is per cell", rule.score)
+    for line in query_warnings(record.density, expression, rule.score):
+        log.warning("novelty: %s", line)
     n = expression.shape[0]
     if n < MIN_QUERY_CELLS:
         log.warning("%s compares the query's density with the training cells': with %d cells (< %d) a type missing from training "
@@ -190,3 +203,27 @@ def query_rule(rule: NoveltyRule, record: NoveltyRecord | None, expression: Any,
         return rule
     return replace(rule, cutoff=conformal_threshold(c[rule.score], rule.reject_rate))
 
+
+ALERT_P = 1e-3  # a binomial p-value below this (and twice the rate or more) says the share is far above the calibrated rate
+
+
+def rejection_report(labels: np.ndarray, rule: NoveltyRule) -> tuple[dict[str, Any], list[str]]:
+    """The Unassigned share of a run against the rate the rule was calibrated for: metrics and
+    report lines (none for a rule set by hand). When the share is far above that rate (a one-sided
+    binomial test, ``ALERT_P``), one more line gives the likely causes and what to try."""
+    if rule.reject_rate is None or rule.cutoff is None or not len(labels):
+        return {}, []
+    from scipy.stats import binomtest
+
+    n, k = len(labels), int((np.asarray(labels) == UNASSIGNED).sum())
+    p = float(binomtest(k, n, rule.reject_rate, alternative="greater").pvalue)
+    metrics = {"unassigned_share": k / n, "calibrated_reject_rate": rule.reject_rate, "unassigned_binomial_p": p}
+    lines = [f"{k} of {n} cells Unassigned ({k / n:.1%}), calibrated to reject {rule.reject_rate:.0%} of known cells"]
+    if p < ALERT_P and k / n >= 2 * rule.reject_rate:
+        metrics["unassigned_alert"] = True
+        lines.append(f"WARNING: {k / n:.0%} Unassigned is far above the calibrated {rule.reject_rate:.0%} (binomial p = {p:.1g}): "
+                     f"either the query holds cell types the model was not trained on (Unassigned cells gathered in a few "
+                     f"clusters), or it differs from the training data as a whole (another batch, technology or tissue: "
+                     f"Unassigned cells spread over every type); look at where they fall on a UMAP, and for a batch "
+                     f"shift integrate the data or fine-tune on data from this batch (--novel-type false keeps every top label)")
+    return metrics, lines

@@ -23,6 +23,7 @@ from model.checkpoint import Checkpoint
 from model.inference import InferenceOptions, embed_cells, predict, predict_outputs
 from model.nn.config import ExecutionOptions, ScBERTConfig
 from model.nn.network import ScBERT
+from model.novelty.crossfit import CrossFitPCA
 from model.novelty.expression import ExpressionPCA
 from model.novelty.query import QueryDensity
 from model.novelty.record import NoveltyRecord, novelty_scores
@@ -51,8 +52,10 @@ class InputSpaceNovelty:
     combined_parts = ("mahalanobis", "energy")  # the ``combined`` score's parts: here Mahalanobis is in the expression PCA
 
     def _fit_novelty(self, X: sparse.csr_matrix, codes: np.ndarray) -> None:
+        self.codes_ = codes  # the training cells' class ids (the development scripts refit variants on them)
         self.pca_ = ExpressionPCA.fit(X, codes, len(self.classes_), max_cells=max(X.shape[0], 1))
-        self.record_ = NoveltyRecord(classes=self.pca_.stats)  # Mahalanobis and kNN in the PCA of the expression
+        self.record_ = NoveltyRecord(classes=self.pca_.stats,  # Mahalanobis and kNN in the PCA of the expression
+                                     crossfit=CrossFitPCA.fit(X, codes, len(self.classes_), max_cells=max(X.shape[0], 1)))
         self.query_density_ = QueryDensity.fit(X)  # the query_* scores: the same for every method on the same training cells
 
     def embedding(self, X: sparse.csr_matrix) -> np.ndarray:
@@ -63,7 +66,7 @@ class InputSpaceNovelty:
         z = self.pca_.transform(X)
         logits = self.model.decision_function(X)
         logits = logits[:, None] if logits.ndim == 1 else logits
-        return novelty_scores(self.predict_proba(X), logits, z, z, self.record_)
+        return novelty_scores(self.predict_proba(X), logits, z, z, self.record_, expression=X)
 
 
 def _classes(y: np.ndarray) -> tuple[list[str], np.ndarray]:

@@ -47,8 +47,8 @@ def evaluate_novelty(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[st
     above ``cutoff`` are Unassigned. Known cells: accuracy (Unassigned counts as wrong), accuracy
     without rejection, accuracy of those kept (``assigned_accuracy``), the fraction wrongly rejected; novel cells: the fraction rejected (recall);
     both: the AUROC of the score (novel vs known) and the fraction of known cells rejected at the
-    cutoff that rejects 95% of the novel ones."""
-    from model.novelty.calibration import auroc, fpr_at_tpr
+    cutoff that rejects 95% of the novel ones, and the average precision of the novel class (AUPR)."""
+    from model.novelty.calibration import aupr, auroc, fpr_at_tpr
 
     y_true = np.asarray(y_true).astype(str)
     pred, top, _ = assign_labels(probs, classes, NoveltyRule(score, cutoff), novelty)
@@ -61,12 +61,12 @@ def evaluate_novelty(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[st
              assigned_accuracy=float((pred[known & ~rejected] == y_true[known & ~rejected]).mean()) if (known & ~rejected).any() else float("nan"),
              novel_unassigned=float(rejected[~known].mean()) if (~known).any() else float("nan"),
              auroc_known_vs_novel=auroc(novelty[known], novelty[~known]), fpr_at_95_tpr=fpr_at_tpr(novelty[known], novelty[~known]),
-             y_pred=pred.tolist())
+             aupr_novel=aupr(novelty[known], novelty[~known]), y_pred=pred.tolist())
     return m
 
 
 SUMMARY_KEYS = ("accuracy", "macro_f1", "macro_f1_union", "known_accuracy", "accuracy_no_rejection", "assigned_accuracy", "known_unassigned",
-                "novel_unassigned", "auroc_known_vs_novel", "fpr_at_95_tpr")
+                "novel_unassigned", "auroc_known_vs_novel", "fpr_at_95_tpr", "aupr_novel")
 
 
 class NoveltyTally:

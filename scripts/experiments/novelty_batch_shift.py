@@ -5,7 +5,9 @@ default fall back to ``pca_mahalanobis`` (:data:`model.novelty.query.QUERY_SHIFT
 1. PBMC3k -> pbmc4k and back (coarse shared types, ``data/label_maps/pbmc3k_pbmc4k.tsv``): logistic
    regression (L2) on the training file (a tenth of each type held out to calibrate 5%), then, on the
    other file, the share of cells each score rejects and the shift statistic
-   (:func:`model.novelty.query.query_shift`: query cells above the calibration cells' median query_density).
+   (:func:`model.novelty.query.query_shift`: query cells above the calibration cells' median query_density);
+   and the share of the model's own training cells each score rejects (``mahalanobis``: the
+   expression PCA's, fitted on them; the calibrated rate is 5%).
 2. The same statistic in the leave-one-type-out runs of the development scripts (one query per held-out
    type, fold 0) on the given files after the first, where the query comes from the training cells' own
    batch.
@@ -26,12 +28,13 @@ import numpy as np
 from scipy import sparse
 
 from data.labels import holdout_per_class
-from model.novelty.calibration import conformal_threshold
+from model.novelty.calibration import COMBINATIONS, ScoreCombination, conformal_threshold
 from model.novelty.query import query_scores, query_shift
 from scripts.benchmark.harness import development_runs, load_labelled
 from scripts.benchmark.methods import LogisticL2
 from scripts.benchmark.report import read_label_map
 
+SHOWN = ("softmax", "energy", "mahalanobis", "combined", "crossfit_mahalanobis", "crossfit_combined", "query_density", "query_combined")
 LABEL_MAP = Path(__file__).resolve().parents[2] / "data" / "label_maps" / "pbmc3k_pbmc4k.tsv"
 
 
@@ -49,11 +52,17 @@ def across(train_path: str, test_path: str) -> None:
     q, c = query_scores(model.query_density_, X2, sq, sc, X[cal], mahalanobis="mahalanobis")
     sq.update(q)
     sc.update(c)
+    sf = model.novelty_scores(X[fit])  # the model's own training cells
+    for name, (parts, tail) in COMBINATIONS.items():  # p-values against the calibration cells
+        comb = ScoreCombination.of(sc, parts if name != "combined" else ("mahalanobis", "energy"), tail)
+        sc[name], sq[name], sf[name] = comb(sc, leave_one_out=True), comb(sq), comb(sf)
     accuracy = (np.asarray(model.classes_)[model.predict_proba(X2).argmax(1)] == y2).mean()
     print(f"{Path(train_path).name} -> {Path(test_path).name}: {len(y2)} cells, accuracy {accuracy:.3f}, shift statistic "
           f"{query_shift(q['query_density'], c['query_density']):.3f}; cells rejected at 5%: "
           + ", ".join(f"{s} {(sq[s] > conformal_threshold(sc[s], 0.05)).mean():.3f}"
-                      for s in ("softmax", "energy", "mahalanobis", "query_density", "query_combined")))
+                      for s in SHOWN))
+    print(f"  its own training cells ({len(fit)}) rejected at 5%: "
+          + ", ".join(f"{s} {(sf[s] > conformal_threshold(sc[s], 0.05)).mean():.3f}" for s in SHOWN if s in sf))
 
 
 def within(path: str) -> None:

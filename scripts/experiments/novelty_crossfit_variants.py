@@ -1,0 +1,92 @@
+"""Per-cell novelty scores on a development set (RESULTS.md, "Novel cell types (7 December): a
+per-cell default"): leave-one-type-out, 2 folds, seed 0, logistic regression (L2) as the
+classifier, a tenth of each known type calibrating a 5% reject rate. Variants: Mahalanobis in the
+expression PCA fitted on the training cells (``pca_mahalanobis``), the cross-fitted scores of
+:mod:`model.novelty.crossfit` (``crossfit_mahalanobis``, ``crossfit_knn``; one half-model alone),
+Fisher's combination with energy with rank p-values and with tail p-values
+(``crossfit_combined``), two half-models each fitted wholly on its own half (statistics in-sample),
+and per-class (Mondrian) thresholds. Also the share of the classifier's own
+training cells that each score rejects (the calibrated rate is 5%). The default
+``DEFAULT_SCORE = "crossfit_combined"`` of :mod:`model.novelty.scores` was chosen with it on the
+sorted PBMCs, never on PBMC3k (``$M``: the folder of the extra data sets):
+
+    python -m scripts.experiments.novelty_crossfit_variants --data $M/pbmc_sorted_2140.h5ad
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from model.novelty.calibration import ScoreCombination, conformal_threshold
+from model.novelty.crossfit import CrossFitPCA, stratified_halves
+from model.novelty.expression import ExpressionPCA
+from scripts.benchmark.harness import development_runs
+from scripts.benchmark.report import NoveltyTally
+from scripts.experiments.common import each_data_file
+
+
+def mondrian(cal: np.ndarray, cal_class: np.ndarray, query: np.ndarray, query_class: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """-log of per-class conformal p-values: each cell against the calibration cells of its predicted
+    class (calibration cells left out of their own reference)."""
+    pc, pq = np.ones(len(cal)), np.ones(len(query))
+    for c in np.unique(np.r_[cal_class, query_class]):
+        ref = np.sort(cal[cal_class == c])
+        if not len(ref):
+            continue
+        comb = ScoreCombination({"s": ref})
+        pc[cal_class == c] = comb.pvalues("s", cal[cal_class == c], leave_one_out=True)
+        pq[query_class == c] = comb.pvalues("s", query[query_class == c])
+    return -np.log(pc), -np.log(pq)
+
+
+def own_halves(X: object, codes: np.ndarray, n_classes: int) -> CrossFitPCA:
+    """Two half-models fitted each on its half alone (PCA and class statistics), scored as the minimum."""
+    a, b = stratified_halves(codes, 0)
+    return CrossFitPCA([ExpressionPCA.fit(X[r], codes[r], n_classes, 0, max_cells=len(r)) for r in (a, b)])
+
+
+def main(path: str, label_key: str = "celltype") -> None:
+    tally = NoveltyTally()
+    training: dict[str, list[float]] = {}
+    for run in development_runs(path, label_key):
+        X, split, novel, model = run.X, run.split, run.novel, run.model
+        sc, sq = dict(run.calibration_scores), dict(run.test_scores)
+        sf = model.novelty_scores(X[run.fit])  # the classifier's own training cells
+        variants = {"pca_mahalanobis (fitted on the training cells)": "mahalanobis", "pca_knn": "knn",
+                    "crossfit_mahalanobis": "crossfit_mahalanobis", "crossfit_knn": "crossfit_knn", "energy": "energy"}
+        for name, key in variants.items():
+            tally.add(name, split, sc[key], sq[key], novel)
+            training.setdefault(name, []).append(float((sf[key] > conformal_threshold(sc[key], 0.05)).mean()))
+        half = CrossFitPCA(model.record_.crossfit.halves[:1]).scores(X[run.cal], ["crossfit_mahalanobis"])["crossfit_mahalanobis"]
+        tally.add("one half-model alone (mahalanobis)", split, half,
+                  CrossFitPCA(model.record_.crossfit.halves[:1]).scores(X[split.test], ["crossfit_mahalanobis"])["crossfit_mahalanobis"], novel)
+        for parts in (("mahalanobis", "energy"), ("crossfit_mahalanobis", "energy"), ("crossfit_mahalanobis", "crossfit_knn", "energy")):
+            for tail in (False, True):
+                comb = ScoreCombination.of(sc, parts, tail)
+                name = f"Fisher({', '.join(parts)}){' tail p' if tail else ''}"
+                c, q = comb(sc, leave_one_out=True), comb(sq)
+                tally.add(name, split, c, q, novel)
+                training.setdefault(name, []).append(float((comb(sf) > conformal_threshold(c, 0.05)).mean()))
+                sc[name], sq[name] = c, q
+        # the halves' own statistics (each half-model all in-sample; training cells out-of-sample for the other half)
+        own = own_halves(X[run.fit], model.codes_, len(model.classes_))
+        for part, rows in ((sc, run.cal), (sq, split.test), (sf, run.fit)):
+            part["own halves"] = own.scores(X[rows], ["crossfit_mahalanobis"])["crossfit_mahalanobis"]
+        tally.add("halves with their own statistics (min)", split, sc["own halves"], sq["own halves"], novel)
+        comb = ScoreCombination.of(sc, ("own halves", "energy"), True)
+        tally.add("Fisher(own halves, energy) tail p", split, comb(sc, leave_one_out=True), comb(sq), novel)
+        for name, key in (("halves with their own statistics (min)", "own halves"), ("Fisher(own halves, energy) tail p", None)):
+            c, f = (sc[key], sf[key]) if key else (comb(sc, leave_one_out=True), comb(sf))
+            training.setdefault(name, []).append(float((f > conformal_threshold(c, 0.05)).mean()))
+        cal_class = model.predict_proba(X[run.cal]).argmax(1)
+        test_class = model.predict_proba(X[split.test]).argmax(1)
+        for key in ("crossfit_mahalanobis", "Fisher(crossfit_mahalanobis, energy) tail p"):
+            tally.add(f"Mondrian {key}", split, *mondrian(sc[key], cal_class, sq[key], test_class), novel)
+    print(path)
+    print("\n".join(tally.lines()))
+    print("training cells rejected at the 5% threshold (mean over runs):")
+    print("\n".join(f"  {name:50s} {np.mean(v):.4f}" for name, v in training.items()))
+
+
+if __name__ == "__main__":
+    each_data_file(main, __doc__)
