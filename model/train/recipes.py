@@ -19,7 +19,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         # rare types kept whole for training, fixed random features, a faster head
         "finetune": {"epochs": 10, "batch_size": 16, "grad_acc": 1, "clip_norm": 1.0, "schedule": "ours", "lr": 1e-4, "weight_decay": 0.05,
                      "patience": 4, "patience_rule": "ours", "head_init": "expression", "dropout": 0.3,
-                     "min_steps": 600, "select_metric": "macro_f1", "logit_adjust": 1.0, "sampling": "uniform", "head_lr": 1e-3,
+                     "min_steps": 300, "select_metric": "macro_f1", "logit_adjust": 1.0, "sampling": "uniform", "head_lr": 1e-3,
                      "fixed_budget_below": 0, "keep_rare": 20, "redraw_features": False, "val_frac": 0.1},
     },
     "published": {

@@ -124,6 +124,25 @@ class LogisticL2(InputSpaceNovelty):
         return self.model.predict_proba(X)
 
 
+class LogitAdjusted:
+    """A baseline with post-hoc logit adjustment: its probabilities divided by the training share
+    of each class and renormalised (log p - tau log prior, tau = 1), the correction scBERT's
+    logit-adjusted loss makes during training; for a fair comparison on the imbalance protocol."""
+
+    def __init__(self, base: Any, name: str) -> None:
+        self.base, self.name = base, name
+
+    def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str]) -> None:
+        self.base.fit(X, y, genes)
+        self.classes_ = self.base.classes_
+        counts = np.array([np.sum(np.asarray(y, dtype=str) == c) for c in self.classes_], dtype=np.float64)
+        self.prior_ = counts / counts.sum()
+
+    def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
+        p = self.base.predict_proba(X) / self.prior_
+        return p / p.sum(axis=1, keepdims=True)
+
+
 class KNNReference:
     """Reference mapping in the spirit of Seurat/scmap-cell: PCA fitted on the reference (training)
     cells, query cells projected into it, label = vote of the k nearest reference cells (cosine)."""
@@ -337,8 +356,9 @@ class ScBERTMethod:
 
 
 BASELINES = ("logreg_l1", "logreg_l2", "knn_pca", "centroid_corr", "celltypist")
+ADJUSTED_BASELINES = ("logreg_l1_la", "logreg_l2_la")  # with post-hoc logit adjustment (LogitAdjusted)
 SCBERT_METHODS = ("scbert", "scbert_nopretrain", "scbert_nogene2vec")
-ALL_METHODS = BASELINES + SCBERT_METHODS
+ALL_METHODS = BASELINES + ADJUSTED_BASELINES + SCBERT_METHODS
 
 _PUB_TRAIN, _PUB_REST = finetune_parts("published")
 PRESETS: dict[str, dict[str, Any]] = {
@@ -411,6 +431,10 @@ def method_factories(
             out.append((name, lambda seed: LogisticL1(seed=seed)))
         elif name == "logreg_l2":
             out.append((name, lambda seed: LogisticL2(seed=seed)))
+        elif name == "logreg_l1_la":
+            out.append((name, lambda seed: LogitAdjusted(LogisticL1(seed=seed), "logreg_l1_la")))
+        elif name == "logreg_l2_la":
+            out.append((name, lambda seed: LogitAdjusted(LogisticL2(seed=seed), "logreg_l2_la")))
         elif name == "knn_pca":
             out.append((name, lambda seed: KNNReference(seed=seed)))
         elif name == "centroid_corr":
