@@ -29,7 +29,8 @@ torchrun --nproc_per_node=2 finetune.py --data prep/pbmc3k.h5ad --label-key cell
 def add_rare_type_args(g: argparse._ActionsContainer) -> None:
     """The recipe's settings for rare types and small training sets (see RESULTS.md, 7 December)."""
     g.add_argument("--min-steps", type=nonnegative_int, default=None,
-                   help=recipe_help("finetune", "min_steps", "step floor: epochs are added until the run has this many optimiser steps"))
+                   help=recipe_help("finetune", "min_steps", "step floor: epochs are added until the run has this many optimiser steps; "
+                                    "an explicit --epochs turns it off unless --min-steps is given too"))
     g.add_argument("--select-metric", choices=["accuracy", "macro_f1"], default=None,
                    help=recipe_help("finetune", "select_metric", "validation metric that chooses the kept epoch (macro-F1 ties: lower loss)"))
     g.add_argument("--logit-adjust", type=float, default=None,

@@ -154,3 +154,24 @@ def test_published_recipe_keeps_the_published_behaviour() -> None:
     assert (args.dropout, args.weight_decay, args.val_frac, args.sampling) == (0.0, 0.0, 0.2, "uniform")
     ours = _cli_args("--redraw-features", "--min-steps", "0")
     assert ours.redraw_features is True and ours.min_steps == 0  # an explicit flag wins over the recipe
+
+
+def test_logit_adjusted_baseline_divides_by_the_prior() -> None:
+    from scripts.benchmark.methods import LogitAdjusted
+
+    class Constant:
+        def fit(self, X: object, y: np.ndarray, genes: object) -> None:
+            self.classes_ = ["a", "b"]
+
+        def predict_proba(self, X: object) -> np.ndarray:
+            return np.array([[0.6, 0.4]])
+
+    method = LogitAdjusted(Constant(), "constant_la")
+    method.fit(None, np.array(["a"] * 3 + ["b"]), [])
+    np.testing.assert_allclose(method.predict_proba(None), [[0.6 / 0.75 / (0.8 + 1.6), 0.4 / 0.25 / (0.8 + 1.6)]])
+
+
+def test_explicit_epochs_turn_the_step_floor_off() -> None:
+    assert _cli_args().min_steps == finetune_parts("ours")[0]["min_steps"] > 0
+    assert _cli_args("--epochs", "3").min_steps == 0
+    assert _cli_args("--epochs", "3", "--min-steps", "50").min_steps == 50

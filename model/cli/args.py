@@ -399,6 +399,9 @@ def apply_recipe(args: argparse.Namespace, stage: str) -> argparse.Namespace:
     """Fill the recipe's settings into the flags not given explicitly (those left at None)."""
     from model.train.recipes import recipe_settings
 
+    # an explicit --epochs is a budget the user chose: the recipe's step floor does not extend it
+    if stage == "finetune" and getattr(args, "epochs", None) is not None and getattr(args, "min_steps", None) is None:
+        args.min_steps = 0
     for key, value in recipe_settings(args.recipe, stage).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

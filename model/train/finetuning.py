@@ -61,8 +61,10 @@ def finetune(
     head_init: str = "expression",
     head_init_cells: int = 64,
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
-    """Supervised fine-tuning with early stopping on validation accuracy. The model ends holding
-    the best weights; returns the best epoch's metrics and the history.
+    """Supervised fine-tuning with early stopping on the validation score ``cfg.select_metric``
+    (accuracy or macro-F1), the logit-adjusted loss with ``cfg.logit_adjust`` and, with fewer than
+    ``cfg.fixed_budget_below`` validation cells, the whole budget and the last epoch. The model
+    ends holding the kept weights; returns the kept epoch's metrics and the history.
     ``head_init="expression"`` first points the head's conv1 at the expression read-out of the
     encodings of ``head_init_cells`` training cells (:func:`init_head_from_expression`);
     ``"random"`` keeps the published random start. Under torchrun every rank calls it and the
@@ -258,8 +260,8 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
                   for k, (tr, te) in enumerate(stratified_folds(y, s.cv, s.train.seed))]
         splits = [(tr[fit], tr[va], te) for fit, va, tr, te in splits]
     else:
-        fit_idx, val_idx = (stopping_split(y, s.val_frac, s.train.seed, s.keep_rare) if s.keep_rare
-                            else stratified_holdout(y, s.val_frac, s.train.seed))
+        rare = s.keep_rare and np.bincount(y).min() < s.keep_rare  # without rare types the split stays scikit-learn's
+        fit_idx, val_idx = stopping_split(y, s.val_frac, s.train.seed, s.keep_rare) if rare else stratified_holdout(y, s.val_frac, s.train.seed)
         splits = [(fit_idx, val_idx, None)]
 
     folds: list[FoldResult] = []

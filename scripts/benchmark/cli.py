@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> None:
                      "weight_decay": args.weight_decay, "select": args.select, "min_steps": args.min_steps, "select_metric": args.select_metric,
                      "logit_adjust": args.logit_adjust, "sampling": args.sampling, "head_lr": args.head_lr,
                      "fixed_budget_below": args.fixed_budget_below}
+        if args.epochs is not None and args.min_steps is None:  # as finetune.py: an explicit --epochs is the budget
+            overrides["min_steps"] = 0
         preset = PRESETS[args.preset]
         dropout = preset.get("dropout", 0.0) if args.dropout is None else args.dropout
         head_init = preset["head_init"] if args.head_init is None else args.head_init
