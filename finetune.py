@@ -80,9 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=None, help=recipe_help("finetune", "dropout", "dropout in the classifier head"))
     add_rare_type_args(g)
     add_bool(g, "--class-weights", default=False, help="weight the loss by inverse class frequency (balanced)")
-    add_bool(g, "--train-all", default=False, help="train every layer, not only the published subset")
-    add_bool(g, "--head-only", default=False, help="train only the classifier head on the frozen pretrained encoder (faster; "
-             "the best recipe on small training sets, see RESULTS.md)")
+    g.add_argument("--train-all", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                   help=recipe_help("finetune", "train_all", "train every layer, not only the published subset"))
+    g.add_argument("--head-only", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                   help=recipe_help("finetune", "head_only", "train only the classifier head on the frozen pretrained encoder (faster; "
+                                    "see RESULTS.md)"))
     g.add_argument("--head-init", choices=["expression", "random"], default=None,
                    help=recipe_help("finetune", "head_init", "start of the head's per-gene reduction (conv1): expression = the "
                                     "least-squares read-out of each gene's expression bin from its encoding; random = as published"))

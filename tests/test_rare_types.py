@@ -143,7 +143,7 @@ def test_benchmark_runs_finetune_py_defaults() -> None:
     train_fields, rest = finetune_parts("ours")
     for key in train_fields:
         assert getattr(method.train, key) == getattr(cli_cfg, key) == PRESETS["cpu"]["train"][key], key
-    for key in ("dropout", "head_init", "keep_rare", "redraw_features", "val_frac"):
+    for key in ("dropout", "head_init", "keep_rare", "redraw_features", "val_frac", "head_only", "train_all"):
         assert getattr(method, key) == getattr(args, key) == rest[key] == PRESETS["cpu"][key], key
 
 
@@ -175,3 +175,10 @@ def test_explicit_epochs_turn_the_step_floor_off() -> None:
     assert _cli_args().min_steps == finetune_parts("ours")[0]["min_steps"] > 0
     assert _cli_args("--epochs", "3").min_steps == 0
     assert _cli_args("--epochs", "3", "--min-steps", "50").min_steps == 50
+
+
+def test_one_layer_flag_sets_the_other_off() -> None:
+    assert (_cli_args("--train-all").train_all, _cli_args("--train-all").head_only) == (True, False)
+    assert (_cli_args("--head-only").train_all, _cli_args("--head-only").head_only) == (False, True)
+    rest = finetune_parts("ours")[1]
+    assert (_cli_args().train_all, _cli_args().head_only) == (rest["train_all"], rest["head_only"])

@@ -402,6 +402,11 @@ def apply_recipe(args: argparse.Namespace, stage: str) -> argparse.Namespace:
     # an explicit --epochs is a budget the user chose: the recipe's step floor does not extend it
     if stage == "finetune" and getattr(args, "epochs", None) is not None and getattr(args, "min_steps", None) is None:
         args.min_steps = 0
+    # the layers trained: one flag given explicitly sets the other off (the recipe's choice is one of three)
+    if stage == "finetune" and getattr(args, "train_all", None) and getattr(args, "head_only", None) is None:
+        args.head_only = False
+    if stage == "finetune" and getattr(args, "head_only", None) and getattr(args, "train_all", None) is None:
+        args.train_all = False
     for key, value in recipe_settings(args.recipe, stage).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

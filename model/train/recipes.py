@@ -20,7 +20,8 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "finetune": {"epochs": 10, "batch_size": 16, "grad_acc": 1, "clip_norm": 1.0, "schedule": "ours", "lr": 1e-4, "weight_decay": 0.05,
                      "patience": 4, "patience_rule": "ours", "head_init": "expression", "dropout": 0.3,
                      "min_steps": 300, "select_metric": "macro_f1", "logit_adjust": 1.0, "sampling": "uniform", "head_lr": 1e-3,
-                     "fixed_budget_below": 0, "keep_rare": 20, "redraw_features": False, "val_frac": 0.2},
+                     "fixed_budget_below": 0, "keep_rare": 20, "redraw_features": False, "val_frac": 0.2,
+                     "head_only": False, "train_all": False},
     },
     "published": {
         "pretrain": {"epochs": 100, "batch_size": 3, "grad_acc": 60, "clip_norm": 100.0, "schedule": "published", "lr": 1e-4,
@@ -28,7 +29,8 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "finetune": {"epochs": 100, "batch_size": 3, "grad_acc": 60, "clip_norm": 1e6, "schedule": "published", "lr": 1e-4, "weight_decay": 0.0,
                      "patience": 10, "patience_rule": "published", "head_init": "random", "dropout": 0.0,
                      "min_steps": 0, "select_metric": "accuracy", "logit_adjust": 0.0, "sampling": "uniform", "head_lr": None,
-                     "fixed_budget_below": 0, "keep_rare": 0, "redraw_features": True, "val_frac": 0.2},
+                     "fixed_budget_below": 0, "keep_rare": 0, "redraw_features": True, "val_frac": 0.2,
+                     "head_only": False, "train_all": False},
     },
 }
 STAGES = ("pretrain", "finetune")
@@ -46,6 +48,6 @@ def recipe_settings(recipe: str, stage: str) -> dict[str, Any]:
 
 def finetune_parts(recipe: str = "ours") -> tuple[dict[str, Any], dict[str, Any]]:
     """The fine-tuning recipe split into :class:`TrainConfig` fields and the rest (head dropout,
-    head start, ``keep_rare``, ``redraw_features``, ``val_frac``)."""
+    head start, ``keep_rare``, ``redraw_features``, ``val_frac``, the trained layers ``head_only`` / ``train_all``)."""
     settings = recipe_settings(recipe, "finetune")
     return ({k: v for k, v in settings.items() if k in TRAIN_FIELDS}, {k: v for k, v in settings.items() if k not in TRAIN_FIELDS})

@@ -20,7 +20,7 @@ from data.labels import read_label_map
 from data.preprocess import read_prepared
 from finetune import add_rare_type_args
 from model.checkpoint import CheckpointError, load_checkpoint, load_vocab
-from model.cli.args import add_bool, add_device, add_min_genes, parser, positive_float, positive_int
+from model.cli.args import add_bool, add_device, add_min_genes, parser, positive_float, positive_int, str2bool
 from model.cli.run import fail, setup_logging, start_run
 from model.majority_voting import OVER_CLUSTERING_BASES
 from model.runtime import set_threads
@@ -98,12 +98,16 @@ def run(args: argparse.Namespace) -> None:
         head_init = preset["head_init"] if args.head_init is None else args.head_init
         keep_rare = preset["keep_rare"] if args.keep_rare is None else args.keep_rare
         redraw = preset["redraw_features"] if args.redraw_features is None else args.redraw_features
+        # one of --train-all / --head-only given sets the other off; neither: the preset's layers
+        given = args.train_all is not None or args.head_only is not None
+        train_all = bool(args.train_all) if given else preset["train_all"]
+        head_only = bool(args.head_only) if given else preset["head_only"]
         corpus = None
         if args.pretrain_per_split and args.pretrain_corpus:
             corpus = read_prepared(args.pretrain_corpus, genes, args.min_genes or None, library_size=library_size)[0].X
             log.info("pretraining corpus: %d unlabelled cells, added to each run's training cells", corpus.shape[0])
-        methods = method_factories(args.methods, pre, pre_nog2v, args.preset, overrides, args.train_all, args.device,
-                                   head_only=args.head_only, head_init=head_init, dropout=dropout, class_weights=args.class_weights,
+        methods = method_factories(args.methods, pre, pre_nog2v, args.preset, overrides, train_all, args.device,
+                                   head_only=head_only, head_init=head_init, dropout=dropout, class_weights=args.class_weights,
                                    keep_rare=keep_rare, redraw_features=redraw,
                                    pretrain_per_split=args.pretrain_per_split, pretrain_corpus=corpus,
                                    pretrain_train={"epochs": args.pretrain_epochs, "batch_size": args.pretrain_batch_size, "lr": args.pretrain_lr})
@@ -126,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
             "reject_rate": args.reject_rate if args.protocol == "novel" else None,
             "majority_voting": {"basis": args.over_clustering_basis, "resolution": args.over_clustering_resolution}
             if args.majority_voting else None,
-            "scbert_finetuning": {"train_all": args.train_all, "head_only": args.head_only, "head_init": head_init,
+            "scbert_finetuning": {"train_all": train_all, "head_only": head_only, "head_init": head_init,
                                   "class_weights": args.class_weights, "dropout": dropout, "keep_rare": keep_rare, "redraw_features": redraw,
                                   "train": {**preset["train"], **{k: v for k, v in overrides.items() if v is not None}}},
             "pretrained": args.pretrained, "pretrained_nogene2vec": args.pretrained_nogene2vec, "methods": list(args.methods),
@@ -192,8 +196,9 @@ def build_parser():
     g.add_argument("--batch-size", type=positive_int, default=None, help="override the preset's batch size")
     g.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
     g.add_argument("--patience", type=int, default=None, help="override the preset's early-stopping patience (0: never stop early)")
-    add_bool(g, "--train-all", default=False, help="fine-tune every layer of the pretrained model (default: the published freezing policy)")
-    add_bool(g, "--head-only", default=False, help="fine-tune only the classifier head of the pretrained model (scbert, "
+    g.add_argument("--train-all", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                   help="fine-tune every layer of the pretrained model (default: the preset's)")
+    g.add_argument("--head-only", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL", help="fine-tune only the classifier head of the pretrained model (scbert, "
              "scbert_nogene2vec; scbert_nopretrain always trains its whole encoder)")
     g.add_argument("--head-init", choices=["expression", "random"], default=None,
                    help="start of the head's conv1: expression read-out or random (as published) (default: the preset's)")

@@ -262,9 +262,9 @@ class ScBERTMethod:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**RECIPE_TRAIN, progress=False))
     model_args: dict[str, Any] = field(default_factory=lambda: {"dim": 32, "depth": 2, "heads": 4, "dim_head": 8})
     gene2vec: str = "train"
-    train_all: bool = False
+    train_all: bool = RECIPE_REST["train_all"]
     dropout: float = RECIPE_REST["dropout"]  # classifier-head dropout
-    head_only: bool = False  # pretrained: train only the head on the frozen encoder
+    head_only: bool = RECIPE_REST["head_only"]  # pretrained: train only the head on the frozen encoder
     class_weights: bool = False  # weight the loss by inverse class frequency (balanced)
     head_init: str = RECIPE_REST["head_init"]  # see model.train.finetuning.finetune
     keep_rare: int = RECIPE_REST["keep_rare"]  # types with fewer training cells give none to the stopping split
@@ -368,7 +368,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the benchmark's fine-tuning of 3 December (RESULTS.md "Current" before 7 December): for the ablation
     "dec3": {"train": {"epochs": 10, "batch_size": 16, "lr": 1e-4, "patience": 4, "weight_decay": 0.05},
              "model": {"dim": 32, "depth": 2, "heads": 4, "dim_head": 8}, "dropout": 0.3, "head_init": "expression",
-             "keep_rare": 0, "redraw_features": True, "val_frac": 0.1},
+             "keep_rare": 0, "redraw_features": True, "val_frac": 0.1, "head_only": False, "train_all": False},
     # the published fine-tuning (batch 3 x 60 accumulation, lr 1e-4) and model size
     "published": {"train": dict(_PUB_TRAIN), "model": {"dim": 200, "depth": 6, "heads": 10, "dim_head": 64}, **_PUB_REST},
 }
@@ -380,10 +380,10 @@ def method_factories(
     pretrained_nogene2vec: Checkpoint | None = None,
     preset: str = "cpu",
     train_overrides: dict[str, Any] | None = None,
-    train_all: bool = False,
+    train_all: bool | None = None,
     device: str = "cpu",
     progress: bool = False,
-    head_only: bool = False,
+    head_only: bool | None = None,
     head_init: str | None = None,
     dropout: float | None = None,
     keep_rare: int | None = None,
@@ -410,6 +410,8 @@ def method_factories(
     cfg = PRESETS[preset]
     dropout = cfg.get("dropout", 0.0) if dropout is None else dropout
     head_init = cfg["head_init"] if head_init is None else head_init
+    train_all = cfg["train_all"] if train_all is None else train_all
+    head_only = cfg["head_only"] if head_only is None else head_only
     keep_rare = cfg["keep_rare"] if keep_rare is None else keep_rare
     redraw_features = cfg["redraw_features"] if redraw_features is None else redraw_features
     train_kw = {**cfg["train"], **{k: v for k, v in (train_overrides or {}).items() if v is not None}}
