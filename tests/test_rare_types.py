@@ -135,7 +135,7 @@ def _cli_args(*extra: str) -> object:
 
 
 def test_benchmark_runs_finetune_py_defaults() -> None:
-    args = _cli_args()
+    args = _cli_args("--pretrained", "pre.pt")
     cli_cfg = train_config(args, progress=False, patience=args.patience, patience_rule=args.patience_rule, select=args.select,
                            min_steps=args.min_steps, select_metric=args.select_metric, logit_adjust=args.logit_adjust,
                            sampling=args.sampling, head_lr=args.head_lr, fixed_budget_below=args.fixed_budget_below)
@@ -181,4 +181,10 @@ def test_one_layer_flag_sets_the_other_off() -> None:
     assert (_cli_args("--train-all").train_all, _cli_args("--train-all").head_only) == (True, False)
     assert (_cli_args("--head-only").train_all, _cli_args("--head-only").head_only) == (False, True)
     rest = finetune_parts("ours")[1]
-    assert (_cli_args().train_all, _cli_args().head_only) == (rest["train_all"], rest["head_only"])
+    assert (_cli_args("--pretrained", "p.pt").train_all, _cli_args("--pretrained", "p.pt").head_only) == (rest["train_all"], rest["head_only"])
+
+
+def test_recipe_head_only_needs_a_pretrained_encoder() -> None:
+    assert _cli_args().head_only is False  # no --pretrained: trained from scratch, every layer
+    with_encoder = _cli_args("--pretrained", "pre.pt")
+    assert with_encoder.head_only == finetune_parts("ours")[1]["head_only"]

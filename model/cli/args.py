@@ -407,6 +407,9 @@ def apply_recipe(args: argparse.Namespace, stage: str) -> argparse.Namespace:
         args.head_only = False
     if stage == "finetune" and getattr(args, "head_only", None) and getattr(args, "train_all", None) is None:
         args.train_all = False
+    # a recipe's head-only training needs a pretrained encoder: from scratch, every layer is trained
+    if stage == "finetune" and getattr(args, "head_only", None) is None and not getattr(args, "pretrained", None):
+        args.head_only = False
     for key, value in recipe_settings(args.recipe, stage).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
