@@ -15,6 +15,7 @@ from model.cli.args import (
     nonnegative_int,
     parser,
     recipe_help,
+    str2bool,
 )
 
 EXAMPLE = """
@@ -25,11 +26,37 @@ torchrun --nproc_per_node=2 finetune.py --data prep/pbmc3k.h5ad --label-key cell
 """
 
 
+def add_rare_type_args(g: argparse._ActionsContainer) -> None:
+    """The recipe's settings for rare types and small training sets (see RESULTS.md, 7 December)."""
+    g.add_argument("--min-steps", type=nonnegative_int, default=None,
+                   help=recipe_help("finetune", "min_steps", "step floor: epochs are added until the run has this many optimiser steps; "
+                                    "an explicit --epochs turns it off unless --min-steps is given too"))
+    g.add_argument("--select-metric", choices=["accuracy", "macro_f1"], default=None,
+                   help=recipe_help("finetune", "select_metric", "validation metric that chooses the kept epoch (macro-F1 ties: lower loss)"))
+    g.add_argument("--logit-adjust", type=float, default=None,
+                   help=recipe_help("finetune", "logit_adjust", "tau of the logit-adjusted loss: training logits + tau x log(class share); "
+                                    "0 = plain cross-entropy"))
+    g.add_argument("--sampling", choices=["uniform", "balanced"], default=None,
+                   help=recipe_help("finetune", "sampling", "training cells drawn uniformly, or each type equally often (with replacement)"))
+    g.add_argument("--head-lr", type=float, default=None,
+                   help=recipe_help("finetune", "head_lr", "learning rate of the classifier head (None: --lr)"))
+    g.add_argument("--fixed-budget-below", type=nonnegative_int, default=None,
+                   help=recipe_help("finetune", "fixed_budget_below", "with fewer validation cells than this, train the whole budget "
+                                    "and keep the last epoch"))
+    g.add_argument("--keep-rare", type=nonnegative_int, default=None,
+                   help=recipe_help("finetune", "keep_rare", "cell types with fewer cells keep all of them for training (none goes to "
+                                    "the validation part; 0 = every type gives up its share)"))
+    g.add_argument("--redraw-features", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                   help=recipe_help("finetune", "redraw_features", "redraw the FAVOR+ random features every 1,000 training calls, as "
+                                    "performer-pytorch does (false keeps the pretrained draw)"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = parser(
         "Fine-tune scBERT to classify cell types. Cells are split into training and validation parts stratified by "
-        "type (or into --cv folds); training stops early when validation accuracy has not improved for --patience "
-        "epochs. With --pretrained, only the final norm, the second-to-last Performer layer and the classifier are "
+        "type (or into --cv folds; a type with fewer than --keep-rare cells stays whole in training); training runs at "
+        "least --min-steps optimiser steps and stops early when the validation score (--select-metric) has not improved "
+        "for --patience epochs. With --pretrained, only the final norm, the second-to-last Performer layer and the classifier are "
         "trained, as published (--train-all trains everything); without it, a model of the given size is trained "
         "from scratch. Writes OUT/model.pt (best epoch), OUT/metrics.json (accuracy, macro_f1, per-class report), "
         "OUT/confusion_matrix.png, OUT/training_curves.png, OUT/summary.txt.",
@@ -44,16 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     g = add_training_args(p, "finetune", "maximum epochs")
     g.add_argument("--cv", type=int, default=None, help="K-fold stratified cross-validation instead of one split (reports mean ± sd)")
-    g.add_argument("--val-frac", type=fraction, default=0.2, help="validation fraction of a single split (default: 0.2)")
+    g.add_argument("--val-frac", type=fraction, default=None,
+                   help=recipe_help("finetune", "val_frac", "validation fraction of a single split (of each fold's training part with --cv)"))
     g.add_argument("--patience", type=int, default=None,
                    help=recipe_help("finetune", "patience", "stop after this many epochs without a better validation accuracy (0 = never stop early)"))
     g.add_argument("--patience-rule", choices=["ours", "published"], default=None,
                    help=recipe_help("finetune", "patience_rule", "ours stops after --patience stale epochs, published after --patience + 1"))
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout in the classifier head (default: 0, as published)")
+    g.add_argument("--dropout", type=float, default=None, help=recipe_help("finetune", "dropout", "dropout in the classifier head"))
+    add_rare_type_args(g)
     add_bool(g, "--class-weights", default=False, help="weight the loss by inverse class frequency (balanced)")
-    add_bool(g, "--train-all", default=False, help="train every layer, not only the published subset")
-    add_bool(g, "--head-only", default=False, help="train only the classifier head on the frozen pretrained encoder (faster; "
-             "the best recipe on small training sets, see RESULTS.md)")
+    g.add_argument("--train-all", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                   help=recipe_help("finetune", "train_all", "train every layer, not only the published subset"))
+    g.add_argument("--head-only", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                   help=recipe_help("finetune", "head_only", "train only the classifier head on the frozen pretrained encoder (faster; "
+                                    "see RESULTS.md)"))
     g.add_argument("--head-init", choices=["expression", "random"], default=None,
                    help=recipe_help("finetune", "head_init", "start of the head's per-gene reduction (conv1): expression = the "
                                     "least-squares read-out of each gene's expression bin from its encoding; random = as published"))

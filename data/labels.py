@@ -99,17 +99,18 @@ def stratified_folds(y: Sequence[Any], k: int, seed: int) -> list[tuple[np.ndarr
     return [(np.sort(tr), np.sort(te)) for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)]
 
 
-def holdout_per_class(y: Sequence[Any], frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def holdout_per_class(y: Sequence[Any], frac: float, seed: int, keep_below: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held-out) sorted, disjoint cell indices covering every cell: of each label with at
-    least 2 cells, round(``frac`` x its cells) are held out, at least 1 and at most all but 1;
-    a label with a single cell stays in the kept part. For validation splits of small training
-    parts (a fold's, a benchmark run's), where a stratified split may fail or drop a rare type."""
+    least ``keep_below`` (and 2) cells, round(``frac`` x its cells) are held out, at least 1 and at
+    most all but 1; a label with fewer cells stays whole in the kept part. For validation splits
+    of small training parts (a fold's, a benchmark run's), where a stratified split may fail or
+    drop a rare type; ``keep_below`` keeps a rare type's few cells for training."""
     y = np.asarray(y)
     rng = np.random.default_rng(seed)
     held: list[int] = []
     for label in np.unique(y):
         cells = np.flatnonzero(y == label)
-        if len(cells) < 2:
+        if len(cells) < max(2, keep_below):
             continue
         n = min(len(cells) - 1, max(1, int(round(frac * len(cells)))))
         held.extend(rng.choice(cells, n, replace=False).tolist())

@@ -162,9 +162,10 @@ class EpochBatches(Sampler[list[int]]):
     """
 
     def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+                 world_size: int | None = None, weights: np.ndarray | None = None) -> None:
         info = current()
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.weights = weights  # per-cell draw probabilities: each epoch draws n cells with replacement
         self.rank = info.rank if rank is None else rank
         self.world_size = info.world_size if world_size is None else world_size
         self.global_batch = batch_size * self.world_size
@@ -173,7 +174,11 @@ class EpochBatches(Sampler[list[int]]):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Plan epoch ``epoch`` from its ``start``-th cell on."""
         self.epoch, self.start = epoch, start
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.weights is not None:
+            order = rng.choice(self.n, self.n, replace=True, p=self.weights)
+        else:
+            order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
         rest = order[start:]
         self._batches: list[np.ndarray] = []
         self._placeholder: list[bool] = []

@@ -264,7 +264,7 @@ def add_training_args(p: argparse.ArgumentParser, stage: str, epochs_help: str) 
     g.add_argument("--batch-size", "--batch_size", type=positive_int, default=None,
                    help=recipe_help(stage, "batch_size", "cells per step of each process (under torchrun the step has batch-size x processes cells)"))
     g.add_argument("--grad-acc", "--grad_acc", type=positive_int, default=None, help=recipe_help(stage, "grad_acc", "gradient accumulation steps"))
-    g.add_argument("--lr", "--learning_rate", type=float, default=1e-4, help="peak learning rate of Adam (default: 1e-4, as published)")
+    g.add_argument("--lr", "--learning_rate", type=float, default=None, help=recipe_help(stage, "lr", "peak learning rate of Adam"))
     g.add_argument("--schedule", choices=["ours", "published"], default=None,
                    help=recipe_help(stage, "schedule", "learning-rate schedule: 'ours' = linear warm-up from peak/(warm-up + 1) then cosine "
                                     "restarts, per optimiser step (--warmup-steps, --cycle-steps); 'published' = per epoch, warm-up from 1e-6 "
@@ -272,7 +272,7 @@ def add_training_args(p: argparse.ArgumentParser, stage: str, epochs_help: str) 
     g.add_argument("--warmup-steps", type=int, default=5, help="schedule ours: linear warm-up optimiser steps per cosine cycle (default: 5)")
     g.add_argument("--cycle-steps", type=int, default=None, help="schedule ours: optimiser steps of the first cosine cycle; cycles double (default: the whole run)")
     g.add_argument("--clip-norm", type=float, default=None, help=recipe_help(stage, "clip_norm", "gradient norm clipping (0 = off)"))
-    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (AdamW); 0 = plain Adam, as published (default: 0)")
+    g.add_argument("--weight-decay", type=float, default=None, help=recipe_help(stage, "weight_decay", "decoupled weight decay (AdamW); 0 = plain Adam, as published"))
     add_bool(g, "--grad-checkpointing", default=False,
              help="recompute activations in the backward pass: training memory of one layer instead of all, ~1/3 more compute")
     r = p.add_argument_group("resumable runs")
@@ -399,6 +399,17 @@ def apply_recipe(args: argparse.Namespace, stage: str) -> argparse.Namespace:
     """Fill the recipe's settings into the flags not given explicitly (those left at None)."""
     from model.train.recipes import recipe_settings
 
+    # an explicit --epochs is a budget the user chose: the recipe's step floor does not extend it
+    if stage == "finetune" and getattr(args, "epochs", None) is not None and getattr(args, "min_steps", None) is None:
+        args.min_steps = 0
+    # the layers trained: one flag given explicitly sets the other off (the recipe's choice is one of three)
+    if stage == "finetune" and getattr(args, "train_all", None) and getattr(args, "head_only", None) is None:
+        args.head_only = False
+    if stage == "finetune" and getattr(args, "head_only", None) and getattr(args, "train_all", None) is None:
+        args.train_all = False
+    # a recipe's head-only training needs a pretrained encoder: from scratch, every layer is trained
+    if stage == "finetune" and getattr(args, "head_only", None) is None and not getattr(args, "pretrained", None):
+        args.head_only = False
     for key, value in recipe_settings(args.recipe, stage).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

@@ -84,9 +84,11 @@ def run(args: argparse.Namespace) -> None:
         settings = FinetuningSettings(
             size=size, gene2vec=gene2vec_spec(args), gene2vec_genes=args.gene2vec_genes, cv=args.cv, val_frac=args.val_frac,
             dropout=args.dropout, class_weights=args.class_weights, train_all=args.train_all, head_only=args.head_only,
-            head_init=args.head_init, options=execution_options(args), preprocessing=preprocessing_record(args, library_size),
+            head_init=args.head_init, keep_rare=args.keep_rare, redraw_features=args.redraw_features, options=execution_options(args), preprocessing=preprocessing_record(args, library_size),
             reject_rate=args.reject_rate, precision_check_cells=args.precision_check_cells, recipe=args.recipe, train=train_config(args, progress=not args.quiet and main, patience=args.patience,
-                                                   patience_rule=args.patience_rule, label_smoothing=args.label_smoothing, select=args.select))
+                                                   patience_rule=args.patience_rule, label_smoothing=args.label_smoothing, select=args.select,
+                                                   min_steps=args.min_steps, select_metric=args.select_metric, logit_adjust=args.logit_adjust,
+                                                   sampling=args.sampling, head_lr=args.head_lr, fixed_budget_below=args.fixed_budget_below))
         if not args.cv:
             warn_if_nothing_to_resume(args, settings.train)
         result = run_finetuning(X, y, classes, genes, settings, device, pre, out,

@@ -266,6 +266,12 @@ class ScBERT(nn.Module):
         if self.pos_emb is not None:
             self.pos_emb.emb.weight.requires_grad_(self.config.gene_embedding == "learned" and train_all)
 
+    def fix_random_features(self) -> None:
+        """Keep the current FAVOR+ random features: no redraw during training (performer-pytorch
+        redraws every ``feature_redraw_interval`` training calls, a count that a checkpoint carries
+        over from pretraining; one redraw moves a small encoder's output far)."""
+        self.performer.proj_updater.feature_redraw_interval = None
+
     def train(self, mode: bool = True) -> ScBERT:
         """As ``nn.Module.train``; a frozen encoder (head-only fine-tuning) stays in eval mode: no
         dropout, and no redraw of its random features, so the head always sees the same encoder."""

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 SELECTIONS = ("best", "last")
+SELECT_METRICS = ("accuracy", "macro_f1")
+SAMPLINGS = ("uniform", "balanced")
 SCHEDULES = ("ours", "published")
 PATIENCE_RULES = ("ours", "published")
 
@@ -42,12 +44,23 @@ class TrainConfig:
     keep_last: int = 2  # training states kept
     resume_from: str | None = None  # a training state file, or a folder holding them (the latest is used)
     max_steps: int | None = None  # stop after this many optimiser steps (the epoch in progress is scored)
+    # fine-tuning for rare types (the published recipe leaves all of these off)
+    min_steps: int = 0  # step floor: epochs are added until the run has at least this many optimiser steps
+    select_metric: str = "accuracy"  # validation metric that chooses the kept epoch; macro_f1 ties go to the lower val loss
+    logit_adjust: float = 0.0  # tau: training logits + tau * log(class prior), the logit-adjusted cross-entropy
+    sampling: str = "uniform"  # "balanced": each class drawn equally often (with replacement)
+    head_lr: float | None = None  # learning rate of the classifier head (None: lr)
+    fixed_budget_below: int = 0  # fewer validation cells than this: no early stopping, the last epoch is kept
 
     def __post_init__(self) -> None:
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.select_metric not in SELECT_METRICS:
+            raise ValueError(f"select_metric must be one of {SELECT_METRICS}, got {self.select_metric!r}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
         if self.patience_rule not in PATIENCE_RULES:
             raise ValueError(f"patience_rule must be one of {PATIENCE_RULES}, got {self.patience_rule!r}")
 
@@ -56,6 +69,12 @@ class TrainConfig:
         but progress display, workers and where states are kept."""
         skip = {"progress", "num_workers", "checkpoint_dir", "save_every", "keep_last", "resume_from"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+    def epochs_for(self, batches_per_epoch: int) -> int:
+        """Epochs of the run: ``epochs``, or more when that many would give fewer than ``min_steps``
+        optimiser steps (a small training set then still gets a real budget)."""
+        steps = max(1, -(-batches_per_epoch // self.grad_acc))
+        return max(self.epochs, -(-self.min_steps // steps))
 
     def for_part(self, part: str) -> TrainConfig:
         """The settings of one part of a run (a cross-validation fold): its training states go to,

@@ -62,8 +62,10 @@ def finetune(
     head_init: str = "expression",
     head_init_cells: int = 64,
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
-    """Supervised fine-tuning with early stopping on validation accuracy. The model ends holding
-    the best weights; returns the best epoch's metrics and the history.
+    """Supervised fine-tuning with early stopping on the validation score ``cfg.select_metric``
+    (accuracy or macro-F1), the logit-adjusted loss with ``cfg.logit_adjust`` and, with fewer than
+    ``cfg.fixed_budget_below`` validation cells, the whole budget and the last epoch. The model
+    ends holding the kept weights; returns the kept epoch's metrics and the history.
     ``head_init="expression"`` first points the head's conv1 at the expression read-out of the
     encodings of ``head_init_cells`` training cells (:func:`init_head_from_expression`);
     ``"random"`` keeps the published random start. Under torchrun every rank calls it and the
@@ -76,11 +78,17 @@ def finetune(
     elif head_init not in HEAD_INITS:
         raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
     weights = None if class_weights is None else class_weights.to(device)
+    adjust = cfg.logit_adjust * torch.log(class_prior(train.labels.numpy(), model.config.n_classes)).to(device) if cfg.logit_adjust else None
+    if cfg.fixed_budget_below and len(val) < cfg.fixed_budget_below:
+        log.info("%s: %d validation cells are too few to choose an epoch: the whole budget is trained and the last epoch kept", desc, len(val))
+        cfg = dataclasses.replace(cfg, patience=0, select="last")
 
     def step_loss(net: nn.Module, batch: dict[str, torch.Tensor], epoch: int) -> tuple[torch.Tensor, float]:
         with model.autocast():
             logits = net(batch["tokens"].to(device))
         labels = batch["labels"].to(device)
+        if adjust is not None:  # training sees the prior in the logits, so the learned scores are balanced
+            logits = logits.float() + adjust
         losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=cfg.label_smoothing)
         if weights is None:
             return losses.sum(), float(len(labels))
@@ -88,18 +96,42 @@ def finetune(
         return (losses * w).sum(), float(w.sum())
 
     def evaluate() -> dict[str, float]:
+        if len(val) == 0:
+            return {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_macro_f1": float("nan")}
         probs = predict_distributed(model, val, InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=cfg.progress))
         y = val.labels.numpy()
         val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(y)))
-        return {"val_loss": val_loss, "val_accuracy": float((probs.argmax(1) == y).mean())}
+        return {"val_loss": val_loss, "val_accuracy": float((probs.argmax(1) == y).mean()), "val_macro_f1": macro_f1(y, probs.argmax(1))}
 
     def log_epoch(epoch: int, metrics: dict[str, float], improved: bool) -> None:
-        log.info("%s epoch %d: train loss %.4f, val loss %.4f, val accuracy %.4f", desc, epoch + 1, metrics["train_loss"],
-                 metrics["val_loss"], metrics["val_accuracy"])
+        log.info("%s epoch %d: train loss %.4f, val loss %.4f, val accuracy %.4f, val macro-F1 %.4f", desc, epoch + 1,
+                 metrics["train_loss"], metrics["val_loss"], metrics["val_accuracy"], metrics["val_macro_f1"])
         if on_epoch is not None:
             on_epoch(epoch, metrics, improved)
 
-    return fit(model, train, cfg, device, step_loss, evaluate, "val_accuracy", desc, log_epoch)
+    return fit(model, train, cfg, device, step_loss, evaluate, f"val_{cfg.select_metric}", desc, log_epoch)
+
+
+def class_prior(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Each class's share of the training cells (a class without cells counts as one cell, so its
+    log stays finite)."""
+    counts = np.maximum(np.bincount(labels, minlength=n_classes), 1).astype(np.float64)
+    return torch.tensor(counts / counts.sum(), dtype=torch.float32)
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
+    """Macro-F1 over the classes present in ``y`` (what chooses the epoch with ``select_metric``)."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y, pred, labels=np.unique(y), average="macro", zero_division=0))
+
+
+def stopping_split(y: np.ndarray, frac: float, seed: int, keep_rare: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) cells of a part whose validation cells only choose the epoch: a
+    ``frac`` of each type, but a type with fewer than ``keep_rare`` cells keeps them all for
+    training (when every type is that rare, each gives up one cell as before)."""
+    tr, va = holdout_per_class(y, frac, seed, keep_below=keep_rare)
+    return (tr, va) if len(va) else holdout_per_class(y, frac, seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,6 +153,8 @@ class FinetuningSettings:
     train_all: bool = False
     head_only: bool = False
     head_init: str = "expression"
+    keep_rare: int = 0  # types with fewer cells keep them all for training (0: each gives up its share to validation, as published)
+    redraw_features: bool = True  # False: the pretrained FAVOR+ random features are kept (no redraw every 1,000 steps)
     reject_rate: float = 0.05  # novelty thresholds reject this fraction of the validation cells (known types)
     precision_check_cells: int = PRECISION_CHECK_CELLS  # validation cells on which the bf16 error is measured, for predict's fp32 re-check (0: none)
     recipe: str = "ours"
@@ -136,7 +170,7 @@ class FinetuningSettings:
             "finetuning": {"label_key": label_key, "pretrained": pretrained, "cv": self.cv, "val_frac": self.val_frac,
                            "dropout": self.dropout, "class_weights": self.class_weights,
                            "trained_layers": freezing_policy(pretrained is not None, self.train_all, self.head_only),
-                           "head_init": self.head_init},
+                           "head_init": self.head_init, "keep_rare": self.keep_rare, "redraw_features": self.redraw_features},
             "optimisation": self.train.optimisation(),
             "execution": {"precision": o.precision, "grad_checkpointing": o.grad_checkpointing, "compile": o.compile},
             "world_size": distributed.current().world_size,
@@ -166,7 +200,7 @@ CV_METRICS_MEANING = {
     "accuracy": "mean over the folds of the accuracy on each fold's test cells (never trained on, never used to choose an epoch "
                 "or the kept model: early stopping used an inner validation part of the fold's training cells)",
     "macro_f1": "the same for macro-F1 (over the test cells' true labels)",
-    "model_fold": "the fold whose model is model.pt: the highest inner validation accuracy (test cells not looked at)",
+    "model_fold": "the fold whose model is model.pt: the highest inner validation score of the recipe's select_metric (test cells not looked at)",
 }
 SPLIT_METRICS_MEANING = {
     "accuracy": "accuracy on the validation cells, which also chose the best epoch (early stopping): an optimistic estimate; "
@@ -176,7 +210,7 @@ SPLIT_METRICS_MEANING = {
 
 @dataclass
 class FinetuningResult:
-    model: ScBERT  # the kept model: the only one, or the fold with the highest inner validation accuracy
+    model: ScBERT  # the kept model: the only one, or the fold with the highest inner validation score
     classes: list[str]
     folds: list[FoldResult]
     kept_fold: int  # 0-based
@@ -190,7 +224,7 @@ class FinetuningResult:
             return [f"{self.cv}-fold cross-validation on {n} cells: accuracy {m['accuracy']:.4f} ± {m['accuracy_sd']:.4f}, "
                     f"macro-F1 {m['macro_f1']:.4f} ± {m['macro_f1_sd']:.4f} on each fold's test cells (early stopping on an inner "
                     f"validation part of its training cells)",
-                    f"model.pt is the model of fold {self.kept_fold + 1} (highest inner validation accuracy)"]
+                    f"model.pt is the model of fold {self.kept_fold + 1} (highest inner validation score)"]
         return [f"validation ({self.folds[0].metrics['n_val']} cells): accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} "
                 f"(best epoch {m['best_epoch']}; these cells also chose it)"]
 
@@ -223,11 +257,12 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
     y_str = np.asarray(labels).astype(str)
     y = np.array([classes.index(c) for c in y_str])
     if s.cv:  # outer folds; each fold's training part is split again for early stopping
-        splits = [(*holdout_per_class(y[tr], s.val_frac, s.train.seed + k), tr, te)
+        splits = [(*stopping_split(y[tr], s.val_frac, s.train.seed + k, s.keep_rare), tr, te)
                   for k, (tr, te) in enumerate(stratified_folds(y, s.cv, s.train.seed))]
         splits = [(tr[fit], tr[va], te) for fit, va, tr, te in splits]
     else:
-        fit_idx, val_idx = stratified_holdout(y, s.val_frac, s.train.seed)
+        rare = s.keep_rare and np.bincount(y).min() < s.keep_rare  # without rare types the split stays scikit-learn's
+        fit_idx, val_idx = stopping_split(y, s.val_frac, s.train.seed, s.keep_rare) if rare else stratified_holdout(y, s.val_frac, s.train.seed)
         splits = [(fit_idx, val_idx, None)]
 
     folds: list[FoldResult] = []
@@ -240,7 +275,7 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
             vectors, g2v, base = None, {"source": f"pretrained:{pretrained.source}"}, pretrained.config
         set_seed(s.train.seed + k)
         model = new_classifier(base, len(classes), s.dropout, pretrained=pretrained, gene_vectors=vectors, train_all=s.train_all,
-                               head_only=s.head_only, options=s.options)
+                               head_only=s.head_only, options=s.options, redraw_features=s.redraw_features)
         weights = None
         if s.class_weights:
             try:
@@ -264,7 +299,8 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
         if s.cv and main and out is not None:
             save_checkpoint(out / f"fold{k + 1}" / "model.pt", model, genes, classes, s.preprocessing, record,
                             {k2: v for k2, v in m.items() if k2 != "history"})
-        score = best["val_accuracy"] if s.cv else m["accuracy"]
+        metric = s.train.select_metric
+        score = best[f"val_{metric}"] if s.cv else m[metric]
         if kept < 0 or score > kept_score:
             kept, kept_score, kept_state = k, score, {k2: v.detach().clone() for k2, v in model.state_dict().items()}
             kept_split = (tr, va)

@@ -61,6 +61,7 @@ def new_classifier(
     train_all: bool = False,
     head_only: bool = False,
     options: ExecutionOptions | None = None,
+    redraw_features: bool = True,
 ) -> ScBERT:
     """The classifier a fine-tuning run starts from: ``config``'s encoder with a new head of
     ``n_classes`` outputs (``dropout`` in the head).
@@ -68,7 +69,8 @@ def new_classifier(
     With ``pretrained``: its encoder weights and the published freezing policy (only the final
     norm, the second-to-last layer and the head are trained; ``train_all``: everything;
     ``head_only``: only the head). Without: a random encoder (``gene_vectors`` as its frozen gene
-    embedding), trained whole.
+    embedding), trained whole. ``redraw_features=False`` keeps the FAVOR+ random features fixed
+    (the published code redraws them every 1,000 training calls, under a head fitted to the old draw).
     """
     if train_all and head_only:
         raise ValueError("train_all and head_only exclude each other")
@@ -78,6 +80,8 @@ def new_classifier(
     elif head_only:
         raise InputError("--head-only needs a pretrained encoder (--pretrained): without one, only a random encoder would be kept")
     model.freeze_for_finetuning(train_all=train_all or pretrained is None, head_only=head_only)
+    if not redraw_features:
+        model.fix_random_features()
     return model
 
 

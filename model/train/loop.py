@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -24,6 +25,21 @@ from model.train.state import Progress, restore_state, save_state
 log = logging.getLogger("scbert")
 
 StepFn = Callable[[nn.Module, dict[str, torch.Tensor], int], tuple[torch.Tensor, float]]
+
+
+def balanced_weights(labels: np.ndarray) -> np.ndarray:
+    """Per-cell sampling weights under which every class is drawn equally often."""
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    w = 1.0 / counts[inverse]
+    return w / w.sum()
+
+
+def better(metrics: dict[str, float], best: dict[str, float] | None, score: str) -> bool:
+    """Whether an epoch beats the best so far: a higher ``score``; for macro-F1, an equal one with a
+    lower validation loss also wins (on few validation cells, equal scores are common)."""
+    if best is None or metrics[score] > best[score]:
+        return True
+    return score == "val_macro_f1" and metrics[score] == best[score] and metrics.get("val_loss", 0.0) < best.get("val_loss", 0.0)
 
 
 def fit(
@@ -42,8 +58,10 @@ def fit(
     batch and its denominator (cells or masked tokens); each rank's sum is divided by the total
     denominator of all ranks, so the gradient is exactly that of the mean over the global batch."""
     info = distributed.current()
-    sampler = distributed.EpochBatches(len(train), cfg.batch_size, cfg.seed)
+    weights = balanced_weights(train.labels.numpy()) if cfg.sampling == "balanced" and train.labels is not None else None
+    sampler = distributed.EpochBatches(len(train), cfg.batch_size, cfg.seed, weights=weights)
     n_batches = sampler.batches_per_epoch()
+    n_epochs = cfg.epochs_for(n_batches)
     trainer = Trainer(model, cfg, n_batches, device, model.options.precision)
     net = distributed.wrap(model, device)
     if cfg.checkpoint_dir and info.is_main:
@@ -51,12 +69,12 @@ def fit(
         for tmp in Path(cfg.checkpoint_dir).glob(".state-*.tmp"):  # left by a run killed while writing
             tmp.unlink(missing_ok=True)
     run = restore_state(model, trainer, cfg, len(train)) or Progress()
-    while not run.finished and run.epoch < cfg.epochs:
+    while not run.finished and run.epoch < n_epochs:
         epoch = run.epoch
         sampler.set_epoch(epoch, run.cells_done)
         loader = DataLoader(train, batch_sampler=sampler, collate_fn=train.collate, num_workers=cfg.num_workers, generator=torch.Generator())
         first = n_batches - len(sampler)
-        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", unit="batch", total=n_batches, initial=first,
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{n_epochs}", unit="batch", total=n_batches, initial=first,
                    disable=not (cfg.progress and info.is_main), leave=False)
         model.train()
         for j, batch in enumerate(bar):
@@ -80,7 +98,7 @@ def fit(
         total, count = distributed.all_reduce_sum([run.total, run.count], device)
         metrics = {"epoch": epoch + 1, "train_loss": total / max(count, 1e-12), **evaluate()}
         run.history.append(metrics)
-        improved = run.best is None or metrics[score] > run.best[score]
+        improved = better(metrics, run.best, score)
         if improved:
             run.best, run.best_state, run.stale = dict(metrics), copy.deepcopy(model.state_dict()), 0
         else:
@@ -89,7 +107,8 @@ def fit(
             on_epoch(epoch, metrics, improved)
         run.epoch, run.cells_done, run.total, run.count = epoch + 1, 0, 0.0, 0.0
         trainer.end_epoch()
-        if cfg.patience and run.stale >= cfg.patience + (cfg.patience_rule == "published"):
+        # the step floor is a floor: early stopping waits until it is reached
+        if cfg.patience and run.stale >= cfg.patience + (cfg.patience_rule == "published") and run.step >= cfg.min_steps:
             log.info("%s: no improvement for %d epochs, stopping early", desc, run.stale)
             run.finished = True
         if cfg.checkpoint_dir:

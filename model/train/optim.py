@@ -73,7 +73,18 @@ def published_warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-
+def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: one at ``lr``; with ``head_lr``, the classifier head
+    (``to_out``) in a group of its own at that rate (a new head needs a larger step than a
+    pretrained encoder it sits on)."""
+    head = getattr(model, "to_out", None) if cfg.head_lr is not None else None
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    own = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
+    groups = [{"params": rest}] if rest else []
+    if own:
+        groups.append({"params": own, "lr": cfg.head_lr})
+    return groups
 
 
 class Trainer:
@@ -81,14 +92,14 @@ class Trainer:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, device: torch.device, precision: str = "fp32") -> None:
         self.model, self.cfg, self.device = model, cfg, device
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        groups = parameter_groups(model, cfg)
+        if not groups:
             raise ValueError("the model has no trainable parameters")
         if cfg.weight_decay:
-            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
-            self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
-        total = max(1, math.ceil(steps_per_epoch / cfg.grad_acc) * cfg.epochs)
+            self.optimizer = torch.optim.Adam(groups, lr=cfg.lr)
+        total = max(1, math.ceil(steps_per_epoch / cfg.grad_acc) * cfg.epochs_for(steps_per_epoch))
         if cfg.schedule == "published":
             self.scheduler = published_warmup_cosine(self.optimizer)
         else:

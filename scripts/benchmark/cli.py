@@ -18,8 +18,9 @@ import numpy as np
 from data.io import InputError, write_json, write_text
 from data.labels import read_label_map
 from data.preprocess import read_prepared
+from finetune import add_rare_type_args
 from model.checkpoint import CheckpointError, load_checkpoint, load_vocab
-from model.cli.args import add_bool, add_device, add_min_genes, parser, positive_float, positive_int
+from model.cli.args import add_bool, add_device, add_min_genes, parser, positive_float, positive_int, str2bool
 from model.cli.run import fail, setup_logging, start_run
 from model.majority_voting import OVER_CLUSTERING_BASES
 from model.runtime import set_threads
@@ -87,14 +88,27 @@ def run(args: argparse.Namespace) -> None:
         protocol = _protocol(args)
         X, y, splits = protocol_splits(protocol, adata, y, genes, args.data, args.label_key, args.min_genes, library_size)
         overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "patience": args.patience,
-                     "weight_decay": args.weight_decay, "select": args.select}
-        dropout = PRESETS[args.preset].get("dropout", 0.0) if args.dropout is None else args.dropout
+                     "weight_decay": args.weight_decay, "select": args.select, "min_steps": args.min_steps, "select_metric": args.select_metric,
+                     "logit_adjust": args.logit_adjust, "sampling": args.sampling, "head_lr": args.head_lr,
+                     "fixed_budget_below": args.fixed_budget_below}
+        if args.epochs is not None and args.min_steps is None:  # as finetune.py: an explicit --epochs is the budget
+            overrides["min_steps"] = 0
+        preset = PRESETS[args.preset]
+        dropout = preset.get("dropout", 0.0) if args.dropout is None else args.dropout
+        head_init = preset["head_init"] if args.head_init is None else args.head_init
+        keep_rare = preset["keep_rare"] if args.keep_rare is None else args.keep_rare
+        redraw = preset["redraw_features"] if args.redraw_features is None else args.redraw_features
+        # one of --train-all / --head-only given sets the other off; neither: the preset's layers
+        given = args.train_all is not None or args.head_only is not None
+        train_all = bool(args.train_all) if given else preset["train_all"]
+        head_only = bool(args.head_only) if given else preset["head_only"]
         corpus = None
         if args.pretrain_per_split and args.pretrain_corpus:
             corpus = read_prepared(args.pretrain_corpus, genes, args.min_genes or None, library_size=library_size)[0].X
             log.info("pretraining corpus: %d unlabelled cells, added to each run's training cells", corpus.shape[0])
-        methods = method_factories(args.methods, pre, pre_nog2v, args.preset, overrides, args.train_all, args.device,
-                                   head_only=args.head_only, head_init=args.head_init, dropout=dropout, class_weights=args.class_weights,
+        methods = method_factories(args.methods, pre, pre_nog2v, args.preset, overrides, train_all, args.device,
+                                   head_only=head_only, head_init=head_init, dropout=dropout, class_weights=args.class_weights,
+                                   keep_rare=keep_rare, redraw_features=redraw,
                                    pretrain_per_split=args.pretrain_per_split, pretrain_corpus=corpus,
                                    pretrain_train={"epochs": args.pretrain_epochs, "batch_size": args.pretrain_batch_size, "lr": args.pretrain_lr})
         scbert_runs = any(m.startswith("scbert") for m in args.methods)
@@ -116,8 +130,9 @@ def run(args: argparse.Namespace) -> None:
             "reject_rate": args.reject_rate if args.protocol == "novel" else None,
             "majority_voting": {"basis": args.over_clustering_basis, "resolution": args.over_clustering_resolution}
             if args.majority_voting else None,
-            "scbert_finetuning": {"train_all": args.train_all, "head_only": args.head_only, "head_init": args.head_init,
-                                  "class_weights": args.class_weights, "dropout": dropout, **{k: v for k, v in overrides.items() if v is not None}},
+            "scbert_finetuning": {"train_all": train_all, "head_only": head_only, "head_init": head_init,
+                                  "class_weights": args.class_weights, "dropout": dropout, "keep_rare": keep_rare, "redraw_features": redraw,
+                                  "train": {**preset["train"], **{k: v for k, v in overrides.items() if v is not None}}},
             "pretrained": args.pretrained, "pretrained_nogene2vec": args.pretrained_nogene2vec, "methods": list(args.methods),
             "encoder": encoder, "genes_chosen_from": "the given vocabulary" if (args.vocab or pre or pre_nog2v) else
             f"the {len(genes)} genes of highest variance over all labelled cells (label-free)",
@@ -174,22 +189,25 @@ def build_parser():
     g.add_argument("--pretrain-epochs", type=positive_int, default=10, help="with --pretrain-per-split: pretraining epochs (default: 10)")
     g.add_argument("--pretrain-batch-size", type=positive_int, default=16, help="with --pretrain-per-split: pretraining batch size (default: 16)")
     g.add_argument("--pretrain-lr", type=float, default=1e-3, help="with --pretrain-per-split: pretraining learning rate (default: 1e-3)")
-    g.add_argument("--preset", choices=list(PRESETS), default="cpu", help="fine-tuning (and from-scratch model) size: "
-                   + "; ".join(f"{k}: {v['train']}, head dropout {v.get('dropout', 0.0)}" for k, v in PRESETS.items()))
+    g.add_argument("--preset", choices=list(PRESETS), default="cpu", help="fine-tuning recipe (and from-scratch model size): cpu = "
+                   "finetune.py's default recipe (model.train.recipes); dec3 = the benchmark's recipe of 3 December (for the ablation); "
+                   "published = the published recipe at the published model size")
     g.add_argument("--epochs", type=positive_int, default=None, help="override the preset's fine-tuning epochs")
     g.add_argument("--batch-size", type=positive_int, default=None, help="override the preset's batch size")
     g.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
     g.add_argument("--patience", type=int, default=None, help="override the preset's early-stopping patience (0: never stop early)")
-    add_bool(g, "--train-all", default=False, help="fine-tune every layer of the pretrained model (default: the published freezing policy)")
-    add_bool(g, "--head-only", default=False, help="fine-tune only the classifier head of the pretrained model (scbert, "
+    g.add_argument("--train-all", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
+                   help="fine-tune every layer of the pretrained model (default: the preset's)")
+    g.add_argument("--head-only", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL", help="fine-tune only the classifier head of the pretrained model (scbert, "
              "scbert_nogene2vec; scbert_nopretrain always trains its whole encoder)")
-    g.add_argument("--head-init", choices=["expression", "random"], default="expression",
-                   help="start of the head's conv1: expression read-out (default) or random (as published)")
+    g.add_argument("--head-init", choices=["expression", "random"], default=None,
+                   help="start of the head's conv1: expression read-out or random (as published) (default: the preset's)")
     add_bool(g, "--class-weights", default=False, help="weight scBERT's loss by inverse class frequency of the training part (balanced)")
     g.add_argument("--dropout", type=float, default=None, help="classifier-head dropout (default: the preset's)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: none)")
     g.add_argument("--select", choices=["best", "last"], default=None,
                    help="fine-tuned weights kept: best inner-validation epoch or last epoch (default: the preset's)")
+    add_rare_type_args(g)
     add_device(g, "cpu")
     g = p.add_argument_group("protocols")
     g.add_argument("--test-data", nargs="+", default=None, help="cross: the test dataset(s), put on the training data's genes")

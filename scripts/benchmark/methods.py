@@ -18,7 +18,6 @@ import torch
 from scipy import sparse
 
 from data.dataset import CellDataset
-from data.labels import holdout_per_class
 from model.checkpoint import Checkpoint
 from model.inference import InferenceOptions, embed_cells, predict, predict_outputs
 from model.nn.config import ExecutionOptions, ScBERTConfig
@@ -29,8 +28,12 @@ from model.novelty.query import QueryDensity
 from model.novelty.record import NoveltyRecord, novelty_scores
 from model.runtime import set_seed
 from model.train.config import TrainConfig
-from model.train.finetuning import balanced_class_weights, finetune
+from model.train.finetuning import balanced_class_weights, finetune, stopping_split
 from model.train.initialisation import gene_embedding, new_classifier
+from model.train.recipes import finetune_parts
+
+# finetune.py's default recipe: the scbert method runs exactly it unless a flag or preset says otherwise
+RECIPE_TRAIN, RECIPE_REST = finetune_parts("ours")
 
 log = logging.getLogger("scbert")
 
@@ -122,6 +125,25 @@ class LogisticL2(InputSpaceNovelty):
 
     def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
         return self.model.predict_proba(X)
+
+
+class LogitAdjusted:
+    """A baseline with post-hoc logit adjustment: its probabilities divided by the training share
+    of each class and renormalised (log p - tau log prior, tau = 1), the correction scBERT's
+    logit-adjusted loss makes during training; for a fair comparison on the imbalance protocol."""
+
+    def __init__(self, base: Any, name: str) -> None:
+        self.base, self.name = base, name
+
+    def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str]) -> None:
+        self.base.fit(X, y, genes)
+        self.classes_ = self.base.classes_
+        counts = np.array([np.sum(np.asarray(y, dtype=str) == c) for c in self.classes_], dtype=np.float64)
+        self.prior_ = counts / counts.sum()
+
+    def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
+        p = self.base.predict_proba(X) / self.prior_
+        return p / p.sum(axis=1, keepdims=True)
 
 
 class KNNReference:
@@ -240,16 +262,18 @@ class ScBERTMethod:
     name: str = "scbert"
     init: str = "pretrained"
     checkpoint: Checkpoint | None = None
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, batch_size=16, lr=1e-3, patience=3, progress=False))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(**RECIPE_TRAIN, progress=False))
     model_args: dict[str, Any] = field(default_factory=lambda: {"dim": 32, "depth": 2, "heads": 4, "dim_head": 8})
     gene2vec: str = "train"
-    train_all: bool = False
-    dropout: float = 0.0  # classifier-head dropout
-    head_only: bool = False  # pretrained: train only the head on the frozen encoder
+    train_all: bool = RECIPE_REST["train_all"]
+    dropout: float = RECIPE_REST["dropout"]  # classifier-head dropout
+    head_only: bool = RECIPE_REST["head_only"]  # pretrained: train only the head on the frozen encoder
     class_weights: bool = False  # weight the loss by inverse class frequency (balanced)
-    head_init: str = "expression"  # see model.train.finetuning.finetune
+    head_init: str = RECIPE_REST["head_init"]  # see model.train.finetuning.finetune
+    keep_rare: int = RECIPE_REST["keep_rare"]  # types with fewer training cells give none to the stopping split
+    redraw_features: bool = RECIPE_REST["redraw_features"]  # False: the pretrained FAVOR+ features are kept
     options: ExecutionOptions = field(default_factory=ExecutionOptions)  # precision and speed switches of the network
-    val_frac: float = 0.1
+    val_frac: float = RECIPE_REST["val_frac"]
     device: str = "cpu"
     pretrain_corpus: sparse.csr_matrix | None = None  # init "pretrain": unlabelled cells added to the training cells
     pretrain_train: TrainConfig | None = None  # init "pretrain": the pretraining settings
@@ -277,7 +301,8 @@ class ScBERTMethod:
                 raise ValueError(f"{self.name}: the benchmark matrix is not on the checkpoint's gene vocabulary")
             if init == "pretrained":
                 return new_classifier(self.checkpoint.config, n_classes, self.dropout, pretrained=self.checkpoint,
-                                      train_all=self.train_all and not self.head_only, head_only=self.head_only, options=self.options)
+                                      train_all=self.train_all and not self.head_only, head_only=self.head_only, options=self.options,
+                                      redraw_features=self.redraw_features)
             vectors = self.checkpoint.build_model().gene_vectors()
             return new_classifier(self.checkpoint.config, n_classes, self.dropout, gene_vectors=vectors, options=self.options)
         if init == "scratch":
@@ -299,8 +324,8 @@ class ScBERTMethod:
             self.checkpoint = self._pretrain(genes, X)
         set_seed(self.train.seed)
         if val is None:
-            # every type with 2 or more cells on both sides, a type with one cell in the training part; no cell on both
-            tr, va = holdout_per_class(codes, self.val_frac, self.train.seed)
+            # a type with fewer than keep_rare cells (at least 2) stays whole in the training part; no cell on both
+            tr, va = stopping_split(codes, self.val_frac, self.train.seed, self.keep_rare)
         else:
             tr, va = np.arange(len(codes)), np.arange(len(codes), len(codes_all))
             X, codes = X_all, codes_all
@@ -334,17 +359,21 @@ class ScBERTMethod:
 
 
 BASELINES = ("logreg_l1", "logreg_l2", "knn_pca", "centroid_corr", "celltypist")
+ADJUSTED_BASELINES = ("logreg_l1_la", "logreg_l2_la")  # with post-hoc logit adjustment (LogitAdjusted)
 SCBERT_METHODS = ("scbert", "scbert_nopretrain", "scbert_nogene2vec")
-ALL_METHODS = BASELINES + SCBERT_METHODS
+ALL_METHODS = BASELINES + ADJUSTED_BASELINES + SCBERT_METHODS
 
+_PUB_TRAIN, _PUB_REST = finetune_parts("published")
 PRESETS: dict[str, dict[str, Any]] = {
-    # CPU-sized: what the bundled data is benchmarked with (model size from the checkpoint or model_args)
-    # (fine-tuning: the recipe of RESULTS.md, with the expression head start and head dropout 0.3)
-    "cpu": {"train": {"epochs": 10, "batch_size": 16, "lr": 1e-4, "patience": 4, "weight_decay": 0.05},
-            "model": {"dim": 32, "depth": 2, "heads": 4, "dim_head": 8}, "dropout": 0.3},
+    # CPU-sized: what the bundled data is benchmarked with (model size from the checkpoint or model_args);
+    # fine-tuning: finetune.py's default recipe (model.train.recipes), nothing changed
+    "cpu": {"train": dict(RECIPE_TRAIN), "model": {"dim": 32, "depth": 2, "heads": 4, "dim_head": 8}, **RECIPE_REST},
+    # the benchmark's fine-tuning of 3 December (RESULTS.md "Current" before 7 December): for the ablation
+    "dec3": {"train": {"epochs": 10, "batch_size": 16, "lr": 1e-4, "patience": 4, "weight_decay": 0.05},
+             "model": {"dim": 32, "depth": 2, "heads": 4, "dim_head": 8}, "dropout": 0.3, "head_init": "expression",
+             "keep_rare": 0, "redraw_features": True, "val_frac": 0.1, "head_only": False, "train_all": False},
     # the published fine-tuning (batch 3 x 60 accumulation, lr 1e-4) and model size
-    "published": {"train": {"epochs": 100, "batch_size": 3, "grad_acc": 60, "lr": 1e-4, "patience": 10},
-                  "model": {"dim": 200, "depth": 6, "heads": 10, "dim_head": 64}},
+    "published": {"train": dict(_PUB_TRAIN), "model": {"dim": 200, "depth": 6, "heads": 10, "dim_head": 64}, **_PUB_REST},
 }
 
 
@@ -354,12 +383,14 @@ def method_factories(
     pretrained_nogene2vec: Checkpoint | None = None,
     preset: str = "cpu",
     train_overrides: dict[str, Any] | None = None,
-    train_all: bool = False,
+    train_all: bool | None = None,
     device: str = "cpu",
     progress: bool = False,
-    head_only: bool = False,
-    head_init: str = "expression",
+    head_only: bool | None = None,
+    head_init: str | None = None,
     dropout: float | None = None,
+    keep_rare: int | None = None,
+    redraw_features: bool | None = None,
     class_weights: bool = False,
     pretrain_per_split: bool = False,
     pretrain_corpus: sparse.csr_matrix | None = None,
@@ -381,6 +412,11 @@ def method_factories(
         raise ValueError(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
     cfg = PRESETS[preset]
     dropout = cfg.get("dropout", 0.0) if dropout is None else dropout
+    head_init = cfg["head_init"] if head_init is None else head_init
+    train_all = cfg["train_all"] if train_all is None else train_all
+    head_only = cfg["head_only"] if head_only is None else head_only
+    keep_rare = cfg["keep_rare"] if keep_rare is None else keep_rare
+    redraw_features = cfg["redraw_features"] if redraw_features is None else redraw_features
     train_kw = {**cfg["train"], **{k: v for k, v in (train_overrides or {}).items() if v is not None}}
 
     pre_kw = {"epochs": 10, "batch_size": 16, "lr": 1e-3, **(pretrain_train or {})}
@@ -389,6 +425,7 @@ def method_factories(
         # head_only applies to pretrained encoders: an encoder without pretraining is always trained whole
         return lambda seed: ScBERTMethod(name=name, init=init, checkpoint=ckpt, gene2vec=gene2vec, train_all=train_all, device=device,
                                          head_only=head_only and init in ("pretrained", "pretrain"), head_init=head_init, dropout=dropout,
+                                         keep_rare=keep_rare, redraw_features=redraw_features, val_frac=cfg["val_frac"],
                                          class_weights=class_weights, model_args=dict(cfg["model"]), train=TrainConfig(seed=seed, progress=progress, **train_kw),
                                          pretrain_corpus=pretrain_corpus if init == "pretrain" else None,
                                          pretrain_train=TrainConfig(seed=seed, progress=progress, **pre_kw) if init == "pretrain" else None)
@@ -399,6 +436,10 @@ def method_factories(
             out.append((name, lambda seed: LogisticL1(seed=seed)))
         elif name == "logreg_l2":
             out.append((name, lambda seed: LogisticL2(seed=seed)))
+        elif name == "logreg_l1_la":
+            out.append((name, lambda seed: LogitAdjusted(LogisticL1(seed=seed), "logreg_l1_la")))
+        elif name == "logreg_l2_la":
+            out.append((name, lambda seed: LogitAdjusted(LogisticL2(seed=seed), "logreg_l2_la")))
         elif name == "knn_pca":
             out.append((name, lambda seed: KNNReference(seed=seed)))
         elif name == "centroid_corr":
