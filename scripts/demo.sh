@@ -23,7 +23,7 @@ python pretrain.py --data "$OUT/prep_train.h5ad" "$OUT/prep_immune.h5ad" --out "
 
 echo "== 4/5 fine-tune the classifier on the labelled training cells"
 python finetune.py --data "$OUT/prep_train.h5ad" --label-key celltype --pretrained "$OUT/pretrain/model.pt" \
-    --out "$OUT/finetune" --epochs 10 --patience 4 --batch-size 16 --lr 1e-4 --dropout 0.3 --weight-decay 0.05 --overwrite
+    --out "$OUT/finetune" --overwrite
 
 echo "== 5/5 predict the held-out cells (raw counts in, annotated h5ad out)"
 python predict.py --data "$OUT/pbmc_query.h5ad" --model "$OUT/finetune/model.pt" --out "$OUT/pbmc_query_annotated.h5ad" \
