@@ -56,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Fine-tune scBERT to classify cell types. Cells are split into training and validation parts stratified by "
         "type (or into --cv folds; a type with fewer than --keep-rare cells stays whole in training); training runs at "
         "least --min-steps optimiser steps and stops early when the validation score (--select-metric) has not improved "
-        "for --patience epochs. With --pretrained, only the final norm, the second-to-last Performer layer and the classifier are "
-        "trained, as published (--train-all trains everything); without it, a model of the given size is trained "
-        "from scratch. Writes OUT/model.pt (best epoch), OUT/metrics.json (accuracy, macro_f1, per-class report), "
+        "for --patience epochs. With --pretrained, only the classifier head is trained on the frozen encoder (--head-only false: "
+        "the published policy, the final norm, the second-to-last Performer layer and the head; --train-all: everything); "
+        "without it, a model of the given size is trained from scratch. Writes OUT/model.pt (best epoch), OUT/metrics.json (accuracy, macro_f1, per-class report), "
         "OUT/confusion_matrix.png, OUT/training_curves.png, OUT/summary.txt.",
         EXAMPLE,
     )

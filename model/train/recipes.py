@@ -20,7 +20,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "finetune": {"epochs": 10, "batch_size": 16, "grad_acc": 1, "clip_norm": 1.0, "schedule": "ours", "lr": 1e-4, "weight_decay": 0.05,
                      "patience": 4, "patience_rule": "ours", "head_init": "expression", "dropout": 0.3,
                      "min_steps": 300, "select_metric": "macro_f1", "logit_adjust": 1.0, "sampling": "uniform", "head_lr": 1e-3,
-                     "fixed_budget_below": 0, "keep_rare": 20, "redraw_features": False, "val_frac": 0.2,
+                     "fixed_budget_below": 40, "keep_rare": 20, "redraw_features": False, "val_frac": 0.2,
                      "head_only": True, "train_all": False},
     },
     "published": {
