@@ -5,7 +5,8 @@ expression PCA fitted on the training cells (``pca_mahalanobis``), the cross-fit
 :mod:`model.novelty.crossfit` (``crossfit_mahalanobis``, ``crossfit_knn``; one half-model alone),
 Fisher's combination with energy with rank p-values and with tail p-values
 (``crossfit_combined``), two half-models each fitted wholly on its own half (statistics in-sample),
-and per-class (Mondrian) thresholds. Also the share of the classifier's own
+a cross-fitted local density ratio (a kNN distance over the reference cells' own), and per-class
+(Mondrian) thresholds. Also the share of the classifier's own
 training cells that each score rejects (the calibrated rate is 5%). The default
 ``DEFAULT_SCORE = "crossfit_combined"`` of :mod:`model.novelty.scores` was chosen with it on the
 sorted PBMCs, never on PBMC3k (``$M``: the folder of the extra data sets):
