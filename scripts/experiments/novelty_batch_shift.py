@@ -38,8 +38,8 @@ SHOWN = ("softmax", "energy", "mahalanobis", "combined", "crossfit_mahalanobis",
 LABEL_MAP = Path(__file__).resolve().parents[2] / "data" / "label_maps" / "pbmc3k_pbmc4k.tsv"
 
 
-def across(train_path: str, test_path: str) -> None:
-    names = read_label_map(str(LABEL_MAP))
+def across(train_path: str, test_path: str, label_map: str = str(LABEL_MAP)) -> None:
+    names = read_label_map(label_map)
     adata, y, genes = load_labelled([train_path], "celltype", None, 2000)
     other, y2, _ = load_labelled([test_path], "celltype", genes, None)
     y, y2 = np.array([names.get(v, v) for v in y]), np.array([names.get(v, v) for v in y2])
@@ -77,15 +77,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, nargs="+", metavar="FILE",
                    help="pbmc4k, PBMC3k (labels in obs 'celltype'), then more labelled files for the within-batch statistic")
+    p.add_argument("--label-map", default=str(LABEL_MAP),
+                   help="the two files' labels onto shared names (default: data/label_maps/pbmc3k_pbmc4k.tsv; for the sorted "
+                   "PBMCs: data/label_maps/pbmc3k_sorted.tsv)")
     args = p.parse_args(argv)
     if len(args.data) < 2:
         p.error("--data needs at least two files: pbmc4k and PBMC3k")
     return args
 
 
-if __name__ == "__main__":
-    files = parse_args().data
-    across(files[1], files[0])
-    across(files[0], files[1])
+def main(argv: list[str] | None = None) -> None:
+    p_args = parse_args(argv)
+    files = p_args.data
+    across(files[1], files[0], p_args.label_map)
+    across(files[0], files[1], p_args.label_map)
     for f in files[1:]:
         within(f)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,8 @@ expression PCA fitted on the training cells (``pca_mahalanobis``), the cross-fit
 :mod:`model.novelty.crossfit` (``crossfit_mahalanobis``, ``crossfit_knn``; one half-model alone),
 Fisher's combination with energy with rank p-values and with tail p-values
 (``crossfit_combined``), two half-models each fitted wholly on its own half (statistics in-sample),
-and per-class (Mondrian) thresholds. Also the share of the classifier's own
+a cross-fitted local density ratio (a kNN distance over the reference cells' own), and per-class
+(Mondrian) thresholds. Also the share of the classifier's own
 training cells that each score rejects (the calibrated rate is 5%). The default
 ``DEFAULT_SCORE = "crossfit_combined"`` of :mod:`model.novelty.scores` was chosen with it on the
 sorted PBMCs, never on PBMC3k (``$M``: the folder of the extra data sets):
@@ -45,6 +46,23 @@ def own_halves(X: object, codes: np.ndarray, n_classes: int) -> CrossFitPCA:
     return CrossFitPCA([ExpressionPCA.fit(X[r], codes[r], n_classes, 0, max_cells=len(r)) for r in (a, b)])
 
 
+def local_density_ratio(cf: CrossFitPCA, X_fit: object, halves: tuple[np.ndarray, np.ndarray], X: object, k: int = 10) -> np.ndarray:
+    """Per cell of ``X``, the minimum over the half-models of its k-th nearest reference distance
+    divided by the mean k-th nearest distance of those reference cells among themselves (a local
+    outlier factor; the reference of a half-model: the other half's cells projected into it)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    out = None
+    for pca, rows in zip(cf.halves, halves[::-1]):
+        ref = pca.transform(X_fit[rows])
+        index = NearestNeighbors(n_neighbors=k + 1).fit(ref)
+        own = index.kneighbors(ref)[0][:, -1]  # each reference cell's k-th neighbour among the others
+        dist, idx = index.kneighbors(pca.transform(X), n_neighbors=k)
+        ratio = dist[:, -1] / np.maximum(own[idx].mean(axis=1), 1e-12)
+        out = ratio if out is None else np.minimum(out, ratio)
+    return out
+
+
 def main(path: str, label_key: str = "celltype") -> None:
     tally = NoveltyTally()
     training: dict[str, list[float]] = {}
@@ -78,6 +96,17 @@ def main(path: str, label_key: str = "celltype") -> None:
         for name, key in (("halves with their own statistics (min)", "own halves"), ("Fisher(own halves, energy) tail p", None)):
             c, f = (sc[key], sf[key]) if key else (comb(sc, leave_one_out=True), comb(sf))
             training.setdefault(name, []).append(float((f > conformal_threshold(c, 0.05)).mean()))
+        halves = stratified_halves(model.codes_, 0)  # those of the record's CrossFitPCA (same seed)
+        for part, rows in ((sc, run.cal), (sq, split.test), (sf, run.fit)):
+            part["density ratio"] = local_density_ratio(model.record_.crossfit, X[run.fit], halves, X[rows])
+        tally.add("crossfit local density ratio (k = 10)", split, sc["density ratio"], sq["density ratio"], novel)
+        training.setdefault("crossfit local density ratio (k = 10)", []).append(
+            float((sf["density ratio"] > conformal_threshold(sc["density ratio"], 0.05)).mean()))
+        for parts in (("density ratio", "energy"), ("density ratio", "crossfit_mahalanobis", "energy")):
+            comb = ScoreCombination.of(sc, parts, True)
+            name = f"Fisher({', '.join(parts)}) tail p"
+            tally.add(name, split, comb(sc, leave_one_out=True), comb(sq), novel)
+            training.setdefault(name, []).append(float((comb(sf) > conformal_threshold(comb(sc, leave_one_out=True), 0.05)).mean()))
         cal_class = model.predict_proba(X[run.cal]).argmax(1)
         test_class = model.predict_proba(X[split.test]).argmax(1)
         for key in ("crossfit_mahalanobis", "Fisher(crossfit_mahalanobis, energy) tail p"):
