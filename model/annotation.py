@@ -22,7 +22,7 @@ import pandas as pd
 
 from data.dataset import CellDataset
 from data.io import InputError
-from data.labels import map_labels, read_label_map
+from data.labels import DROP_LABEL, map_labels, read_label_map
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.evaluation import annotation_report, known_truth, label_map_report
 from model.inference import DEFAULT_INFERENCE, InferenceOptions, embed_cells, predict_outputs
@@ -215,6 +215,29 @@ def known_labels(truth: pd.Series | np.ndarray | None, label_map: Mapping[str, s
     return map_labels(series.reset_index(drop=True), mapping)
 
 
+def class_map(label_map: Mapping[str, str] | str | Path | None, classes: Sequence[str]) -> dict[str, str] | None:
+    """The part of ``label_map`` that renames the model's own ``classes`` (a map onto names shared by
+    both sides, such as coarse types: PBMC3k's naive and memory CD4 T both -> T_CD4), or None when it
+    renames none of them. A class mapped to ``-`` keeps its name (its cells are predictions, not
+    cells to leave out)."""
+    if label_map is None:
+        return None
+    mapping = read_label_map(label_map) if isinstance(label_map, (str, Path)) else dict(label_map)
+    renamed = {c: mapping[c] for c in map(str, classes) if c in mapping and mapping[c] not in (c, DROP_LABEL)}
+    return renamed or None
+
+
+def scored_predictions(labels: np.ndarray, classes: Sequence[str], label_map: Mapping[str, str] | str | Path | None
+                       ) -> tuple[np.ndarray, list[str]]:
+    """The predicted labels and classes in the names the known labels are scored in: renamed through
+    :func:`class_map` when the map renames the model's classes, else as they are."""
+    renamed = class_map(label_map, classes)
+    if renamed is None:
+        return np.asarray(labels).astype(str), list(classes)
+    pred = np.array([renamed.get(x, x) for x in np.asarray(labels).astype(str)], dtype=object).astype(str)
+    return pred, sorted({renamed.get(c, c) for c in map(str, classes)})
+
+
 def label_report(labels: np.ndarray, confidence: np.ndarray, classes: Sequence[str], rule: NoveltyRule,
                  truth: pd.Series | np.ndarray | None = None, rechecked: int | None = None,
                  margin: float | None = None, label_map: Mapping[str, str] | str | Path | None = None) -> tuple[dict[str, Any], list[str]]:
@@ -223,9 +246,19 @@ def label_report(labels: np.ndarray, confidence: np.ndarray, classes: Sequence[s
     ``label_map``: the query's label names -> the model's classes (see :func:`known_labels`)."""
     name = f"column {truth.name!r}" if isinstance(truth, pd.Series) and truth.name is not None else "the label column"
     mapped = known_labels(truth, label_map, len(labels))
-    metrics, lines = annotation_report(labels, confidence, classes, rule.threshold, mapped, name, rule.describe())
+    scored, scored_classes = scored_predictions(labels, classes, label_map)
+    metrics, lines = annotation_report(labels, confidence, classes, rule.threshold, None, name, rule.describe())
+    if mapped is not None:
+        scores, score_lines = annotation_report(scored, confidence, scored_classes, rule.threshold, mapped, name, rule.describe())
+        metrics.update({k: v for k, v in scores.items() if k not in metrics})
+        lines += score_lines[1:]
     if label_map is not None and mapped is not None:
-        metrics["label_map"], map_lines = label_map_report(known_labels(truth, None, len(labels)), mapped, classes)
+        metrics["label_map"], map_lines = label_map_report(known_labels(truth, None, len(labels)), mapped, scored_classes)
+        renamed = class_map(label_map, classes)
+        if renamed:
+            metrics["label_map"]["model_classes_renamed"] = renamed
+            map_lines.insert(1, f"label map: also renames {len(renamed)} of the model's classes for scoring "
+                                f"({', '.join(f'{a} -> {b}' for a, b in list(renamed.items())[:4])}{', ...' if len(renamed) > 4 else ''})")
         lines[1:1] = map_lines
     metrics["novelty"] = rule.to_dict()
     rejected, rejected_lines = rejection_report(labels, rule)
@@ -290,7 +323,7 @@ class Annotation:
             metrics = label_report(self.labels, self.confidence, self.classes, rule, truth, label_map=label_map)[0]
             written.append(folder / "confusion_matrix.png")
             if "accuracy" in metrics:
-                plots.plot_confusion(known, np.asarray(self.labels)[ok], written[1],
+                plots.plot_confusion(known, scored_predictions(self.labels, self.classes, label_map)[0][ok], written[1],
                                      f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
             else:
                 plots.plot_confusion(known, np.asarray(self.labels)[ok], written[1], "query labels vs the model's classes",
@@ -395,7 +428,7 @@ class AnnotationResult(Annotation):
             metrics["majority_voting"] = {"n_clusters": n_clusters, "changed": changed}
             line = f"majority voting over {n_clusters} over-clusters changed {changed} labels"
             if known is not None:
-                acc = float((self.majority_voting[ok] == known).mean())
+                acc = float((scored_predictions(self.majority_voting, self.classes, label_map)[0][ok] == known).mean())
                 metrics["majority_voting"]["accuracy"] = acc
                 line += f"; accuracy {acc:.4f}"
             lines.append(line)

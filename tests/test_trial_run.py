@@ -69,6 +69,27 @@ def test_label_map_scores_renamed_types_and_the_csv_holds_the_true_labels(trial:
     assert ad.read_h5ad(d / "api.h5ad").uns["scbert_novelty"]["score"] == a.uns["scbert_novelty"]["score"]
 
 
+def test_a_coarse_label_map_renames_the_model_classes_for_scoring(trial: dict, tmp_path: Path) -> None:
+    """Another lab's coarse types (two model classes -> one name): the map renames predictions and
+    known labels alike, so the score compares like with like, as the benchmark's cross protocol does."""
+    from model.annotation import label_report, scored_predictions
+    from model.novelty.rule import PUBLISHED_RULE
+
+    coarse = {"Naive CD4 T": "CD4 T", "Memory CD4 T": "CD4 T", "CD4 T": "CD4 T", "Platelet": "-"}
+    classes = ["B", "Memory CD4 T", "Naive CD4 T", "Platelet"]
+    labels = np.array(["Naive CD4 T", "Memory CD4 T", "B", "Platelet", "Unassigned"])
+    truth = pd.Series(["CD4 T", "CD4 T", "B", "B", "CD4 T"], name="celltype")
+    pred, scored = scored_predictions(labels, classes, coarse)
+    assert list(pred) == ["CD4 T", "CD4 T", "B", "Platelet", "Unassigned"] and scored == ["B", "CD4 T", "Platelet"]
+    metrics, lines = label_report(labels, np.ones(5), classes, PUBLISHED_RULE, truth, label_map=coarse)
+    assert metrics["accuracy"] == pytest.approx(3 / 5)  # the platelet call and the Unassigned cell are wrong
+    assert metrics["label_map"]["model_classes_renamed"] == {"Naive CD4 T": "CD4 T", "Memory CD4 T": "CD4 T"}
+    assert any("also renames 2 of the model's classes" in line for line in lines)
+    assert metrics["predicted_counts"]["Naive CD4 T"] == 1  # the counts stay in the model's own names
+    # a map of query labels only leaves the predictions alone
+    assert list(scored_predictions(labels, classes, {"B cells": "B"})[0]) == list(labels)
+
+
 def test_label_map_has_one_reader(tmp_path: Path) -> None:
     from scripts.benchmark import cli, report
 
