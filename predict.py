@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrated at fine-tuning to reject 5%% of known cells; --threshold 0.5 --novelty softmax is the published rule), "
         "obs['scbert_celltype_raw'] (the top type), obs['scbert_confidence'], obs['scbert_novelty'], "
         "obsm['scbert_probabilities'] (columns: uns['scbert_classes']) and obsm['X_scbert'] "
-        "(cell embeddings: mean of the final encodings over all genes), and a run record in OUT_run/ (config.json, "
+        "(cell embeddings: the classifier's penultimate features, see --embedding), and a run record in OUT_run/ (config.json, "
         "log.txt, metrics.json, summary.txt, predictions.png; confusion_matrix.png with --label-key). Gene names are "
         "revised (Ensembl ids mapped; mouse symbols upper-cased, with a warning); NaN or negative values are refused.",
         EXAMPLE,
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="folder for the run record (default: OUT without .h5ad, plus _run)")
     add_published_args(p)
     add_input_args(p.add_argument_group("input matrix"))
+    p.add_argument("--embedding", choices=["head", "mean", "expressed"], default="head",
+                   help="what obsm['X_scbert'] holds: head = the classifier's penultimate features (default; cell types separate "
+                   "there: RESULTS.md), mean / expressed = the final encodings averaged over all / over expressed genes")
     p.add_argument("--csv", default=None, help="also write a table: cell, label, confidence, one probability column per type (default: none)")
     g = p.add_argument_group("novel cell types (Unassigned)")
     g.add_argument("--novelty", choices=["auto", *SCORES], default="auto",

@@ -26,7 +26,7 @@ from data.labels import DROP_LABEL, map_labels, read_label_map
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.evaluation import annotation_report, known_truth, label_map_report
 from model.inference import DEFAULT_INFERENCE, InferenceOptions, embed_cells, predict_outputs
-from model.nn.network import ScBERT
+from model.nn.network import POOLINGS, ScBERT
 from model.novelty.calibration import COMBINATIONS
 from model.novelty.record import NoveltyRecord, novelty_scores
 from model.novelty.rule import (
@@ -104,30 +104,46 @@ class AnnotationKeys:
         return self.classes, self.threshold, self.report
 
 
+# What obsm['X_scbert'] holds: "head", the classifier's penultimate features (what its decision uses; types
+# separate there: RESULTS.md, "An embedding that separates types"), or a pooling of the final encodings.
+EMBEDDINGS = ("head", *POOLINGS)
+DEFAULT_EMBEDDING = "head"
+
+
 # --------------------------------------------------------------------------------------------
 # Scoring: one pass for the outputs and the novelty scores, with the float32 re-check
 # --------------------------------------------------------------------------------------------
 
 
 def score_cells(net: ScBERT, ds: CellDataset, record: NoveltyRecord | None, rule: NoveltyRule, options: InferenceOptions,
-                pooling: str = "mean", recheck_margin: float | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
-    """The model's outputs (see :func:`model.inference.predict_outputs`, with embeddings) and the
-    novelty scores the rule needs (``softmax`` and ``energy`` always; others when the rule uses
-    them), from one pass. After a bf16/fp16 pass, the cells :func:`model.recheck.near_decision`
-    finds are run again in float32 and their outputs replaced, so that labels match a float32 run
-    (``recheck_margin`` None or 0: no re-check). Returns outputs, scores and the number of cells re-checked."""
+                pooling: str = DEFAULT_EMBEDDING, recheck_margin: float | None = None
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """The model's outputs (see :func:`model.inference.predict_outputs`; ``embedding``: the cell
+    embedding ``pooling`` names, one of :data:`EMBEDDINGS`) and the novelty scores the rule needs
+    (``softmax`` and ``energy`` always; others when the rule uses them), from one pass. After a
+    bf16/fp16 pass, the cells :func:`model.recheck.near_decision` finds are run again in float32 and
+    their outputs replaced, so that labels match a float32 run (``recheck_margin`` None or 0: no
+    re-check). Returns outputs, scores and the number of cells re-checked."""
+    if pooling not in EMBEDDINGS:
+        raise InputError(f"pooling must be one of {EMBEDDINGS}, got {pooling!r}")
     wanted = {"softmax", "energy", rule.score}
     if rule.score in QUERY_SCORES:
         wanted.add(QUERY_COMBINED_PARTS[0])  # for query_combined and query_rule's fall-back; the query score itself: query_rule
-    features = record is not None and record.classes is not None and "mahalanobis" in wanted
+    head = pooling == "head"
+    features = head or (record is not None and record.classes is not None and "mahalanobis" in wanted)
     expression = bool(wanted & {*EXPRESSION_SCORES, *COMBINATIONS})  # the pca_* scores (and so the combined ones) read the input matrix
 
     def run(dataset: CellDataset, show: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        out = predict_outputs(net, dataset, options.replace(progress=show), embed=True, features=features, pooling=pooling)
+        # the knn score's reference is of mean-pooled encodings: with the head's features as the embedding, the pass pools by mean
+        out = predict_outputs(net, dataset, options.replace(progress=show), embed=True, features=features,
+                              pooling="mean" if head else pooling)
         if not out:
             return out, {}
-        return out, novelty_scores(out["probs"], out["logits"], out.get("features"), out["embedding"], record, which=wanted,
-                                   expression=dataset.X if expression else None)
+        scores = novelty_scores(out["probs"], out["logits"], out.get("features"), out["embedding"], record, which=wanted,
+                                expression=dataset.X if expression else None)
+        if head:
+            out["embedding"] = out["features"]
+        return out, scores
 
     out, scores = run(ds, options.progress)
     if not (rechecks(net.options, recheck_margin) and out):
@@ -450,7 +466,7 @@ def fine_tuned(model: str | Path | Checkpoint) -> Checkpoint:
 
 
 def annotate(adata: ad.AnnData, model: str | Path | Checkpoint, novelty: NoveltySettings = DEFAULT_NOVELTY,
-             options: InferenceOptions = DEFAULT_INFERENCE, species: str = "auto", pooling: str = "mean") -> AnnotationResult:
+             options: InferenceOptions = DEFAULT_INFERENCE, species: str = "auto", pooling: str = DEFAULT_EMBEDDING) -> AnnotationResult:
     """Annotate the cells of ``adata`` (raw counts or log-normalised; every cell kept, in order)
     with a fine-tuned checkpoint: preprocessed as the model's inputs were, aligned to its genes,
     scored in batches as ``options`` say, with the novelty scores the rule needs computed in the
@@ -478,7 +494,13 @@ def embed(adata: ad.AnnData, model: str | Path | Checkpoint, options: InferenceO
     """Cell embeddings (cells x dim, in order, every cell kept) of ``adata`` from any of our
     checkpoints, pretrained or fine-tuned, with the preprocessing report."""
     ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+    if pooling == "head" and not ckpt.classes:
+        raise InputError("pooling='head' takes the classifier's features: it needs a fine-tuned model; for a pretrained encoder use "
+                         "pooling='mean' or 'expressed'")
     prepared, rep = ckpt.prepare(adata, species=species)
     net = ckpt.build_model(options.execution)
     tune_allocator()
-    return embed_cells(net, CellDataset(prepared.X, ckpt.config.bin_num), options, pooling), rep.to_dict()
+    ds = CellDataset(prepared.X, ckpt.config.bin_num)
+    if pooling == "head":
+        return predict_outputs(net, ds, options, features=True)["features"], rep.to_dict()
+    return embed_cells(net, ds, options, pooling), rep.to_dict()

@@ -37,7 +37,6 @@ from model.checkpoint import Checkpoint, CheckpointError, choose_library_size, l
 from model.inference import InferenceOptions
 from model.memory import check_batch_memory
 from model.nn.config import ExecutionOptions
-from model.nn.network import POOLINGS
 from model.novelty.rule import NoveltySettings
 from model.runtime import inference_batch_size, resolve_device, resolve_precision
 
@@ -142,7 +141,7 @@ def annotate(
     label_key: str | None = None,
     label_map: Mapping[str, str] | str | Path | None = None,
     embedding: bool | str = True,
-    pooling: str = "mean",
+    pooling: str = "head",
     batch_size: int | str = "auto",
     device: str = "auto",
     precision: str = "auto",
@@ -161,7 +160,8 @@ def annotate(
     ``obs['scbert_celltype_raw']`` (the top type), ``obs['scbert_confidence']``, ``obs['scbert_novelty']``,
     ``obsm['scbert_probabilities']`` (columns: ``uns['scbert_classes']``), the cell embeddings of the
     same pass in ``obsm['X_scbert']`` (``embedding``: another obsm key, or False for none; ``pooling``:
-    ``"mean"`` over all genes or ``"expressed"``, as :func:`embed`), ``uns['scbert_threshold']``,
+    ``"head"``, the classifier's penultimate features, where cell types separate; ``"mean"`` or
+    ``"expressed"``, the final encodings averaged over all or expressed genes, as :func:`embed`), ``uns['scbert_threshold']``,
     ``uns['scbert_novelty']`` (the rule, a dict) and ``uns['scbert_annotation']`` (a dict: the model,
     the preprocessing report; with ``label_key`` also ``evaluation``, the accuracy against the known
     labels ``obs[label_key]``, their names renamed to the model's classes by ``label_map``: a dict or
@@ -185,8 +185,8 @@ def annotate(
     in order. Modifies ``adata`` in place and returns it (a copy with ``copy``).
     """
     _check_adata(adata)
-    if pooling not in POOLINGS:
-        raise InputError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if pooling not in annotation.EMBEDDINGS:
+        raise InputError(f"pooling must be one of {annotation.EMBEDDINGS}, got {pooling!r}")
     if label_map is not None and label_key is None:
         raise InputError("label_map renames the known labels of label_key: give label_key too")
     truth = label_column(adata, label_key, "the AnnData") if label_key is not None else None
@@ -222,7 +222,7 @@ def embed(
     adata: ad.AnnData,
     model: ModelLike,
     *,
-    pooling: str = "mean",
+    pooling: str = "auto",
     batch_size: int | str = "auto",
     device: str = "auto",
     precision: str = "auto",
@@ -236,14 +236,16 @@ def embed(
     progress: bool = True,
 ) -> ad.AnnData:
     """Cell embeddings from any checkpoint (pretrained or fine-tuned) into ``obsm[key_added]``:
-    the final encodings averaged over all genes (``pooling='mean'``) or over expressed genes
-    (``'expressed'``). ``layer``, ``use_raw``, ``gene_symbols``, ``log_base``, ``batch_size``,
+    for a fine-tuned model by default the classifier's penultimate features (``pooling='head'``, as
+    :func:`annotate` writes them), for a pretrained encoder the final encodings averaged over all
+    genes (``'mean'``) or over expressed genes (``'expressed'``). ``layer``, ``use_raw``, ``gene_symbols``, ``log_base``, ``batch_size``,
     ``precision``: as for :func:`annotate`. Modifies
     ``adata`` in place and returns it (a copy with ``copy``)."""
     _check_adata(adata)
-    if pooling not in POOLINGS:
-        raise InputError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     ckpt = load_model(model)
+    pooling = ("head" if ckpt.classes else "mean") if pooling == "auto" else pooling
+    if pooling not in annotation.EMBEDDINGS:
+        raise InputError(f"pooling must be auto or one of {annotation.EMBEDDINGS}, got {pooling!r}")
     target = adata.copy() if copy else adata
     cells = select_cells(target, CellSource(layer, use_raw, gene_symbols, parse_log_base(log_base)), "the AnnData")
     options = _inference(ckpt, batch_size, device, precision, progress)

@@ -31,7 +31,7 @@ from data.chunks import ChunkedH5ad, H5adCopy
 from data.dataset import CellDataset
 from data.io import DEFAULT_SOURCE, CellSource, atomic_path
 from model import distributed
-from model.annotation import Annotation, AnnotationKeys, fine_tuned, label_table, score_cells, uns_entries
+from model.annotation import DEFAULT_EMBEDDING, Annotation, AnnotationKeys, fine_tuned, label_table, score_cells, uns_entries
 from model.checkpoint import Checkpoint
 from model.inference import DEFAULT_INFERENCE, InferenceOptions
 from model.novelty.record import NoveltyRecord
@@ -91,6 +91,7 @@ class _Chunks:
     margin: float | None
     species: str
     size: int
+    pooling: str = DEFAULT_EMBEDDING
 
     @property
     def starts(self) -> list[int]:
@@ -106,7 +107,7 @@ class _Chunks:
         with _quiet(quiet):
             prepared, rep = self.ckpt.prepare(self.reader.chunk(start, self.stop(k)), what=str(self.reader.path), species=self.species)
         out, scores, rechecked = score_cells(self.net, CellDataset(prepared.X, self.ckpt.config.bin_num), record, self.rule,
-                                             self.options.replace(progress=False), recheck_margin=self.margin)
+                                             self.options.replace(progress=False), self.pooling, self.margin)
         classes = list(self.ckpt.classes or [])
         labels, raw, conf = assign_labels(out["probs"], classes, self.rule, scores.get(self.rule.score))
         score = scores[self.rule.score] if self.rule.score in scores else softmax_score(out["probs"])
@@ -184,7 +185,7 @@ def _write(chunks: _Chunks, parts: Iterator[dict[str, np.ndarray]], path: Path, 
 
 def annotate_h5ad(path: str | Path, ckpt: Checkpoint, out: str | Path, *, source: CellSource = DEFAULT_SOURCE,
                   novelty: NoveltySettings = DEFAULT_NOVELTY, options: InferenceOptions = DEFAULT_INFERENCE,
-                  chunk_size: int = DEFAULT_CHUNK, csv: str | Path | None = None, key_added: str = "scbert",
+                  pooling: str = DEFAULT_EMBEDDING, chunk_size: int = DEFAULT_CHUNK, csv: str | Path | None = None, key_added: str = "scbert",
                   species: str = "auto", truth: dict[str, Any] | None = None) -> StreamedAnnotation | None:
     """Annotate the ``.h5ad`` at ``path`` a chunk of ``chunk_size`` cells at a time into ``out``
     (and the table ``csv``, with the known labels ``truth``: column name -> one value per cell),
@@ -203,7 +204,7 @@ def annotate_h5ad(path: str | Path, ckpt: Checkpoint, out: str | Path, *, source
     with ChunkedH5ad(path, source) as reader:
         net = ckpt.build_model(options.execution)
         tune_allocator()
-        chunks = _Chunks(reader, ckpt, net, rule, options, margin, species, chunk_size)
+        chunks = _Chunks(reader, ckpt, net, rule, options, margin, species, chunk_size, pooling)
         mine = list(range(info.rank, len(chunks.starts), info.world_size))
         bar = tqdm(total=sum(chunks.stop(k) - chunks.starts[k] for k in mine), desc="annotate", unit="cell",
                    disable=not options.progress or not info.is_main, smoothing=0.1)

@@ -71,8 +71,12 @@ def test_embed_works_with_pretrained_and_finetuned_models(setup: dict) -> None:
     embed(adata, d / "clf.pt", key_added="X_clf", progress=False, precision="fp32")  # one precision for both (auto: bf16 on some CPUs)
     ann = annotate(adata.copy(), d / "clf.pt", progress=False, precision="fp32")
     np.testing.assert_allclose(adata.obsm["X_clf"], ann.obsm["X_scbert"], atol=1e-5)
+    assert adata.obsm["X_clf"].shape == (adata.n_obs, 128)  # a fine-tuned model: the head's penultimate features by default
+    embed(adata, d / "clf.pt", key_added="X_mean", pooling="mean", progress=False, precision="fp32")
     embed(adata, d / "clf.pt", key_added="X_expr", pooling="expressed", progress=False, precision="fp32")
-    assert not np.allclose(adata.obsm["X_expr"], adata.obsm["X_clf"])
+    assert adata.obsm["X_mean"].shape == (adata.n_obs, 8) and not np.allclose(adata.obsm["X_expr"], adata.obsm["X_mean"])
+    with pytest.raises(InputError, match="needs a fine-tuned model"):
+        embed(adata, d / "mlm.pt", pooling="head", progress=False)
 
 
 def test_preprocess_and_load_model(setup: dict) -> None:

@@ -173,7 +173,7 @@ def test_cli_cross_and_novel_with_tiny_scbert(tmp_path: Path) -> None:
           "--class-weights", "--dropout", "0.1", "--weight-decay", "0.01", "--patience", "0", "--select", "last"])
     res = json.loads((out / "results.json").read_text())
     ft = res["info"]["scbert_finetuning"]
-    assert ft["class_weights"] and ft["dropout"] == 0.1 and ft["weight_decay"] == 0.01 and ft["select"] == "last"
+    assert ft["class_weights"] and ft["dropout"] == 0.1 and ft["train"]["weight_decay"] == 0.01 and ft["train"]["select"] == "last"
     assert {r["method"] for r in res["runs"]} == {"centroid_corr", "scbert_nopretrain"}
     assert len({r["split"] for r in res["runs"]}) == 1 and res["info"]["n_genes"] == 20
     assert (out / "results.md").read_text().count("| centroid_corr | 2 |") == 1

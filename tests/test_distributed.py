@@ -190,13 +190,14 @@ def test_two_process_finetune_cli_matches_one_process(tiny: tuple[Path, Path], t
     # encodings whose last bits depend on the thread count of each process (~1e-5 after training),
     # which would blur this check of the distributed arithmetic; DDP starts every rank from rank 0's head.
     common = ["--data", str(data), "--label-key", "celltype", "--vocab", str(genes), *TINY, "--epochs", "3", "--gene2vec", "none",
-              "--grad-acc", "2", "--class-weights", "--head-init", "random"]
+              "--grad-acc", "2", "--class-weights", "--head-init", "random",
+              "--dropout", "0"]  # the head's dropout masks come from each process's own random stream
     torchrun(REPO / "finetune.py", [*common, "--out", str(tmp_path / "ddp"), "--batch-size", "3"])
     finetune.main([*common, "--out", str(tmp_path / "one"), "--batch-size", "6"])
     assert max_diff(model_state(tmp_path / "ddp" / "model.pt"), model_state(tmp_path / "one" / "model.pt")) < 1e-5
     m_ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     m_one = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    assert m_ddp["n_val"] == m_one["n_val"] == 10 and m_ddp["accuracy"] == m_one["accuracy"]
+    assert m_ddp["n_val"] == m_one["n_val"] == 9 and m_ddp["accuracy"] == m_one["accuracy"]
     losses = [h["train_loss"] for h in m_ddp["history"]]
     assert losses[-1] < losses[0]
     assert not (tmp_path / "ddp" / "log.txt").read_text().count("torchrun job") > 1  # only rank 0 logs
@@ -245,3 +246,26 @@ def test_launcher_flags_are_accepted() -> None:
     for flag in ("--local_rank", "--local-rank"):
         args = pretrain.build_parser().parse_args(["--data", "x.h5ad", "--out", "o", flag, "1", "--resume", "o", "--save-every", "5"])
         assert args.local_rank == 1 and args.resume == "o" and args.save_every == 5 and args.keep_last == 2
+
+
+def test_head_learning_rate_reaches_the_head_inside_ddp() -> None:
+    """The head's own learning rate applies when the model is wrapped (DistributedDataParallel keeps it as .module)."""
+    from torch import nn
+
+    from model.train.config import TrainConfig
+    from model.train.optim import parameter_groups
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.to_out = nn.Linear(2, 2), nn.Linear(2, 1)
+
+    class Wrapped(nn.Module):
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    cfg = TrainConfig(lr=1e-4, head_lr=1e-3)
+    for model in (Net(), Wrapped(Net())):
+        groups = parameter_groups(model, cfg)
+        assert len(groups) == 2 and groups[1]["lr"] == 1e-3 and len(groups[1]["params"]) == 2

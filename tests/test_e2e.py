@@ -65,7 +65,7 @@ def test_predict_outputs(runs: dict[str, Path]) -> None:
     assert list(pred.obs_names) == list(raw.obs_names), "every cell kept, in order"
     assert pred.obsm["scbert_probabilities"].shape == (240, 4)
     np.testing.assert_allclose(pred.obsm["scbert_probabilities"].sum(1), 1, atol=1e-5)
-    assert pred.obsm["X_scbert"].shape == (240, 16)
+    assert pred.obsm["X_scbert"].shape == (240, 128)  # the head's penultimate features (--embedding head, the default)
     conf = pred.obs["scbert_confidence"].to_numpy()
     labels = pred.obs["scbert_celltype"].to_numpy()
     assert np.all((labels == "Unassigned") == (conf < 0.5))

@@ -35,7 +35,8 @@ def test_old_checkpoints_load_with_their_record() -> None:
 def test_old_classifier_predicts_as_before(expected: dict[str, np.ndarray], tmp_path: Path) -> None:
     out = tmp_path / "annotated.h5ad"
     predict.main(["--data", str(FIX / "query.h5ad"), "--model", str(FIX / "classifier.pt"), "--out", str(out),
-                  "--threshold", "0.35", "--quiet", "--precision", "fp32"])  # fp32 as then (auto: bf16 on some CPUs)
+                  "--threshold", "0.35", "--quiet", "--precision", "fp32",  # fp32 as then (auto: bf16 on some CPUs)
+                  "--embedding", "mean"])  # the embedding of then (the default is now the head's features)
     got = ad.read_h5ad(out)
     assert got.uns["scbert_classes"].tolist() == expected["classes"].tolist()
     assert got.obs["scbert_celltype"].tolist() == expected["celltype"].tolist()
@@ -62,8 +63,8 @@ def test_format_1_checkpoint_with_novelty_record_predicts_as_before(rule: str) -
     from model import annotate
 
     exp = dict(np.load(V1 / "expected.npz"))
-    got = annotate(ad.read_h5ad(V1 / "query.h5ad"), V1 / "classifier.pt", progress=False, device="cpu",
-                   **{"precision": "fp32", **V1_RULES[rule]})  # fp32 as then (precision="auto" is bf16 on some CPUs)
+    got = annotate(ad.read_h5ad(V1 / "query.h5ad"), V1 / "classifier.pt", progress=False, device="cpu", pooling="mean",
+                   **{"precision": "fp32", **V1_RULES[rule]})  # fp32 and the mean embedding, as then
     assert got.obs["scbert_celltype"].astype(str).tolist() == exp[f"{rule}_celltype"].tolist()
     np.testing.assert_allclose(got.obs["scbert_novelty"].to_numpy(), exp[f"{rule}_novelty"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got.uns["scbert_threshold"], exp[f"{rule}_threshold"], rtol=1e-9)

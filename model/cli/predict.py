@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
             adata = read_anndata(args.data)
             truth = label_column(adata, args.label_key, args.data) if args.label_key else None
             _say_estimate(args, ckpt, device, adata.n_obs)
-            result = annotate(select_cells(adata, source, str(args.data)), ckpt, novelty, options)
+            result = annotate(select_cells(adata, source, str(args.data)), ckpt, novelty, options, pooling=args.embedding)
             if args.majority_voting:
                 result.vote(_over_clusters(args, adata), basis=args.over_clustering_basis, voting=args.voting)
         metrics, lines = result.report(truth, label_map)
@@ -140,7 +140,8 @@ def _annotate_backed(args: argparse.Namespace, ckpt: Any, out: Path, source: Any
     if args.label_key:
         with ChunkedH5ad(args.data, source) as reader:
             truth = reader.obs_column(args.label_key)
-    result = annotate_h5ad(args.data, ckpt, out, source=source, novelty=novelty, options=options, chunk_size=args.chunk_size, csv=args.csv,
+    result = annotate_h5ad(args.data, ckpt, out, source=source, novelty=novelty, options=options, pooling=args.embedding,
+                           chunk_size=args.chunk_size, csv=args.csv,
                            truth=_truth_columns(truth, label_map))
     return (result, truth) if result is not None else (None, None)
 

@@ -77,7 +77,8 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]
     """The optimiser's parameter groups: one at ``lr``; with ``head_lr``, the classifier head
     (``to_out``) in a group of its own at that rate (a new head needs a larger step than a
     pretrained encoder it sits on)."""
-    head = getattr(model, "to_out", None) if cfg.head_lr is not None else None
+    base = getattr(model, "module", model)  # under torchrun the model is inside DistributedDataParallel
+    head = getattr(base, "to_out", None) if cfg.head_lr is not None else None
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     own = [p for p in model.parameters() if p.requires_grad and id(p) in head_ids]
