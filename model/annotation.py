@@ -22,9 +22,9 @@ import pandas as pd
 
 from data.dataset import CellDataset
 from data.io import InputError
-from data.labels import DROP_LABEL, map_labels, read_label_map
+from data.labels import map_labels, read_label_map
 from model.checkpoint import Checkpoint, load_checkpoint
-from model.evaluation import annotation_report, known_truth, label_map_report
+from model.evaluation import annotation_report, class_map, known_truth, label_map_report, scored_predictions
 from model.inference import DEFAULT_INFERENCE, InferenceOptions, embed_cells, predict_outputs
 from model.nn.network import POOLINGS, ScBERT
 from model.novelty.calibration import COMBINATIONS
@@ -229,29 +229,6 @@ def known_labels(truth: pd.Series | np.ndarray | None, label_map: Mapping[str, s
         return series.reset_index(drop=True)
     mapping = read_label_map(label_map) if isinstance(label_map, (str, Path)) else dict(label_map)
     return map_labels(series.reset_index(drop=True), mapping)
-
-
-def class_map(label_map: Mapping[str, str] | str | Path | None, classes: Sequence[str]) -> dict[str, str] | None:
-    """The part of ``label_map`` that renames the model's own ``classes`` (a map onto names shared by
-    both sides, such as coarse types: PBMC3k's naive and memory CD4 T both -> T_CD4), or None when it
-    renames none of them. A class mapped to ``-`` keeps its name (its cells are predictions, not
-    cells to leave out)."""
-    if label_map is None:
-        return None
-    mapping = read_label_map(label_map) if isinstance(label_map, (str, Path)) else dict(label_map)
-    renamed = {c: mapping[c] for c in map(str, classes) if c in mapping and mapping[c] not in (c, DROP_LABEL)}
-    return renamed or None
-
-
-def scored_predictions(labels: np.ndarray, classes: Sequence[str], label_map: Mapping[str, str] | str | Path | None
-                       ) -> tuple[np.ndarray, list[str]]:
-    """The predicted labels and classes in the names the known labels are scored in: renamed through
-    :func:`class_map` when the map renames the model's classes, else as they are."""
-    renamed = class_map(label_map, classes)
-    if renamed is None:
-        return np.asarray(labels).astype(str), list(classes)
-    pred = np.array([renamed.get(x, x) for x in np.asarray(labels).astype(str)], dtype=object).astype(str)
-    return pred, sorted({renamed.get(c, c) for c in map(str, classes)})
 
 
 def label_report(labels: np.ndarray, confidence: np.ndarray, classes: Sequence[str], rule: NoveltyRule,

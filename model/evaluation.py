@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from data.labels import DROP_LABEL, read_label_map
 from model.novelty.rule import UNASSIGNED
 
 log = logging.getLogger("scbert")
@@ -46,6 +48,29 @@ def _some(names: Sequence[str], n: int = 4) -> str:
     """The first ``n`` names, quoted, and how many more."""
     shown = ", ".join(repr(str(x)) for x in list(names)[:n])
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def class_map(label_map: Mapping[str, str] | str | Path | None, classes: Sequence[str]) -> dict[str, str] | None:
+    """The part of ``label_map`` that renames the model's own ``classes`` (a map onto names shared by
+    both sides, such as coarse types: PBMC3k's naive and memory CD4 T both -> T_CD4), or None when it
+    renames none of them. A class mapped to ``-`` keeps its name (its cells are predictions, not
+    cells to leave out)."""
+    if label_map is None:
+        return None
+    mapping = read_label_map(label_map) if isinstance(label_map, (str, Path)) else dict(label_map)
+    renamed = {c: mapping[c] for c in map(str, classes) if c in mapping and mapping[c] not in (c, DROP_LABEL)}
+    return renamed or None
+
+
+def scored_predictions(labels: np.ndarray, classes: Sequence[str], label_map: Mapping[str, str] | str | Path | None
+                       ) -> tuple[np.ndarray, list[str]]:
+    """The predicted labels and classes in the names the known labels are scored in: renamed through
+    :func:`class_map` when the map renames the model's classes, else as they are."""
+    renamed = class_map(label_map, classes)
+    if renamed is None:
+        return np.asarray(labels).astype(str), list(classes)
+    pred = np.array([renamed.get(x, x) for x in np.asarray(labels).astype(str)], dtype=object).astype(str)
+    return pred, sorted({renamed.get(c, c) for c in map(str, classes)})
 
 
 def label_map_report(truth: pd.Series, mapped: pd.Series, classes: Sequence[str]) -> tuple[dict[str, Any], list[str]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
 import finetune
@@ -93,7 +94,13 @@ def test_predict_script_writes_everything_before_its_quick_exit(calibrated: Path
     a, b = ad.read_h5ad(f"{here}.h5ad"), ad.read_h5ad(f"{there}.h5ad")
     assert (a.obs["scbert_celltype"] == b.obs["scbert_celltype"]).all()
     np.testing.assert_allclose(a.obsm["scbert_probabilities"], b.obsm["scbert_probabilities"], rtol=1e-5, atol=1e-6)
-    assert Path(f"{here}.csv").read_text() == Path(f"{there}.csv").read_text()
+    # the same table; numbers to float32 rounding (bf16 products differ in the last bits with the thread settings,
+    # which earlier tests in this process change)
+    t_here, t_there = pd.read_csv(f"{here}.csv", index_col=0), pd.read_csv(f"{there}.csv", index_col=0)
+    assert list(t_here.columns) == list(t_there.columns) and list(t_here.index) == list(t_there.index)
+    numbers = t_here.select_dtypes("number").columns
+    pd.testing.assert_frame_equal(t_here.drop(columns=numbers), t_there.drop(columns=numbers))
+    np.testing.assert_allclose(t_here[numbers].to_numpy(), t_there[numbers].to_numpy(), rtol=1e-5, atol=1e-6)
     log_lines = Path(f"{there}_run/log.txt").read_text().splitlines()
     assert "wrote" in log_lines[-1]  # the last message reached the file
     assert json.loads(Path(f"{there}_run/metrics.json").read_text())["n_cells"] == a.n_obs

@@ -72,7 +72,8 @@ def test_label_map_scores_renamed_types_and_the_csv_holds_the_true_labels(trial:
 def test_a_coarse_label_map_renames_the_model_classes_for_scoring(trial: dict, tmp_path: Path) -> None:
     """Another lab's coarse types (two model classes -> one name): the map renames predictions and
     known labels alike, so the score compares like with like, as the benchmark's cross protocol does."""
-    from model.annotation import label_report, scored_predictions
+    from model.annotation import label_report
+    from model.evaluation import scored_predictions
     from model.novelty.rule import PUBLISHED_RULE
 
     coarse = {"Naive CD4 T": "CD4 T", "Memory CD4 T": "CD4 T", "CD4 T": "CD4 T", "Platelet": "-"}
