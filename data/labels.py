@@ -42,6 +42,13 @@ def read_label_map(path: str | Path) -> dict[str, str]:
     return mapping
 
 
+def as_label_map(label_map: Mapping[str, str] | str | Path | None) -> dict[str, str] | None:
+    """A label map as a dict: read from its file (:func:`read_label_map`) when given as a path."""
+    if label_map is None:
+        return None
+    return read_label_map(label_map) if isinstance(label_map, (str, Path)) else dict(label_map)
+
+
 def map_labels(labels: pd.Series, mapping: Mapping[str, str]) -> pd.Series:
     """``labels`` renamed through ``mapping`` (labels it does not name are kept; those mapped to
     :data:`DROP_LABEL` become missing, so they are left out of any score); missing labels stay missing."""

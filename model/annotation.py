@@ -22,7 +22,7 @@ import pandas as pd
 
 from data.dataset import CellDataset
 from data.io import InputError
-from data.labels import map_labels, read_label_map
+from data.labels import as_label_map, map_labels
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.evaluation import annotation_report, class_map, known_truth, label_map_report, scored_predictions
 from model.inference import DEFAULT_INFERENCE, InferenceOptions, embed_cells, predict_outputs
@@ -225,9 +225,9 @@ def known_labels(truth: pd.Series | np.ndarray | None, label_map: Mapping[str, s
     series = truth if isinstance(truth, pd.Series) else pd.Series(list(truth), name=None)
     if len(series) != n_cells:
         raise InputError(f"{len(series)} known labels for {n_cells} annotated cells")
-    if label_map is None:
+    mapping = as_label_map(label_map)
+    if mapping is None:
         return series.reset_index(drop=True)
-    mapping = read_label_map(label_map) if isinstance(label_map, (str, Path)) else dict(label_map)
     return map_labels(series.reset_index(drop=True), mapping)
 
 
@@ -238,6 +238,7 @@ def label_report(labels: np.ndarray, confidence: np.ndarray, classes: Sequence[s
     ``rechecked``: cells re-scored in float32 after a low-precision pass, with the re-check's ``margin``;
     ``label_map``: the query's label names -> the model's classes (see :func:`known_labels`)."""
     name = f"column {truth.name!r}" if isinstance(truth, pd.Series) and truth.name is not None else "the label column"
+    label_map = as_label_map(label_map)  # a file is read once, not by each of the steps below
     mapped = known_labels(truth, label_map, len(labels))
     scored, scored_classes = scored_predictions(labels, classes, label_map)
     metrics, lines = annotation_report(labels, confidence, classes, rule.threshold, None, name, rule.describe())
@@ -307,7 +308,7 @@ class Annotation:
         Returns the files written."""
         from model import plots
 
-        rule = self.rule
+        rule, label_map = self.rule, as_label_map(label_map)  # the file read once
         written = [folder / "predictions.png"]
         plots.plot_predictions(self.labels, self.novelty_score if rule.score != "softmax" else self.confidence, rule.threshold,
                                written[0], rule.score)
@@ -411,6 +412,7 @@ class AnnotationResult(Annotation):
     def report(self, truth: pd.Series | np.ndarray | None = None,
                label_map: Mapping[str, str] | str | Path | None = None) -> tuple[dict[str, Any], list[str]]:
         """:meth:`Annotation.report`, and how majority voting scores when it was done."""
+        label_map = as_label_map(label_map)  # the file read once
         metrics, lines = super().report(truth, label_map)
         if self.majority_voting is not None:
             ok, known = known_truth(known_labels(truth, label_map, self.n_cells), self.n_cells)

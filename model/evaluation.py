@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data.labels import DROP_LABEL, read_label_map
+from data.labels import DROP_LABEL, as_label_map
 from model.novelty.rule import UNASSIGNED
 
 log = logging.getLogger("scbert")
@@ -55,9 +55,9 @@ def class_map(label_map: Mapping[str, str] | str | Path | None, classes: Sequenc
     both sides, such as coarse types: PBMC3k's naive and memory CD4 T both -> T_CD4), or None when it
     renames none of them. A class mapped to ``-`` keeps its name (its cells are predictions, not
     cells to leave out)."""
-    if label_map is None:
+    mapping = as_label_map(label_map)
+    if mapping is None:
         return None
-    mapping = read_label_map(label_map) if isinstance(label_map, (str, Path)) else dict(label_map)
     renamed = {c: mapping[c] for c in map(str, classes) if c in mapping and mapping[c] not in (c, DROP_LABEL)}
     return renamed or None
 

@@ -15,7 +15,15 @@ from model.novelty.calibration import COMBINATIONS, Calibration
 from model.novelty.crossfit import CrossFitPCA
 from model.novelty.expression import ExpressionPCA
 from model.novelty.query import QueryDensity
-from model.novelty.scores import DEFAULT_SCORE, QUERY_COMBINED_PARTS, ClassStatistics, energy_score, softmax_score
+from model.novelty.scores import (
+    CROSSFIT_SCORES,
+    DEFAULT_SCORE,
+    PCA_SCORES,
+    QUERY_COMBINED_PARTS,
+    ClassStatistics,
+    energy_score,
+    softmax_score,
+)
 
 
 @dataclass
@@ -45,9 +53,9 @@ class NoveltyRecord:
             return True
         if score in ("mahalanobis", "knn"):
             return self.classes is not None
-        if score in ("pca_mahalanobis", "pca_knn"):
+        if score in PCA_SCORES:
             return self.pca is not None
-        if score in ("crossfit_mahalanobis", "crossfit_knn"):
+        if score in CROSSFIT_SCORES:
             return self.crossfit is not None
         if score in COMBINATIONS:  # its expression part needs its PCA (energy needs nothing), and the calibration its parts
             ready = self.crossfit is not None if score == "crossfit_combined" else self.pca is not None
