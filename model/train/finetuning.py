@@ -35,6 +35,7 @@ from model.novelty.scores import MAX_REFERENCE_CELLS, ClassStatistics
 from model.recheck import PRECISION_CHECK_CELLS, measure_precision_error
 from model.runtime import set_seed
 from model.train.config import TrainConfig
+from model.train.encoding_cache import can_store_encodings, encode_dataset, head_probabilities
 from model.train.initialisation import HEAD_INITS, freezing_policy, gene_embedding, init_head_from_expression, new_classifier
 from model.train.loop import fit
 
@@ -83,9 +84,14 @@ def finetune(
         log.info("%s: %d validation cells are too few to choose an epoch: the whole budget is trained and the last epoch kept", desc, len(val))
         cfg = dataclasses.replace(cfg, patience=0, select="last")
 
+    stored = can_store_encodings(model, len(train) + len(val))
+    if stored:  # the frozen encoder gives the same encodings every epoch: computed once, the head trains on them
+        options = InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=cfg.progress)
+        train_cells, val_cells = encode_dataset(model, train, options, "encoding training cells"), encode_dataset(model, val, options, "encoding validation cells")
+
     def step_loss(net: nn.Module, batch: dict[str, torch.Tensor], epoch: int) -> tuple[torch.Tensor, float]:
         with model.autocast():
-            logits = net(batch["tokens"].to(device))
+            logits = model.to_out(batch["encodings"].to(device)) if "encodings" in batch else net(batch["tokens"].to(device))
         labels = batch["labels"].to(device)
         if adjust is not None:  # training sees the prior in the logits, so the learned scores are balanced
             logits = logits.float() + adjust
@@ -98,7 +104,8 @@ def finetune(
     def evaluate() -> dict[str, float]:
         if len(val) == 0:
             return {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_macro_f1": float("nan")}
-        probs = predict_distributed(model, val, InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=cfg.progress))
+        probs = (head_probabilities(model, val_cells, cfg.batch_size, device) if stored
+                 else predict_distributed(model, val, InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=cfg.progress)))
         y = val.labels.numpy()
         val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(y)))
         return {"val_loss": val_loss, "val_accuracy": float((probs.argmax(1) == y).mean()), "val_macro_f1": macro_f1(y, probs.argmax(1))}
@@ -109,7 +116,7 @@ def finetune(
         if on_epoch is not None:
             on_epoch(epoch, metrics, improved)
 
-    return fit(model, train, cfg, device, step_loss, evaluate, f"val_{cfg.select_metric}", desc, log_epoch)
+    return fit(model, train_cells if stored else train, cfg, device, step_loss, evaluate, f"val_{cfg.select_metric}", desc, log_epoch)
 
 
 def class_prior(labels: np.ndarray, n_classes: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from data.dataset import CellDataset
 from model import distributed
 from model.nn.network import ScBERT
 from model.train.config import TrainConfig
+from model.train.encoding_cache import EncodedCells
 from model.train.optim import Trainer
 from model.train.state import Progress, restore_state, save_state
 
@@ -44,7 +45,7 @@ def better(metrics: dict[str, float], best: dict[str, float] | None, score: str)
 
 def fit(
     model: ScBERT,
-    train: CellDataset,
+    train: CellDataset | EncodedCells,
     cfg: TrainConfig,
     device: torch.device,
     step_loss: StepFn,
