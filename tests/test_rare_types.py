@@ -171,6 +171,31 @@ def test_logit_adjusted_baseline_divides_by_the_prior() -> None:
     np.testing.assert_allclose(method.predict_proba(None), [[0.6 / 0.75 / (0.8 + 1.6), 0.4 / 0.25 / (0.8 + 1.6)]])
 
 
+def test_binned_baseline_sees_scberts_bins() -> None:
+    from scipy import sparse
+
+    from scripts.benchmark.methods import BinnedInput
+
+    seen = []
+
+    class Recorder:
+        def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: object) -> None:
+            seen.append(X.toarray())
+            self.classes_ = ["a", "b"]
+
+        def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
+            seen.append(X.toarray())
+            return np.full((X.shape[0], 2), 0.5)
+
+    X = sparse.csr_matrix(np.array([[0.0, 0.4, 1.7, 9.3], [2.9, 0.0, 5.0, 4.99]]))
+    method = BinnedInput(Recorder(), "recorder_bins")
+    method.fit(X, np.array(["a", "b"]), [])
+    method.predict_proba(X)
+    for binned in seen:  # truncated to integers and capped at the top bin, as scBERT's tokens
+        np.testing.assert_array_equal(binned, [[0, 0, 1, 5], [2, 0, 5, 4]])
+    assert X.data[1] == pytest.approx(1.7)  # the caller's matrix is left as it was
+
+
 def test_explicit_epochs_turn_the_step_floor_off() -> None:
     assert _cli_args().min_steps == finetune_parts("ours")[0]["min_steps"] > 0
     assert _cli_args("--epochs", "3").min_steps == 0

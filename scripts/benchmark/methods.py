@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from data.dataset import CellDataset
+from data.dataset import CellDataset, bin_values
 from model.checkpoint import Checkpoint
 from model.inference import InferenceOptions, embed_cells, predict, predict_outputs
 from model.nn.config import ExecutionOptions, ScBERTConfig
@@ -144,6 +144,28 @@ class LogitAdjusted:
     def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
         p = self.base.predict_proba(X) / self.prior_
         return p / p.sum(axis=1, keepdims=True)
+
+
+class BinnedInput:
+    """A baseline fitted on scBERT's input instead of the expression: every value truncated to its
+    bin (0 .. ``bin_num``, :func:`data.dataset.bin_values`), the tokens scBERT sees. It measures how
+    much accuracy the binning alone costs a linear model."""
+
+    def __init__(self, base: Any, name: str, bin_num: int = ScBERTConfig.bin_num) -> None:
+        self.base, self.name, self.bin_num = base, name, bin_num
+
+    def _binned(self, X: sparse.csr_matrix) -> sparse.csr_matrix:
+        X = sparse.csr_matrix(X, dtype=np.float32, copy=True)
+        X.data = bin_values(X.data, self.bin_num).astype(np.float32)
+        X.eliminate_zeros()
+        return X
+
+    def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str]) -> None:
+        self.base.fit(self._binned(X), y, genes)
+        self.classes_ = self.base.classes_
+
+    def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
+        return self.base.predict_proba(self._binned(X))
 
 
 class KNNReference:
@@ -360,8 +382,9 @@ class ScBERTMethod:
 
 BASELINES = ("logreg_l1", "logreg_l2", "knn_pca", "centroid_corr", "celltypist")
 ADJUSTED_BASELINES = ("logreg_l1_la", "logreg_l2_la")  # with post-hoc logit adjustment (LogitAdjusted)
+BINNED_BASELINES = ("logreg_l1_bins", "logreg_l1_la_bins", "logreg_l2_bins", "logreg_l2_la_bins")  # on scBERT's bins (BinnedInput)
 SCBERT_METHODS = ("scbert", "scbert_nopretrain", "scbert_nogene2vec")
-ALL_METHODS = BASELINES + ADJUSTED_BASELINES + SCBERT_METHODS
+ALL_METHODS = BASELINES + ADJUSTED_BASELINES + BINNED_BASELINES + SCBERT_METHODS
 
 _PUB_TRAIN, _PUB_REST = finetune_parts("published")
 PRESETS: dict[str, dict[str, Any]] = {
@@ -440,6 +463,11 @@ def method_factories(
             out.append((name, lambda seed: LogitAdjusted(LogisticL1(seed=seed), "logreg_l1_la")))
         elif name == "logreg_l2_la":
             out.append((name, lambda seed: LogitAdjusted(LogisticL2(seed=seed), "logreg_l2_la")))
+        elif name in BINNED_BASELINES:
+            base = {"logreg_l1": LogisticL1, "logreg_l2": LogisticL2}[name[:9]]
+            adjusted = "_la_" in name
+            out.append((name, lambda seed, base=base, adjusted=adjusted, name=name: BinnedInput(
+                LogitAdjusted(base(seed=seed), name) if adjusted else base(seed=seed), name)))
         elif name == "knn_pca":
             out.append((name, lambda seed: KNNReference(seed=seed)))
         elif name == "centroid_corr":
