@@ -130,11 +130,11 @@ def score_cells(net: ScBERT, ds: CellDataset, record: NoveltyRecord | None, rule
     if rule.score in QUERY_SCORES:
         wanted.add(QUERY_COMBINED_PARTS[0])  # for query_combined and query_rule's fall-back; the query score itself: query_rule
     head = pooling == "head"
-    features = head or (record is not None and record.classes is not None and "mahalanobis" in wanted)
+    features = head or (record is not None and record.classes is not None and bool(wanted & {"mahalanobis", "knn"}))
     expression = bool(wanted & {*EXPRESSION_SCORES, *COMBINATIONS})  # the pca_* scores (and so the combined ones) read the input matrix
 
     def run(dataset: CellDataset, show: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        # the knn score's reference is of mean-pooled encodings: with the head's features as the embedding, the pass pools by mean
+        # older models' knn reference is of mean-pooled encodings: with the head's features as the embedding, the pass pools by mean
         out = predict_outputs(net, dataset, options.replace(progress=show), embed=True, features=features,
                               pooling="mean" if head else pooling)
         if not out:

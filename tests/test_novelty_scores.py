@@ -115,6 +115,19 @@ def test_conformal_threshold_rejects_at_most_the_rate() -> None:
         conformal_threshold(scores, 0.0)
 
 
+def test_knn_follows_the_classifier_features() -> None:
+    labels, features, embeddings, logits = _toy()
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    on_features = ClassStatistics.fit(features, None, labels, 3, k=4)  # what fine-tuning stores
+    assert on_features.knn_input == "features"
+    s = novelty_scores(probs, logits, features[:7] + 0.5, embeddings[:7], NoveltyRecord(classes=on_features))
+    np.testing.assert_allclose(s["knn"], ClassStatistics.fit(features, features, labels, 3, k=4).knn(features[:7] + 0.5))
+    back = ClassStatistics.from_dict(on_features.to_dict())
+    assert back.knn_input == "features"
+    old = {k: v for k, v in ClassStatistics.fit(features, embeddings, labels, 3).to_dict().items() if k != "knn_input"}
+    assert ClassStatistics.from_dict(old).knn_input == "embedding"  # records of older models: the embeddings they were fitted on
+
+
 def test_record_round_trip_and_rule() -> None:
     labels, features, embeddings, logits = _toy()
     stats = ClassStatistics.fit(features, embeddings, labels, 3)

@@ -89,8 +89,8 @@ def novelty_scores(probs: np.ndarray, logits: np.ndarray, features: np.ndarray |
                    record: NoveltyRecord | None = None, which: Collection[str] | None = None,
                    expression: Any = None) -> dict[str, np.ndarray]:
     """Every per-cell score that the inputs allow (or those of them in ``which``): ``softmax`` and
-    ``energy`` always; with a ``record``, ``mahalanobis`` (the features) and ``knn`` (the
-    embeddings), ``pca_*`` (the cells' ``expression``, the model's input matrix) and ``combined``
+    ``energy`` always; with a ``record``, ``mahalanobis`` (the features) and ``knn`` (the features
+    or the embeddings, as the record's ``knn_input`` says), ``pca_*`` (the cells' ``expression``, the model's input matrix) and ``combined``
     (its parts' scores against the calibration)."""
     cal = None if record is None else record.calibration
     combinations = {} if cal is None else {n: c for n in COMBINATIONS if (c := cal.combination_of(n)) is not None}
@@ -104,8 +104,9 @@ def novelty_scores(probs: np.ndarray, logits: np.ndarray, features: np.ndarray |
     stats = None if record is None else record.classes
     if stats is not None and features is not None and want("mahalanobis"):
         out["mahalanobis"] = stats.mahalanobis(features)
-    if stats is not None and embeddings is not None and want("knn"):
-        out["knn"] = stats.knn(embeddings)
+    knn_input = None if stats is None else (features if stats.knn_input == "features" else embeddings)
+    if knn_input is not None and want("knn"):
+        out["knn"] = stats.knn(knn_input)
     if record is not None and record.pca is not None and expression is not None:
         out.update(record.pca.scores(expression, which))
     if record is not None and record.crossfit is not None and expression is not None:

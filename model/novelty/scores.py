@@ -68,12 +68,19 @@ class ClassStatistics:
     precision: np.ndarray  # features x features: inverse of the shared, shrunk covariance
     reference: np.ndarray  # cells x dim: L2-normalised embeddings of (up to MAX_REFERENCE_CELLS) training cells
     k: int = KNN_K
+    # what the kNN reference holds: "features" (the classifier's penultimate features, the cell embedding of a
+    # fine-tuned model, where types separate) or "embedding" (the vectors the caller passes: mean-pooled
+    # encodings in models fine-tuned before 8 December, PCA coordinates in the cross-fitted scores)
+    knn_input: str = "embedding"
     _index: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def fit(cls, features: np.ndarray, embeddings: np.ndarray, labels: np.ndarray, n_classes: int, seed: int = 0,
+    def fit(cls, features: np.ndarray, embeddings: np.ndarray | None, labels: np.ndarray, n_classes: int, seed: int = 0,
             max_cells: int = MAX_REFERENCE_CELLS, k: int = KNN_K) -> ClassStatistics:
-        """From the training cells' features, embeddings and class ids (0..n_classes-1)."""
+        """From the training cells' features, embeddings and class ids (0..n_classes-1); without
+        ``embeddings`` the kNN reference is of the features (``knn_input="features"``)."""
+        knn_input = "embedding" if embeddings is not None else "features"
+        embeddings = features if embeddings is None else embeddings
         from sklearn.covariance import LedoitWolf
 
         labels = np.asarray(labels)
@@ -87,7 +94,7 @@ class ClassStatistics:
             means[c] = f[rows].mean(axis=0) if rows.any() else np.nan
         centred = f - means[labels]
         precision = LedoitWolf(assume_centered=True).fit(centred).precision_
-        return cls(means, precision, normalise_rows(embeddings).astype(np.float32), min(k, len(labels)))
+        return cls(means, precision, normalise_rows(embeddings).astype(np.float32), min(k, len(labels)), knn_input)
 
     def mahalanobis(self, features: np.ndarray) -> np.ndarray:
         f = features.astype(np.float64)
@@ -111,11 +118,12 @@ class ClassStatistics:
         import torch
 
         return {"class_means": torch.from_numpy(self.class_means), "precision": torch.from_numpy(self.precision),
-                "reference": torch.from_numpy(self.reference), "k": int(self.k)}
+                "reference": torch.from_numpy(self.reference), "k": int(self.k), "knn_input": self.knn_input}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ClassStatistics:
-        return cls(as_array(d["class_means"]), as_array(d["precision"]), as_array(d["reference"]), int(d["k"]))
+        return cls(as_array(d["class_means"]), as_array(d["precision"]), as_array(d["reference"]), int(d["k"]),
+                   str(d.get("knn_input", "embedding")))
 
 # The score predict.py uses by default: per cell (a function of the cell and the checkpoint alone),
 # chosen on the development set (sorted PBMCs, leave-one-type-out; RESULTS.md, "Novel cell types

@@ -354,7 +354,8 @@ def calibrate_novelty(model: ScBERT, X: sparse.csr_matrix, y: np.ndarray, train:
     bins = model.config.bin_num
     options = InferenceOptions(batch_size, device, progress=progress)
     ref = predict_outputs(model, CellDataset(rows_of(X, train), bins), options, embed=True, features=True)
-    record = NoveltyRecord(classes=ClassStatistics.fit(ref["features"], ref["embedding"], y[train], n_classes, seed),
+    # the knn score's reference: the classifier's features, the cell embedding (X_scbert) of a fine-tuned model
+    record = NoveltyRecord(classes=ClassStatistics.fit(ref["features"], None, y[train], n_classes, seed),
                            pca=ExpressionPCA.fit(rows_of(X, train), y[train], n_classes, seed),
                            crossfit=CrossFitPCA.fit(rows_of(X, train), y[train], n_classes, seed), density=QueryDensity.fit(rows_of(X, train), seed))
     if record.density is not None:
