@@ -22,7 +22,7 @@ from model.cli.args import (
     threshold_value,
 )
 from model.majority_voting import OVER_CLUSTERING_BASES, VOTING_RULES
-from model.novelty import SCORES
+from model.novelty import SCORE_MEANINGS, SCORES
 
 EXAMPLE = """
 python predict.py --data query.h5ad --model runs/finetune/model.pt --out query_annotated.h5ad --csv query_labels.csv
@@ -54,16 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, help="also write a table: cell, label, confidence, one probability column per type (default: none)")
     g = p.add_argument_group("novel cell types (Unassigned)")
     g.add_argument("--novelty", choices=["auto", *SCORES], default="auto",
-                   help="the score that makes a cell Unassigned (higher: more novel): softmax = 1 - top probability (published), energy = "
-                   "-logsumexp of the logits, mahalanobis = distance of the head's features to the nearest type, knn = distance of the "
-                   "embedding to the 10th nearest training cell, pca_mahalanobis / pca_knn = the same two in a PCA of the training "
-                   "cells' expression, combined = Fisher's combination of the p-values of pca_mahalanobis and energy against the "
-                   "validation cells; crossfit_mahalanobis / crossfit_knn = the pca_* scores cross-fitted on two halves of the "
-                   "training cells (the training cells score like new cells), crossfit_combined = Fisher's combination of "
-                   "crossfit_mahalanobis and energy (the default of models fine-tuned now: per cell, a cell's label does not "
-                   "depend on the other cells of the file). Opt-in, whole-query scores: query_density = the share of a cell's "
-                   "nearest neighbours that are query cells rather than training cells, query_combined = its Fisher combination "
-                   "with pca_mahalanobis; they ASSUME the query comes from the training data's batch, holds no copies of the "
+                   help="the score that makes a cell Unassigned (higher: more novel): "
+                   + "; ".join(f"{name} = {meaning}" for name, meaning in SCORE_MEANINGS.items())
+                   + ". The default of models fine-tuned now is crossfit_combined. The whole-query scores (query_density, "
+                   "query_combined) are opt-in and ASSUME the query comes from the training data's batch, holds no copies of the "
                    "training cells and is of a size like the validation cells' (a cell's label then depends on the other cells "
                    "of the file; the query must be read whole, at least ~100 cells; a run with them warns). Default: auto = the "
                    "model's default score with --threshold auto; softmax with a number")

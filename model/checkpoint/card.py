@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from model.checkpoint.format import Checkpoint
+from model.novelty.scores import SCORE_MEANINGS
 
 
 def _n_parameters(ckpt: Checkpoint) -> int:
@@ -41,7 +42,8 @@ def checkpoint_card(ckpt: Checkpoint) -> dict[str, Any]:
     record = ckpt.novelty
     if record is not None:
         cal = record.calibration
-        card["novelty"] = {"default_score": record.default,
+        card["novelty"] = {"default_score": record.default, "default_score_meaning": SCORE_MEANINGS.get(record.default),
+                           "knn_reference": None if record.classes is None else record.classes.knn_input,
                            "reference_cells": None if record.classes is None else int(record.classes.reference.shape[0]),
                            "query_scores": record.query_ready,
                            "reject_rate": None if cal is None else cal.reject_rate, "calibration_cells": None if cal is None else cal.n,
@@ -80,6 +82,8 @@ def card_text(card: dict[str, Any]) -> str:
     n = card["novelty"]
     if n:
         th = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in (n["thresholds"] or {}).items())
+        if n.get("default_score_meaning"):
+            lines.append(f"novelty score {n['default_score']}: {n['default_score_meaning']}")
         lines.append(f"novelty: default score {n['default_score']}, thresholds rejecting {n['reject_rate']:.0%} of {n['calibration_cells']} "
                      f"validation cells: {th}; statistics of {n['reference_cells']} training cells"
                      + ("; query_density / query_combined: thresholds set for each query" if n.get("query_scores") else ""))

@@ -21,12 +21,13 @@ from model.novelty.scores import (
     NETWORK_SCORES,
     PCA_SCORES,
     QUERY_SCORES,
+    SCORE_MEANINGS,
     SCORES,
     ClassStatistics,
     softmax_score,
 )
 
 __all__ = ["DEFAULT_SCORE", "EXPRESSION_SCORES", "NETWORK_SCORES", "PCA_COMPONENTS", "PCA_SCORES", "PUBLISHED_RULE", "QUERY_SCORES",
-           "QUERY_SHIFT_SHARE", "SCORES", "UNASSIGNED", "Calibration", "ClassStatistics", "ExpressionPCA", "NoveltyRecord", "NoveltyRule",
+           "QUERY_SHIFT_SHARE", "SCORE_MEANINGS", "SCORES", "UNASSIGNED", "Calibration", "ClassStatistics", "ExpressionPCA", "NoveltyRecord", "NoveltyRule",
            "NoveltySettings", "QueryDensity", "ScoreCombination", "assign_labels", "auroc", "calibrate", "choose_rule", "conformal_threshold",
            "fpr_at_tpr", "novelty_scores", "query_rule", "query_scores", "query_shift", "softmax_score"]

@@ -22,6 +22,24 @@ import numpy as np
 
 SCORES = ("softmax", "energy", "mahalanobis", "knn", "pca_mahalanobis", "pca_knn", "combined", "crossfit_mahalanobis", "crossfit_knn",
           "crossfit_combined", "query_density", "query_combined")
+# what each score measures (higher: more novel), for predict.py --help and the model card
+SCORE_MEANINGS = {
+    "softmax": "1 - top probability (the published rule)",
+    "energy": "-logsumexp of the classifier's logits",
+    "mahalanobis": "distance of the classifier's features to the nearest type's mean (shared covariance)",
+    "knn": "distance of the classifier's features (older models: the mean-pooled encodings) to the 10th nearest training cell",
+    "pca_mahalanobis": "the mahalanobis score in a PCA of the training cells' expression",
+    "pca_knn": "the knn score in that PCA",
+    "combined": "Fisher's combination of the p-values of pca_mahalanobis and energy against the validation cells",
+    "crossfit_mahalanobis": "pca_mahalanobis cross-fitted: the training cells split in two halves per type, each half's PCA "
+                            "scoring with the other half's class statistics, a cell's score the smaller of the two (so the training "
+                            "cells score like new cells)",
+    "crossfit_knn": "pca_knn cross-fitted the same way",
+    "crossfit_combined": "Fisher's combination of crossfit_mahalanobis and energy, with p-values that go on falling beyond the "
+                         "largest validation score (per cell: a cell's label does not depend on the other cells of the file)",
+    "query_density": "the share of a cell's nearest neighbours that are query cells rather than training cells (whole query)",
+    "query_combined": "Fisher's combination of query_density and pca_mahalanobis (whole query)",
+}
 NETWORK_SCORES = ("energy", "mahalanobis", "knn")  # computed by the network, so its precision moves them (softmax aside)
 PCA_SCORES = ("pca_mahalanobis", "pca_knn")
 CROSSFIT_SCORES = ("crossfit_mahalanobis", "crossfit_knn")  # the pca_* scores cross-fitted on two halves (model.novelty.crossfit)
