@@ -21,7 +21,7 @@ from model.train.initialisation import new_classifier
 TINY = ScBERTConfig(n_genes=10, dim=8, depth=2, heads=2, dim_head=4, gene_embedding="none", nb_features=4)
 
 
-def _run(head_only: bool, share: float, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
+def _run(head_only: bool, share: float, monkeypatch: pytest.MonkeyPatch, dropout: float = 0.0) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
     monkeypatch.setattr(encoding_cache, "MEMORY_SHARE", share)
     rng = np.random.default_rng(0)
     X = rng.poisson(1.5, (40, 10)).astype(np.float32)
@@ -30,19 +30,21 @@ def _run(head_only: bool, share: float, monkeypatch: pytest.MonkeyPatch) -> tupl
     encoder = new_classifier(TINY, 3, redraw_features=False)  # stands in for a pretrained encoder: any fixed weights
     torch.manual_seed(1)
     pretrained = SimpleNamespace(state_dict=encoder.state_dict())
-    model = new_classifier(TINY, 3, dropout=0.0, pretrained=pretrained, head_only=head_only, train_all=not head_only, redraw_features=False)
+    model = new_classifier(TINY, 3, dropout=dropout, pretrained=pretrained, head_only=head_only, train_all=not head_only, redraw_features=False)
     cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-3, head_lr=1e-3, select_metric="macro_f1", logit_adjust=1.0, progress=False)
     best, history = finetune(model, CellDataset(X[:30], 5, y[:30]), CellDataset(X[30:], 5, y[30:]), cfg, torch.device("cpu"))
     return best, history, model.state_dict()
 
 
-def test_stored_encodings_train_the_head_as_the_encoder_would(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_stored_encodings_train_the_head_as_the_encoder_would(dropout: float, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="scbert"):
-        best, history, state = _run(True, 1.0, monkeypatch)
+        best, history, state = _run(True, 1.0, monkeypatch, dropout)
     assert "runs once" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="scbert"):
-        best0, history0, state0 = _run(True, 0.0, monkeypatch)  # nothing fits: the encoder runs every epoch
+        best0, history0, state0 = _run(True, 0.0, monkeypatch, dropout)  # nothing fits: the encoder runs every epoch
     assert "runs every epoch" in caplog.text
     assert best["epoch"] == best0["epoch"] and len(history) == len(history0)
     for h, h0 in zip(history, history0):

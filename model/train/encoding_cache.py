@@ -83,7 +83,10 @@ def encode_dataset(model: ScBERT, ds: CellDataset, options: InferenceOptions, de
 @torch.inference_mode()
 def head_probabilities(model: ScBERT, cells: EncodedCells, batch_size: int, device: torch.device) -> np.ndarray:
     """Class probabilities of stored encodings, in eval mode (as :func:`model.inference.predict`
-    gives them for the same cells); the model's mode is restored."""
+    gives them for the same cells, leaving the global random state as it does); the model's mode is restored."""
+    # the encoder pass this replaces draws one seed from the global generator (its DataLoader's base seed):
+    # drawing it here keeps the random stream, so dropout masks and numbers are those of that pass
+    torch.empty((), dtype=torch.int64).random_()
     was_training = model.training
     model.eval()
     parts = []
