@@ -153,7 +153,10 @@ class RevisionReport:
     ``n_kept + n_unmatched + n_duplicate == n_input``. ``n_matched`` counts
     names kept unchanged (current symbols, or names already in the vocabulary).
     ``revised`` maps every renamed, kept input (alias or Ensembl id) to its new
-    name; ``unmatched`` and ``duplicates`` list the dropped input names.
+    name; ``unmatched`` and ``duplicates`` list the dropped input names;
+    ``merged_into`` maps each duplicate's input position to the position of
+    the kept input of the same gene (whose column it fills, see
+    :func:`data.preprocess.merge_duplicate_columns`).
     """
 
     n_input: int = 0
@@ -166,6 +169,7 @@ class RevisionReport:
     revised: dict[str, str] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
+    merged_into: dict[int, int] = field(default_factory=dict)
     used_vocab: bool = False
 
     def summary(self) -> str:
@@ -179,7 +183,7 @@ class RevisionReport:
             f"{self.n_input} input genes: {self.n_matched} matched {matched_what}, "
             f"{self.n_revised} revised from aliases/previous symbols, "
             f"{self.n_ensembl} Ensembl ids mapped, "
-            f"{self.n_unmatched} unmatched and {self.n_duplicate} duplicated genes dropped; "
+            f"{self.n_unmatched} unmatched genes dropped, {self.n_duplicate} duplicated genes merged into their gene's column; "
             f"{self.n_kept} kept."
         )
 
@@ -280,6 +284,7 @@ def revise_symbols(
             targets[i] = None
             statuses[i] = STATUS_DUPLICATE
             report.duplicates.append(name)
+            report.merged_into[i] = owner[target]
             continue
         if statuses[i] != STATUS_MATCHED:
             report.revised[name] = target

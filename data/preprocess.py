@@ -162,8 +162,8 @@ def _check_names(adata: ad.AnnData, rep: PrepReport, what: str) -> None:
                  f"keyed by cell name will be ambiguous: make them unique (adata.obs_names_make_unique())")
     n, ex = _duplicates(adata.var_names)
     if n:
-        rep.warn(f"{what} has {n} duplicated gene names (e.g. {', '.join(ex)}); the first column of each name is used, "
-                 f"the others are dropped (sum them beforehand if they are parts of one gene)")
+        rep.warn(f"{what} has {n} duplicated gene names (e.g. {', '.join(ex)}); each name becomes one column, a cell's value "
+                 f"read from the first of its columns that has one (sum them beforehand if they are parts of one gene)")
     for col in adata.obs.columns:
         if str(col).lower() in ("species", "organism"):
             vals = adata.obs[col].astype(str).str.lower()
@@ -202,10 +202,37 @@ def _prepared_state(adata: ad.AnnData, X: sparse.csr_matrix, state: ValueState, 
     return ValueState("log", LOG_BASE, target_sum)
 
 
+def merge_duplicate_columns(X: sparse.spmatrix, merged_into: dict[int, int]) -> sparse.csr_matrix:
+    """``X`` (cells x input genes) with each duplicate column's values written into the kept column
+    of its gene (``merged_into``: see :class:`data.genes.RevisionReport`) in the cells where that
+    column has none. A gene measured under two names (a merged object of files that name it
+    differently, or an alias beside its current symbol) is read from whichever column holds it in a
+    cell, so a cell's values do not depend on the other columns of its file."""
+    if not merged_into:
+        return X
+    C = sparse.csc_matrix(X)
+    rows, cols, vals, filled = [], [], [], {}
+    for dup, kept in sorted(merged_into.items()):  # the first duplicate first, in input order
+        has = filled.get(kept)
+        if has is None:
+            has = C[:, kept].toarray().ravel() != 0
+        extra = C[:, dup].toarray().ravel()
+        take = np.flatnonzero(~has & (extra != 0))
+        rows.append(take)
+        cols.append(np.full(len(take), kept))
+        vals.append(extra[take])
+        has = has.copy()
+        has[take] = True
+        filled[kept] = has
+    add = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=X.shape, dtype=X.dtype)
+    return (sparse.csr_matrix(X) + add).tocsr()
+
+
 def _revised_genes(X: sparse.csr_matrix, names: list[str], genes: Sequence[str] | None, species: str, rep: PrepReport,
                    what: str) -> tuple[sparse.csr_matrix, list[str]]:
-    """The genes under current human symbols (mouse symbols mapped, aliases revised, unmatched and
-    duplicated genes dropped; a name already in the vocabulary ``genes`` kept), with their columns."""
+    """The genes under current human symbols (mouse symbols mapped, aliases revised, unmatched genes
+    dropped, a gene under several names merged into one column; a name already in the vocabulary
+    ``genes`` kept), with their columns."""
     sp = check_species(names, vocab=genes)
     if species == "mouse" or (species == "auto" and sp.looks_mouse):
         names = mouse_to_human(names)
@@ -216,6 +243,7 @@ def _revised_genes(X: sparse.csr_matrix, names: list[str], genes: Sequence[str] 
                  f"mapping, the others are dropped", loud=True)
     new_names, sym = revise_symbols(names, vocab=genes)
     rep.symbols, rep.symbols_summary = sym.to_dict(), sym.summary()
+    X = merge_duplicate_columns(X, sym.merged_into)
     kept = [j for j, n in enumerate(new_names) if n is not None]
     return (X[:, kept] if len(kept) < X.shape[1] else X), [new_names[j] for j in kept]
 

@@ -141,6 +141,7 @@ def test_duplicates_prefer_exact_name(table: GeneTable) -> None:
     assert out == [None, "TP53", "SEPTIN1", None, None]
     assert report.n_duplicate == 3
     assert report.duplicates == ["SEPT1", "P53", "TP53"]
+    assert report.merged_into == {0: 2, 3: 1, 4: 1}  # each duplicate fills the kept column of its gene
     assert report.n_matched == 2 and report.n_revised == 0
     _check_counts(report, names, out)
 
@@ -161,7 +162,7 @@ def test_report_summary_and_dict(table: GeneTable) -> None:
     _check_counts(report, names, out)
     assert report.summary() == (
         "85 input genes: 2 matched current NCBI symbols, 0 revised from aliases/previous symbols, "
-        "1 Ensembl ids mapped, 81 unmatched and 1 duplicated genes dropped; 3 kept."
+        "1 Ensembl ids mapped, 81 unmatched genes dropped, 1 duplicated genes merged into their gene's column; 3 kept."
     )
     data = report.to_dict()
     json.dumps(data)

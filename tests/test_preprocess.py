@@ -89,6 +89,29 @@ def test_revision_rescues_aliases_but_never_touches_vocabulary_names() -> None:
     np.testing.assert_array_equal(out.X.toarray()[:, 1] > 0, raw.X.toarray()[:, 2] > 0)
 
 
+def test_a_gene_under_two_names_is_read_from_whichever_column_has_it() -> None:
+    """A merged object of two labs that name a gene differently (here TP53 and its alias P53): each
+    cell's value comes from the column that holds it, and the cells of one lab get the values they
+    get alone, whatever columns the other lab adds."""
+    a, b = _counts(20, seed=1), _counts(20, seed=2)
+    a.var_names = ["P53", *GENES[1:]]  # lab A names the gene by its alias
+    b.var_names = ["TP53", *GENES[1:]]
+    merged = ad.concat([a, b], join="outer", index_unique="-")
+    merged.X = sparse.csr_matrix(np.nan_to_num(merged.X.toarray()))
+    vocab = ["TP53", *GENES[1:]]
+    alone_a, _ = prepare(a, genes=vocab, min_genes=None)
+    alone_b, _ = prepare(b, genes=vocab, min_genes=None)
+    both, rep = prepare(merged, genes=vocab, min_genes=None)
+    np.testing.assert_allclose(both.X.toarray()[:20], alone_a.X.toarray(), rtol=1e-6)
+    np.testing.assert_allclose(both.X.toarray()[20:], alone_b.X.toarray(), rtol=1e-6)
+    assert alone_a.X.toarray()[:, 0].any()  # the alias's counts are TP53's
+    assert "1 duplicated genes merged" in rep.symbols_summary
+    # adding a column of zeros under the current name does not hide the alias's counts
+    padded = ad.AnnData(sparse.hstack([a.X, sparse.csr_matrix((20, 1), dtype=np.float32)]).tocsr(), obs=a.obs)
+    padded.var_names = [*a.var_names, "TP53"]
+    np.testing.assert_allclose(prepare(padded, genes=vocab, min_genes=None)[0].X.toarray(), alone_a.X.toarray(), rtol=1e-6)
+
+
 def test_align_to_genes_order_and_missing() -> None:
     X = sparse.csr_matrix(np.array([[1, 2, 3], [4, 5, 6]], dtype=np.float32))
     out, present = align_to_genes(X, ["a", "b", "c"], ["c", "x", "a"])
