@@ -6,12 +6,15 @@ for the default rule and the others a user can pick.
 Cases: the held-out test cells (known types + the left-out type) whole, in 4 parts, in parts of 10
 cells and one cell at a time; duplicated; with only 5 or 20 cells of the new type; with one known
 type making half of the query; the whole training file; another lab's cells (pbmc4k, coarse types
-by ``data/label_maps/pbmc3k_pbmc4k.tsv``) alone and mixed into the test cells. Per case and rule:
+by ``data/label_maps/pbmc3k_pbmc4k.tsv``, or ``--other-map``) alone and mixed into the test cells. Per case and rule:
 the share of known cells Unassigned, the share of new-type cells Unassigned (recall), how many
 test cells changed label against the whole-test annotation, and the warnings the run printed.
 
     python -m scripts.experiments.novelty_stress --data ../shared/data/pbmc3k_labeled.h5ad \\
         --other ../shared/data/more/pbmc4k_2170.h5ad --pretrained ../runs/enc/pre_main/model.pt --out ../runs/stress
+    # then the sorted PBMCs as the other lab, with the same model
+    python -m scripts.experiments.novelty_stress ... --other ../shared/data/more/pbmc_sorted_2140.h5ad \
+        --other-map data/label_maps/pbmc3k_sorted.tsv --only-other --out ../runs/stress
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ def main() -> None:
     p.add_argument("--data", required=True, help="labelled .h5ad (raw counts), PBMC3k")
     p.add_argument("--other", required=True, help="another lab's labelled .h5ad of the same tissue (pbmc4k)")
     p.add_argument("--pretrained", required=True, help="encoder checkpoint whose corpus holds neither file's test cells")
+    p.add_argument("--other-map", default=str(LABEL_MAP), help="label map of both files onto shared names (default: PBMC3k / pbmc4k)")
+    p.add_argument("--only-other", action="store_true", help="only the cases of the other lab (the model of an earlier run in --out is reused)")
     p.add_argument("--hold-out", default="B", help="the type left out of training (default: B)")
     p.add_argument("--label-key", default="celltype")
     p.add_argument("--out", required=True)
@@ -96,10 +101,10 @@ def main() -> None:
     mono = np.flatnonzero(known & (yt == "CD14+ Mono"))
     others = rng.choice(np.flatnonzero(known & (yt != "CD14+ Mono")), len(mono), replace=False)
     other = ad.read_h5ad(args.other)
-    names = dict(line.split("\t")[:2] for line in LABEL_MAP.read_text().splitlines() if line and not line.startswith("#"))
-    yo = other.obs[args.label_key].astype(str).to_numpy()
+    names = dict(line.split("\t")[:2] for line in Path(args.other_map).read_text().splitlines() if line and not line.startswith("#"))
+    yo = np.array([names.get(v, v) for v in other.obs[args.label_key].astype(str)])
     coarse_out = names.get(args.hold_out, args.hold_out)
-    keep_o = yo != "?"
+    keep_o = (yo != "?") & (yo != "-")
     other = other[keep_o].copy()
     yo = yo[keep_o]
     mixed = ad.concat([test[known], other[yo != coarse_out]], join="outer", index_unique="-")
@@ -107,8 +112,10 @@ def main() -> None:
     one_at_a_time = np.sort(rng.choice(test.n_obs, 60, replace=False))
     cases = [("test cells, whole", test), ("duplicated (test + a copy)", None), ("in 4 parts", None), ("in parts of 10", None),
              ("one at a time (60 cells)", None), ("known + 5 new-type cells", None), ("known + 20 new-type cells", None),
-             ("CD14+ Mono half of the query", None), ("the training file (all cells)", full), ("another lab (pbmc4k)", other),
+             ("CD14+ Mono half of the query", None), ("the training file (all cells)", full), (f"another lab ({Path(args.other).stem})", other),
              ("test known + another lab's known", mixed)]
+    if args.only_other:
+        cases = [c for c in cases if c[0].startswith(("another lab", "test known + another"))]
     rows = []
     for rule_name, rule in RULES.items():
         warn: list[str] = []
@@ -154,7 +161,7 @@ def main() -> None:
                 n_test = int(known.sum())
                 changed = int(np.sum(labels[:n_test] != whole[known]))
                 rows.append((rule_name, case + ": PBMC3k part", n_test, np.mean(labels[:n_test] == UNASSIGNED), float("nan"), changed, len(warn)))
-                rows.append((rule_name, case + ": pbmc4k part", len(labels) - n_test, np.mean(labels[n_test:] == UNASSIGNED), float("nan"), -1,
+                rows.append((rule_name, case + ": other lab's part", len(labels) - n_test, np.mean(labels[n_test:] == UNASSIGNED), float("nan"), -1,
                              len(warn)))
                 continue
             is_new = novel[sel]
@@ -169,7 +176,7 @@ def main() -> None:
         new = "" if np.isnan(r[4]) else f"{r[4]:.3f}"
         changed = "" if r[5] < 0 else str(r[5])
         table.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.3f} | {new} | {changed} | {r[6]} |")
-    (out / "table.md").write_text("\n".join(table) + "\n")
+    (out / f"table_{Path(args.other).stem}{'_other' if args.only_other else ''}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 
 
