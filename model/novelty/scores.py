@@ -88,7 +88,7 @@ class ClassStatistics:
     k: int = KNN_K
     # what the kNN reference holds: "features" (the classifier's penultimate features, the cell embedding of a
     # fine-tuned model, where types separate) or "embedding" (the vectors the caller passes: mean-pooled
-    # encodings in models fine-tuned before 8 December, PCA coordinates in the cross-fitted scores)
+    # encodings in models fine-tuned before this field existed, PCA coordinates in the cross-fitted scores)
     knn_input: str = "embedding"
     _index: Any = field(default=None, repr=False, compare=False)
 
