@@ -58,9 +58,15 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def epoch_estimate(config: Any, n_train: int, n_val: int, precision: str, device: Any, kept_layers: int) -> str:
-    """"an epoch of N cells takes roughly T here" for a training run, with the machine's rate."""
+def epoch_estimate(config: Any, n_train: int, n_val: int, precision: str, device: Any, kept_layers: int,
+                   frozen_encoder: bool = False) -> str:
+    """"an epoch of N cells takes roughly T here" for a training run, with the machine's rate; with a
+    ``frozen_encoder`` (head-only fine-tuning) the encoder pass is said once, as it runs once when its
+    encodings fit in memory (:mod:`model.train.encoding_cache`)."""
     per_epoch = n_train * cell_seconds(config, precision, device, kept_layers) + n_val * cell_seconds(config, precision, device)
     rate = product_rate(precision, getattr(device, "type", "cpu")) / 1e9
-    return (f"an epoch of {n_train:,} training cells (and {n_val:,} validation cells) takes roughly {duration(per_epoch)} here "
-            f"(matrix products at {rate:.0f} GFLOP/s in {precision} now; a busy machine is slower)")
+    machine = f"(matrix products at {rate:.0f} GFLOP/s in {precision} now; a busy machine is slower)"
+    if frozen_encoder:
+        return (f"the frozen encoder's pass over {n_train:,} training and {n_val:,} validation cells takes roughly {duration(per_epoch)} "
+                f"here {machine}; it runs once when their encodings fit in memory, and each epoch then trains the head alone")
+    return f"an epoch of {n_train:,} training cells (and {n_val:,} validation cells) takes roughly {duration(per_epoch)} here {machine}"

@@ -345,7 +345,7 @@ def training_checks(args: argparse.Namespace, config: Any, device: Any, kept: st
     hint = " (with --grad-acc {acc} for the same {cells} cells a step)" + ("" if args.grad_checkpointing else ", or --grad-checkpointing")
     need = check_batch_memory(config, args.batch_size, device, layers, getattr(args, "memory_limit", None), hint=hint)
     log.info("memory: %s", need.describe(args.batch_size))
-    log.info(epoch_estimate(config, n_train, n_val, args.precision, device, layers))
+    log.info(epoch_estimate(config, n_train, n_val, args.precision, device, layers, frozen_encoder=kept == "head"))
 
 
 def gene2vec_spec(args: argparse.Namespace) -> str:
