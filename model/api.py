@@ -204,7 +204,7 @@ def annotate(
         result.vote(clusters, basis=over_clustering_basis, voting=voting)
     metrics, lines = result.report(truth, label_map)
     for line in [*query_lines(result.preprocessing), *lines]:
-        log.info(line)
+        (log.warning if line.startswith("WARNING: ") else log.info)(line)  # e.g. far more cells Unassigned than calibrated
     keys = AnnotationKeys(key_added)
     result.to_adata(target, key_added)
     emb_key = _embedding_key(embedding, key_added)

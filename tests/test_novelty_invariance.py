@@ -97,6 +97,32 @@ def test_a_share_far_above_the_rate_is_reported() -> None:
     assert rejection_report(labels, NoveltyRule("energy", 1.0)) == ({}, [])  # a threshold set by hand: no rate to compare
 
 
+def test_the_alert_is_logged_as_a_warning(tmp_path: Path) -> None:
+    """--quiet shows warnings only: the far-above line must be one (predict.py's summary and the Python API)."""
+    import logging
+
+    from model.cli.run import write_summary
+
+    _, lines = rejection_report(np.array([UNASSIGNED] * 40 + ["B"] * 160), NoveltyRule("crossfit_combined", 1.0, 0.05))
+    seen: list[tuple[int, str]] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append((record.levelno, record.getMessage()))
+
+    log = logging.getLogger("scbert")
+    handler, level = Catch(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        write_summary(tmp_path, lines)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert [lvl for lvl, msg in seen if msg.startswith("WARNING: ")] == [logging.WARNING]
+    assert [lvl for lvl, msg in seen if not msg.startswith("WARNING: ")] == [logging.INFO]
+
+
 def test_cross_fitting_scores_training_cells_like_new_ones() -> None:
     """Expression of three types: the in-sample PCA Mahalanobis score inflates the fitted cells'
     scores; the cross-fitted one gives them the same distribution as new cells of their types."""

@@ -121,13 +121,14 @@ def user_errors() -> Iterator[None]:
 
 def write_summary(folder: Path, lines: Sequence[str], results: tuple[str, ...] = (), echo: Sequence[str] | None = None) -> None:
     """``folder/summary.txt`` holds ``lines``; they (or only ``echo``) are logged too, except those
-    starting with one of ``results``, which go to stdout (the result of the command, for scripts)."""
+    starting with one of ``results``, which go to stdout (the result of the command, for scripts).
+    A line starting ``WARNING: `` is logged as a warning (``--quiet`` still shows it)."""
     write_text(folder / "summary.txt", "\n".join(lines) + "\n")
     for line in lines if echo is None else echo:
         if results and line.startswith(results):
             print(line)
         else:
-            log.info(line)
+            (log.warning if line.startswith("WARNING: ") else log.info)(line)
 
 
 def earlier_states(out: Path, overwrite: bool) -> list[Path]:
