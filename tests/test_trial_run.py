@@ -159,14 +159,19 @@ def test_ctrl_c_ends_predict_and_training_with_one_line(trial: dict, tmp_path: P
 
     out = tmp_path / "p.h5ad"
     log = tmp_path / "p_run" / "log.txt"
-    done = interrupt(["predict.py", "--data", str(trial["small"]), "--model", str(trial["dir"] / "ft"), "--out", str(out), "--batch-size", "1"],
-                     lambda: log.exists() and "annotating 240 cells" in log.read_text())
+    cells = ad.read_h5ad(trial["small"])
+    many = ad.concat([cells] * 20, index_unique="-")  # ~20 s of work: the interrupt lands inside it, not after it (240 cells take ~1 s)
+    many.write_h5ad(tmp_path / "many.h5ad")
+    done = interrupt(["predict.py", "--data", str(tmp_path / "many.h5ad"), "--model", str(trial["dir"] / "ft"), "--out", str(out), "--batch-size", "1"],
+                     lambda: log.exists() and f"annotating {many.n_obs} cells" in log.read_text())
     assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
     assert [line for line in done.stderr.splitlines() if line.startswith("error")] == ["error: interrupted; nothing written"]
     assert not out.exists() and "interrupted; nothing written" in log.read_text()
     ft = tmp_path / "ft"
     done = interrupt(["finetune.py", "--data", str(trial["dir"] / "prep.h5ad"), "--label-key", "celltype", "--pretrained", str(trial["dir"] / "pre"),
-                      "--out", str(ft), "--epochs", "50", "--batch-size", "16", "--quiet"], lambda: bool(list(ft.glob("checkpoints/state-00001-*"))))
+                      "--out", str(ft), "--epochs", "50", "--batch-size", "16", "--quiet",
+                      # the encoder in every epoch and no early stop: the head alone on stored encodings would finish before the interrupt
+                      "--head-only", "false", "--patience", "0"], lambda: bool(list(ft.glob("checkpoints/state-00001-*"))))
     assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
     line = [x for x in done.stderr.splitlines() if x.startswith("error")]
     assert len(line) == 1 and line[0].startswith("error: interrupted after epoch ") and line[0].endswith(f"continue with --resume {ft}")
