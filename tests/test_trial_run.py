@@ -149,7 +149,10 @@ def test_natural_log_input_is_read_in_its_base(trial: dict, tmp_path: Path, caps
 @pytest.mark.slow
 def test_ctrl_c_ends_predict_and_training_with_one_line(trial: dict, tmp_path: Path) -> None:
     def interrupt(argv: list[str], ready: Any) -> subprocess.CompletedProcess:
-        proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # SIGINT back to its default in the child: a suite started in the background (bash ignores SIGINT there) would
+        # pass the ignore on, and Python then never raises KeyboardInterrupt
+        proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 240
         while not ready() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
