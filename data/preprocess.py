@@ -221,7 +221,6 @@ def merge_duplicate_columns(X: sparse.spmatrix, merged_into: dict[int, int]) -> 
         rows.append(take)
         cols.append(np.full(len(take), kept))
         vals.append(extra[take])
-        has = has.copy()
         has[take] = True
         filled[kept] = has
     add = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=X.shape, dtype=X.dtype)

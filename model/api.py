@@ -34,6 +34,7 @@ from data.vocab import read_name_list
 from model import annotation
 from model.annotation import AnnotationKeys, uns_value
 from model.checkpoint import Checkpoint, CheckpointError, choose_library_size, load_checkpoint, load_vocab
+from model.evaluation import log_report_line
 from model.inference import InferenceOptions
 from model.memory import check_batch_memory
 from model.nn.config import ExecutionOptions
@@ -204,7 +205,7 @@ def annotate(
         result.vote(clusters, basis=over_clustering_basis, voting=voting)
     metrics, lines = result.report(truth, label_map)
     for line in [*query_lines(result.preprocessing), *lines]:
-        (log.warning if line.startswith("WARNING: ") else log.info)(line)  # e.g. far more cells Unassigned than calibrated
+        log_report_line(line)
     keys = AnnotationKeys(key_added)
     result.to_adata(target, key_added)
     emb_key = _embedding_key(embedding, key_added)

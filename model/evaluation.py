@@ -44,6 +44,12 @@ def known_truth(truth: pd.Series | np.ndarray | Sequence[Any] | None, n_cells: i
     return ok, col[ok].astype(str).to_numpy()
 
 
+def log_report_line(line: str) -> None:
+    """Log one line of a run's report: a line starting ``WARNING: `` (e.g. far more cells Unassigned
+    than calibrated) as a warning, which ``--quiet`` still shows; the others as information."""
+    (log.warning if line.startswith("WARNING: ") else log.info)(line)
+
+
 def _some(names: Sequence[str], n: int = 4) -> str:
     """The first ``n`` names, quoted, and how many more."""
     shown = ", ".join(repr(str(x)) for x in list(names)[:n])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from data.io import InputError, write_json, write_text
+from model.evaluation import log_report_line
 
 log = logging.getLogger("scbert")
 
@@ -128,7 +129,7 @@ def write_summary(folder: Path, lines: Sequence[str], results: tuple[str, ...] =
         if results and line.startswith(results):
             print(line)
         else:
-            (log.warning if line.startswith("WARNING: ") else log.info)(line)
+            log_report_line(line)
 
 
 def earlier_states(out: Path, overwrite: bool) -> list[Path]:

@@ -20,8 +20,6 @@ from typing import Any
 
 import numpy as np
 
-SCORES = ("softmax", "energy", "mahalanobis", "knn", "pca_mahalanobis", "pca_knn", "combined", "crossfit_mahalanobis", "crossfit_knn",
-          "crossfit_combined", "query_density", "query_combined")
 # what each score measures (higher: more novel), for predict.py --help and the model card
 SCORE_MEANINGS = {
     "softmax": "1 - top probability (the published rule)",
@@ -40,6 +38,7 @@ SCORE_MEANINGS = {
     "query_density": "the share of a cell's nearest neighbours that are query cells rather than training cells (whole query)",
     "query_combined": "Fisher's combination of query_density and pca_mahalanobis (whole query)",
 }
+SCORES = tuple(SCORE_MEANINGS)
 NETWORK_SCORES = ("energy", "mahalanobis", "knn")  # computed by the network, so its precision moves them (softmax aside)
 PCA_SCORES = ("pca_mahalanobis", "pca_knn")
 CROSSFIT_SCORES = ("crossfit_mahalanobis", "crossfit_knn")  # the pca_* scores cross-fitted on two halves (model.novelty.crossfit)

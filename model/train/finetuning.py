@@ -84,9 +84,9 @@ def finetune(
         log.info("%s: %d validation cells are too few to choose an epoch: the whole budget is trained and the last epoch kept", desc, len(val))
         cfg = dataclasses.replace(cfg, patience=0, select="last")
 
+    options = InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=cfg.progress)
     stored = can_store_encodings(model, len(train) + len(val))
     if stored:  # the frozen encoder gives the same encodings every epoch: computed once, the head trains on them
-        options = InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=cfg.progress)
         train_cells, val_cells = encode_dataset(model, train, options, "encoding training cells"), encode_dataset(model, val, options, "encoding validation cells")
 
     def step_loss(net: nn.Module, batch: dict[str, torch.Tensor], epoch: int) -> tuple[torch.Tensor, float]:
@@ -105,7 +105,7 @@ def finetune(
         if len(val) == 0:
             return {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_macro_f1": float("nan")}
         probs = (head_probabilities(model, val_cells, cfg.batch_size, device) if stored
-                 else predict_distributed(model, val, InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=cfg.progress)))
+                 else predict_distributed(model, val, options))
         y = val.labels.numpy()
         val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(y)))
         return {"val_loss": val_loss, "val_accuracy": float((probs.argmax(1) == y).mean()), "val_macro_f1": macro_f1(y, probs.argmax(1))}
