@@ -61,3 +61,40 @@ def test_a_trainable_encoder_is_never_stored(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(finetuning, "encode_dataset", lambda *a, **k: calls.append(1))
     _run(False, 1.0, monkeypatch)
     assert not calls
+
+
+def test_encodings_given_by_the_caller_train_the_same_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The development scripts encode a file once and pass each head its cells' encodings."""
+    best0, history0, state0 = _run(True, 1.0, monkeypatch)
+    given: list[encoding_cache.EncodedCells] = []
+
+    def encode_once(model, ds, options, desc="encoding"):  # what a caller that encoded the file would pass
+        cells = encoding_cache.encode_dataset(model, ds, options, desc)
+        given.append(cells)
+        return cells
+
+    monkeypatch.setattr(finetuning, "encode_dataset", encode_once)
+    _run(True, 1.0, monkeypatch)
+    calls: list[int] = []
+    monkeypatch.setattr(finetuning, "encode_dataset", lambda *a, **k: calls.append(1))
+    rng = np.random.default_rng(0)
+    X = rng.poisson(1.5, (40, 10)).astype(np.float32)
+    y = np.array([0] * 25 + [1] * 10 + [2] * 5)
+    torch.manual_seed(0)
+    encoder = new_classifier(TINY, 3, redraw_features=False)
+    torch.manual_seed(1)
+    model = new_classifier(TINY, 3, pretrained=SimpleNamespace(state_dict=encoder.state_dict()), head_only=True, redraw_features=False)
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-3, head_lr=1e-3, select_metric="macro_f1", logit_adjust=1.0, progress=False)
+    best, _ = finetune(model, CellDataset(X[:30], 5, y[:30]), CellDataset(X[30:], 5, y[30:]), cfg, torch.device("cpu"),
+                       encodings=(given[0], given[1]))
+    assert not calls and best["epoch"] == best0["epoch"]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state0[key], rtol=1e-4, atol=1e-5)
+
+
+def test_given_encodings_need_a_frozen_encoder() -> None:
+    model = new_classifier(TINY, 3, redraw_features=False)
+    cells = encoding_cache.EncodedCells(torch.zeros(4, 10, 8), torch.zeros(4, dtype=torch.long))
+    ds = CellDataset(np.ones((4, 10), np.float32), 5, np.zeros(4, int))
+    with pytest.raises(ValueError, match="head-only"):
+        finetune(model, ds, ds, TrainConfig(epochs=1, progress=False), torch.device("cpu"), encodings=(cells, cells))

@@ -35,7 +35,7 @@ from model.novelty.scores import MAX_REFERENCE_CELLS, ClassStatistics
 from model.recheck import PRECISION_CHECK_CELLS, measure_precision_error
 from model.runtime import set_seed
 from model.train.config import TrainConfig
-from model.train.encoding_cache import can_store_encodings, encode_dataset, head_probabilities
+from model.train.encoding_cache import EncodedCells, can_store_encodings, encode_dataset, head_probabilities
 from model.train.initialisation import HEAD_INITS, freezing_policy, gene_embedding, init_head_from_expression, new_classifier
 from model.train.loop import fit
 
@@ -62,6 +62,7 @@ def finetune(
     on_epoch: Callable[[int, dict[str, float], bool], None] | None = None,
     head_init: str = "expression",
     head_init_cells: int = 64,
+    encodings: tuple[EncodedCells, EncodedCells] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Supervised fine-tuning with early stopping on the validation score ``cfg.select_metric``
     (accuracy or macro-F1), the logit-adjusted loss with ``cfg.logit_adjust`` and, with fewer than
@@ -70,7 +71,9 @@ def finetune(
     ``head_init="expression"`` first points the head's conv1 at the expression read-out of the
     encodings of ``head_init_cells`` training cells (:func:`init_head_from_expression`);
     ``"random"`` keeps the published random start. Under torchrun every rank calls it and the
-    validation cells are shared among the ranks (DDP then starts every rank from rank 0's head)."""
+    validation cells are shared among the ranks (DDP then starts every rank from rank 0's head).
+    ``encodings``: the stored encodings of ``train`` and ``val`` when the caller already has them
+    (a head-only model; the development scripts encode a file once for many heads)."""
     model.to(device)
     if head_init == "expression":  # (a resumed run then restores its own weights over it)
         r2 = init_head_from_expression(model, train, device, head_init_cells, seed=cfg.seed)
@@ -85,8 +88,12 @@ def finetune(
         cfg = dataclasses.replace(cfg, patience=0, select="last")
 
     options = InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=cfg.progress)
-    stored = can_store_encodings(model, len(train) + len(val))
-    if stored:  # the frozen encoder gives the same encodings every epoch: computed once, the head trains on them
+    stored = encodings is not None or can_store_encodings(model, len(train) + len(val))
+    if encodings is not None:
+        if not getattr(model, "frozen_encoder", False):
+            raise ValueError("stored encodings need a head-only model (a frozen encoder)")
+        train_cells, val_cells = encodings
+    elif stored:  # the frozen encoder gives the same encodings every epoch: computed once, the head trains on them
         train_cells, val_cells = encode_dataset(model, train, options, "encoding training cells"), encode_dataset(model, val, options, "encoding validation cells")
 
     def step_loss(net: nn.Module, batch: dict[str, torch.Tensor], epoch: int) -> tuple[torch.Tensor, float]:

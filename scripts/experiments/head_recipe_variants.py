@@ -1,0 +1,145 @@
+"""Development: variants of the head-only fine-tuning recipe on one encoder, compared on the same
+splits of the benchmark's protocols (issue 33: regularisation that scales with the data).
+
+The frozen encoder (pretrained draw of random features kept) gives every cell the same encodings
+whatever the head, so the file is encoded once and each variant trains only heads on those stored
+encodings: a variant costs seconds per split. ``default`` is finetune.py's recipe; every other
+variant changes the settings it names. Choose on tuning seeds (default 7), never on the seeds the
+RESULTS.md tables report (0, 1, 2).
+
+    python -m scripts.experiments.head_recipe_variants --data ../shared/data/pbmc3k_labeled.h5ad \\
+        --pretrained /work/runs/enc/pre_main/model.pt --protocol cv --out runs/head_cv_pbmc3k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data.dataset import CellDataset
+from model.checkpoint import load_checkpoint
+from model.evaluation import classification_metrics
+from model.inference import InferenceOptions
+from model.runtime import set_seed
+from model.train.config import TrainConfig
+from model.train.encoding_cache import EncodedCells, encode_dataset, head_probabilities
+from model.train.finetuning import finetune, stopping_split
+from model.train.initialisation import new_classifier
+from model.train.recipes import finetune_parts
+from scripts.benchmark.harness import ProtocolSettings, load_labelled, parse_subsample, protocol_splits
+
+TRAIN, REST = finetune_parts("ours")
+
+# name -> overrides of the default recipe (TrainConfig fields and the rest alike)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "head_lr_3e-4": {"head_lr": 3e-4},
+    "head_lr_3e-4_steps_1000": {"head_lr": 3e-4, "min_steps": 1000},
+    "head_lr_1e-4_steps_1000": {"head_lr": 1e-4, "min_steps": 1000},
+    "wd_1": {"weight_decay": 1.0},
+    "dropout_0.5": {"dropout": 0.5},
+    "dropout_0.1": {"dropout": 0.1},
+    "smoothing_0.1": {"label_smoothing": 0.1},
+    "last_epoch": {"select": "last", "patience": 0},
+    "balanced_sampling": {"sampling": "balanced", "logit_adjust": 0.0},
+    "no_logit_adjust": {"logit_adjust": 0.0},
+    "batch_32": {"batch_size": 32},
+    "val_frac_0.1": {"val_frac": 0.1},
+    "select_accuracy": {"select_metric": "accuracy"},
+    "patience_8": {"patience": 8},
+    "head_lr_3e-4_dropout_0.5": {"head_lr": 3e-4, "dropout": 0.5},
+    "head_lr_3e-4_wd_1": {"head_lr": 3e-4, "weight_decay": 1.0},
+    "head_lr_3e-4_patience_8": {"head_lr": 3e-4, "patience": 8},
+}
+
+
+class IndexedEncodings(EncodedCells):
+    """Rows ``rows`` of a file's stored encodings, without copying them."""
+
+    def __init__(self, encodings: torch.Tensor, rows: np.ndarray, labels: torch.Tensor) -> None:
+        super().__init__(encodings, labels)
+        self.rows = torch.as_tensor(rows, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {"index": idx, "encodings": self.encodings[self.rows[idx]], "labels": self.labels[idx]}
+
+
+def run_variant(name: str, ckpt: Any, X: Any, E: torch.Tensor, y: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int) -> dict[str, Any]:
+    """Train one head with variant ``name`` on the cells ``train`` and score it on ``test``."""
+    over = VARIANTS[name]
+    train_kw = {**TRAIN, **{k: v for k, v in over.items() if k in TRAIN or k in TrainConfig.__dataclass_fields__}}
+    rest = {**REST, **{k: v for k, v in over.items() if k in REST}}
+    classes, codes = np.unique(y[train], return_inverse=True)
+    set_seed(seed)
+    fit_rel, val_rel = stopping_split(codes, rest["val_frac"], seed, rest["keep_rare"])
+    fit_rows, val_rows = train[fit_rel], train[val_rel]
+    model = new_classifier(ckpt.config, len(classes), rest["dropout"], pretrained=ckpt, head_only=True, redraw_features=False)
+    cfg = TrainConfig(seed=seed, progress=False, **train_kw)
+    bins = model.config.bin_num
+    fit_y, val_y = torch.as_tensor(codes[fit_rel]), torch.as_tensor(codes[val_rel])
+    cells = (IndexedEncodings(E, fit_rows, fit_y), EncodedCells(E[torch.as_tensor(val_rows)], val_y))
+    best, history = finetune(model, CellDataset(X[fit_rows], bins, codes[fit_rel]), CellDataset(X[val_rows], bins, codes[val_rel]), cfg,
+                             torch.device("cpu"), None, name, head_init=rest["head_init"], encodings=cells)
+    probs = head_probabilities(model, EncodedCells(E[torch.as_tensor(test)], None), 64, torch.device("cpu"))
+    m = classification_metrics(y[test], classes[probs.argmax(1)], list(classes))
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "balanced_accuracy": m.get("balanced_accuracy"),
+            "best_epoch": best["epoch"], "epochs": len(history)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, nargs="+")
+    p.add_argument("--label-key", default="celltype")
+    p.add_argument("--pretrained", required=True, help="the encoder checkpoint (its genes are the vocabulary)")
+    p.add_argument("--protocol", default="cv", choices=("cv", "imbalance", "fewshot"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[7], help="split seeds (tuning: not 0, 1, 2)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--subsample", nargs="*", default=[], metavar="TYPE=N")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.1])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+
+    ckpt = load_checkpoint(args.pretrained)
+    adata, y, genes = load_labelled(args.data, args.label_key, ckpt.genes, None)
+    settings = ProtocolSettings(protocol=args.protocol, folds=args.folds, seeds=args.seeds, subsample=parse_subsample(args.subsample),
+                                fractions=args.fractions)
+    X, y, splits = protocol_splits(settings, adata, y, genes, args.data, args.label_key, None)
+    t0 = time.time()
+    encoder = new_classifier(ckpt.config, 2, 0.0, pretrained=ckpt, head_only=True, redraw_features=False)
+    E = encode_dataset(encoder, CellDataset(X, encoder.config.bin_num), InferenceOptions(64, torch.device("cpu"), progress=False)).encodings
+    print(f"encoded {len(y)} cells in {time.time() - t0:.0f} s", flush=True)
+    rows: list[dict[str, Any]] = []
+    for split in splits:
+        for name in args.variants:
+            t = time.time()
+            r = run_variant(name, ckpt, X, E, y, split.train, split.test, split.seed)
+            rows.append({"variant": name, "split": split.key, **r, "seconds": time.time() - t})
+            print(f"{split.key} {name}: accuracy {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} (epoch {r['best_epoch']}/{r['epochs']}, "
+                  f"{time.time() - t:.0f} s)", flush=True)
+            Path(args.out).write_text(json.dumps(rows, indent=1))
+    print(f"\n{'variant':26s} accuracy  macro-F1  (mean over {len(splits)} splits; paired difference to default)")
+    base = {r["split"]: r for r in rows if r["variant"] == "default"}
+    for name in args.variants:
+        rs = [r for r in rows if r["variant"] == name]
+        acc, f1 = np.mean([r["accuracy"] for r in rs]), np.mean([r["macro_f1"] for r in rs])
+        d = [(r["accuracy"] - base[r["split"]]["accuracy"], r["macro_f1"] - base[r["split"]]["macro_f1"]) for r in rs if r["split"] in base]
+        diff = f"  {np.mean([a for a, _ in d]):+.4f} {np.mean([b for _, b in d]):+.4f}" if d else ""
+        print(f"{name:26s} {acc:.4f}    {f1:.4f}{diff}")
+
+
+if __name__ == "__main__":
+    main()
