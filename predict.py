@@ -22,7 +22,7 @@ from model.cli.args import (
     threshold_value,
 )
 from model.majority_voting import OVER_CLUSTERING_BASES, VOTING_RULES
-from model.novelty import SCORE_MEANINGS, SCORES
+from model.novelty import DEFAULT_SCORE, SCORE_MEANINGS, SCORES
 
 EXAMPLE = """
 python predict.py --data query.h5ad --model runs/finetune/model.pt --out query_annotated.h5ad --csv query_labels.csv
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--novelty", choices=["auto", *SCORES], default="auto",
                    help="the score that makes a cell Unassigned (higher: more novel): "
                    + "; ".join(f"{name} = {meaning}" for name, meaning in SCORE_MEANINGS.items())
-                   + ". The default of models fine-tuned now is crossfit_combined. The whole-query scores (query_density, "
+                   + f". The default of models fine-tuned now is {DEFAULT_SCORE}. The whole-query scores (query_density, "
                    "query_combined) are opt-in and ASSUME the query comes from the training data's batch, holds no copies of the "
                    "training cells and is of a size like the validation cells' (a cell's label then depends on the other cells "
                    "of the file; the query must be read whole, at least ~100 cells; a run with them warns). Default: auto = the "

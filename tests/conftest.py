@@ -121,7 +121,7 @@ def v1_novelty(record: Any) -> dict[str, Any]:
         stats["pca"] = pca(d["expression_pca"])
     if d["query_density"] is not None:
         stats["density"] = {**d["query_density"], "pcas": [pca(p) for p in d["query_density"]["pcas"]]}
-    newer = ("crossfit_mahalanobis", "crossfit_knn", "crossfit_combined")  # scores version 1 never had
+    newer = ("crossfit_mahalanobis", "crossfit_knn", "crossfit_combined", "crossfit_feature_combined")  # scores version 1 never had
     cal = d["calibration"]
     if cal is not None:
         cal = {**cal, "thresholds": {k: v for k, v in cal["thresholds"].items() if k not in newer},

@@ -45,7 +45,7 @@ def _same(part: object, whole: object, rows: np.ndarray) -> None:
 
 
 def test_the_default_is_the_per_cell_score(model: object, whole: object) -> None:
-    assert model.novelty.default == DEFAULT_SCORE == "crossfit_combined"
+    assert model.novelty.default == DEFAULT_SCORE == "crossfit_feature_combined"
     assert whole.rule.score == DEFAULT_SCORE and whole.rule.cutoff is not None and whole.rule.reject_rate == 0.1
 
 

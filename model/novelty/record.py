@@ -57,8 +57,8 @@ class NoveltyRecord:
             return self.pca is not None
         if score in CROSSFIT_SCORES:
             return self.crossfit is not None
-        if score in COMBINATIONS:  # its expression part needs its PCA (energy needs nothing), and the calibration its parts
-            ready = self.crossfit is not None if score == "crossfit_combined" else self.pca is not None
+        if score in COMBINATIONS:  # what each part needs, and the calibration its parts' scores
+            ready = all(self.can_score(part) for part in COMBINATIONS[score][0])
             return ready and self.calibration is not None and self.calibration.combination_of(score) is not None
         if score == "query_density":
             return self.query_ready

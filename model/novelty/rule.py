@@ -16,7 +16,7 @@ from data.io import InputError
 from model.novelty.calibration import conformal_threshold
 from model.novelty.query import MIN_QUERY_CELLS, QUERY_SHIFT_SHARE, query_scores, query_shift, query_warnings
 from model.novelty.record import NoveltyRecord
-from model.novelty.scores import CROSSFIT_SCORES, QUERY_SCORES, SCORES, softmax_score
+from model.novelty.scores import CROSSFIT_COMBINED, CROSSFIT_SCORES, QUERY_SCORES, SCORES, softmax_score
 
 log = logging.getLogger("scbert")
 
@@ -153,7 +153,7 @@ def _calibrated_rule(record: NoveltyRecord | None, novelty: str, reject_rate: fl
         log.info("%s has no statistics for the novelty score %s (fine-tuned before it existed, or on too few cells): using %s; "
                  "fine-tune again for it", model_name, score, fallback)
         score = fallback
-    elif novelty != "auto" and score in (*CROSSFIT_SCORES, "crossfit_combined") and not record.can_score(score) \
+    elif novelty != "auto" and score in (*CROSSFIT_SCORES, *CROSSFIT_COMBINED) and not record.can_score(score) \
             and record.can_score("pca_mahalanobis") and "pca_mahalanobis" in cal.thresholds:
         log.info("--novelty %s: %s was fine-tuned before the cross-fitted statistics existed: using pca_mahalanobis, which "
                  "rejects more of the model's own training cells; fine-tune again for %s", score, model_name, score)

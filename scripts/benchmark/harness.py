@@ -236,9 +236,9 @@ def run_benchmark(
     (default: CellTypist's, growing with the number of test cells)."""
     from tqdm.auto import tqdm
 
-    from model.novelty.calibration import ScoreCombination, conformal_threshold
+    from model.novelty.calibration import COMBINATIONS, ScoreCombination, conformal_threshold
     from model.novelty.query import query_scores
-    from model.novelty.scores import COMBINED_PARTS, CROSSFIT_COMBINED_PARTS
+    from model.novelty.scores import COMBINED_PARTS
 
     X = sparse.csr_matrix(X)
     y = np.asarray(y).astype(str)
@@ -281,10 +281,11 @@ def run_benchmark(
                 comb = ScoreCombination.of(cal_scores, parts)
                 if comb is not None:  # p-values against the calibration cells (each of them against the others)
                     cal_scores["combined"], test_scores["combined"] = comb(cal_scores, leave_one_out=True), comb(test_scores)
-                comb = ScoreCombination.of(cal_scores, CROSSFIT_COMBINED_PARTS, tail=True)
-                if comb is not None:
-                    cal_scores["crossfit_combined"] = comb(cal_scores, leave_one_out=True)
-                    test_scores["crossfit_combined"] = comb(test_scores)
+                for combined, (combined_parts, tail) in COMBINATIONS.items():
+                    comb = ScoreCombination.of(cal_scores, combined_parts, tail=tail) if tail else None
+                    if comb is not None:  # the per-cell combinations, as a fine-tuned model's calibration computes them
+                        cal_scores[combined] = comb(cal_scores, leave_one_out=True)
+                        test_scores[combined] = comb(test_scores)
                 density = getattr(method, "query_density_", None)
                 if density is not None:  # the calibration cells join the test cells' neighbour graph
                     q, c = query_scores(density, X[split.test], test_scores, cal_scores, X[cal_idx], mahalanobis=parts[0])

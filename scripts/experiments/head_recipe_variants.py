@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from data.dataset import CellDataset
+from data.labels import read_label_map
 from model.checkpoint import load_checkpoint
 from model.evaluation import classification_metrics
 from model.inference import InferenceOptions
@@ -57,6 +58,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "head_lr_3e-4_dropout_0.5": {"head_lr": 3e-4, "dropout": 0.5},
     "head_lr_3e-4_wd_1": {"head_lr": 3e-4, "weight_decay": 1.0},
     "head_lr_3e-4_patience_8": {"head_lr": 3e-4, "patience": 8},
+    "head_lr_3e-4_wd_1_steps_1000": {"head_lr": 3e-4, "weight_decay": 1.0, "min_steps": 1000},
+    "head_lr_3e-4_wd_1_patience_8": {"head_lr": 3e-4, "weight_decay": 1.0, "patience": 8},
+    "head_lr_3e-4_wd_1_batch_32": {"head_lr": 3e-4, "weight_decay": 1.0, "batch_size": 32},
+    "head_lr_3e-4_wd_3": {"head_lr": 3e-4, "weight_decay": 3.0},
 }
 
 
@@ -75,26 +80,49 @@ class IndexedEncodings(EncodedCells):
         return {"index": idx, "encodings": self.encodings[self.rows[idx]], "labels": self.labels[idx]}
 
 
-def run_variant(name: str, ckpt: Any, X: Any, E: torch.Tensor, y: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int) -> dict[str, Any]:
-    """Train one head with variant ``name`` on the cells ``train`` and score it on ``test``."""
+def variant_settings(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The TrainConfig fields and the rest of variant ``name``."""
     over = VARIANTS[name]
-    train_kw = {**TRAIN, **{k: v for k, v in over.items() if k in TRAIN or k in TrainConfig.__dataclass_fields__}}
-    rest = {**REST, **{k: v for k, v in over.items() if k in REST}}
-    classes, codes = np.unique(y[train], return_inverse=True)
+    train_kw = {**TRAIN, **{k: v for k, v in over.items() if k in TrainConfig.__dataclass_fields__}}
+    return train_kw, {**REST, **{k: v for k, v in over.items() if k in REST}}
+
+
+def train_head(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray, n_classes: int, fit_rows: np.ndarray,
+               val_rows: np.ndarray, seed: int) -> tuple[Any, dict[str, Any], list[dict[str, float]]]:
+    """A head trained with variant ``name`` on the stored encodings ``E`` of cells ``fit_rows``,
+    choosing its epoch on ``val_rows`` (``codes``: every cell's class id). Returns the model, the kept
+    epoch's metrics and the history."""
+    train_kw, rest = variant_settings(name)
     set_seed(seed)
-    fit_rel, val_rel = stopping_split(codes, rest["val_frac"], seed, rest["keep_rare"])
-    fit_rows, val_rows = train[fit_rel], train[val_rel]
-    model = new_classifier(ckpt.config, len(classes), rest["dropout"], pretrained=ckpt, head_only=True, redraw_features=False)
+    model = new_classifier(ckpt.config, n_classes, rest["dropout"], pretrained=ckpt, head_only=True, redraw_features=False)
     cfg = TrainConfig(seed=seed, progress=False, **train_kw)
     bins = model.config.bin_num
-    fit_y, val_y = torch.as_tensor(codes[fit_rel]), torch.as_tensor(codes[val_rel])
+    fit_y, val_y = torch.as_tensor(codes[fit_rows]), torch.as_tensor(codes[val_rows])
     cells = (IndexedEncodings(E, fit_rows, fit_y), EncodedCells(E[torch.as_tensor(val_rows)], val_y))
-    best, history = finetune(model, CellDataset(X[fit_rows], bins, codes[fit_rel]), CellDataset(X[val_rows], bins, codes[val_rel]), cfg,
+    best, history = finetune(model, CellDataset(X[fit_rows], bins, codes[fit_rows]), CellDataset(X[val_rows], bins, codes[val_rows]), cfg,
                              torch.device("cpu"), None, name, head_init=rest["head_init"], encodings=cells)
+    return model, best, history
+
+
+def run_variant(name: str, ckpt: Any, X: Any, E: torch.Tensor, y: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int) -> dict[str, Any]:
+    """Train one head with variant ``name`` on the cells ``train`` (its stopping split as the
+    benchmark's scbert method takes it) and score it on ``test``."""
+    _, rest = variant_settings(name)
+    classes = np.unique(y[train])
+    codes = np.searchsorted(classes, y)  # (cells of types outside the training part are never trained on)
+    set_seed(seed)
+    fit_rel, val_rel = stopping_split(codes[train], rest["val_frac"], seed, rest["keep_rare"])
+    model, best, history = train_head(name, ckpt, X, E, codes, len(classes), train[fit_rel], train[val_rel], seed)
     probs = head_probabilities(model, EncodedCells(E[torch.as_tensor(test)], None), 64, torch.device("cpu"))
     m = classification_metrics(y[test], classes[probs.argmax(1)], list(classes))
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "balanced_accuracy": m.get("balanced_accuracy"),
             "best_epoch": best["epoch"], "epochs": len(history)}
+
+
+def encode_file(ckpt: Any, X: Any) -> torch.Tensor:
+    """The frozen encoder's encodings of every cell of ``X`` (cells, genes + 1, dim), float32."""
+    encoder = new_classifier(ckpt.config, 2, 0.0, pretrained=ckpt, head_only=True, redraw_features=False)
+    return encode_dataset(encoder, CellDataset(X, encoder.config.bin_num), InferenceOptions(64, torch.device("cpu"), progress=False)).encodings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--subsample", nargs="*", default=[], metavar="TYPE=N")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1])
+    p.add_argument("--label-map", default=None, help="two columns: label in the data, label to use (- leaves the cells out)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -116,11 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = load_checkpoint(args.pretrained)
     adata, y, genes = load_labelled(args.data, args.label_key, ckpt.genes, None)
     settings = ProtocolSettings(protocol=args.protocol, folds=args.folds, seeds=args.seeds, subsample=parse_subsample(args.subsample),
-                                fractions=args.fractions)
+                                fractions=args.fractions, label_map=read_label_map(args.label_map) if args.label_map else {})
     X, y, splits = protocol_splits(settings, adata, y, genes, args.data, args.label_key, None)
     t0 = time.time()
-    encoder = new_classifier(ckpt.config, 2, 0.0, pretrained=ckpt, head_only=True, redraw_features=False)
-    E = encode_dataset(encoder, CellDataset(X, encoder.config.bin_num), InferenceOptions(64, torch.device("cpu"), progress=False)).encodings
+    E = encode_file(ckpt, X)
     print(f"encoded {len(y)} cells in {time.time() - t0:.0f} s", flush=True)
     rows: list[dict[str, Any]] = []
     for split in splits:

@@ -1,0 +1,99 @@
+"""Development: per-cell novelty scores of scBERT itself (not of a logistic-regression stand-in) and
+their combinations, leave-one-type-out on one file (issue 34: the per-cell default).
+
+The protocol of the other novelty development scripts: every type with >= 20 cells held out in
+turn, 2 folds, seed 0; a tenth of each known type of the training part calibrates a 5% reject rate
+(and chooses the head's epoch, as in the benchmark's novel protocol). The head is trained with
+``--variant`` of :mod:`scripts.experiments.head_recipe_variants` (``default``: finetune.py's recipe) on
+encodings computed once per file. Each score's conformal p-values (tail-extended, as the shipped
+``crossfit_combined``) are joined by Fisher's -2 sum log p. Choose on the sorted PBMCs; PBMC3k is
+the table the issue reports on:
+
+    python -m scripts.experiments.novelty_scbert_variants --data $M/pbmc_sorted_2140.h5ad \\
+        --pretrained /work/runs/enc/pre_main/model.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.novelty.calibration import ScoreCombination
+from model.novelty.crossfit import CrossFitPCA
+from model.novelty.expression import ExpressionPCA
+from model.novelty.record import NoveltyRecord, novelty_scores
+from model.novelty.scores import ClassStatistics
+from scripts.benchmark.harness import ProtocolSettings, calibration_holdout, load_labelled, protocol_splits
+from scripts.benchmark.report import NoveltyTally
+from scripts.experiments.head_recipe_variants import VARIANTS, encode_file, train_head
+
+SINGLE = ("energy", "softmax", "mahalanobis", "knn", "pca_mahalanobis", "crossfit_mahalanobis", "crossfit_knn")
+COMBINATIONS = {
+    "crossfit_mahalanobis + energy (default)": ("crossfit_mahalanobis", "energy"),
+    "crossfit_mahalanobis + mahalanobis": ("crossfit_mahalanobis", "mahalanobis"),
+    "crossfit_mahalanobis + mahalanobis + energy": ("crossfit_mahalanobis", "mahalanobis", "energy"),
+    "crossfit_mahalanobis + knn": ("crossfit_mahalanobis", "knn"),
+    "crossfit_mahalanobis + knn + energy": ("crossfit_mahalanobis", "knn", "energy"),
+    "crossfit_mahalanobis + crossfit_knn + mahalanobis": ("crossfit_mahalanobis", "crossfit_knn", "mahalanobis"),
+    "mahalanobis + energy": ("mahalanobis", "energy"),
+}
+
+
+@torch.inference_mode()
+def head_outputs(model: torch.nn.Module, E: torch.Tensor, rows: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
+    """Probabilities, logits and the classifier's features of the stored encodings of ``rows``."""
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {"probs": [], "logits": [], "features": []}
+    for start in range(0, len(rows), batch):
+        feats = model.to_out.features(E[torch.as_tensor(rows[start:start + batch])]).float()
+        logits = model.to_out.logits(feats).float()
+        for k, v in (("probs", torch.softmax(logits, -1)), ("logits", logits), ("features", feats)):
+            parts[k].append(v)
+    return {k: torch.cat(v).numpy() for k, v in parts.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, nargs="+")
+    p.add_argument("--label-key", default="celltype")
+    p.add_argument("--pretrained", required=True)
+    p.add_argument("--variant", default="default", choices=list(VARIANTS))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+
+    ckpt = load_checkpoint(args.pretrained)
+    adata, y, genes = load_labelled(args.data, args.label_key, ckpt.genes, None)
+    X, y, splits = protocol_splits(ProtocolSettings(protocol="novel", folds=2, seeds=[0]), adata, y, genes, args.data, args.label_key, None)
+    E = encode_file(ckpt, X)
+    tally = NoveltyTally()
+    for split in splits:
+        fit, cal = calibration_holdout(y, split)
+        classes = np.unique(y[fit])
+        codes = np.searchsorted(classes, y)
+        model, _, _ = train_head(args.variant, ckpt, X, E, codes, len(classes), fit, cal, split.seed)
+        ref = head_outputs(model, E, fit)
+        record = NoveltyRecord(classes=ClassStatistics.fit(ref["features"], None, codes[fit], len(classes), split.seed),
+                               pca=ExpressionPCA.fit(X[fit], codes[fit], len(classes), split.seed),
+                               crossfit=CrossFitPCA.fit(X[fit], codes[fit], len(classes), split.seed))
+        out_c, out_q = head_outputs(model, E, cal), head_outputs(model, E, split.test)
+        sc = novelty_scores(out_c["probs"], out_c["logits"], out_c["features"], None, record, expression=X[cal])
+        sq = novelty_scores(out_q["probs"], out_q["logits"], out_q["features"], None, record, expression=X[split.test])
+        novel = ~np.isin(y[split.test], classes)
+        variants = {k: (sc[k], sq[k]) for k in SINGLE if k in sc}
+        for name, parts in COMBINATIONS.items():
+            comb = ScoreCombination.of(sc, parts, tail=True)
+            variants[f"Fisher {name}"] = (comb(sc, leave_one_out=True), comb(sq))
+        for name, (c, q) in variants.items():
+            tally.add(name, split, c, q, novel)
+        print(f"{split.key} done", flush=True)
+    print(f"{args.data} (head recipe: {args.variant})")
+    print("\n".join(tally.lines()))
+
+
+if __name__ == "__main__":
+    main()
