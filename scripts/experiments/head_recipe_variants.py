@@ -62,6 +62,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "head_lr_3e-4_wd_1_patience_8": {"head_lr": 3e-4, "weight_decay": 1.0, "patience": 8},
     "head_lr_3e-4_wd_1_batch_32": {"head_lr": 3e-4, "weight_decay": 1.0, "batch_size": 32},
     "head_lr_3e-4_wd_3": {"head_lr": 3e-4, "weight_decay": 3.0},
+    "head_lr_3e-4_last_epoch": {"head_lr": 3e-4, "select": "last", "patience": 0},
+    "head_lr_3e-4_epochs_15_patience_8": {"head_lr": 3e-4, "epochs": 15, "patience": 8},
 }
 
 
