@@ -72,20 +72,22 @@ SUMMARY_KEYS = ("accuracy", "macro_f1", "macro_f1_union", "known_accuracy", "acc
 class NoveltyTally:
     """Novelty score variants over the novel protocol's runs (the development scripts): per variant
     and held-out type, the AUROC (known vs novel), the novel cells rejected and the known cells
-    rejected at the conformal threshold of the calibration cells' scores."""
+    rejected at the conformal threshold of the calibration cells' scores, the known cells rejected
+    when 95% of the novel ones are (FPR at 95% TPR) and the average precision of the novel class."""
 
     def __init__(self, reject_rate: float = 0.05) -> None:
         self.reject_rate = reject_rate
-        self.runs: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+        self.runs: dict[str, dict[str, list[tuple[float, float, float, float, float]]]] = {}
 
     def add(self, name: str, split: Split, calibration: np.ndarray, query: np.ndarray, novel: np.ndarray) -> None:
         """One run's scores of variant ``name``: ``calibration`` (known cells held out of fitting) and
         ``query`` (the split's test cells, ``novel`` marking those of the held-out type)."""
-        from model.novelty.calibration import auroc, conformal_threshold
+        from model.novelty.calibration import aupr, auroc, conformal_threshold, fpr_at_tpr
 
         cut = conformal_threshold(calibration, self.reject_rate)
+        known, new = query[~novel], query[novel]
         self.runs.setdefault(name, {}).setdefault(split.variant, []).append(
-            (auroc(query[~novel], query[novel]), float((query[novel] > cut).mean()), float((query[~novel] > cut).mean())))
+            (auroc(known, new), float((new > cut).mean()), float((known > cut).mean()), fpr_at_tpr(known, new), aupr(known, new)))
 
     def lines(self) -> list[str]:
         """One line per variant: the means over held-out types, then the AUROC of each type."""
@@ -94,7 +96,7 @@ class NoveltyTally:
             m = np.array([np.mean(v, axis=0) for v in per.values()])
             types = " ".join(f"{k.removeprefix('novel=')} {np.mean(v, axis=0)[0]:.3f}" for k, v in per.items())
             out.append(f"{name:42s} AUROC {m[:, 0].mean():.4f}  novel recall {m[:, 1].mean():.4f}  "
-                       f"known rejected {m[:, 2].mean():.4f}  | {types}")
+                       f"known rejected {m[:, 2].mean():.4f}  FPR@95 {m[:, 3].mean():.4f}  AUPR {m[:, 4].mean():.4f}  | {types}")
         return out
 
 
