@@ -35,7 +35,7 @@ SCORE_MEANINGS = {
     "crossfit_knn": "pca_knn cross-fitted the same way",
     "crossfit_combined": "Fisher's combination of crossfit_mahalanobis and energy, with p-values that go on falling beyond the "
                          "largest validation score (per cell: a cell's label does not depend on the other cells of the file)",
-    "crossfit_feature_combined": "Fisher's combination of crossfit_mahalanobis, mahalanobis and energy (expression, the classifier's "
+    "crossfit_feature_combined": "Fisher's combination of crossfit_mahalanobis, knn and energy (expression, the classifier's "
                                  "features, its logits), with the tail p-values of crossfit_combined (per cell)",
     "query_density": "the share of a cell's nearest neighbours that are query cells rather than training cells (whole query)",
     "query_combined": "Fisher's combination of query_density and pca_mahalanobis (whole query)",
@@ -48,7 +48,7 @@ QUERY_SCORES = ("query_density", "query_combined")  # depend on the whole query:
 EXPRESSION_SCORES = (*PCA_SCORES, *CROSSFIT_SCORES, *QUERY_SCORES)  # computed from the input expression alone (the network's precision cannot move them)
 COMBINED_PARTS = ("pca_mahalanobis", "energy")  # the scores that ``combined`` joins
 CROSSFIT_COMBINED_PARTS = ("crossfit_mahalanobis", "energy")  # the scores that ``crossfit_combined`` joins (with tail p-values)
-CROSSFIT_FEATURE_COMBINED_PARTS = ("crossfit_mahalanobis", "mahalanobis", "energy")  # ``crossfit_feature_combined`` (tail p-values)
+CROSSFIT_FEATURE_COMBINED_PARTS = ("crossfit_mahalanobis", "knn", "energy")  # ``crossfit_feature_combined`` (tail p-values)
 CROSSFIT_COMBINED = ("crossfit_combined", "crossfit_feature_combined")  # the combinations with a cross-fitted part
 QUERY_COMBINED_PARTS = ("pca_mahalanobis", "query_density")  # the scores that ``query_combined`` joins
 MAX_REFERENCE_CELLS = 5000  # training cells kept for the kNN score and the class statistics (seeded sample)

@@ -41,6 +41,7 @@ TRAIN, REST = finetune_parts("ours")
 # name -> overrides of the default recipe (TrainConfig fields and the rest alike)
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
+    "recipe_7dec_evening": {"head_lr": 1e-3, "patience": 4},  # the recipe before 2343b25 (the ablation's "default")
     "head_lr_3e-4": {"head_lr": 3e-4},
     "head_lr_3e-4_steps_1000": {"head_lr": 3e-4, "min_steps": 1000},
     "head_lr_1e-4_steps_1000": {"head_lr": 1e-4, "min_steps": 1000},
