@@ -106,11 +106,13 @@ def test_novelty_tally_on_a_hand_made_case() -> None:
     tally.add("score", split, calibration, query, novel)
     other = novel_splits(np.array(["a"] * 10 + ["b"] * 10), ["a"], 2, [0])[0]
     tally.add("score", other, calibration, -query, novel)  # a score that ranks novel cells lowest
-    auc, recall, rejected = tally.runs["score"][split.variant][0]
+    auc, recall, rejected, fpr, ap = tally.runs["score"][split.variant][0]
     assert (auc, recall, rejected) == (pytest.approx(8 / 9), pytest.approx(2 / 3), pytest.approx(1 / 3))
-    assert tally.runs["score"][other.variant][0] == (pytest.approx(1 / 9), 0.0, 0.0)
+    # 95% of the novel cells (10, 25, 30) lie above 11.5, as does one known cell (19.5); ranked 30, 25, 19.5, 10: AP (1 + 1 + 3/4) / 3
+    assert (fpr, ap) == (pytest.approx(1 / 3), pytest.approx(2.75 / 3))
+    assert tally.runs["score"][other.variant][0] == (pytest.approx(1 / 9), 0.0, 0.0, 1.0, pytest.approx((1 / 3 + 2 / 5 + 1 / 2) / 3))
     (line,) = tally.lines()
-    assert "AUROC 0.5000" in line and "novel recall 0.3333" in line and "known rejected 0.1667" in line
+    assert "AUROC 0.5000" in line and "novel recall 0.3333" in line and "known rejected 0.1667" in line and "FPR@95 0.6667" in line
 
 
 def test_select_genes_keeps_the_most_variable() -> None:

@@ -35,7 +35,7 @@ from data.labels import stratified_holdout
 from model.api import annotate, load_model
 from model.novelty.rule import UNASSIGNED
 
-RULES = {"auto (crossfit_combined)": {"novelty": "auto"}, "pca_mahalanobis": {"novelty": "pca_mahalanobis"},
+RULES = {"auto (the default)": {"novelty": "auto"}, "crossfit_combined": {"novelty": "crossfit_combined"}, "pca_mahalanobis": {"novelty": "pca_mahalanobis"},
          "query_combined (opt-in)": {"novelty": "query_combined"}, "published (top probability < 0.5)": {"novelty": "softmax", "threshold": 0.5}}
 LABEL_MAP = Path(__file__).resolve().parents[2] / "data" / "label_maps" / "pbmc3k_pbmc4k.tsv"
 
