@@ -126,7 +126,7 @@ def score_cells(net: ScBERT, ds: CellDataset, record: NoveltyRecord | None, rule
     re-check). Returns outputs, scores and the number of cells re-checked."""
     if pooling not in EMBEDDINGS:
         raise InputError(f"pooling must be one of {EMBEDDINGS}, got {pooling!r}")
-    wanted = {"softmax", "energy", rule.score}
+    wanted = {"softmax", "energy", rule.score, *COMBINATIONS.get(rule.score, ((),))[0]}  # a combined score: its parts too
     if rule.score in QUERY_SCORES:
         wanted.add(QUERY_COMBINED_PARTS[0])  # for query_combined and query_rule's fall-back; the query score itself: query_rule
     head = pooling == "head"

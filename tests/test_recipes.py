@@ -121,4 +121,4 @@ def test_recipe_reaches_the_records(prep: Path, tmp_path: Path) -> None:
     finetune.main(["--data", str(pbmc_small), "--label-key", "celltype", "--pretrained", str(out / "model.pt"), "--out", str(ours),
                    "--epochs", "1", "--quiet"])
     args = json.loads((ours / "config.json").read_text())["args"]
-    assert (args["recipe"], args["batch_size"], args["grad_acc"], args["patience"], args["head_init"]) == ("ours", 16, 1, 4, "expression")
+    assert (args["recipe"], args["batch_size"], args["grad_acc"], args["patience"], args["head_init"]) == ("ours", 16, 1, 8, "expression")
