@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.novelty.scores import COMBINED_PARTS, CROSSFIT_COMBINED_PARTS, CROSSFIT_FEATURE_COMBINED_PARTS
+from model.novelty.scores import COMBINED_PARTS, CROSSFIT_COMBINED_PARTS, CROSSFIT_FEATURE_COMBINED_PARTS, CROSSFIT_SCORES
 
 # each combined score: its parts, and whether their p-values go on falling beyond the calibration range
 COMBINATIONS = {"combined": (COMBINED_PARTS, False), "crossfit_combined": (CROSSFIT_COMBINED_PARTS, True),
                 "crossfit_feature_combined": (CROSSFIT_FEATURE_COMBINED_PARTS, True)}
+CROSSFIT_COMBINED = tuple(name for name, (parts, _) in COMBINATIONS.items() if set(parts) & set(CROSSFIT_SCORES))  # with a cross-fitted part
 
 MAX_CALIBRATION_CELLS = 10000  # validation scores kept, so that predict.py can use another reject rate
 

@@ -40,6 +40,16 @@ class NoveltyRecord:
     calibration: Calibration | None = None  # thresholds and the validation cells' scores
     precision_error: dict[str, dict[str, Any]] = field(default_factory=dict)  # precision -> model.recheck.measure_precision_error
 
+    @classmethod
+    def fit(cls, features: np.ndarray, expression: Any, labels: np.ndarray, n_classes: int, seed: int = 0,
+            density: bool = True) -> NoveltyRecord:
+        """The statistics of training cells (no calibration yet): of the classifier's ``features`` (the
+        knn reference too), of their ``expression`` (the model's input matrix: the PCA, its cross-fitted
+        halves and, with ``density``, the query-density reference), class ids ``labels``."""
+        return cls(classes=ClassStatistics.fit(features, None, labels, n_classes, seed),
+                   pca=ExpressionPCA.fit(expression, labels, n_classes, seed), crossfit=CrossFitPCA.fit(expression, labels, n_classes, seed),
+                   density=QueryDensity.fit(expression, seed) if density else None)
+
     @property
     def query_ready(self) -> bool:
         """Whether the query_* scores can be calibrated: a density reference whose calibration cells

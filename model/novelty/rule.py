@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 
 from data.io import InputError
-from model.novelty.calibration import conformal_threshold
+from model.novelty.calibration import CROSSFIT_COMBINED, conformal_threshold
 from model.novelty.query import MIN_QUERY_CELLS, QUERY_SHIFT_SHARE, query_scores, query_shift, query_warnings
 from model.novelty.record import NoveltyRecord
-from model.novelty.scores import CROSSFIT_COMBINED, CROSSFIT_SCORES, QUERY_SCORES, SCORES, softmax_score
+from model.novelty.scores import CROSSFIT_SCORES, QUERY_SCORES, SCORES, softmax_score
 
 log = logging.getLogger("scbert")
 

@@ -49,7 +49,6 @@ EXPRESSION_SCORES = (*PCA_SCORES, *CROSSFIT_SCORES, *QUERY_SCORES)  # computed f
 COMBINED_PARTS = ("pca_mahalanobis", "energy")  # the scores that ``combined`` joins
 CROSSFIT_COMBINED_PARTS = ("crossfit_mahalanobis", "energy")  # the scores that ``crossfit_combined`` joins (with tail p-values)
 CROSSFIT_FEATURE_COMBINED_PARTS = ("crossfit_mahalanobis", "knn", "energy")  # ``crossfit_feature_combined`` (tail p-values)
-CROSSFIT_COMBINED = ("crossfit_combined", "crossfit_feature_combined")  # the combinations with a cross-fitted part
 QUERY_COMBINED_PARTS = ("pca_mahalanobis", "query_density")  # the scores that ``query_combined`` joins
 MAX_REFERENCE_CELLS = 5000  # training cells kept for the kNN score and the class statistics (seeded sample)
 KNN_K = 10

@@ -27,11 +27,8 @@ from model.inference import InferenceOptions, predict_distributed, predict_outpu
 from model.nn.config import ExecutionOptions, ModelSize
 from model.nn.network import ScBERT
 from model.novelty.calibration import MAX_CALIBRATION_CELLS, calibrate
-from model.novelty.crossfit import CrossFitPCA
-from model.novelty.expression import ExpressionPCA
-from model.novelty.query import QueryDensity
 from model.novelty.record import NoveltyRecord, novelty_scores
-from model.novelty.scores import MAX_REFERENCE_CELLS, ClassStatistics
+from model.novelty.scores import MAX_REFERENCE_CELLS
 from model.recheck import PRECISION_CHECK_CELLS, measure_precision_error
 from model.runtime import set_seed
 from model.train.config import TrainConfig
@@ -362,9 +359,7 @@ def calibrate_novelty(model: ScBERT, X: sparse.csr_matrix, y: np.ndarray, train:
     options = InferenceOptions(batch_size, device, progress=progress)
     ref = predict_outputs(model, CellDataset(rows_of(X, train), bins), options, embed=True, features=True)
     # the knn score's reference: the classifier's features, the cell embedding (X_scbert) of a fine-tuned model
-    record = NoveltyRecord(classes=ClassStatistics.fit(ref["features"], None, y[train], n_classes, seed),
-                           pca=ExpressionPCA.fit(rows_of(X, train), y[train], n_classes, seed),
-                           crossfit=CrossFitPCA.fit(rows_of(X, train), y[train], n_classes, seed), density=QueryDensity.fit(rows_of(X, train), seed))
+    record = NoveltyRecord.fit(ref["features"], rows_of(X, train), y[train], n_classes, seed)
     if record.density is not None:
         record.density.set_calibration(rows_of(X, val))
     cal = predict_outputs(model, CellDataset(rows_of(X, val), bins), options, embed=True, features=True)

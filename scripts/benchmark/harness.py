@@ -282,8 +282,10 @@ def run_benchmark(
                 if comb is not None:  # p-values against the calibration cells (each of them against the others)
                     cal_scores["combined"], test_scores["combined"] = comb(cal_scores, leave_one_out=True), comb(test_scores)
                 for combined, (combined_parts, tail) in COMBINATIONS.items():
-                    comb = ScoreCombination.of(cal_scores, combined_parts, tail=tail) if tail else None
-                    if comb is not None:  # the per-cell combinations, as a fine-tuned model's calibration computes them
+                    if combined == "combined":  # above, with the method's own parts
+                        continue
+                    comb = ScoreCombination.of(cal_scores, combined_parts, tail=tail)
+                    if comb is not None:  # the other combinations, as a fine-tuned model's calibration computes them
                         cal_scores[combined] = comb(cal_scores, leave_one_out=True)
                         test_scores[combined] = comb(test_scores)
                 density = getattr(method, "query_density_", None)

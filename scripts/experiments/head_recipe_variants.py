@@ -33,7 +33,7 @@ from model.train.config import TrainConfig
 from model.train.encoding_cache import EncodedCells, encode_dataset, head_probabilities
 from model.train.finetuning import finetune, stopping_split
 from model.train.initialisation import new_classifier
-from model.train.recipes import finetune_parts
+from model.train.recipes import TRAIN_FIELDS, finetune_parts
 from scripts.benchmark.harness import ProtocolSettings, load_labelled, parse_subsample, protocol_splits
 
 TRAIN, REST = finetune_parts("ours")
@@ -86,7 +86,7 @@ class IndexedEncodings(EncodedCells):
 def variant_settings(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The TrainConfig fields and the rest of variant ``name``."""
     over = VARIANTS[name]
-    train_kw = {**TRAIN, **{k: v for k, v in over.items() if k in TrainConfig.__dataclass_fields__}}
+    train_kw = {**TRAIN, **{k: v for k, v in over.items() if k in TRAIN_FIELDS}}
     return train_kw, {**REST, **{k: v for k, v in over.items() if k in REST}}
 
 

@@ -23,10 +23,7 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.novelty.calibration import ScoreCombination
-from model.novelty.crossfit import CrossFitPCA
-from model.novelty.expression import ExpressionPCA
 from model.novelty.record import NoveltyRecord, novelty_scores
-from model.novelty.scores import ClassStatistics
 from scripts.benchmark.harness import ProtocolSettings, calibration_holdout, load_labelled, protocol_splits
 from scripts.benchmark.report import NoveltyTally
 from scripts.experiments.head_recipe_variants import VARIANTS, encode_file, train_head
@@ -77,9 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         codes = np.searchsorted(classes, y)
         model, _, _ = train_head(args.variant, ckpt, X, E, codes, len(classes), fit, cal, split.seed)
         ref = head_outputs(model, E, fit)
-        record = NoveltyRecord(classes=ClassStatistics.fit(ref["features"], None, codes[fit], len(classes), split.seed),
-                               pca=ExpressionPCA.fit(X[fit], codes[fit], len(classes), split.seed),
-                               crossfit=CrossFitPCA.fit(X[fit], codes[fit], len(classes), split.seed))
+        record = NoveltyRecord.fit(ref["features"], X[fit], codes[fit], len(classes), split.seed, density=False)
         out_c, out_q = head_outputs(model, E, cal), head_outputs(model, E, split.test)
         sc = novelty_scores(out_c["probs"], out_c["logits"], out_c["features"], None, record, expression=X[cal])
         sq = novelty_scores(out_q["probs"], out_q["logits"], out_q["features"], None, record, expression=X[split.test])
