@@ -65,6 +65,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "head_lr_3e-4_wd_3": {"head_lr": 3e-4, "weight_decay": 3.0},
     "head_lr_3e-4_last_epoch": {"head_lr": 3e-4, "select": "last", "patience": 0},
     "head_lr_3e-4_epochs_15_patience_8": {"head_lr": 3e-4, "epochs": 15, "patience": 8},
+    # ensembles: ``heads`` heads, each with its own stopping split and seed, their probabilities averaged
+    "heads_3": {"heads": 3},
+    "heads_5": {"heads": 5},
+    "heads_5_val_0.1": {"heads": 5, "val_frac": 0.1},
+    "heads_5_same_split": {"heads": 5, "same_split": True},  # one stopping split (it can calibrate novelty), seeds differ
 }
 
 
@@ -87,7 +92,7 @@ def variant_settings(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The TrainConfig fields and the rest of variant ``name``."""
     over = VARIANTS[name]
     train_kw = {**TRAIN, **{k: v for k, v in over.items() if k in TRAIN_FIELDS}}
-    return train_kw, {**REST, **{k: v for k, v in over.items() if k in REST}}
+    return train_kw, {**REST, "heads": 1, "same_split": False, **{k: v for k, v in over.items() if k in REST or k in ("heads", "same_split")}}
 
 
 def train_head(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray, n_classes: int, fit_rows: np.ndarray,
@@ -108,15 +113,19 @@ def train_head(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray,
 
 
 def run_variant(name: str, ckpt: Any, X: Any, E: torch.Tensor, y: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int) -> dict[str, Any]:
-    """Train one head with variant ``name`` on the cells ``train`` (its stopping split as the
-    benchmark's scbert method takes it) and score it on ``test``."""
+    """Train the head(s) of variant ``name`` on the cells ``train`` (the first stopping split as the
+    benchmark's scbert method takes it; further heads of an ensemble draw their own) and score the
+    mean of their probabilities on ``test``."""
     _, rest = variant_settings(name)
     classes = np.unique(y[train])
     codes = np.searchsorted(classes, y)  # (cells of types outside the training part are never trained on)
-    set_seed(seed)
-    fit_rel, val_rel = stopping_split(codes[train], rest["val_frac"], seed, rest["keep_rare"])
-    model, best, history = train_head(name, ckpt, X, E, codes, len(classes), train[fit_rel], train[val_rel], seed)
-    probs = head_probabilities(model, EncodedCells(E[torch.as_tensor(test)], None), 64, torch.device("cpu"))
+    probs = np.zeros((len(test), len(classes)))
+    for k in range(rest["heads"]):
+        s = seed + 1000 * k
+        set_seed(s)
+        fit_rel, val_rel = stopping_split(codes[train], rest["val_frac"], seed if rest["same_split"] else s, rest["keep_rare"])
+        model, best, history = train_head(name, ckpt, X, E, codes, len(classes), train[fit_rel], train[val_rel], s)
+        probs += head_probabilities(model, EncodedCells(E[torch.as_tensor(test)], None), 64, torch.device("cpu"))
     m = classification_metrics(y[test], classes[probs.argmax(1)], list(classes))
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "balanced_accuracy": m.get("balanced_accuracy"),
             "best_epoch": best["epoch"], "epochs": len(history)}
