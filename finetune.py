@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-only", type=str2bool, nargs="?", const=True, default=None, metavar="BOOL",
                    help=recipe_help("finetune", "head_only", "train only the classifier head on the frozen pretrained encoder (faster; "
                                     "see RESULTS.md)"))
+    g.add_argument("--ensemble", type=positive_int, default=None,
+                   help=recipe_help("finetune", "ensemble", "classifier heads trained side by side from different random starts; "
+                                    "a cell's scores are the mean of their logits (1 = one head, as published)"))
     g.add_argument("--head-init", choices=["expression", "random"], default=None,
                    help=recipe_help("finetune", "head_init", "start of the head's per-gene reduction (conv1): expression = the "
                                     "least-squares read-out of each gene's expression bin from its encoding; random = as published"))

@@ -43,7 +43,8 @@ def before_training(args: argparse.Namespace, pre: Any, genes: list[str], classe
         log.info("--pretrained %s is a fine-tuned classifier (of %s): its encoder is the start and a new classifier head is "
                  "trained for the %d cell types of --data; its own head and classes are not kept", pre.source,
                  ", ".join(pre.classes or []), len(classes))
-    config = (pre.config if pre else size.config(len(genes))).replace(head="classifier", n_classes=len(classes))
+    config = (pre.config if pre else size.config(len(genes))).replace(head="classifier", n_classes=len(classes),
+                                                                                  classifier_members=args.ensemble)
     kept = "head" if args.head_only else "published" if pre and not args.train_all else "all"
     n_val = int(round(n_cells / args.cv)) if args.cv else int(np.ceil(args.val_frac * n_cells))
     training_checks(args, config, device, kept, n_cells - n_val, n_val)
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> None:
         settings = FinetuningSettings(
             size=size, gene2vec=gene2vec_spec(args), gene2vec_genes=args.gene2vec_genes, cv=args.cv, val_frac=args.val_frac,
             dropout=args.dropout, class_weights=args.class_weights, train_all=args.train_all, head_only=args.head_only,
-            head_init=args.head_init, keep_rare=args.keep_rare, redraw_features=args.redraw_features, options=execution_options(args), preprocessing=preprocessing_record(args, library_size),
+            head_init=args.head_init, keep_rare=args.keep_rare, redraw_features=args.redraw_features, ensemble=args.ensemble,
+            options=execution_options(args), preprocessing=preprocessing_record(args, library_size),
             reject_rate=args.reject_rate, precision_check_cells=args.precision_check_cells, recipe=args.recipe, train=train_config(args, progress=not args.quiet and main, patience=args.patience,
                                                    patience_rule=args.patience_rule, label_smoothing=args.label_smoothing, select=args.select,
                                                    min_steps=args.min_steps, select_metric=args.select_metric, logit_adjust=args.logit_adjust,

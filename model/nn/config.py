@@ -36,6 +36,7 @@ class ScBERTConfig:
     n_classes: int = 0
     classifier_hidden: int = 128
     classifier_dropout: float = 0.0
+    classifier_members: int = 1  # >1: an ensemble of heads trained side by side, their logits averaged
 
     def __post_init__(self) -> None:
         if self.n_genes < 1:
@@ -48,7 +49,7 @@ class ScBERTConfig:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.head == "classifier" and self.n_classes < 2:
             raise ValueError(f"a classifier needs at least 2 classes, got {self.n_classes}")
-        for name in ("dim", "depth", "heads", "dim_head"):
+        for name in ("dim", "depth", "heads", "dim_head", "classifier_members"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

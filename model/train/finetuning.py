@@ -94,12 +94,15 @@ def finetune(
         train_cells, val_cells = encode_dataset(model, train, options, "encoding training cells"), encode_dataset(model, val, options, "encoding validation cells")
 
     def step_loss(net: nn.Module, batch: dict[str, torch.Tensor], epoch: int) -> tuple[torch.Tensor, float]:
+        # (members, batch, classes): each head of an ensemble learns from its own logits, as if alone
         with model.autocast():
-            logits = model.to_out(batch["encodings"].to(device)) if "encodings" in batch else net(batch["tokens"].to(device))
+            logits = model.member_logits(batch["encodings"].to(device)) if "encodings" in batch else net(batch["tokens"].to(device), members=True)
         labels = batch["labels"].to(device)
         if adjust is not None:  # training sees the prior in the logits, so the learned scores are balanced
             logits = logits.float() + adjust
-        losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=cfg.label_smoothing)
+        n = logits.shape[0]
+        losses = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.repeat(n), reduction="none",
+                                             label_smoothing=cfg.label_smoothing).view(n, -1).sum(0)
         if weights is None:
             return losses.sum(), float(len(labels))
         w = weights[labels]  # as CrossEntropyLoss(weight): sum of w_i * loss_i over sum of w_i
@@ -166,6 +169,7 @@ class FinetuningSettings:
     head_init: str = "expression"
     keep_rare: int = 0  # types with fewer cells keep them all for training (0: each gives up its share to validation, as published)
     redraw_features: bool = True  # False: the pretrained FAVOR+ random features are kept (no redraw every 1,000 steps)
+    ensemble: int = 1  # classifier heads trained side by side, their logits averaged (model.nn.network.ClassifierEnsemble)
     reject_rate: float = 0.05  # novelty thresholds reject this fraction of the validation cells (known types)
     precision_check_cells: int = PRECISION_CHECK_CELLS  # validation cells on which the bf16 error is measured, for predict's fp32 re-check (0: none)
     recipe: str = "ours"
@@ -181,7 +185,8 @@ class FinetuningSettings:
             "finetuning": {"label_key": label_key, "pretrained": pretrained, "cv": self.cv, "val_frac": self.val_frac,
                            "dropout": self.dropout, "class_weights": self.class_weights,
                            "trained_layers": freezing_policy(pretrained is not None, self.train_all, self.head_only),
-                           "head_init": self.head_init, "keep_rare": self.keep_rare, "redraw_features": self.redraw_features},
+                           "head_init": self.head_init, "keep_rare": self.keep_rare, "redraw_features": self.redraw_features,
+                           "ensemble": self.ensemble},
             "optimisation": self.train.optimisation(),
             "execution": {"precision": o.precision, "grad_checkpointing": o.grad_checkpointing, "compile": o.compile},
             "world_size": distributed.current().world_size,
@@ -286,7 +291,7 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
             vectors, g2v, base = None, {"source": f"pretrained:{pretrained.source}"}, pretrained.config
         set_seed(s.train.seed + k)
         model = new_classifier(base, len(classes), s.dropout, pretrained=pretrained, gene_vectors=vectors, train_all=s.train_all,
-                               head_only=s.head_only, options=s.options, redraw_features=s.redraw_features)
+                               head_only=s.head_only, options=s.options, redraw_features=s.redraw_features, members=s.ensemble)
         weights = None
         if s.class_weights:
             try:

@@ -62,6 +62,7 @@ def new_classifier(
     head_only: bool = False,
     options: ExecutionOptions | None = None,
     redraw_features: bool = True,
+    members: int = 1,
 ) -> ScBERT:
     """The classifier a fine-tuning run starts from: ``config``'s encoder with a new head of
     ``n_classes`` outputs (``dropout`` in the head).
@@ -71,10 +72,12 @@ def new_classifier(
     ``head_only``: only the head). Without: a random encoder (``gene_vectors`` as its frozen gene
     embedding), trained whole. ``redraw_features=False`` keeps the FAVOR+ random features fixed
     (the published code redraws them every 1,000 training calls, under a head fitted to the old draw).
+    ``members`` > 1: an ensemble of that many heads (:class:`~model.nn.network.ClassifierEnsemble`).
     """
     if train_all and head_only:
         raise ValueError("train_all and head_only exclude each other")
-    model = ScBERT(config.replace(head="classifier", n_classes=n_classes, classifier_dropout=dropout), gene_vectors, options)
+    model = ScBERT(config.replace(head="classifier", n_classes=n_classes, classifier_dropout=dropout,
+                                  classifier_members=members), gene_vectors, options)
     if pretrained is not None:
         model.load_encoder_state(pretrained.state_dict)
     elif head_only:

@@ -17,12 +17,13 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
                      "mask_rounding": "round", "masked_accuracy": "all_tokens"},
         # rare types (RESULTS.md, 7 December): a step floor, logit-adjusted loss, macro-F1 model choice,
         # rare types kept whole for training, fixed random features, the head alone trained on the frozen encoder;
-        # head lr 3e-4 with patience 8 (the whole budget, best epoch kept): chosen on tuning seeds (RESULTS.md, 7 December, night)
+        # head lr 3e-4 with patience 8 (the whole budget, best epoch kept): chosen on tuning seeds (RESULTS.md, 7 December, night);
+        # an ensemble of 5 heads trained side by side, logits averaged (RESULTS.md, 8 December)
         "finetune": {"epochs": 10, "batch_size": 16, "grad_acc": 1, "clip_norm": 1.0, "schedule": "ours", "lr": 1e-4, "weight_decay": 0.05,
                      "patience": 8, "patience_rule": "ours", "head_init": "expression", "dropout": 0.3,
                      "min_steps": 300, "select_metric": "macro_f1", "logit_adjust": 1.0, "sampling": "uniform", "head_lr": 3e-4,
                      "fixed_budget_below": 40, "keep_rare": 20, "redraw_features": False, "val_frac": 0.2,
-                     "head_only": True, "train_all": False},
+                     "head_only": True, "train_all": False, "ensemble": 5},
     },
     "published": {
         "pretrain": {"epochs": 100, "batch_size": 3, "grad_acc": 60, "clip_norm": 100.0, "schedule": "published", "lr": 1e-4,
@@ -31,7 +32,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
                      "patience": 10, "patience_rule": "published", "head_init": "random", "dropout": 0.0,
                      "min_steps": 0, "select_metric": "accuracy", "logit_adjust": 0.0, "sampling": "uniform", "head_lr": None,
                      "fixed_budget_below": 0, "keep_rare": 0, "redraw_features": True, "val_frac": 0.2,
-                     "head_only": False, "train_all": False},
+                     "head_only": False, "train_all": False, "ensemble": 1},
     },
 }
 STAGES = ("pretrain", "finetune")
@@ -49,6 +50,7 @@ def recipe_settings(recipe: str, stage: str) -> dict[str, Any]:
 
 def finetune_parts(recipe: str = "ours") -> tuple[dict[str, Any], dict[str, Any]]:
     """The fine-tuning recipe split into :class:`TrainConfig` fields and the rest (head dropout,
-    head start, ``keep_rare``, ``redraw_features``, ``val_frac``, the trained layers ``head_only`` / ``train_all``)."""
+    head start, ``keep_rare``, ``redraw_features``, ``val_frac``, the trained layers ``head_only`` / ``train_all``, the
+    number of heads ``ensemble``)."""
     settings = recipe_settings(recipe, "finetune")
     return ({k: v for k, v in settings.items() if k in TRAIN_FIELDS}, {k: v for k, v in settings.items() if k not in TRAIN_FIELDS})

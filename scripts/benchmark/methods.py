@@ -294,6 +294,7 @@ class ScBERTMethod:
     head_init: str = RECIPE_REST["head_init"]  # see model.train.finetuning.finetune
     keep_rare: int = RECIPE_REST["keep_rare"]  # types with fewer training cells give none to the stopping split
     redraw_features: bool = RECIPE_REST["redraw_features"]  # False: the pretrained FAVOR+ features are kept
+    ensemble: int = RECIPE_REST["ensemble"]  # classifier heads trained side by side, logits averaged
     options: ExecutionOptions = field(default_factory=ExecutionOptions)  # precision and speed switches of the network
     val_frac: float = RECIPE_REST["val_frac"]
     device: str = "cpu"
@@ -324,13 +325,14 @@ class ScBERTMethod:
             if init == "pretrained":
                 return new_classifier(self.checkpoint.config, n_classes, self.dropout, pretrained=self.checkpoint,
                                       train_all=self.train_all and not self.head_only, head_only=self.head_only, options=self.options,
-                                      redraw_features=self.redraw_features)
+                                      redraw_features=self.redraw_features, members=self.ensemble)
             vectors = self.checkpoint.build_model().gene_vectors()
-            return new_classifier(self.checkpoint.config, n_classes, self.dropout, gene_vectors=vectors, options=self.options)
+            return new_classifier(self.checkpoint.config, n_classes, self.dropout, gene_vectors=vectors, options=self.options,
+                                  members=self.ensemble)
         if init == "scratch":
             mode, vectors, _ = gene_embedding(self.gene2vec, None, genes, X, self.model_args["dim"], self.train.seed, progress=False)
             config = ScBERTConfig(n_genes=len(genes), gene_embedding=mode, **self.model_args)
-            return new_classifier(config, n_classes, self.dropout, gene_vectors=vectors, options=self.options)
+            return new_classifier(config, n_classes, self.dropout, gene_vectors=vectors, options=self.options, members=self.ensemble)
         raise ValueError(f"unknown init {self.init!r}: pretrained, random or scratch")
 
     def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str],
@@ -394,7 +396,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the benchmark's fine-tuning of 3 December (RESULTS.md "Current" before 7 December): for the ablation
     "dec3": {"train": {"epochs": 10, "batch_size": 16, "lr": 1e-4, "patience": 4, "weight_decay": 0.05},
              "model": {"dim": 32, "depth": 2, "heads": 4, "dim_head": 8}, "dropout": 0.3, "head_init": "expression",
-             "keep_rare": 0, "redraw_features": True, "val_frac": 0.1, "head_only": False, "train_all": False},
+             "keep_rare": 0, "redraw_features": True, "val_frac": 0.1, "head_only": False, "train_all": False,
+             "ensemble": 1},
     # the published fine-tuning (batch 3 x 60 accumulation, lr 1e-4) and model size
     "published": {"train": dict(_PUB_TRAIN), "model": {"dim": 200, "depth": 6, "heads": 10, "dim_head": 64}, **_PUB_REST},
 }

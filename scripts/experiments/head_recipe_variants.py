@@ -70,6 +70,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "heads_5": {"heads": 5},
     "heads_5_val_0.1": {"heads": 5, "val_frac": 0.1},
     "heads_5_same_split": {"heads": 5, "same_split": True},  # one stopping split (it can calibrate novelty), seeds differ
+    # one model whose head is an ensemble trained side by side (model.nn.network.ClassifierEnsemble): one split, one epoch choice
+    "members_3": {"members": 3},
+    "members_5": {"members": 5},
+    "members_10": {"members": 10},
 }
 
 
@@ -92,7 +96,8 @@ def variant_settings(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The TrainConfig fields and the rest of variant ``name``."""
     over = VARIANTS[name]
     train_kw = {**TRAIN, **{k: v for k, v in over.items() if k in TRAIN_FIELDS}}
-    return train_kw, {**REST, "heads": 1, "same_split": False, **{k: v for k, v in over.items() if k in REST or k in ("heads", "same_split")}}
+    return train_kw, {**REST, "heads": 1, "same_split": False, "members": 1,
+                      **{k: v for k, v in over.items() if k in REST or k in ("heads", "same_split", "members")}}
 
 
 def train_head(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray, n_classes: int, fit_rows: np.ndarray,
@@ -102,7 +107,8 @@ def train_head(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray,
     epoch's metrics and the history."""
     train_kw, rest = variant_settings(name)
     set_seed(seed)
-    model = new_classifier(ckpt.config, n_classes, rest["dropout"], pretrained=ckpt, head_only=True, redraw_features=False)
+    model = new_classifier(ckpt.config, n_classes, rest["dropout"], pretrained=ckpt, head_only=True, redraw_features=False,
+                           members=rest["members"])
     cfg = TrainConfig(seed=seed, progress=False, **train_kw)
     bins = model.config.bin_num
     fit_y, val_y = torch.as_tensor(codes[fit_rows]), torch.as_tensor(codes[val_rows])
