@@ -14,6 +14,7 @@ from model.cli.args import (
     fraction,
     nonnegative_int,
     parser,
+    positive_int,
     recipe_help,
     str2bool,
 )

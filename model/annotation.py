@@ -207,8 +207,9 @@ def label_table(keys: AnnotationKeys, cell_names: Sequence[str], labels: np.ndar
     top label, majority voting (when done), and ``p_<class>`` per class: the ``--csv`` table."""
     index = pd.Index(list(cell_names), name="cell")
     cols: dict[str, Any] = {name: np.asarray(values, dtype=object) for name, values in (truth or {}).items()}
+    # the novelty score in float64: "score > cutoff" read back from the file gives exactly the labels written
     cols.update({keys.celltype: labels, keys.confidence: np.asarray(confidence, dtype=np.float32),
-                 keys.novelty: np.asarray(novelty, dtype=np.float32), keys.celltype_raw: labels_raw})
+                 keys.novelty: np.asarray(novelty, dtype=np.float64), keys.celltype_raw: labels_raw})
     if majority_voting is not None:
         cols[keys.majority_voting] = majority_voting
     table = pd.DataFrame(cols, index=index)
@@ -393,7 +394,7 @@ class AnnotationResult(Annotation):
         adata.obs[keys.celltype] = self.labels
         adata.obs[keys.celltype_raw] = self.labels_raw
         adata.obs[keys.confidence] = self.confidence.astype(np.float32)
-        adata.obs[keys.novelty] = self.novelty_score.astype(np.float32)
+        adata.obs[keys.novelty] = self.novelty_score.astype(np.float64)  # float64: "score > cutoff" from the file gives the labels
         if self.majority_voting is not None:
             adata.obs[keys.over_clustering] = pd.Categorical(self.over_clustering)
             adata.obs[keys.majority_voting] = self.majority_voting

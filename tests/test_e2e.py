@@ -65,7 +65,9 @@ def test_predict_outputs(runs: dict[str, Path]) -> None:
     assert list(pred.obs_names) == list(raw.obs_names), "every cell kept, in order"
     assert pred.obsm["scbert_probabilities"].shape == (240, 4)
     np.testing.assert_allclose(pred.obsm["scbert_probabilities"].sum(1), 1, atol=1e-5)
-    assert pred.obsm["X_scbert"].shape == (240, 128)  # the head's penultimate features (--embedding head, the default)
+    c = load_checkpoint(runs["dir"] / "ft" / "model.pt").config
+    assert c.classifier_members == 5  # the recipe's ensemble: the heads' penultimate features side by side (--embedding head, the default)
+    assert pred.obsm["X_scbert"].shape == (240, 128 * 5)
     conf = pred.obs["scbert_confidence"].to_numpy()
     labels = pred.obs["scbert_celltype"].to_numpy()
     assert np.all((labels == "Unassigned") == (conf < 0.5))

@@ -29,7 +29,8 @@ def checkpoint_card(ckpt: Checkpoint) -> dict[str, Any]:
         "origin": "converted from the published scBERT code" if converted else ("this package" if training else "this package (no training record)"),
         "model": {"genes": c.n_genes, "dim": c.dim, "depth": c.depth, "heads": c.heads, "dim_head": c.dim_head, "bin_num": c.bin_num,
                   "random_features": c.n_features, "gene_embedding": c.gene_embedding, "parameters": _n_parameters(ckpt),
-                  **({"classes": c.n_classes, "classifier_hidden": c.classifier_hidden} if c.head == "classifier" else {})},
+                  **({"classes": c.n_classes, "classifier_hidden": c.classifier_hidden, "classifier_heads": c.classifier_members}
+                     if c.head == "classifier" else {})},
         "genes": {"count": len(ckpt.genes), "first": list(ckpt.genes[:8]),
                   "species": "mouse-style symbols" if sp.looks_mouse else "human symbols (or as given)"},
         "classes": None if not ckpt.classes else [{"name": n, "training_cells": counts.get(n)} for n in ckpt.classes],
@@ -59,7 +60,8 @@ def card_text(card: dict[str, Any]) -> str:
     m = card["model"]
     lines = [f"{card['file']}: {card['kind']}, {card['origin']}",
              f"model: {m['genes']} genes, dim {m['dim']}, depth {m['depth']}, {m['heads']} heads of {m['dim_head']}, {m['bin_num']} bins, "
-             f"{m['random_features']} random features, gene embedding {m['gene_embedding']}, {m['parameters']:,} parameters"]
+             f"{m['random_features']} random features, gene embedding {m['gene_embedding']}, {m['parameters']:,} parameters"
+             + (f", {m['classifier_heads']} classifier heads (logits averaged)" if m.get("classifier_heads", 1) > 1 else "")]
     g = card["genes"]
     lines.append(f"genes: {g['count']} ({', '.join(g['first'])}, ...), {g['species']}")
     if card["classes"]:

@@ -41,7 +41,7 @@ TRAIN, REST = finetune_parts("ours")
 # name -> overrides of the default recipe (TrainConfig fields and the rest alike)
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
-    "recipe_7dec_evening": {"head_lr": 1e-3, "patience": 4},  # the recipe before 2343b25 (the ablation's "default")
+    "recipe_7dec_evening": {"head_lr": 1e-3, "patience": 4, "ensemble": 1},  # the recipe before 2343b25 (the ablation's "default")
     "head_lr_3e-4": {"head_lr": 3e-4},
     "head_lr_3e-4_steps_1000": {"head_lr": 3e-4, "min_steps": 1000},
     "head_lr_1e-4_steps_1000": {"head_lr": 1e-4, "min_steps": 1000},
@@ -71,9 +71,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "heads_5_val_0.1": {"heads": 5, "val_frac": 0.1},
     "heads_5_same_split": {"heads": 5, "same_split": True},  # one stopping split (it can calibrate novelty), seeds differ
     # one model whose head is an ensemble trained side by side (model.nn.network.ClassifierEnsemble): one split, one epoch choice
-    "members_3": {"members": 3},
-    "members_5": {"members": 5},
-    "members_10": {"members": 10},
+    "members_3": {"ensemble": 3},
+    "members_5": {"ensemble": 5},
+    "members_10": {"ensemble": 10},
+    "single_head": {"ensemble": 1},  # the recipe before the ensemble (RESULTS.md, 8 December)
 }
 
 
@@ -96,8 +97,7 @@ def variant_settings(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The TrainConfig fields and the rest of variant ``name``."""
     over = VARIANTS[name]
     train_kw = {**TRAIN, **{k: v for k, v in over.items() if k in TRAIN_FIELDS}}
-    return train_kw, {**REST, "heads": 1, "same_split": False, "members": 1,
-                      **{k: v for k, v in over.items() if k in REST or k in ("heads", "same_split", "members")}}
+    return train_kw, {**REST, "heads": 1, "same_split": False, **{k: v for k, v in over.items() if k in REST or k in ("heads", "same_split")}}
 
 
 def train_head(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray, n_classes: int, fit_rows: np.ndarray,
@@ -108,7 +108,7 @@ def train_head(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray,
     train_kw, rest = variant_settings(name)
     set_seed(seed)
     model = new_classifier(ckpt.config, n_classes, rest["dropout"], pretrained=ckpt, head_only=True, redraw_features=False,
-                           members=rest["members"])
+                           members=rest["ensemble"])
     cfg = TrainConfig(seed=seed, progress=False, **train_kw)
     bins = model.config.bin_num
     fit_y, val_y = torch.as_tensor(codes[fit_rows]), torch.as_tensor(codes[val_rows])
