@@ -66,10 +66,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "head_lr_3e-4_last_epoch": {"head_lr": 3e-4, "select": "last", "patience": 0},
     "head_lr_3e-4_epochs_15_patience_8": {"head_lr": 3e-4, "epochs": 15, "patience": 8},
     # ensembles: ``heads`` heads, each with its own stopping split and seed, their probabilities averaged
-    "heads_3": {"heads": 3},
-    "heads_5": {"heads": 5},
-    "heads_5_val_0.1": {"heads": 5, "val_frac": 0.1},
-    "heads_5_same_split": {"heads": 5, "same_split": True},  # one stopping split (it can calibrate novelty), seeds differ
+    "heads_3": {"heads": 3, "ensemble": 1},
+    "heads_5": {"heads": 5, "ensemble": 1},
+    "heads_5_val_0.1": {"heads": 5, "val_frac": 0.1, "ensemble": 1},
+    "heads_5_same_split": {"heads": 5, "same_split": True, "ensemble": 1},
+    # a tenth of the cells held out from every head (the novelty calibration part), 5 heads with their own stopping splits of the rest
+    "heads_5_calib_0.1": {"heads": 5, "calib": 0.1, "ensemble": 1},
+    "heads_3_calib_0.1": {"heads": 3, "calib": 0.1, "ensemble": 1},  # one stopping split (it can calibrate novelty), seeds differ
     # one model whose head is an ensemble trained side by side (model.nn.network.ClassifierEnsemble): one split, one epoch choice
     "members_3": {"ensemble": 3},
     "members_5": {"ensemble": 5},
@@ -97,7 +100,8 @@ def variant_settings(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The TrainConfig fields and the rest of variant ``name``."""
     over = VARIANTS[name]
     train_kw = {**TRAIN, **{k: v for k, v in over.items() if k in TRAIN_FIELDS}}
-    return train_kw, {**REST, "heads": 1, "same_split": False, **{k: v for k, v in over.items() if k in REST or k in ("heads", "same_split")}}
+    return train_kw, {**REST, "heads": 1, "same_split": False, "calib": 0.0,
+                      **{k: v for k, v in over.items() if k in REST or k in ("heads", "same_split", "calib")}}
 
 
 def train_head(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray, n_classes: int, fit_rows: np.ndarray,
@@ -126,11 +130,15 @@ def run_variant(name: str, ckpt: Any, X: Any, E: torch.Tensor, y: np.ndarray, tr
     classes = np.unique(y[train])
     codes = np.searchsorted(classes, y)  # (cells of types outside the training part are never trained on)
     probs = np.zeros((len(test), len(classes)))
+    pool = train
+    if rest["calib"]:  # held out from every head
+        kept, _ = stopping_split(codes[train], rest["calib"], seed + 999, rest["keep_rare"])
+        pool = train[kept]
     for k in range(rest["heads"]):
         s = seed + 1000 * k
         set_seed(s)
-        fit_rel, val_rel = stopping_split(codes[train], rest["val_frac"], seed if rest["same_split"] else s, rest["keep_rare"])
-        model, best, history = train_head(name, ckpt, X, E, codes, len(classes), train[fit_rel], train[val_rel], s)
+        fit_rel, val_rel = stopping_split(codes[pool], rest["val_frac"], seed if rest["same_split"] else s, rest["keep_rare"])
+        model, best, history = train_head(name, ckpt, X, E, codes, len(classes), pool[fit_rel], pool[val_rel], s)
         probs += head_probabilities(model, EncodedCells(E[torch.as_tensor(test)], None), 64, torch.device("cpu"))
     m = classification_metrics(y[test], classes[probs.argmax(1)], list(classes))
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "balanced_accuracy": m.get("balanced_accuracy"),
