@@ -54,12 +54,16 @@ def plot_confusion(y_true: Sequence[str], y_pred: Sequence[str], path: Path, tit
     plt.close(fig)
 
 
-def plot_history(history: list[dict[str, float]], keys: Sequence[str], path: Path, title: str = "", chosen_epoch: int | None = None,
-                 baselines: dict[str, str] | None = None) -> None:
+def plot_history(history: list[dict[str, float]] | list[list[dict[str, float]]], keys: Sequence[str], path: Path, title: str = "",
+                 chosen_epoch: int | list[int] | None = None, baselines: dict[str, str] | None = None) -> None:
     """Training curves (one panel per key) as a PNG; ``chosen_epoch`` (1-based) is marked on every
     panel as the epoch whose weights the model kept, and ``baselines`` (panel key -> history key)
-    draws a reference next to a curve, e.g. the most-common-bin baseline next to the masked accuracy."""
+    draws a reference next to a curve, e.g. the most-common-bin baseline next to the masked accuracy.
+    An ensemble's histories (one per head) and kept epochs draw one line per head."""
     plt = _pyplot()
+    if history and isinstance(history[0], list):
+        _plot_heads(plt, history, keys, path, title, chosen_epoch)  # type: ignore[arg-type]
+        return
 
     keys = [k for k in keys if history and k in history[0]]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
@@ -76,6 +80,26 @@ def plot_history(history: list[dict[str, float]], keys: Sequence[str], path: Pat
                         color="tab:red", ha="left", va="top")
         ax.set_xlabel("epoch")
         ax.set_title(k.replace("_", " "), fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_heads(plt: Any, histories: list[list[dict[str, float]]], keys: Sequence[str], path: Path, title: str,
+                chosen: list[int] | None) -> None:
+    """:func:`plot_history` of an ensemble: one line per head, its kept epoch a filled marker."""
+    keys = [k for k in keys if histories[0] and k in histories[0][0]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        for j, history in enumerate(histories):
+            epochs = [h["epoch"] for h in history]
+            line, = ax.plot(epochs, [h[k] for h in history], marker="o", ms=2, lw=1, label=f"head {j + 1}")
+            if chosen is not None and chosen[j] in epochs:
+                ax.plot([chosen[j]], [history[epochs.index(chosen[j])][k]], marker="*", ms=9, color=line.get_color())
+        ax.set_xlabel("epoch")
+        ax.set_title(k.replace("_", " "), fontsize=9)
+    axes[0][0].legend(fontsize=6, title="star: kept epoch", title_fontsize=6)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

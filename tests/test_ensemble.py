@@ -1,20 +1,26 @@
-"""The classifier ensemble (``--ensemble``): heads trained side by side, each as if alone, their
-logits averaged; one head keeps the published state-dict keys; the recipe's setting reaches the model."""
+"""The classifier ensemble (``--ensemble``): heads each trained alone on its own stopping split,
+their logits averaged; a calibration part no head sees; one head keeps the published state-dict
+keys; the recipe's setting reaches the model, the benchmark and finetune.py."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from data.dataset import CellDataset
 from model.checkpoint import load_checkpoint
 from model.checkpoint.format import save_checkpoint
+from model.inference import InferenceOptions
 from model.nn.config import ScBERTConfig
-from model.nn.network import CellClassifier, ClassifierEnsemble
+from model.nn.network import CellClassifier, ClassifierEnsemble, ScBERT
+from model.runtime import set_seed
 from model.train.config import TrainConfig
-from model.train.finetuning import finetune
+from model.train.encoding_cache import encode_dataset
+from model.train.finetuning import ensemble_parts, finetune, finetune_heads, head_splits
 from model.train.initialisation import new_classifier
 from model.train.recipes import finetune_parts
 
@@ -61,37 +67,48 @@ def test_one_head_keeps_the_published_keys_and_an_ensemble_round_trips(tmp_path)
     assert back.config.classifier_members == 3
     tokens = torch.randint(0, 5, (4, 11))
     torch.testing.assert_close(back.build_model().eval()(tokens), model(tokens))
-    assert model(tokens, members=True).shape == (3, 4, 3)
 
 
-def test_each_member_learns_as_if_it_were_alone() -> None:
-    """Side by side, a member ends where it would alone from the same start: each has its own loss."""
+def test_the_parts_of_an_ensemble() -> None:
+    y = np.array([0] * 60 + [1] * 30 + [2] * 5)  # type 2 is rare: never held out
+    pool, cal, heads = ensemble_parts(y, 4, 0.2, 0, keep_rare=20)
+    assert len(np.intersect1d(pool, cal)) == 0 and len(pool) + len(cal) == len(y)
+    assert np.bincount(y[cal], minlength=3).tolist() == [6, 3, 0]
+    stops = []
+    for fit, val in heads:
+        assert set(fit) | set(val) == set(pool) and not set(fit) & set(val)
+        assert set(np.flatnonzero(y == 2)) <= set(fit)
+        stops.append(tuple(sorted(val)))
+    assert len(set(stops)) == 4, "each head stops on its own cells"
+    assert set(np.concatenate([f for f, _ in heads])) == set(pool), "together the heads train on every pool cell"
+
+
+def test_an_ensemble_is_its_heads_each_trained_alone() -> None:
+    """Head j of the ensemble is exactly the head a single run on split j with seed + 1000 j gives;
+    stored encodings (computed once) and an encoder run every epoch give the same heads."""
     X, y = _data()
     pre = _pretrained()
-    cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-3, head_lr=1e-3, clip_norm=1e6, select="last", patience=0, logit_adjust=1.0,
-                      progress=False)
-    torch.manual_seed(1)
-    ens = new_classifier(TINY, 3, pretrained=pre, head_only=True, redraw_features=False, members=2)
-    alone = new_classifier(TINY, 3, pretrained=pre, head_only=True, redraw_features=False)
-    alone.to_out.load_state_dict(ens.to_out.members[1].state_dict())
-    train, val = CellDataset(X[:30], 5, y[:30]), CellDataset(X[30:], 5, y[30:])
-    before = {k: v.clone() for k, v in alone.to_out.state_dict().items()}
-    finetune(ens, train, val, cfg, torch.device("cpu"), head_init="random")
-    finetune(alone, train, val, cfg, torch.device("cpu"), head_init="random")
-    after = ens.to_out.members[1].state_dict()
-    assert any(not torch.equal(after[k], before[k]) for k in before), "the member trained"
-    for k, v in alone.to_out.state_dict().items():
-        torch.testing.assert_close(after[k], v, rtol=1e-4, atol=1e-6)
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-3, head_lr=1e-3, select_metric="macro_f1", logit_adjust=1.0, seed=3, progress=False)
+    heads = head_splits(y, 3, 0.25, 3, keep_rare=0)
 
+    def build(members: int) -> ScBERT:
+        return new_classifier(TINY, 3, 0.2, pretrained=pre, head_only=True, redraw_features=False, members=members)
 
-def test_a_trainable_encoder_trains_an_ensemble_through_the_network() -> None:
-    """Without stored encodings the step goes through ``forward(tokens, members=True)``."""
-    X, y = _data()
-    torch.manual_seed(1)
-    model = new_classifier(TINY, 3, pretrained=_pretrained(), train_all=True, redraw_features=False, members=2)
-    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, progress=False)
-    best, history = finetune(model, CellDataset(X[:30], 5, y[:30]), CellDataset(X[30:], 5, y[30:]), cfg, torch.device("cpu"))
-    assert len(history) == 2 and np.isfinite(history[-1]["train_loss"])
+    model, bests, histories = finetune_heads(build, X, y, heads, cfg, torch.device("cpu"))
+    assert isinstance(model.to_out, ClassifierEnsemble) and len(bests) == len(histories) == 3
+    for j, (fit, val) in enumerate(heads):
+        set_seed(3 + 1000 * j)
+        alone = build(1)
+        finetune(alone, CellDataset(X[fit], 5, y[fit]), CellDataset(X[val], 5, y[val]), dataclasses.replace(cfg, seed=3 + 1000 * j),
+                 torch.device("cpu"))
+        for k, v in alone.to_out.state_dict().items():
+            torch.testing.assert_close(model.to_out.members[j].state_dict()[k], v, rtol=1e-4, atol=1e-6)
+    E = encode_dataset(build(1), CellDataset(X, 5), InferenceOptions(8, torch.device("cpu"), progress=False)).encodings
+    again, _, _ = finetune_heads(build, X, y, heads, cfg, torch.device("cpu"), encodings=E)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="head-only"):
+        finetune_heads(lambda m: new_classifier(TINY, 3, pretrained=pre, train_all=True, members=m), X, y, heads, cfg, torch.device("cpu"))
 
 
 def test_the_recipes_set_the_ensemble() -> None:

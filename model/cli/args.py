@@ -410,9 +410,13 @@ def apply_recipe(args: argparse.Namespace, stage: str) -> argparse.Namespace:
     # a recipe's head-only training needs a pretrained encoder: from scratch, every layer is trained
     if stage == "finetune" and getattr(args, "head_only", None) is None and not getattr(args, "pretrained", None):
         args.head_only = False
+    chosen_ensemble = getattr(args, "ensemble", None) is not None
     for key, value in recipe_settings(args.recipe, stage).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    # the recipe's ensemble of heads shares one frozen encoder: a run that trains encoder layers has one head
+    if stage == "finetune" and not chosen_ensemble and not getattr(args, "head_only", True):
+        args.ensemble = 1
     return args
 
 

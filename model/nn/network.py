@@ -102,10 +102,6 @@ class CellClassifier(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         return self.logits(self.features(h))
 
-    def member_logits(self, features: Tensor) -> Tensor:
-        """(1, batch, n_classes): the logits of the one member (see :class:`ClassifierEnsemble`)."""
-        return self.logits(features)[None]
-
     @torch.no_grad()
     def init_from_expression(self, h: Tensor, bins: Tensor, max_tokens: int = 200_000, seed: int = 0) -> float:
         """Set ``conv1`` to the (ridge) least-squares read-out of each position's expression bin from
@@ -139,13 +135,10 @@ class CellClassifier(nn.Module):
 
 
 class ClassifierEnsemble(nn.Module):
-    """``n`` :class:`CellClassifier` heads on the same encodings, each from its own random start and
-    trained on its own loss side by side; a cell's logits are the mean of theirs.
-
-    One head trained on a few thousand cells lands somewhere different with every seed (±0.01-0.02
-    accuracy between seeds of the same split on PBMC3k); the mean of several cancels much of that at
-    ~1% of a forward pass per head. The features (the embedding and the novelty scores read them)
-    are the members' penultimate activations side by side.
+    """``n`` :class:`CellClassifier` heads on the same encodings, each trained alone on its own
+    stopping split (:func:`model.train.finetuning.finetune_heads`); a cell's logits are the mean of
+    theirs. The features (the embedding and the novelty scores read them) are the members'
+    penultimate activations side by side. A head costs ~1% of a forward pass.
     """
 
     def __init__(self, seq_len: int, dim: int, n_classes: int, n: int, hidden: int = 128, dropout: float = 0.0) -> None:
@@ -179,7 +172,8 @@ class ClassifierEnsemble(nn.Module):
 
     @torch.no_grad()
     def init_from_expression(self, h: Tensor, bins: Tensor, max_tokens: int = 200_000, seed: int = 0) -> float:
-        """Every member's ``conv1`` set to the expression read-out (one fit, copied); returns its R^2."""
+        """Every member's ``conv1`` set to the expression read-out (one fit, copied); returns its R^2.
+        (Training starts each head alone; this serves a model built as an ensemble from the start.)"""
         r2 = self.members[0].init_from_expression(h, bins, max_tokens, seed)
         for m in self.members[1:]:
             m.conv1.load_state_dict(self.members[0].conv1.state_dict())
@@ -291,16 +285,9 @@ class ScBERT(nn.Module):
             x = x + checkpoint(ff, x, use_reentrant=False)
         return x
 
-    def forward(self, tokens: Tensor, members: bool = False) -> Tensor:
-        """MLM head: (batch, seq_len, num_tokens) logits; classifier head: (batch, n_classes) logits,
-        with ``members`` each head's own (members, batch, n_classes), what training needs."""
-        if members:
-            return self.member_logits(self.encode(tokens))
+    def forward(self, tokens: Tensor) -> Tensor:
+        """MLM head: (batch, seq_len, num_tokens) logits; classifier head: (batch, n_classes) logits."""
         return self.to_out(self.encode(tokens))
-
-    def member_logits(self, h: Tensor) -> Tensor:
-        """(members, batch, n_classes): the logits of each classifier head from encodings ``h``."""
-        return self.to_out.member_logits(self.to_out.features(h))
 
     def embed(self, tokens: Tensor, pooling: str = "mean") -> Tensor:
         """One vector per cell from the final encodings; see :func:`pool_encodings`."""

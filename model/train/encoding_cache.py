@@ -45,6 +45,24 @@ class EncodedCells(Dataset):
         return batch
 
 
+class IndexedEncodings(EncodedCells):
+    """Rows ``rows`` of stored encodings that several heads share, without copying them."""
+
+    def __init__(self, encodings: torch.Tensor, rows: np.ndarray, labels: torch.Tensor | None) -> None:
+        super().__init__(encodings, labels)
+        self.rows = torch.as_tensor(rows, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        batch = {"index": idx, "encodings": self.encodings[self.rows[idx]]}
+        if self.labels is not None:
+            batch["labels"] = self.labels[idx]
+        return batch
+
+
 def encoding_bytes(model: ScBERT, n_cells: int) -> int:
     """Memory the encodings of ``n_cells`` cells take (float32: the final LayerNorm runs in float32
     under autocast too)."""
@@ -92,7 +110,8 @@ def head_probabilities(model: ScBERT, cells: EncodedCells, batch_size: int, devi
     parts = []
     for start in range(0, len(cells), batch_size):
         with model.autocast():
-            logits = model.to_out(cells.encodings[start:start + batch_size].to(device))
+            enc = cells.collate(list(range(start, min(start + batch_size, len(cells)))))["encodings"]
+            logits = model.to_out(enc.to(device))
         parts.append(torch.softmax(logits.float(), dim=-1).cpu())
     model.train(was_training)
     return torch.cat(parts).numpy() if parts else np.zeros((0, model.config.n_classes), dtype=np.float32)

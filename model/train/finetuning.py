@@ -32,7 +32,7 @@ from model.novelty.scores import MAX_REFERENCE_CELLS
 from model.recheck import PRECISION_CHECK_CELLS, measure_precision_error
 from model.runtime import set_seed
 from model.train.config import TrainConfig
-from model.train.encoding_cache import EncodedCells, can_store_encodings, encode_dataset, head_probabilities
+from model.train.encoding_cache import EncodedCells, IndexedEncodings, can_store_encodings, encode_dataset, head_probabilities
 from model.train.initialisation import HEAD_INITS, freezing_policy, gene_embedding, init_head_from_expression, new_classifier
 from model.train.loop import fit
 
@@ -94,15 +94,12 @@ def finetune(
         train_cells, val_cells = encode_dataset(model, train, options, "encoding training cells"), encode_dataset(model, val, options, "encoding validation cells")
 
     def step_loss(net: nn.Module, batch: dict[str, torch.Tensor], epoch: int) -> tuple[torch.Tensor, float]:
-        # (members, batch, classes): each head of an ensemble learns from its own logits, as if alone
         with model.autocast():
-            logits = model.member_logits(batch["encodings"].to(device)) if "encodings" in batch else net(batch["tokens"].to(device), members=True)
+            logits = model.to_out(batch["encodings"].to(device)) if "encodings" in batch else net(batch["tokens"].to(device))
         labels = batch["labels"].to(device)
         if adjust is not None:  # training sees the prior in the logits, so the learned scores are balanced
             logits = logits.float() + adjust
-        n = logits.shape[0]
-        losses = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.repeat(n), reduction="none",
-                                             label_smoothing=cfg.label_smoothing).view(n, -1).sum(0)
+        losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=cfg.label_smoothing)
         if weights is None:
             return losses.sum(), float(len(labels))
         w = weights[labels]  # as CrossEntropyLoss(weight): sum of w_i * loss_i over sum of w_i
@@ -146,6 +143,71 @@ def stopping_split(y: np.ndarray, frac: float, seed: int, keep_rare: int) -> tup
     training (when every type is that rare, each gives up one cell as before)."""
     tr, va = holdout_per_class(y, frac, seed, keep_below=keep_rare)
     return (tr, va) if len(va) else holdout_per_class(y, frac, seed)
+
+
+# --------------------------------------------------------------------------------------------
+# An ensemble of heads on one frozen encoder
+# --------------------------------------------------------------------------------------------
+
+HEAD_SEED_STEP = 1000  # head j's stopping split, start and shuffling use seed + 1000 j
+CALIBRATION_FRAC = 0.1  # of an ensemble's training part, per type, held out from every head
+
+
+def ensemble_parts(y: np.ndarray, members: int, val_frac: float, seed: int, keep_rare: int) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """An ensemble's split of cells labelled ``y``: (pool, calibration, heads). The calibration
+    cells (``CALIBRATION_FRAC`` of each type; rare types give none) train no head and choose no
+    epoch: they calibrate the novelty thresholds and score the model. Each head trains on its own
+    stopping split of the pool (seed ``seed + 1000 j``), so the heads together learn from every
+    pool cell. Positions are into ``y``."""
+    pool, cal = stopping_split(y, CALIBRATION_FRAC, seed, keep_rare)
+    return pool, cal, [(pool[fit], pool[val]) for fit, val in head_splits(y[pool], members, val_frac, seed, keep_rare)]
+
+
+def head_splits(y: np.ndarray, members: int, val_frac: float, seed: int, keep_rare: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each head's (training, stopping) positions in ``y``: :func:`stopping_split` with seed ``seed + 1000 j`` for head j."""
+    return [stopping_split(y, val_frac, seed + HEAD_SEED_STEP * j, keep_rare) for j in range(members)]
+
+
+def finetune_heads(build: Callable[[int], ScBERT], X: Any, y: np.ndarray, heads: list[tuple[np.ndarray, np.ndarray]], cfg: TrainConfig,
+                   device: torch.device, *, weights: Callable[[np.ndarray], torch.Tensor | None] | None = None, desc: str = "finetune",
+                   head_init: str = "expression", encodings: torch.Tensor | None = None) -> tuple[ScBERT, list[dict[str, Any]], list[list[dict[str, float]]]]:
+    """One head per (training, stopping) split of ``heads`` (positions in ``X`` and its class ids
+    ``y``), each trained alone by :func:`finetune` on the frozen encoder of ``build(1)`` (a head-only
+    model, seeded ``cfg.seed + 1000 j``), joined into ``build(len(heads))``'s
+    :class:`~model.nn.network.ClassifierEnsemble`. The encodings are computed once for every head
+    when they fit in memory (``encodings``: those of every cell of ``X``, when the caller has them).
+    Returns the model, each head's kept-epoch metrics and history."""
+    first = build(1)
+    if not getattr(first, "frozen_encoder", False):
+        raise ValueError("an ensemble of heads needs a head-only model: the heads share one frozen encoder")
+    bins = first.config.bin_num
+    rows = np.unique(np.concatenate([np.concatenate(h) for h in heads]))
+    stored, where = encodings, np.arange(len(y))
+    if stored is None and can_store_encodings(first, len(rows)):
+        first.to(device)
+        options = InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=cfg.progress)
+        stored = encode_dataset(first, CellDataset(rows_of(X, rows), bins), options, "encoding the cells once for every head").encodings
+        where = np.full(len(y), -1)
+        where[rows] = np.arange(len(rows))
+    bests, histories, states = [], [], []
+    for j, (train, val) in enumerate(heads):
+        seed = cfg.seed + HEAD_SEED_STEP * j
+        set_seed(seed)
+        model = build(1)  # (after the seed: head j starts as a run of its own with that seed would)
+        head_cfg = dataclasses.replace(cfg.for_part(f"head{j + 1}"), seed=seed)
+        cells = None if stored is None else (IndexedEncodings(stored, where[train], torch.as_tensor(y[train])),
+                                             IndexedEncodings(stored, where[val], torch.as_tensor(y[val])))
+        best, history = finetune(model, CellDataset(rows_of(X, train), bins, y[train]), CellDataset(rows_of(X, val), bins, y[val]), head_cfg,
+                                 device, None if weights is None else weights(y[train]), f"{desc} head {j + 1}/{len(heads)}",
+                                 head_init=head_init, encodings=cells)
+        bests.append(best)
+        histories.append(history)
+        states.append({k: v.detach().clone() for k, v in model.to_out.state_dict().items()})
+    ensemble = build(len(heads))
+    ensemble.load_encoder_state(first.state_dict())
+    for member, state in zip(ensemble.to_out.members, states, strict=True):
+        member.load_state_dict(state)
+    return ensemble.to(device), bests, histories
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +284,11 @@ SPLIT_METRICS_MEANING = {
     "accuracy": "accuracy on the validation cells, which also chose the best epoch (early stopping): an optimistic estimate; "
                 "--cv K reports accuracy on test cells that played no part in training",
 }
+ENSEMBLE_SPLIT_METRICS_MEANING = {
+    "accuracy": "accuracy on the validation cells (the calibration part): no head trained on them or chose its epoch with them; "
+                "--cv K reports accuracy on test cells of folds the whole model never saw",
+    "best_epoch": "the epoch each head kept, chosen on its own stopping split of the training cells",
+}
 
 
 @dataclass
@@ -241,8 +308,13 @@ class FinetuningResult:
                     f"macro-F1 {m['macro_f1']:.4f} ± {m['macro_f1_sd']:.4f} on each fold's test cells (early stopping on an inner "
                     f"validation part of its training cells)",
                     f"model.pt is the model of fold {self.kept_fold + 1} (highest inner validation score)"]
+        epochs = m["best_epoch"]
+        if isinstance(epochs, list):
+            return [f"validation ({self.folds[0].metrics['n_val']} cells): accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} "
+                    f"({len(epochs)} heads, kept epochs {', '.join(map(str, epochs))}, each chosen on its own stopping split; "
+                    f"no head trained on these cells or chose its epoch with them)"]
         return [f"validation ({self.folds[0].metrics['n_val']} cells): accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} "
-                f"(best epoch {m['best_epoch']}; these cells also chose it)"]
+                f"(best epoch {epochs}; these cells also chose it)"]
 
 
 GENE2VEC_CELLS = 50_000  # cells of an on-disk training set sampled for gene2vec, as pretrain.py --gene2vec-cells
@@ -272,14 +344,25 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
     main = distributed.current().is_main
     y_str = np.asarray(labels).astype(str)
     y = np.array([classes.index(c) for c in y_str])
-    if s.cv:  # outer folds; each fold's training part is split again for early stopping
-        splits = [(*stopping_split(y[tr], s.val_frac, s.train.seed + k, s.keep_rare), tr, te)
-                  for k, (tr, te) in enumerate(stratified_folds(y, s.cv, s.train.seed))]
-        splits = [(tr[fit], tr[va], te) for fit, va, tr, te in splits]
-    else:
-        rare = s.keep_rare and np.bincount(y).min() < s.keep_rare  # without rare types the split stays scikit-learn's
-        fit_idx, val_idx = stopping_split(y, s.val_frac, s.train.seed, s.keep_rare) if rare else stratified_holdout(y, s.val_frac, s.train.seed)
-        splits = [(fit_idx, val_idx, None)]
+    ensemble = s.ensemble > 1
+    if ensemble and not (s.head_only and pretrained is not None):
+        raise InputError(f"--ensemble {s.ensemble} trains heads on one frozen pretrained encoder: it needs --pretrained and --head-only "
+                         f"(or --ensemble 1)")
+    parts: list[tuple[np.ndarray, np.ndarray | None]] = (list(stratified_folds(y, s.cv, s.train.seed)) if s.cv
+                                                         else [(np.arange(len(y)), None)])
+    splits, heads = [], []  # (training, validation, test) cells per part; with an ensemble, each head's split of the training cells
+    for k, (tr, te) in enumerate(parts):
+        seed = s.train.seed + k
+        if ensemble:  # the validation cells are the calibration part: no head trains on them or chooses its epoch with them
+            pool, cal, own = ensemble_parts(y[tr], s.ensemble, s.val_frac, seed, s.keep_rare)
+            splits.append((tr[pool], tr[cal], te))
+            heads.append([(tr[f], tr[v]) for f, v in own])
+        elif s.cv:  # outer folds; each fold's training part is split again for early stopping
+            fit, va = stopping_split(y[tr], s.val_frac, seed, s.keep_rare)
+            splits.append((tr[fit], tr[va], te))
+        else:
+            rare = s.keep_rare and np.bincount(y).min() < s.keep_rare  # without rare types the split stays scikit-learn's
+            splits.append((*(stopping_split(y, s.val_frac, seed, s.keep_rare) if rare else stratified_holdout(y, s.val_frac, seed)), None))
 
     folds: list[FoldResult] = []
     kept, kept_state, kept_score, kept_split = -1, None, -1.0, splits[0][:2]
@@ -290,21 +373,35 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
         else:
             vectors, g2v, base = None, {"source": f"pretrained:{pretrained.source}"}, pretrained.config
         set_seed(s.train.seed + k)
-        model = new_classifier(base, len(classes), s.dropout, pretrained=pretrained, gene_vectors=vectors, train_all=s.train_all,
-                               head_only=s.head_only, options=s.options, redraw_features=s.redraw_features, members=s.ensemble)
-        weights = None
-        if s.class_weights:
+
+        def build(members: int, base: Any = base, vectors: Any = vectors) -> ScBERT:
+            return new_classifier(base, len(classes), s.dropout, pretrained=pretrained, gene_vectors=vectors, train_all=s.train_all,
+                                  head_only=s.head_only, options=s.options, redraw_features=s.redraw_features, members=members)
+
+        def class_weights(labels: np.ndarray) -> torch.Tensor | None:
+            if not s.class_weights:
+                return None
             try:
-                weights = balanced_class_weights(y[tr], len(classes))
+                return balanced_class_weights(labels, len(classes))
             except ValueError as e:
                 raise InputError(str(e)) from None
-        train_ds = CellDataset(rows_of(X, tr), model.config.bin_num, y[tr])
-        val_ds = CellDataset(rows_of(X, va), model.config.bin_num, y[va])
+
         name = f"fold {k + 1}/{len(splits)}" if s.cv else "finetune"
         cfg = s.train.for_part(f"fold{k + 1}" if s.cv else "")
-        best, history = finetune(model, train_ds, val_ds, cfg, device, weights, name, head_init=s.head_init)
+        if ensemble:
+            model, bests, histories = finetune_heads(build, X, y, heads[k], dataclasses.replace(cfg, seed=s.train.seed + k), device,
+                                                     weights=class_weights, desc=name, head_init=s.head_init)
+            metric = f"val_{s.train.select_metric}"
+            best = {"epoch": [b["epoch"] for b in bests], metric: float(np.mean([b[metric] for b in bests])),
+                    "val_accuracy": float(np.mean([b["val_accuracy"] for b in bests]))}
+            history: Any = histories
+        else:
+            model = build(1)
+            train_ds = CellDataset(rows_of(X, tr), model.config.bin_num, y[tr])
+            val_ds = CellDataset(rows_of(X, va), model.config.bin_num, y[va])
+            best, history = finetune(model, train_ds, val_ds, cfg, device, class_weights(y[tr]), name, head_init=s.head_init)
         scored = va if te is None else te
-        scored_ds = val_ds if te is None else CellDataset(rows_of(X, te), model.config.bin_num, y[te])
+        scored_ds = CellDataset(rows_of(X, scored), model.config.bin_num, y[scored])
         pred = np.asarray(classes)[predict_distributed(model, scored_ds, InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=cfg.progress),
                                                            desc="scoring").argmax(1)]
         m = classification_metrics(y_str[scored], pred, classes)
@@ -333,7 +430,7 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
                        macro_f1_sd=float(f1.std(ddof=1)), folds=[f.metrics for f in folds], model_fold=kept + 1,
                        what=CV_METRICS_MEANING)
     else:
-        metrics.update(folds[0].metrics, what=SPLIT_METRICS_MEANING)
+        metrics.update(folds[0].metrics, what=ENSEMBLE_SPLIT_METRICS_MEANING if ensemble else SPLIT_METRICS_MEANING)
     novelty = None
     if main:
         novelty = calibrate_novelty(model, X, y, *kept_split, len(classes), s.reject_rate, s.train.seed, cfg.batch_size, device, progress,

@@ -28,7 +28,7 @@ from model.novelty.query import QueryDensity
 from model.novelty.record import NoveltyRecord, novelty_scores
 from model.runtime import set_seed
 from model.train.config import TrainConfig
-from model.train.finetuning import balanced_class_weights, finetune, stopping_split
+from model.train.finetuning import balanced_class_weights, ensemble_parts, finetune, finetune_heads, head_splits, stopping_split
 from model.train.initialisation import gene_embedding, new_classifier
 from model.train.recipes import finetune_parts
 
@@ -315,7 +315,7 @@ class ScBERTMethod:
         self.pretraining_ = {k: v for k, v in result.metrics.items() if k != "history"}
         return Checkpoint(config=result.model.config, genes=list(genes), state_dict=result.model.state_dict(), source=f"{self.name}: this run")
 
-    def _build(self, n_classes: int, genes: Sequence[str], X: sparse.csr_matrix) -> ScBERT:
+    def _build(self, n_classes: int, genes: Sequence[str], X: sparse.csr_matrix, members: int = 1) -> ScBERT:
         init = "pretrained" if self.init == "pretrain" else self.init  # (fit pretrained self.checkpoint for this run)
         if init in ("pretrained", "random"):
             if self.checkpoint is None:
@@ -325,14 +325,14 @@ class ScBERTMethod:
             if init == "pretrained":
                 return new_classifier(self.checkpoint.config, n_classes, self.dropout, pretrained=self.checkpoint,
                                       train_all=self.train_all and not self.head_only, head_only=self.head_only, options=self.options,
-                                      redraw_features=self.redraw_features, members=self.ensemble)
+                                      redraw_features=self.redraw_features, members=members)
             vectors = self.checkpoint.build_model().gene_vectors()
             return new_classifier(self.checkpoint.config, n_classes, self.dropout, gene_vectors=vectors, options=self.options,
-                                  members=self.ensemble)
+                                  members=members)
         if init == "scratch":
             mode, vectors, _ = gene_embedding(self.gene2vec, None, genes, X, self.model_args["dim"], self.train.seed, progress=False)
             config = ScBERTConfig(n_genes=len(genes), gene_embedding=mode, **self.model_args)
-            return new_classifier(config, n_classes, self.dropout, gene_vectors=vectors, options=self.options, members=self.ensemble)
+            return new_classifier(config, n_classes, self.dropout, gene_vectors=vectors, options=self.options, members=members)
         raise ValueError(f"unknown init {self.init!r}: pretrained, random or scratch")
 
     def fit(self, X: sparse.csr_matrix, y: np.ndarray, genes: Sequence[str],
@@ -347,18 +347,31 @@ class ScBERTMethod:
             set_seed(self.train.seed)
             self.checkpoint = self._pretrain(genes, X)
         set_seed(self.train.seed)
-        if val is None:
+        seed, heads = self.train.seed, None
+        # as finetune.py: the heads of an ensemble share a frozen pretrained encoder; other runs have one head
+        members = self.ensemble if self.head_only and self.init in ("pretrained", "pretrain") else 1
+        if val is None and members > 1:  # as finetune.py: a calibration part, and each head's own stopping split of the rest
+            tr, va, heads = ensemble_parts(codes, members, self.val_frac, seed, self.keep_rare)
+        elif val is None:
             # a type with fewer than keep_rare cells (at least 2) stays whole in the training part; no cell on both
-            tr, va = stopping_split(codes, self.val_frac, self.train.seed, self.keep_rare)
+            tr, va = stopping_split(codes, self.val_frac, seed, self.keep_rare)
         else:
             tr, va = np.arange(len(codes)), np.arange(len(codes), len(codes_all))
             X, codes = X_all, codes_all
+            if members > 1:  # the given cells calibrate; each head stops on its own split of the training cells
+                heads = head_splits(codes[tr], members, self.val_frac, seed, self.keep_rare)
         self.split_ = (tr, va)
-        self.model = self._build(len(self.classes_), genes, X[tr])
-        bin_num = self.model.config.bin_num
-        weights = balanced_class_weights(codes[tr], len(self.classes_)) if self.class_weights else None
-        _, self.history = finetune(self.model, CellDataset(X[tr], bin_num, codes[tr]), CellDataset(X[va], bin_num, codes[va]),
-                                   self.train, torch.device(self.device), weights, desc=self.name, head_init=self.head_init)
+        weights = (lambda labels: balanced_class_weights(labels, len(self.classes_))) if self.class_weights else None
+        if heads is not None:
+            self.model, _, self.history = finetune_heads(lambda members: self._build(len(self.classes_), genes, X[tr], members), X, codes,
+                                                         heads, self.train, torch.device(self.device), weights=weights, desc=self.name,
+                                                         head_init=self.head_init)
+        else:
+            self.model = self._build(len(self.classes_), genes, X[tr])
+            bin_num = self.model.config.bin_num
+            _, self.history = finetune(self.model, CellDataset(X[tr], bin_num, codes[tr]), CellDataset(X[va], bin_num, codes[va]),
+                                       self.train, torch.device(self.device), None if weights is None else weights(codes[tr]), desc=self.name,
+                                       head_init=self.head_init)
         from model.train.finetuning import calibrate_novelty
 
         self.record_ = calibrate_novelty(self.model, X, codes, tr, va, len(self.classes_), 0.05, self.train.seed, self.train.batch_size,

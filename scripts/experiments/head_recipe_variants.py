@@ -30,8 +30,8 @@ from model.evaluation import classification_metrics
 from model.inference import InferenceOptions
 from model.runtime import set_seed
 from model.train.config import TrainConfig
-from model.train.encoding_cache import EncodedCells, encode_dataset, head_probabilities
-from model.train.finetuning import finetune, stopping_split
+from model.train.encoding_cache import IndexedEncodings, encode_dataset, head_probabilities
+from model.train.finetuning import ensemble_parts, finetune, finetune_heads, head_splits, stopping_split
 from model.train.initialisation import new_classifier
 from model.train.recipes import TRAIN_FIELDS, finetune_parts
 from scripts.benchmark.harness import ProtocolSettings, load_labelled, parse_subsample, protocol_splits
@@ -65,84 +65,93 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "head_lr_3e-4_wd_3": {"head_lr": 3e-4, "weight_decay": 3.0},
     "head_lr_3e-4_last_epoch": {"head_lr": 3e-4, "select": "last", "patience": 0},
     "head_lr_3e-4_epochs_15_patience_8": {"head_lr": 3e-4, "epochs": 15, "patience": 8},
-    # ensembles: ``heads`` heads, each with its own stopping split and seed, their probabilities averaged
-    "heads_3": {"heads": 3, "ensemble": 1},
-    "heads_5": {"heads": 5, "ensemble": 1},
-    "heads_5_val_0.1": {"heads": 5, "val_frac": 0.1, "ensemble": 1},
-    "heads_5_same_split": {"heads": 5, "same_split": True, "ensemble": 1},
-    # a tenth of the cells held out from every head (the novelty calibration part), 5 heads with their own stopping splits of the rest
-    "heads_5_calib_0.1": {"heads": 5, "calib": 0.1, "ensemble": 1},
-    "heads_3_calib_0.1": {"heads": 3, "calib": 0.1, "ensemble": 1},  # one stopping split (it can calibrate novelty), seeds differ
-    # one model whose head is an ensemble trained side by side (model.nn.network.ClassifierEnsemble): one split, one epoch choice
-    "members_3": {"ensemble": 3},
-    "members_5": {"ensemble": 5},
-    "members_10": {"ensemble": 10},
+    # the ensemble of finetune_heads (the default has 5 heads, each on its own stopping split, a calibration part held out from all)
     "single_head": {"ensemble": 1},  # the recipe before the ensemble (RESULTS.md, 8 December)
+    "ensemble_3": {"ensemble": 3},
+    "ensemble_10": {"ensemble": 10},
+    "ensemble_5_val_0.1": {"val_frac": 0.1},
+    # independent single heads on their own stopping splits of all training cells, probabilities averaged (no calibration part)
+    "heads_5": {"heads": 5, "ensemble": 1},
+    "heads_5_same_split": {"heads": 5, "same_split": True, "ensemble": 1},  # one stopping split, seeds differ
 }
-
-
-class IndexedEncodings(EncodedCells):
-    """Rows ``rows`` of a file's stored encodings, without copying them."""
-
-    def __init__(self, encodings: torch.Tensor, rows: np.ndarray, labels: torch.Tensor) -> None:
-        super().__init__(encodings, labels)
-        self.rows = torch.as_tensor(rows, dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return {"index": idx, "encodings": self.encodings[self.rows[idx]], "labels": self.labels[idx]}
 
 
 def variant_settings(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The TrainConfig fields and the rest of variant ``name``."""
     over = VARIANTS[name]
     train_kw = {**TRAIN, **{k: v for k, v in over.items() if k in TRAIN_FIELDS}}
-    return train_kw, {**REST, "heads": 1, "same_split": False, "calib": 0.0,
-                      **{k: v for k, v in over.items() if k in REST or k in ("heads", "same_split", "calib")}}
+    return train_kw, {**REST, "heads": 1, "same_split": False, **{k: v for k, v in over.items() if k in REST or k in ("heads", "same_split")}}
 
 
 def train_head(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray, n_classes: int, fit_rows: np.ndarray,
                val_rows: np.ndarray, seed: int) -> tuple[Any, dict[str, Any], list[dict[str, float]]]:
-    """A head trained with variant ``name`` on the stored encodings ``E`` of cells ``fit_rows``,
-    choosing its epoch on ``val_rows`` (``codes``: every cell's class id). Returns the model, the kept
-    epoch's metrics and the history."""
+    """One head trained with variant ``name``'s settings on the stored encodings ``E`` of cells
+    ``fit_rows``, choosing its epoch on ``val_rows`` (``codes``: every cell's class id). Returns the
+    model, the kept epoch's metrics and the history."""
     train_kw, rest = variant_settings(name)
     set_seed(seed)
-    model = new_classifier(ckpt.config, n_classes, rest["dropout"], pretrained=ckpt, head_only=True, redraw_features=False,
-                           members=rest["ensemble"])
+    model = new_classifier(ckpt.config, n_classes, rest["dropout"], pretrained=ckpt, head_only=True, redraw_features=False)
     cfg = TrainConfig(seed=seed, progress=False, **train_kw)
     bins = model.config.bin_num
     fit_y, val_y = torch.as_tensor(codes[fit_rows]), torch.as_tensor(codes[val_rows])
-    cells = (IndexedEncodings(E, fit_rows, fit_y), EncodedCells(E[torch.as_tensor(val_rows)], val_y))
+    cells = (IndexedEncodings(E, fit_rows, fit_y), IndexedEncodings(E, val_rows, val_y))
     best, history = finetune(model, CellDataset(X[fit_rows], bins, codes[fit_rows]), CellDataset(X[val_rows], bins, codes[val_rows]), cfg,
                              torch.device("cpu"), None, name, head_init=rest["head_init"], encodings=cells)
     return model, best, history
 
 
+def train_model(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray, n_classes: int, train: np.ndarray, seed: int,
+                cal: np.ndarray | None = None) -> tuple[Any, np.ndarray, list[int]]:
+    """The model variant ``name`` trains on cells ``train`` as the benchmark's scbert method does:
+    one head on a stopping split, or finetune.py's ensemble (a calibration part held out, each head on
+    its own stopping split). ``cal`` given: those cells calibrate (and stop a single head), the heads
+    split ``train`` among themselves. Returns the model, the calibration cells and the kept epochs."""
+    train_kw, rest = variant_settings(name)
+    members = rest["ensemble"]
+    if members == 1:
+        if cal is None:
+            fit_rel, val_rel = stopping_split(codes[train], rest["val_frac"], seed, rest["keep_rare"])
+            fit, cal = train[fit_rel], train[val_rel]
+        else:
+            fit = train
+        model, best, _ = train_head(name, ckpt, X, E, codes, n_classes, fit, cal, seed)
+        return model, cal, [best["epoch"]]
+    if cal is None:
+        pool_rel, cal_rel, heads_rel = ensemble_parts(codes[train], members, rest["val_frac"], seed, rest["keep_rare"])
+        cal = train[cal_rel]
+    else:
+        heads_rel = head_splits(codes[train], members, rest["val_frac"], seed, rest["keep_rare"])
+    heads = [(train[f], train[v]) for f, v in heads_rel]
+
+    def build(k: int) -> Any:
+        return new_classifier(ckpt.config, n_classes, rest["dropout"], pretrained=ckpt, head_only=True, redraw_features=False, members=k)
+
+    set_seed(seed)
+    model, bests, _ = finetune_heads(build, X, codes, heads, TrainConfig(seed=seed, progress=False, **train_kw), torch.device("cpu"),
+                                     desc=name, head_init=rest["head_init"], encodings=E)
+    return model, cal, [b["epoch"] for b in bests]
+
+
 def run_variant(name: str, ckpt: Any, X: Any, E: torch.Tensor, y: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int) -> dict[str, Any]:
-    """Train the head(s) of variant ``name`` on the cells ``train`` (the first stopping split as the
-    benchmark's scbert method takes it; further heads of an ensemble draw their own) and score the
-    mean of their probabilities on ``test``."""
+    """Train variant ``name`` on the cells ``train`` (split as the benchmark's scbert method splits
+    them) and score it on ``test``; ``heads`` variants average the probabilities of that many
+    single heads, each on its own stopping split of all of ``train``."""
     _, rest = variant_settings(name)
     classes = np.unique(y[train])
     codes = np.searchsorted(classes, y)  # (cells of types outside the training part are never trained on)
-    probs = np.zeros((len(test), len(classes)))
-    pool = train
-    if rest["calib"]:  # held out from every head
-        kept, _ = stopping_split(codes[train], rest["calib"], seed + 999, rest["keep_rare"])
-        pool = train[kept]
+    probs, epochs = np.zeros((len(test), len(classes))), []
     for k in range(rest["heads"]):
         s = seed + 1000 * k
-        set_seed(s)
-        fit_rel, val_rel = stopping_split(codes[pool], rest["val_frac"], seed if rest["same_split"] else s, rest["keep_rare"])
-        model, best, history = train_head(name, ckpt, X, E, codes, len(classes), pool[fit_rel], pool[val_rel], s)
-        probs += head_probabilities(model, EncodedCells(E[torch.as_tensor(test)], None), 64, torch.device("cpu"))
+        if rest["same_split"]:
+            fit_rel, val_rel = stopping_split(codes[train], rest["val_frac"], seed, rest["keep_rare"])
+            model, best, _ = train_head(name, ckpt, X, E, codes, len(classes), train[fit_rel], train[val_rel], s)
+            kept = [best["epoch"]]
+        else:
+            model, _, kept = train_model(name, ckpt, X, E, codes, len(classes), train, s)
+        epochs += kept
+        probs += head_probabilities(model, IndexedEncodings(E, test, None), 64, torch.device("cpu"))
     m = classification_metrics(y[test], classes[probs.argmax(1)], list(classes))
-    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "balanced_accuracy": m.get("balanced_accuracy"),
-            "best_epoch": best["epoch"], "epochs": len(history)}
+    return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "balanced_accuracy": m.get("balanced_accuracy"), "best_epoch": epochs}
 
 
 def encode_file(ckpt: Any, X: Any) -> torch.Tensor:
@@ -182,11 +191,11 @@ def main(argv: list[str] | None = None) -> None:
             t = time.time()
             r = run_variant(name, ckpt, X, E, y, split.train, split.test, split.seed)
             rows.append({"variant": name, "split": split.key, **r, "seconds": time.time() - t})
-            print(f"{split.key} {name}: accuracy {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} (epoch {r['best_epoch']}/{r['epochs']}, "
+            print(f"{split.key} {name}: accuracy {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} (kept epochs {r['best_epoch']}, "
                   f"{time.time() - t:.0f} s)", flush=True)
             Path(args.out).write_text(json.dumps(rows, indent=1))
-    print(f"\n{'variant':26s} accuracy  macro-F1  (mean over {len(splits)} splits; paired difference to default)")
-    base = {r["split"]: r for r in rows if r["variant"] == "default"}
+    print(f"\n{'variant':26s} accuracy  macro-F1  (mean over {len(splits)} splits; paired difference to {args.variants[0]})")
+    base = {r["split"]: r for r in rows if r["variant"] == args.variants[0]}
     for name in args.variants:
         rs = [r for r in rows if r["variant"] == name]
         acc, f1 = np.mean([r["accuracy"] for r in rs]), np.mean([r["macro_f1"] for r in rs])

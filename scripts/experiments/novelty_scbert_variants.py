@@ -26,7 +26,7 @@ from model.novelty.calibration import ScoreCombination
 from model.novelty.record import NoveltyRecord, novelty_scores
 from scripts.benchmark.harness import ProtocolSettings, calibration_holdout, load_labelled, protocol_splits
 from scripts.benchmark.report import NoveltyTally
-from scripts.experiments.head_recipe_variants import VARIANTS, encode_file, train_head
+from scripts.experiments.head_recipe_variants import VARIANTS, encode_file, train_model
 
 SINGLE = ("energy", "softmax", "mahalanobis", "knn", "pca_mahalanobis", "crossfit_mahalanobis", "crossfit_knn")
 COMBINATIONS = {
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         fit, cal = calibration_holdout(y, split)
         classes = np.unique(y[fit])
         codes = np.searchsorted(classes, y)
-        model, _, _ = train_head(args.variant, ckpt, X, E, codes, len(classes), fit, cal, split.seed)
+        model, _, _ = train_model(args.variant, ckpt, X, E, codes, len(classes), fit, split.seed, cal=cal)
         ref = head_outputs(model, E, fit)
         record = NoveltyRecord.fit(ref["features"], X[fit], codes[fit], len(classes), split.seed, density=False)
         out_c, out_q = head_outputs(model, E, cal), head_outputs(model, E, split.test)
