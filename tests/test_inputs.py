@@ -200,7 +200,8 @@ def assert_same_outputs(a_path: Path, b_path: Path, atol: float = 0.0) -> None:
     assert set(a.layers) == set(b.layers) and (a.raw is None) == (b.raw is None)
     for col in a.obs.columns:
         if a.obs[col].dtype.kind == "f":
-            np.testing.assert_allclose(a.obs[col], b.obs[col], atol=atol, rtol=0, err_msg=col)
+            # the novelty score is stored in float64 (so "score > cutoff" reads back the labels): the two paths sum in other orders
+            np.testing.assert_allclose(a.obs[col], b.obs[col], atol=atol, rtol=1e-6 if a.obs[col].dtype == np.float64 else 0, err_msg=col)
         else:
             assert list(a.obs[col].astype(str)) == list(b.obs[col].astype(str)), col
             if a.obs[col].dtype.name == "category":

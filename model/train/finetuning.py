@@ -330,6 +330,30 @@ def _gene2vec_cells(X: Any, rows: np.ndarray, seed: int) -> Any:
     return X.subset(rows).sample(GENE2VEC_CELLS, seed) if is_row_source(X) else X[rows]
 
 
+def _run_splits(y: np.ndarray, s: FinetuningSettings) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+                                                              list[list[tuple[np.ndarray, np.ndarray]]]]:
+    """The (training, validation, test) cells of each part of a run (one split, or ``s.cv`` folds)
+    and, with an ensemble, each head's (training, stopping) split of the part's training cells."""
+    if s.ensemble > 1 and not s.head_only:
+        raise InputError(f"--ensemble {s.ensemble} trains heads on one frozen pretrained encoder: it needs --head-only (or --ensemble 1)")
+    parts: list[tuple[np.ndarray, np.ndarray | None]] = (list(stratified_folds(y, s.cv, s.train.seed)) if s.cv
+                                                         else [(np.arange(len(y)), None)])
+    splits, heads = [], []
+    for k, (tr, te) in enumerate(parts):
+        seed = s.train.seed + k
+        if s.ensemble > 1:  # the validation cells are the calibration part: no head trains on them or chooses its epoch with them
+            pool, cal, own = ensemble_parts(y[tr], s.ensemble, s.val_frac, seed, s.keep_rare)
+            splits.append((tr[pool], tr[cal], te))
+            heads.append([(tr[f], tr[v]) for f, v in own])
+        elif s.cv:  # outer folds; each fold's training part is split again for early stopping
+            fit, va = stopping_split(y[tr], s.val_frac, seed, s.keep_rare)
+            splits.append((tr[fit], tr[va], te))
+        else:
+            rare = s.keep_rare and np.bincount(y).min() < s.keep_rare  # without rare types the split stays scikit-learn's
+            splits.append((*(stopping_split(y, s.val_frac, seed, s.keep_rare) if rare else stratified_holdout(y, s.val_frac, seed)), None))
+    return splits, heads
+
+
 def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[str], genes: list[str], settings: FinetuningSettings,
                    device: torch.device, pretrained: Checkpoint | None = None, out: Path | None = None,
                    record: dict[str, Any] | None = None, progress: bool = True) -> FinetuningResult:
@@ -345,24 +369,7 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
     y_str = np.asarray(labels).astype(str)
     y = np.array([classes.index(c) for c in y_str])
     ensemble = s.ensemble > 1
-    if ensemble and not (s.head_only and pretrained is not None):
-        raise InputError(f"--ensemble {s.ensemble} trains heads on one frozen pretrained encoder: it needs --pretrained and --head-only "
-                         f"(or --ensemble 1)")
-    parts: list[tuple[np.ndarray, np.ndarray | None]] = (list(stratified_folds(y, s.cv, s.train.seed)) if s.cv
-                                                         else [(np.arange(len(y)), None)])
-    splits, heads = [], []  # (training, validation, test) cells per part; with an ensemble, each head's split of the training cells
-    for k, (tr, te) in enumerate(parts):
-        seed = s.train.seed + k
-        if ensemble:  # the validation cells are the calibration part: no head trains on them or chooses its epoch with them
-            pool, cal, own = ensemble_parts(y[tr], s.ensemble, s.val_frac, seed, s.keep_rare)
-            splits.append((tr[pool], tr[cal], te))
-            heads.append([(tr[f], tr[v]) for f, v in own])
-        elif s.cv:  # outer folds; each fold's training part is split again for early stopping
-            fit, va = stopping_split(y[tr], s.val_frac, seed, s.keep_rare)
-            splits.append((tr[fit], tr[va], te))
-        else:
-            rare = s.keep_rare and np.bincount(y).min() < s.keep_rare  # without rare types the split stays scikit-learn's
-            splits.append((*(stopping_split(y, s.val_frac, seed, s.keep_rare) if rare else stratified_holdout(y, s.val_frac, seed)), None))
+    splits, heads = _run_splits(y, s)
 
     folds: list[FoldResult] = []
     kept, kept_state, kept_score, kept_split = -1, None, -1.0, splits[0][:2]
