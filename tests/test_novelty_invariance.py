@@ -77,7 +77,7 @@ def test_duplicated_cells_score_as_once(model: object, whole: object, pbmc_small
 
 def test_the_training_file_is_rejected_at_about_the_calibrated_rate(model: object, whole: object) -> None:
     """Its cells are the model's training and validation cells, all of known types: about the
-    calibrated 10% are Unassigned (24 calibration cells make the rate itself noisy), not the
+    calibrated 10% are Unassigned (48 calibration cells make the rate itself noisy), not the
     third or more that a score fitted on the training cells gave them."""
     share = float((whole.labels == UNASSIGNED).mean())
     assert share <= 0.2, share
@@ -196,4 +196,4 @@ def test_query_scores_warn_of_their_assumptions(model: object, pbmc_small: Path,
     from model.novelty.query import reference_copies
 
     copies = reference_copies(model.novelty.density, model.prepare(ad.read_h5ad(pbmc_small))[0].X)
-    assert 0.85 <= copies.mean() <= 0.95  # the 216 training cells of 240, not the 24 validation cells
+    assert 0.75 <= copies.mean() <= 0.85  # the 192 training cells of 240, not the 48 validation cells

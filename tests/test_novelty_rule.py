@@ -90,19 +90,19 @@ def test_fine_tuning_stores_a_calibration_that_rejects_the_rate(calibrated: Path
 
     ckpt = load_checkpoint(calibrated / "ft" / "model.pt")
     stats, cal = ckpt.novelty, ckpt.novelty.calibration
-    assert stats is not None and cal.reject_rate == 0.1 and cal.n == 24  # the 24 validation cells (the ensemble's calibration part)
+    assert stats is not None and cal.reject_rate == 0.1 and cal.n == 48  # the 48 validation cells
     m = json.loads((calibrated / "ft" / "metrics.json").read_text())
     assert m["novelty"]["reject_rate"] == 0.1 and set(m["novelty"]["thresholds"]) == set(SCORES) - set(QUERY_SCORES)
-    # query_density: two cross-fitted PCAs, each with its reference half and the 24 calibration cells projected
+    # query_density: two cross-fitted PCAs, each with its reference half and the 48 calibration cells projected
     assert len(stats.density.pcas) == 2 and all(len(c) == cal.n for c in stats.density.calibrations)
     for score, values in cal.scores.items():
         assert (values > cal.thresholds[score]).mean() <= 0.1, score
     # the stored scores are those of the model: recomputed on the validation cells
     prep = ad.read_h5ad(calibrated / "prep.h5ad")
     y = prep.obs["celltype"].astype(str).to_numpy()
-    from model.train.finetuning import ensemble_parts
+    from data.labels import stratified_holdout
 
-    _, val, _ = ensemble_parts(np.array([ckpt.classes.index(c) for c in y]), 5, 0.2, 0, 20)  # the calibration part
+    _, val = stratified_holdout(np.array([ckpt.classes.index(c) for c in y]), 0.2, 0)
     out = predict_outputs(ckpt.build_model(), CellDataset(prep.X[val], 5), QUIET, embed=True, features=True)
     again = novelty_scores(out["probs"], out["logits"], out["features"], out["embedding"], stats, expression=prep.X[val])
     np.testing.assert_allclose(np.sort(again["knn"]), np.sort(cal.scores["knn"]), rtol=1e-4)

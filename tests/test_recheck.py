@@ -65,15 +65,15 @@ def test_fine_tuning_measures_the_bf16_error_for_the_recheck(calibrated: Path) -
     """Fine-tuning stores how much bf16 moves the model's outputs on its validation cells; the
     figures are those of one float32 and one bf16 pass over them, and "auto" turns them into the margin."""
     from data.dataset import CellDataset
-    from model.train.finetuning import ensemble_parts
+    from data.labels import stratified_holdout
 
     ckpt = load_checkpoint(calibrated / "ft" / "model.pt")
     err = ckpt.novelty.precision_error["bf16"]
-    assert err["n_cells"] == 24 and err["precision"] == "bf16" and set(err["scores"]) == {"energy", "mahalanobis", "knn"}
+    assert err["n_cells"] == 48 and err["precision"] == "bf16" and set(err["scores"]) == {"energy", "mahalanobis", "knn"}
     assert err["head"] == "float32"
     prep = ad.read_h5ad(calibrated / "prep.h5ad")
     y = prep.obs["celltype"].astype(str).to_numpy()
-    _, val, _ = ensemble_parts(np.array([ckpt.classes.index(c) for c in y]), 5, 0.2, 0, 20)  # the calibration part
+    _, val = stratified_holdout(np.array([ckpt.classes.index(c) for c in y]), 0.2, 0)
     ds = CellDataset(ckpt.prepare(prep[val])[0].X, ckpt.config.bin_num)
     probs = {p: predict_outputs(ckpt.build_model(ExecutionOptions(precision=p)), ds, QUIET)["probs"]
              for p in ("fp32", "bf16")}
@@ -81,7 +81,7 @@ def test_fine_tuning_measures_the_bf16_error_for_the_recheck(calibrated: Path) -
     assert err["probs"] > 0  # bf16 does move them
     rule = NoveltyRule("mahalanobis", 10.0)
     assert auto_recheck_margin(err, rule) == max(RECHECK_FLOOR, RECHECK_SAFETY * max(2 * err["probs"], err["scores"]["mahalanobis"]))
-    assert "bf16 error on 24 validation cells" in card_text(checkpoint_card(ckpt))
+    assert "bf16 error on 48 validation cells" in card_text(checkpoint_card(ckpt))
 
 
 def test_auto_recheck_margin() -> None:

@@ -41,7 +41,7 @@ TRAIN, REST = finetune_parts("ours")
 # name -> overrides of the default recipe (TrainConfig fields and the rest alike)
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
-    "recipe_7dec_evening": {"head_lr": 1e-3, "patience": 4, "ensemble": 1},  # the recipe before 2343b25 (the ablation's "default")
+    "recipe_7dec_evening": {"head_lr": 1e-3, "patience": 4},  # the recipe before 2343b25 (the ablation's "default")
     "head_lr_3e-4": {"head_lr": 3e-4},
     "head_lr_3e-4_steps_1000": {"head_lr": 3e-4, "min_steps": 1000},
     "head_lr_1e-4_steps_1000": {"head_lr": 1e-4, "min_steps": 1000},
@@ -65,14 +65,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "head_lr_3e-4_wd_3": {"head_lr": 3e-4, "weight_decay": 3.0},
     "head_lr_3e-4_last_epoch": {"head_lr": 3e-4, "select": "last", "patience": 0},
     "head_lr_3e-4_epochs_15_patience_8": {"head_lr": 3e-4, "epochs": 15, "patience": 8},
-    # the ensemble of finetune_heads (the default has 5 heads, each on its own stopping split, a calibration part held out from all)
-    "single_head": {"ensemble": 1},  # the recipe before the ensemble (RESULTS.md, 8 December)
+    # finetune.py --ensemble N (model.train.finetuning.finetune_heads): N heads, each on its own stopping split, and a
+    # calibration part held out from all of them ("heads_5_calib_0.1" in RESULTS.md, 7 December, late)
     "ensemble_3": {"ensemble": 3},
+    "ensemble_5": {"ensemble": 5},
     "ensemble_10": {"ensemble": 10},
-    "ensemble_5_val_0.1": {"val_frac": 0.1},
     # independent single heads on their own stopping splits of all training cells, probabilities averaged (no calibration part)
-    "heads_5": {"heads": 5, "ensemble": 1},
-    "heads_5_same_split": {"heads": 5, "same_split": True, "ensemble": 1},  # one stopping split, seeds differ
+    "heads_5": {"heads": 5},
+    "heads_5_same_split": {"heads": 5, "same_split": True},  # one stopping split, seeds differ
 }
 
 
