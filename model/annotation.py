@@ -28,7 +28,7 @@ from model.evaluation import annotation_report, class_map, known_truth, label_ma
 from model.inference import DEFAULT_INFERENCE, InferenceOptions, embed_cells, predict_outputs
 from model.nn.network import POOLINGS, ScBERT
 from model.novelty.calibration import COMBINATIONS
-from model.novelty.record import NoveltyRecord, novelty_scores
+from model.novelty.record import NoveltyRecord, output_scores
 from model.novelty.rule import (
     DEFAULT_NOVELTY,
     UNASSIGNED,
@@ -139,8 +139,7 @@ def score_cells(net: ScBERT, ds: CellDataset, record: NoveltyRecord | None, rule
                               pooling="mean" if head else pooling)
         if not out:
             return out, {}
-        scores = novelty_scores(out["probs"], out["logits"], out.get("features"), out["embedding"], record, which=wanted,
-                                expression=dataset.X if expression else None)
+        scores = output_scores(out, record, which=wanted, expression=dataset.X if expression else None)
         if head:
             out["embedding"] = out["features"]
         return out, scores

@@ -74,9 +74,12 @@ def _probabilities(embed: bool, pooling: str, features: bool = False) -> BatchFn
     def fn(model: ScBERT, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tokens = batch["tokens"]
         h = model.encode(tokens)
-        feats = model.to_out.features(h)  # the classifier's penultimate activations (float32)
-        logits = model.to_out.logits(feats)
+        # the classifier's penultimate activations (float32) and class logits; with an ensemble of heads the
+        # logits are their mean, and the features and head_logits those of the first head, which the novelty scores read
+        feats, logits, own = model.to_out.outputs(h)
         out = {"probs": torch.softmax(logits, dim=-1), "logits": logits}
+        if own is not logits:
+            out.update(head_probs=torch.softmax(own, dim=-1), head_logits=own)
         if features:
             out["features"] = feats.float()
         if embed:

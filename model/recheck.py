@@ -21,7 +21,7 @@ from data.io import InputError
 from model.inference import InferenceOptions, predict_outputs
 from model.nn.config import ExecutionOptions
 from model.nn.network import ScBERT
-from model.novelty.record import NoveltyRecord, novelty_scores
+from model.novelty.record import NoveltyRecord, output_scores
 from model.novelty.rule import NoveltyRule
 from model.novelty.scores import EXPRESSION_SCORES, NETWORK_SCORES, softmax_score
 
@@ -53,7 +53,7 @@ def measure_precision_error(net: ScBERT, ds: CellDataset, record: NoveltyRecord 
             out = predict_outputs(net, ds, options, embed=True, features=record is not None and record.classes is not None)
         finally:
             net.configure(kept)
-        return out, novelty_scores(out["probs"], out["logits"], out.get("features"), out["embedding"], record, which=NETWORK_SCORES)
+        return out, output_scores(out, record, which=NETWORK_SCORES)
 
     ref, ref_scores = run("fp32")
     low, low_scores = run(precision)

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
                 plot_confusion(fold.y_true, fold.y_pred, folder / "confusion_matrix.png",
                                f"{fold.name}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
                 plot_history(fold.history, ["train_loss", "val_loss", "val_accuracy", "val_macro_f1"], folder / "training_curves.png", fold.name,
-                             chosen_epoch=m.get("best_epoch"))
+                             chosen_epoch=m.get("head_epochs", m.get("best_epoch")))
             write_json(out / "metrics.json", result.metrics)
     if main:
         write_summary(out, [*result.summary_lines(), f"model: {out / 'model.pt'}"])

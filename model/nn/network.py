@@ -102,6 +102,12 @@ class CellClassifier(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         return self.logits(self.features(h))
 
+    def outputs(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(features, logits, logits): :meth:`ClassifierEnsemble.outputs` of a one-head model."""
+        f = self.features(h)
+        logits = self.logits(f)
+        return f, logits, logits
+
     @torch.no_grad()
     def init_from_expression(self, h: Tensor, bins: Tensor, max_tokens: int = 200_000, seed: int = 0) -> float:
         """Set ``conv1`` to the (ridge) least-squares read-out of each position's expression bin from
@@ -136,48 +142,29 @@ class CellClassifier(nn.Module):
 
 class ClassifierEnsemble(nn.Module):
     """``n`` :class:`CellClassifier` heads on the same encodings, each trained alone on its own
-    stopping split (:func:`model.train.finetuning.finetune_heads`); a cell's logits are the mean of
-    theirs. The features (the embedding and the novelty scores read them) are the members'
-    penultimate activations side by side. A head costs ~1% of a forward pass.
+    stopping split (:func:`model.train.finetuning.finetune_heads`); a cell's class scores are the
+    mean of their logits. The first head is the one whose stopping split calibrates the novelty
+    thresholds: its features (the cell embedding) and its logits are what the novelty scores read,
+    so they are exactly those of a one-head model. A head costs ~1% of a forward pass.
     """
 
     def __init__(self, seq_len: int, dim: int, n_classes: int, n: int, hidden: int = 128, dropout: float = 0.0) -> None:
         super().__init__()
         self.members = nn.ModuleList(CellClassifier(seq_len, dim, n_classes, hidden, dropout) for _ in range(n))
-        self.hidden = hidden
 
     def features(self, h: Tensor) -> Tensor:
-        """(batch, seq_len, dim) encodings -> (batch, n * hidden), the members' features side by side."""
-        with torch.autocast(h.device.type, enabled=False):
-            # every member's conv1 in one matmul: the encodings are read once, not once per member
-            w = torch.stack([m.conv1.weight.reshape(-1) for m in self.members], dim=1)
-            b = torch.cat([m.conv1.bias for m in self.members])
-            x = (h.to(w.dtype) @ w + b).relu()
-            out = []
-            for k, m in enumerate(self.members):
-                z = m.dropout(m.act(m.fc1(x[..., k])))
-                out.append(m.dropout(m.act(m.fc2(z))))
-            return torch.cat(out, dim=-1)
+        """(batch, seq_len, dim) encodings -> (batch, hidden): the first head's penultimate features."""
+        return self.members[0].features(h)
 
-    def member_logits(self, features: Tensor) -> Tensor:
-        """(n, batch, n_classes): each member's logits from its part of ``features``."""
-        return torch.stack([m.logits(f) for m, f in zip(self.members, features.split(self.hidden, dim=-1), strict=True)])
-
-    def logits(self, features: Tensor) -> Tensor:
-        """(batch, n_classes): the mean of the members' logits."""
-        return self.member_logits(features).mean(0)
+    def outputs(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(the first head's features, the mean of every head's logits, the first head's logits)."""
+        first = self.members[0]
+        f = first.features(h)
+        own = first.logits(f)
+        return f, torch.stack([own, *(m(h) for m in self.members[1:])]).mean(0), own
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.logits(self.features(h))
-
-    @torch.no_grad()
-    def init_from_expression(self, h: Tensor, bins: Tensor, max_tokens: int = 200_000, seed: int = 0) -> float:
-        """Every member's ``conv1`` set to the expression read-out (one fit, copied); returns its R^2.
-        (Training starts each head alone; this serves a model built as an ensemble from the start.)"""
-        r2 = self.members[0].init_from_expression(h, bins, max_tokens, seed)
-        for m in self.members[1:]:
-            m.conv1.load_state_dict(self.members[0].conv1.state_dict())
-        return r2
+        return self.outputs(h)[1]
 
 
 class ScBERT(nn.Module):

@@ -95,6 +95,15 @@ class NoveltyRecord:
                    precision_error=dict(d["precision_error"]))
 
 
+def output_scores(out: dict[str, np.ndarray], record: NoveltyRecord | None, which: Collection[str] | None = None,
+                  expression: Any = None) -> dict[str, np.ndarray]:
+    """:func:`novelty_scores` of a classifier's outputs (``model.inference.predict_outputs``): of the
+    first head's probabilities and logits when the model is an ensemble of heads (the first head's
+    stopping split calibrates the thresholds; the others trained on some of those cells)."""
+    return novelty_scores(out.get("head_probs", out["probs"]), out.get("head_logits", out["logits"]), out.get("features"),
+                          out.get("embedding"), record, which=which, expression=expression)
+
+
 def novelty_scores(probs: np.ndarray, logits: np.ndarray, features: np.ndarray | None = None, embeddings: np.ndarray | None = None,
                    record: NoveltyRecord | None = None, which: Collection[str] | None = None,
                    expression: Any = None) -> dict[str, np.ndarray]:

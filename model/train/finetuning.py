@@ -27,7 +27,7 @@ from model.inference import InferenceOptions, predict_distributed, predict_outpu
 from model.nn.config import ExecutionOptions, ModelSize
 from model.nn.network import ScBERT
 from model.novelty.calibration import MAX_CALIBRATION_CELLS, calibrate
-from model.novelty.record import NoveltyRecord, novelty_scores
+from model.novelty.record import NoveltyRecord, output_scores
 from model.novelty.scores import MAX_REFERENCE_CELLS
 from model.recheck import PRECISION_CHECK_CELLS, measure_precision_error
 from model.runtime import set_seed
@@ -150,33 +150,32 @@ def stopping_split(y: np.ndarray, frac: float, seed: int, keep_rare: int) -> tup
 # --------------------------------------------------------------------------------------------
 
 HEAD_SEED_STEP = 1000  # head j's stopping split, start and shuffling use seed + 1000 j
-CALIBRATION_FRAC = 0.1  # of an ensemble's training part, per type, held out from every head
 
 
-def ensemble_parts(y: np.ndarray, members: int, val_frac: float, seed: int, keep_rare: int) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-    """An ensemble's split of cells labelled ``y``: (pool, calibration, heads). The calibration
-    cells (``CALIBRATION_FRAC`` of each type; rare types give none) train no head and choose no
-    epoch: they calibrate the novelty thresholds and score the model. Each head trains on its own
-    stopping split of the pool (seed ``seed + 1000 j``), so the heads together learn from every
-    pool cell. Positions are into ``y``."""
-    pool, cal = stopping_split(y, CALIBRATION_FRAC, seed, keep_rare)
-    return pool, cal, [(pool[fit], pool[val]) for fit, val in head_splits(y[pool], members, val_frac, seed, keep_rare)]
-
-
-def head_splits(y: np.ndarray, members: int, val_frac: float, seed: int, keep_rare: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each head's (training, stopping) positions in ``y``: :func:`stopping_split` with seed ``seed + 1000 j`` for head j."""
-    return [stopping_split(y, val_frac, seed + HEAD_SEED_STEP * j, keep_rare) for j in range(members)]
+def head_splits(first: tuple[np.ndarray, np.ndarray], y: np.ndarray, members: int, val_frac: float, seed: int,
+                keep_rare: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each head's (training, stopping) cells, positions into ``y``: the first head's is ``first``,
+    the run's own split (its stopping cells also calibrate the novelty thresholds, which read the
+    first head alone); head j draws :func:`stopping_split` of the same cells with seed
+    ``seed + 1000 j``, so the heads together learn from every cell."""
+    cells = np.sort(np.concatenate(first))
+    return [first, *((cells[f], cells[v]) for f, v in (stopping_split(y[cells], val_frac, seed + HEAD_SEED_STEP * j, keep_rare)
+                                                         for j in range(1, members)))]
 
 
 def finetune_heads(build: Callable[[int], ScBERT], X: Any, y: np.ndarray, heads: list[tuple[np.ndarray, np.ndarray]], cfg: TrainConfig,
                    device: torch.device, *, weights: Callable[[np.ndarray], torch.Tensor | None] | None = None, desc: str = "finetune",
-                   head_init: str = "expression", encodings: torch.Tensor | None = None) -> tuple[ScBERT, list[dict[str, Any]], list[list[dict[str, float]]]]:
+                   head_init: str = "expression", encodings: torch.Tensor | None = None,
+                   seed: int | None = None) -> tuple[ScBERT, list[dict[str, Any]], list[list[dict[str, float]]]]:
     """One head per (training, stopping) split of ``heads`` (positions in ``X`` and its class ids
-    ``y``), each trained alone by :func:`finetune` on the frozen encoder of ``build(1)`` (a head-only
-    model, seeded ``cfg.seed + 1000 j``), joined into ``build(len(heads))``'s
-    :class:`~model.nn.network.ClassifierEnsemble`. The encodings are computed once for every head
-    when they fit in memory (``encodings``: those of every cell of ``X``, when the caller has them).
-    Returns the model, each head's kept-epoch metrics and history."""
+    ``y``; :func:`head_splits`), each trained alone by :func:`finetune` on the frozen encoder of
+    ``build(1)`` (a head-only model), joined into ``build(len(heads))``'s
+    :class:`~model.nn.network.ClassifierEnsemble`. Head j is built after ``set_seed(seed + 1000 j)``
+    (``seed``: ``cfg.seed`` when None) and trained with ``cfg.seed + 1000 j``, so the first head is
+    the one a one-head run gives (its training states in the run's own folders; head j's in
+    ``headJ/``). The encodings are computed once for every head when they fit in memory
+    (``encodings``: those of every cell of ``X``, when the caller has them). Returns the model, each
+    head's kept-epoch metrics and history."""
     first = build(1)
     if not getattr(first, "frozen_encoder", False):
         raise ValueError("an ensemble of heads needs a head-only model: the heads share one frozen encoder")
@@ -191,10 +190,9 @@ def finetune_heads(build: Callable[[int], ScBERT], X: Any, y: np.ndarray, heads:
         where[rows] = np.arange(len(rows))
     bests, histories, states = [], [], []
     for j, (train, val) in enumerate(heads):
-        seed = cfg.seed + HEAD_SEED_STEP * j
-        set_seed(seed)
+        set_seed((cfg.seed if seed is None else seed) + HEAD_SEED_STEP * j)
         model = build(1)  # (after the seed: head j starts as a run of its own with that seed would)
-        head_cfg = dataclasses.replace(cfg.for_part(f"head{j + 1}"), seed=seed)
+        head_cfg = cfg if j == 0 else dataclasses.replace(cfg.for_part(f"head{j + 1}"), seed=cfg.seed + HEAD_SEED_STEP * j)
         cells = None if stored is None else (IndexedEncodings(stored, where[train], torch.as_tensor(y[train])),
                                              IndexedEncodings(stored, where[val], torch.as_tensor(y[val])))
         best, history = finetune(model, CellDataset(rows_of(X, train), bins, y[train]), CellDataset(rows_of(X, val), bins, y[val]), head_cfg,
@@ -271,7 +269,7 @@ class FoldResult:
     metrics: dict[str, Any]
     y_true: np.ndarray
     y_pred: np.ndarray
-    history: list[dict[str, float]]
+    history: list[dict[str, float]] | list[list[dict[str, float]]]  # an ensemble: one per head
 
 
 CV_METRICS_MEANING = {
@@ -285,9 +283,9 @@ SPLIT_METRICS_MEANING = {
                 "--cv K reports accuracy on test cells that played no part in training",
 }
 ENSEMBLE_SPLIT_METRICS_MEANING = {
-    "accuracy": "accuracy on the validation cells (the calibration part): no head trained on them or chose its epoch with them; "
-                "--cv K reports accuracy on test cells of folds the whole model never saw",
-    "best_epoch": "the epoch each head kept, chosen on its own stopping split of the training cells",
+    "accuracy": "accuracy of the first head alone on the validation cells, which chose its epoch (the other heads trained on some "
+                "of them, so the ensemble is not scored here); --cv K reports the ensemble's accuracy on test cells no head saw",
+    "head_epochs": "the epoch each head kept, each chosen on its own stopping split of the cells (the first head's is best_epoch)",
 }
 
 
@@ -308,13 +306,13 @@ class FinetuningResult:
                     f"macro-F1 {m['macro_f1']:.4f} ± {m['macro_f1_sd']:.4f} on each fold's test cells (early stopping on an inner "
                     f"validation part of its training cells)",
                     f"model.pt is the model of fold {self.kept_fold + 1} (highest inner validation score)"]
-        epochs = m["best_epoch"]
-        if isinstance(epochs, list):
+        if "head_epochs" in m:
             return [f"validation ({self.folds[0].metrics['n_val']} cells): accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} "
-                    f"({len(epochs)} heads, kept epochs {', '.join(map(str, epochs))}, each chosen on its own stopping split; "
-                    f"no head trained on these cells or chose its epoch with them)"]
+                    f"of the first of {m['heads']} heads (best epoch {m['best_epoch']}; these cells also chose it; the others kept epochs "
+                    f"{', '.join(map(str, m['head_epochs'][1:]))} on their own splits and trained on some of these cells: --cv K scores "
+                    f"the ensemble)"]
         return [f"validation ({self.folds[0].metrics['n_val']} cells): accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} "
-                f"(best epoch {epochs}; these cells also chose it)"]
+                f"(best epoch {m['best_epoch']}; these cells also chose it)"]
 
 
 GENE2VEC_CELLS = 50_000  # cells of an on-disk training set sampled for gene2vec, as pretrain.py --gene2vec-cells
@@ -328,30 +326,6 @@ def rows_of(X: Any, rows: np.ndarray) -> Any:
 def _gene2vec_cells(X: Any, rows: np.ndarray, seed: int) -> Any:
     """The training cells gene2vec learns from: all of them in memory; a seeded sample on disk."""
     return X.subset(rows).sample(GENE2VEC_CELLS, seed) if is_row_source(X) else X[rows]
-
-
-def _run_splits(y: np.ndarray, s: FinetuningSettings) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
-                                                              list[list[tuple[np.ndarray, np.ndarray]]]]:
-    """The (training, validation, test) cells of each part of a run (one split, or ``s.cv`` folds)
-    and, with an ensemble, each head's (training, stopping) split of the part's training cells."""
-    if s.ensemble > 1 and not s.head_only:
-        raise InputError(f"--ensemble {s.ensemble} trains heads on one frozen pretrained encoder: it needs --head-only (or --ensemble 1)")
-    parts: list[tuple[np.ndarray, np.ndarray | None]] = (list(stratified_folds(y, s.cv, s.train.seed)) if s.cv
-                                                         else [(np.arange(len(y)), None)])
-    splits, heads = [], []
-    for k, (tr, te) in enumerate(parts):
-        seed = s.train.seed + k
-        if s.ensemble > 1:  # the validation cells are the calibration part: no head trains on them or chooses its epoch with them
-            pool, cal, own = ensemble_parts(y[tr], s.ensemble, s.val_frac, seed, s.keep_rare)
-            splits.append((tr[pool], tr[cal], te))
-            heads.append([(tr[f], tr[v]) for f, v in own])
-        elif s.cv:  # outer folds; each fold's training part is split again for early stopping
-            fit, va = stopping_split(y[tr], s.val_frac, seed, s.keep_rare)
-            splits.append((tr[fit], tr[va], te))
-        else:
-            rare = s.keep_rare and np.bincount(y).min() < s.keep_rare  # without rare types the split stays scikit-learn's
-            splits.append((*(stopping_split(y, s.val_frac, seed, s.keep_rare) if rare else stratified_holdout(y, s.val_frac, seed)), None))
-    return splits, heads
 
 
 def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[str], genes: list[str], settings: FinetuningSettings,
@@ -369,7 +343,16 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
     y_str = np.asarray(labels).astype(str)
     y = np.array([classes.index(c) for c in y_str])
     ensemble = s.ensemble > 1
-    splits, heads = _run_splits(y, s)
+    if ensemble and not s.head_only:
+        raise InputError(f"--ensemble {s.ensemble} trains heads on one frozen pretrained encoder: it needs --head-only (or --ensemble 1)")
+    if s.cv:  # outer folds; each fold's training part is split again for early stopping
+        splits = [(*stopping_split(y[tr], s.val_frac, s.train.seed + k, s.keep_rare), tr, te)
+                  for k, (tr, te) in enumerate(stratified_folds(y, s.cv, s.train.seed))]
+        splits = [(tr[fit], tr[va], te) for fit, va, tr, te in splits]
+    else:
+        rare = s.keep_rare and np.bincount(y).min() < s.keep_rare  # without rare types the split stays scikit-learn's
+        fit_idx, val_idx = stopping_split(y, s.val_frac, s.train.seed, s.keep_rare) if rare else stratified_holdout(y, s.val_frac, s.train.seed)
+        splits = [(fit_idx, val_idx, None)]
 
     folds: list[FoldResult] = []
     kept, kept_state, kept_score, kept_split = -1, None, -1.0, splits[0][:2]
@@ -396,12 +379,10 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
         name = f"fold {k + 1}/{len(splits)}" if s.cv else "finetune"
         cfg = s.train.for_part(f"fold{k + 1}" if s.cv else "")
         if ensemble:
-            model, bests, histories = finetune_heads(build, X, y, heads[k], dataclasses.replace(cfg, seed=s.train.seed + k), device,
-                                                     weights=class_weights, desc=name, head_init=s.head_init)
-            metric = f"val_{s.train.select_metric}"
-            best = {"epoch": [b["epoch"] for b in bests], metric: float(np.mean([b[metric] for b in bests])),
-                    "val_accuracy": float(np.mean([b["val_accuracy"] for b in bests]))}
-            history: Any = histories
+            heads = head_splits((tr, va), y, s.ensemble, s.val_frac, s.train.seed + k, s.keep_rare)
+            model, bests, histories = finetune_heads(build, X, y, heads, cfg, device, weights=class_weights, desc=name,
+                                                     head_init=s.head_init, seed=s.train.seed + k)
+            best, history = bests[0], histories[0]  # the first head's: the one the validation cells chose and calibrate
         else:
             model = build(1)
             train_ds = CellDataset(rows_of(X, tr), model.config.bin_num, y[tr])
@@ -409,13 +390,19 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
             best, history = finetune(model, train_ds, val_ds, cfg, device, class_weights(y[tr]), name, head_init=s.head_init)
         scored = va if te is None else te
         scored_ds = CellDataset(rows_of(X, scored), model.config.bin_num, y[scored])
-        pred = np.asarray(classes)[predict_distributed(model, scored_ds, InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=cfg.progress),
-                                                           desc="scoring").argmax(1)]
+        options = InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=cfg.progress)
+        if ensemble and te is None:  # the other heads trained on some of the validation cells: the first head's predictions score the run
+            probs = predict_outputs(model, scored_ds, options)["head_probs"]
+        else:
+            probs = predict_distributed(model, scored_ds, options, desc="scoring")
+        pred = np.asarray(classes)[probs.argmax(1)]
         m = classification_metrics(y_str[scored], pred, classes)
         m.update(best_epoch=best["epoch"], n_train=len(tr), n_val=len(va), history=history)
+        if ensemble:
+            m.update(heads=s.ensemble, head_epochs=[b["epoch"] for b in bests])
         if te is not None:
             m.update(n_test=len(te), inner_val_accuracy=best["val_accuracy"])
-        folds.append(FoldResult(name, m, y_str[scored], pred, history))
+        folds.append(FoldResult(name, m, y_str[scored], pred, histories if ensemble else history))
         if s.cv and main and out is not None:
             save_checkpoint(out / f"fold{k + 1}" / "model.pt", model, genes, classes, s.preprocessing, record,
                             {k2: v for k2, v in m.items() if k2 != "history"})
@@ -472,7 +459,7 @@ def calibrate_novelty(model: ScBERT, X: sparse.csr_matrix, y: np.ndarray, train:
     if record.density is not None:
         record.density.set_calibration(rows_of(X, val))
     cal = predict_outputs(model, CellDataset(rows_of(X, val), bins), options, embed=True, features=True)
-    scores = novelty_scores(cal["probs"], cal["logits"], cal["features"], cal["embedding"], record, expression=rows_of(X, val))
+    scores = output_scores(cal, record, expression=rows_of(X, val))
     record.calibration = calibrate(scores, reject_rate, seed)
     if precision_cells > 0 and len(val):
         rows = val if len(val) <= precision_cells else np.sort(np.random.default_rng(seed).choice(val, precision_cells, replace=False))

@@ -25,10 +25,10 @@ from model.nn.network import ScBERT
 from model.novelty.crossfit import CrossFitPCA
 from model.novelty.expression import ExpressionPCA
 from model.novelty.query import QueryDensity
-from model.novelty.record import NoveltyRecord, novelty_scores
+from model.novelty.record import NoveltyRecord, novelty_scores, output_scores
 from model.runtime import set_seed
 from model.train.config import TrainConfig
-from model.train.finetuning import balanced_class_weights, ensemble_parts, finetune, finetune_heads, head_splits, stopping_split
+from model.train.finetuning import balanced_class_weights, finetune, finetune_heads, head_splits, stopping_split
 from model.train.initialisation import gene_embedding, new_classifier
 from model.train.recipes import finetune_parts
 
@@ -347,25 +347,22 @@ class ScBERTMethod:
             set_seed(self.train.seed)
             self.checkpoint = self._pretrain(genes, X)
         set_seed(self.train.seed)
-        seed, heads = self.train.seed, None
-        # as finetune.py: the heads of an ensemble share a frozen pretrained encoder; other runs have one head
-        members = self.ensemble if self.head_only and self.init in ("pretrained", "pretrain") else 1
-        if val is None and members > 1:  # as finetune.py: a calibration part, and each head's own stopping split of the rest
-            tr, va, heads = ensemble_parts(codes, members, self.val_frac, seed, self.keep_rare)
-        elif val is None:
+        if val is None:
             # a type with fewer than keep_rare cells (at least 2) stays whole in the training part; no cell on both
-            tr, va = stopping_split(codes, self.val_frac, seed, self.keep_rare)
+            tr, va = stopping_split(codes, self.val_frac, self.train.seed, self.keep_rare)
         else:
             tr, va = np.arange(len(codes)), np.arange(len(codes), len(codes_all))
             X, codes = X_all, codes_all
-            if members > 1:  # the given cells calibrate; each head stops on its own split of the training cells
-                heads = head_splits(codes[tr], members, self.val_frac, seed, self.keep_rare)
+        # as finetune.py: an ensemble's heads share a frozen pretrained encoder (other runs have one head); the first head
+        # is the one-head run (its stopping cells calibrate the novelty scores), the others split the same cells their own way
+        members = self.ensemble if self.head_only and self.init in ("pretrained", "pretrain") else 1
+        heads = head_splits((tr, va), codes, members, self.val_frac, self.train.seed, self.keep_rare) if members > 1 else None
         self.split_ = (tr, va)
         weights = (lambda labels: balanced_class_weights(labels, len(self.classes_))) if self.class_weights else None
         if heads is not None:
             self.model, _, self.history = finetune_heads(lambda members: self._build(len(self.classes_), genes, X[tr], members), X, codes,
                                                          heads, self.train, torch.device(self.device), weights=weights, desc=self.name,
-                                                         head_init=self.head_init)
+                                                         head_init=self.head_init, seed=self.train.seed)
         else:
             self.model = self._build(len(self.classes_), genes, X[tr])
             bin_num = self.model.config.bin_num
@@ -388,7 +385,7 @@ class ScBERTMethod:
 
     def novelty_scores(self, X: sparse.csr_matrix) -> dict[str, np.ndarray]:
         out = predict_outputs(self.model, CellDataset(X, self.model.config.bin_num), self._options, embed=True, features=True)
-        return novelty_scores(out["probs"], out["logits"], out["features"], out["embedding"], self.record_, expression=X)
+        return output_scores(out, self.record_, expression=X)
 
     def predict_proba(self, X: sparse.csr_matrix) -> np.ndarray:
         probs, _ = predict(self.model, CellDataset(X, self.model.config.bin_num), self._options)

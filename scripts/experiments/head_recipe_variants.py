@@ -31,7 +31,7 @@ from model.inference import InferenceOptions
 from model.runtime import set_seed
 from model.train.config import TrainConfig
 from model.train.encoding_cache import IndexedEncodings, encode_dataset, head_probabilities
-from model.train.finetuning import ensemble_parts, finetune, finetune_heads, head_splits, stopping_split
+from model.train.finetuning import finetune, finetune_heads, head_splits, stopping_split
 from model.train.initialisation import new_classifier
 from model.train.recipes import TRAIN_FIELDS, finetune_parts
 from scripts.benchmark.harness import ProtocolSettings, load_labelled, parse_subsample, protocol_splits
@@ -65,14 +65,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "head_lr_3e-4_wd_3": {"head_lr": 3e-4, "weight_decay": 3.0},
     "head_lr_3e-4_last_epoch": {"head_lr": 3e-4, "select": "last", "patience": 0},
     "head_lr_3e-4_epochs_15_patience_8": {"head_lr": 3e-4, "epochs": 15, "patience": 8},
-    # finetune.py --ensemble N (model.train.finetuning.finetune_heads): N heads, each on its own stopping split, and a
-    # calibration part held out from all of them ("heads_5_calib_0.1" in RESULTS.md, 7 December, late)
+    # finetune.py --ensemble N (model.train.finetuning.finetune_heads): the one-head run plus N - 1 heads on their own stopping splits
+    "single_head": {"ensemble": 1},  # the recipe before the ensemble (RESULTS.md, 7 December, late)
     "ensemble_3": {"ensemble": 3},
     "ensemble_5": {"ensemble": 5},
     "ensemble_10": {"ensemble": 10},
     # independent single heads on their own stopping splits of all training cells, probabilities averaged (no calibration part)
-    "heads_5": {"heads": 5},
-    "heads_5_same_split": {"heads": 5, "same_split": True},  # one stopping split, seeds differ
+    "heads_5": {"heads": 5, "ensemble": 1},
+    "heads_5_same_split": {"heads": 5, "same_split": True, "ensemble": 1},  # one stopping split, seeds differ
 }
 
 
@@ -103,30 +103,23 @@ def train_head(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray,
 def train_model(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray, n_classes: int, train: np.ndarray, seed: int,
                 cal: np.ndarray | None = None) -> tuple[Any, np.ndarray, list[int]]:
     """The model variant ``name`` trains on cells ``train`` as the benchmark's scbert method does:
-    one head on a stopping split, or finetune.py's ensemble (a calibration part held out, each head on
-    its own stopping split). ``cal`` given: those cells calibrate (and stop a single head), the heads
-    split ``train`` among themselves. Returns the model, the calibration cells and the kept epochs."""
+    the first head on a stopping split (``cal`` given: on ``train``, stopping on ``cal``), further
+    heads of an ensemble on their own splits of the same cells. Returns the model, the first
+    head's stopping cells (they calibrate the novelty scores) and the kept epochs."""
     train_kw, rest = variant_settings(name)
-    members = rest["ensemble"]
-    if members == 1:
-        if cal is None:
-            fit_rel, val_rel = stopping_split(codes[train], rest["val_frac"], seed, rest["keep_rare"])
-            fit, cal = train[fit_rel], train[val_rel]
-        else:
-            fit = train
+    if cal is None:
+        fit_rel, val_rel = stopping_split(codes[train], rest["val_frac"], seed, rest["keep_rare"])
+        fit, cal = train[fit_rel], train[val_rel]
+    else:
+        fit = train
+    if rest["ensemble"] == 1:
         model, best, _ = train_head(name, ckpt, X, E, codes, n_classes, fit, cal, seed)
         return model, cal, [best["epoch"]]
-    if cal is None:
-        pool_rel, cal_rel, heads_rel = ensemble_parts(codes[train], members, rest["val_frac"], seed, rest["keep_rare"])
-        cal = train[cal_rel]
-    else:
-        heads_rel = head_splits(codes[train], members, rest["val_frac"], seed, rest["keep_rare"])
-    heads = [(train[f], train[v]) for f, v in heads_rel]
+    heads = head_splits((fit, cal), codes, rest["ensemble"], rest["val_frac"], seed, rest["keep_rare"])
 
     def build(k: int) -> Any:
         return new_classifier(ckpt.config, n_classes, rest["dropout"], pretrained=ckpt, head_only=True, redraw_features=False, members=k)
 
-    set_seed(seed)
     model, bests, _ = finetune_heads(build, X, codes, heads, TrainConfig(seed=seed, progress=False, **train_kw), torch.device("cpu"),
                                      desc=name, head_init=rest["head_init"], encodings=E)
     return model, cal, [b["epoch"] for b in bests]

@@ -46,8 +46,9 @@ def head_outputs(model: torch.nn.Module, E: torch.Tensor, rows: np.ndarray, batc
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {"probs": [], "logits": [], "features": []}
     for start in range(0, len(rows), batch):
-        feats = model.to_out.features(E[torch.as_tensor(rows[start:start + batch])]).float()
-        logits = model.to_out.logits(feats).float()
+        # the novelty scores read the first head (an ensemble's calibrated one): its features and logits
+        feats, _, logits = model.to_out.outputs(E[torch.as_tensor(rows[start:start + batch])])
+        feats, logits = feats.float(), logits.float()
         for k, v in (("probs", torch.softmax(logits, -1)), ("logits", logits), ("features", feats)):
             parts[k].append(v)
     return {k: torch.cat(v).numpy() for k, v in parts.items()}
