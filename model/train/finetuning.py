@@ -328,6 +328,36 @@ def _gene2vec_cells(X: Any, rows: np.ndarray, seed: int) -> Any:
     return X.subset(rows).sample(GENE2VEC_CELLS, seed) if is_row_source(X) else X[rows]
 
 
+def _train_part(s: FinetuningSettings, base: Any, vectors: torch.Tensor | None, pretrained: Checkpoint | None, n_classes: int, X: Any,
+                y: np.ndarray, split: tuple[np.ndarray, np.ndarray], cfg: TrainConfig, device: torch.device, name: str,
+                seed: int) -> tuple[ScBERT, list[dict[str, Any]], list[list[dict[str, float]]]]:
+    """The model of one part of a run, trained on ``split`` (training, validation cells): one head,
+    or ``s.ensemble`` heads of which the first has that split. Returns it, each head's kept-epoch
+    metrics and history."""
+    set_seed(seed)
+
+    def build(members: int) -> ScBERT:
+        return new_classifier(base, n_classes, s.dropout, pretrained=pretrained, gene_vectors=vectors, train_all=s.train_all,
+                              head_only=s.head_only, options=s.options, redraw_features=s.redraw_features, members=members)
+
+    def class_weights(labels: np.ndarray) -> torch.Tensor | None:
+        if not s.class_weights:
+            return None
+        try:
+            return balanced_class_weights(labels, n_classes)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
+    if s.ensemble > 1:
+        heads = head_splits(split, y, s.ensemble, s.val_frac, seed, s.keep_rare)
+        return finetune_heads(build, X, y, heads, cfg, device, weights=class_weights, desc=name, head_init=s.head_init, seed=seed)
+    model = build(1)
+    tr, va = split
+    best, history = finetune(model, CellDataset(rows_of(X, tr), model.config.bin_num, y[tr]), CellDataset(rows_of(X, va), model.config.bin_num, y[va]),
+                             cfg, device, class_weights(y[tr]), name, head_init=s.head_init)
+    return model, [best], [history]
+
+
 def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[str], genes: list[str], settings: FinetuningSettings,
                    device: torch.device, pretrained: Checkpoint | None = None, out: Path | None = None,
                    record: dict[str, Any] | None = None, progress: bool = True) -> FinetuningResult:
@@ -362,32 +392,10 @@ def run_finetuning(X: sparse.csr_matrix, labels: Sequence[str], classes: list[st
             base = s.size.config(len(genes), gene_embedding=mode)
         else:
             vectors, g2v, base = None, {"source": f"pretrained:{pretrained.source}"}, pretrained.config
-        set_seed(s.train.seed + k)
-
-        def build(members: int, base: Any = base, vectors: Any = vectors) -> ScBERT:
-            return new_classifier(base, len(classes), s.dropout, pretrained=pretrained, gene_vectors=vectors, train_all=s.train_all,
-                                  head_only=s.head_only, options=s.options, redraw_features=s.redraw_features, members=members)
-
-        def class_weights(labels: np.ndarray) -> torch.Tensor | None:
-            if not s.class_weights:
-                return None
-            try:
-                return balanced_class_weights(labels, len(classes))
-            except ValueError as e:
-                raise InputError(str(e)) from None
-
         name = f"fold {k + 1}/{len(splits)}" if s.cv else "finetune"
         cfg = s.train.for_part(f"fold{k + 1}" if s.cv else "")
-        if ensemble:
-            heads = head_splits((tr, va), y, s.ensemble, s.val_frac, s.train.seed + k, s.keep_rare)
-            model, bests, histories = finetune_heads(build, X, y, heads, cfg, device, weights=class_weights, desc=name,
-                                                     head_init=s.head_init, seed=s.train.seed + k)
-            best, history = bests[0], histories[0]  # the first head's: the one the validation cells chose and calibrate
-        else:
-            model = build(1)
-            train_ds = CellDataset(rows_of(X, tr), model.config.bin_num, y[tr])
-            val_ds = CellDataset(rows_of(X, va), model.config.bin_num, y[va])
-            best, history = finetune(model, train_ds, val_ds, cfg, device, class_weights(y[tr]), name, head_init=s.head_init)
+        model, bests, histories = _train_part(s, base, vectors, pretrained, len(classes), X, y, (tr, va), cfg, device, name, s.train.seed + k)
+        best, history = bests[0], histories[0]  # with an ensemble, the first head's: the one the validation cells chose and calibrate
         scored = va if te is None else te
         scored_ds = CellDataset(rows_of(X, scored), model.config.bin_num, y[scored])
         options = InferenceOptions(cfg.batch_size, device, cfg.num_workers, progress=cfg.progress)
