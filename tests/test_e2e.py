@@ -133,6 +133,32 @@ def test_head_only_needs_a_pretrained_encoder(runs: dict[str, Path], capsys: pyt
     assert e.value.code == 2 and "--head-only needs a pretrained encoder" in capsys.readouterr().err
 
 
+def test_the_default_ensemble_and_its_first_head(runs: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    """The default model has 5 heads whose first is the one-head run (--ensemble 1: same first head,
+    validation metrics and novelty thresholds); an ensemble needs the frozen encoder."""
+    m = json.loads((runs["dir"] / "ft" / "metrics.json").read_text())
+    assert m["heads"] == 5 and len(m["head_epochs"]) == 5 and m["head_epochs"][0] == m["best_epoch"]
+    ens = load_checkpoint(runs["dir"] / "ft" / "model.pt")
+    assert ens.config.classifier_members == 5
+    one = runs["dir"] / "ft_one"
+    finetune.main(["--data", str(runs["prep"]), "--label-key", "celltype", "--pretrained", str(runs["dir"] / "pre" / "model.pt"),
+                   "--out", str(one), "--epochs", "3", "--reject-rate", "0.1", "--ensemble", "1", *FAST])
+    single = load_checkpoint(one / "model.pt")
+    assert single.config.classifier_members == 1
+    for k, v in single.state_dict.items():
+        key = k.replace("to_out.", "to_out.members.0.") if k.startswith("to_out.") else k
+        np.testing.assert_allclose(ens.state_dict[key].numpy(), v.numpy(), rtol=1e-4, atol=1e-5, err_msg=k)
+    m1 = json.loads((one / "metrics.json").read_text())
+    assert m1["accuracy"] == m["accuracy"] and m1["best_epoch"] == m["best_epoch"]
+    th, th1 = m["novelty"]["thresholds"], m1["novelty"]["thresholds"]
+    for score in th1:
+        assert th[score] == pytest.approx(th1[score], rel=1e-4, abs=1e-6), score
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--data", str(runs["prep"]), "--label-key", "celltype", "--pretrained", str(runs["dir"] / "pre" / "model.pt"),
+                       "--out", str(runs["dir"] / "bad_ens"), "--ensemble", "3", "--head-only", "false", "--quiet"])
+    assert e.value.code == 2 and "needs --head-only" in capsys.readouterr().err
+
+
 def test_gene2vec_from_scratch_sees_only_the_training_cells(runs: dict[str, Path]) -> None:
     """Fine-tuning from scratch computes gene2vec from the cells it fits, not the validation cells."""
     out = runs["dir"] / "g2v_train_only"
