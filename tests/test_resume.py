@@ -105,3 +105,26 @@ def test_unreadable_newest_state_falls_back_and_other_data_are_refused(tiny: tup
         pretrain.main([*args, "--data", str(other), "--out", str(tmp_path / "run2"), "--resume", str(out)])
     assert e.value.code == 2
     assert "resume with the same data" in (tmp_path / "run2" / "log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_an_ensemble_killed_in_its_second_head_resumes_to_the_uninterrupted_model(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """Head 1 resumes from the run's own states (finished), head 2 from ``head2/`` (mid-epoch)."""
+    data, genes = tiny
+    pretrain.main(["--data", str(data), "--vocab", str(genes), *TINY, "--epochs", "1", "--gene2vec", "none", "--batch-size", "4",
+                   "--out", str(tmp_path / "pre")])
+    args = ["--data", str(data), "--label-key", "celltype", "--pretrained", str(tmp_path / "pre" / "model.pt"), "--ensemble", "2",
+            "--epochs", "3", "--min-steps", "0", "--batch-size", "4", "--save-every", "2", "--keep-last", "100", "--quiet"]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(REPO / "finetune.py"), *args, "--out", str(out)], cwd=REPO, env=run_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        kill_when(out / "checkpoints" / "head2", lambda names: any(n.startswith("state-00001-") for n in names), proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "model.pt").exists()
+    finetune.main([*args, "--out", str(out), "--resume", str(out)])
+    finetune.main([*args, "--out", str(tmp_path / "whole")])
+    assert max_diff(model_state(out / "model.pt"), model_state(tmp_path / "whole" / "model.pt")) <= 1e-6
