@@ -31,10 +31,7 @@ log = logging.getLogger("scbert")
 
 
 def warn_if_nothing_to_resume(args: argparse.Namespace, cfg: TrainConfig) -> None:
-    folder = Path(cfg.resume_from) if cfg.resume_from else None
-    # an ensemble's heads keep their states in head1/, head2/, ... of the run's folder
-    if (folder is not None and not folder.is_file() and not list_states(folder) and not any(list_states(d) for d in folder.glob("head*"))
-            and distributed.current().is_main):
+    if cfg.resume_from and not Path(cfg.resume_from).is_file() and not list_states(cfg.resume_from) and distributed.current().is_main:
         log.warning("WARNING: --resume %s: no saved training state in %s; starting from the beginning", args.resume, cfg.resume_from)
 
 
