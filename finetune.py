@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=recipe_help("finetune", "head_only", "train only the classifier head on the frozen pretrained encoder (faster; "
                                     "see RESULTS.md)"))
     g.add_argument("--ensemble", type=positive_int, default=None,
-                   help=recipe_help("finetune", "ensemble", "classifier heads trained side by side from different random starts; "
-                                    "a cell's scores are the mean of their logits (1 = one head, as published)"))
+                   help=recipe_help("finetune", "ensemble", "classifier heads on the frozen encoder, each on its own stopping split "
+                                    "(the first is the one-head run; the novelty scores read it); a cell's class scores are the mean "
+                                    "of their logits (1 = one head, as published)"))
     g.add_argument("--head-init", choices=["expression", "random"], default=None,
                    help=recipe_help("finetune", "head_init", "start of the head's per-gene reduction (conv1): expression = the "
                                     "least-squares read-out of each gene's expression bin from its encoding; random = as published"))

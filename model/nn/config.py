@@ -36,7 +36,7 @@ class ScBERTConfig:
     n_classes: int = 0
     classifier_hidden: int = 128
     classifier_dropout: float = 0.0
-    classifier_members: int = 1  # >1: an ensemble of heads trained side by side, their logits averaged
+    classifier_members: int = 1  # >1: an ensemble of heads, their logits averaged (model.train.finetuning.finetune_heads)
 
     def __post_init__(self) -> None:
         if self.n_genes < 1:

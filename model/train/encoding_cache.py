@@ -23,14 +23,17 @@ MEMORY_SHARE = 0.3  # of the memory available when fine-tuning starts: above it,
 
 class EncodedCells(Dataset):
     """Cells as their stored encodings (cells, seq_len, dim) and class ids: the batches of
-    :func:`model.train.loop.fit` carry ``encodings`` in place of ``tokens``."""
+    :func:`model.train.loop.fit` carry ``encodings`` in place of ``tokens``. With ``rows``, the cells
+    are those rows of ``encodings`` (several heads share one store without copying it); ``labels``
+    then follow ``rows``."""
 
-    def __init__(self, encodings: torch.Tensor, labels: torch.Tensor | None) -> None:
+    def __init__(self, encodings: torch.Tensor, labels: torch.Tensor | None, rows: np.ndarray | None = None) -> None:
         self.encodings = encodings
         self.labels = labels
+        self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
 
     def __len__(self) -> int:
-        return len(self.encodings)
+        return len(self.encodings) if self.rows is None else len(self.rows)
 
     def __getitem__(self, i: int) -> int:
         if not 0 <= i < len(self):
@@ -39,25 +42,7 @@ class EncodedCells(Dataset):
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        batch = {"index": idx, "encodings": self.encodings[idx]}
-        if self.labels is not None:
-            batch["labels"] = self.labels[idx]
-        return batch
-
-
-class IndexedEncodings(EncodedCells):
-    """Rows ``rows`` of stored encodings that several heads share, without copying them."""
-
-    def __init__(self, encodings: torch.Tensor, rows: np.ndarray, labels: torch.Tensor | None) -> None:
-        super().__init__(encodings, labels)
-        self.rows = torch.as_tensor(rows, dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        batch = {"index": idx, "encodings": self.encodings[self.rows[idx]]}
+        batch = {"index": idx, "encodings": self.encodings[idx if self.rows is None else self.rows[idx]]}
         if self.labels is not None:
             batch["labels"] = self.labels[idx]
         return batch

@@ -32,7 +32,7 @@ from model.novelty.scores import MAX_REFERENCE_CELLS
 from model.recheck import PRECISION_CHECK_CELLS, measure_precision_error
 from model.runtime import set_seed
 from model.train.config import TrainConfig
-from model.train.encoding_cache import EncodedCells, IndexedEncodings, can_store_encodings, encode_dataset, head_probabilities
+from model.train.encoding_cache import EncodedCells, can_store_encodings, encode_dataset, head_probabilities
 from model.train.initialisation import HEAD_INITS, freezing_policy, gene_embedding, init_head_from_expression, new_classifier
 from model.train.loop import fit
 
@@ -193,8 +193,8 @@ def finetune_heads(build: Callable[[int], ScBERT], X: Any, y: np.ndarray, heads:
         set_seed((cfg.seed if seed is None else seed) + HEAD_SEED_STEP * j)
         model = build(1)  # (after the seed: head j starts as a run of its own with that seed would)
         head_cfg = cfg if j == 0 else dataclasses.replace(cfg.for_part(f"head{j + 1}"), seed=cfg.seed + HEAD_SEED_STEP * j)
-        cells = None if stored is None else (IndexedEncodings(stored, where[train], torch.as_tensor(y[train])),
-                                             IndexedEncodings(stored, where[val], torch.as_tensor(y[val])))
+        cells = None if stored is None else (EncodedCells(stored, torch.as_tensor(y[train]), where[train]),
+                                             EncodedCells(stored, torch.as_tensor(y[val]), where[val]))
         best, history = finetune(model, CellDataset(rows_of(X, train), bins, y[train]), CellDataset(rows_of(X, val), bins, y[val]), head_cfg,
                                  device, None if weights is None else weights(y[train]), f"{desc} head {j + 1}/{len(heads)}",
                                  head_init=head_init, encodings=cells)
@@ -229,7 +229,7 @@ class FinetuningSettings:
     head_init: str = "expression"
     keep_rare: int = 0  # types with fewer cells keep them all for training (0: each gives up its share to validation, as published)
     redraw_features: bool = True  # False: the pretrained FAVOR+ random features are kept (no redraw every 1,000 steps)
-    ensemble: int = 1  # classifier heads trained side by side, their logits averaged (model.nn.network.ClassifierEnsemble)
+    ensemble: int = 1  # classifier heads, each on its own stopping split, their logits averaged (finetune_heads)
     reject_rate: float = 0.05  # novelty thresholds reject this fraction of the validation cells (known types)
     precision_check_cells: int = PRECISION_CHECK_CELLS  # validation cells on which the bf16 error is measured, for predict's fp32 re-check (0: none)
     recipe: str = "ours"

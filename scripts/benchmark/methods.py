@@ -294,7 +294,7 @@ class ScBERTMethod:
     head_init: str = RECIPE_REST["head_init"]  # see model.train.finetuning.finetune
     keep_rare: int = RECIPE_REST["keep_rare"]  # types with fewer training cells give none to the stopping split
     redraw_features: bool = RECIPE_REST["redraw_features"]  # False: the pretrained FAVOR+ features are kept
-    ensemble: int = RECIPE_REST["ensemble"]  # classifier heads trained side by side, logits averaged
+    ensemble: int = RECIPE_REST["ensemble"]  # classifier heads, each on its own stopping split, logits averaged
     options: ExecutionOptions = field(default_factory=ExecutionOptions)  # precision and speed switches of the network
     val_frac: float = RECIPE_REST["val_frac"]
     device: str = "cpu"

@@ -30,7 +30,7 @@ from model.evaluation import classification_metrics
 from model.inference import InferenceOptions
 from model.runtime import set_seed
 from model.train.config import TrainConfig
-from model.train.encoding_cache import IndexedEncodings, encode_dataset, head_probabilities
+from model.train.encoding_cache import EncodedCells, encode_dataset, head_probabilities
 from model.train.finetuning import finetune, finetune_heads, head_splits, stopping_split
 from model.train.initialisation import new_classifier
 from model.train.recipes import TRAIN_FIELDS, finetune_parts
@@ -94,7 +94,7 @@ def train_head(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray,
     cfg = TrainConfig(seed=seed, progress=False, **train_kw)
     bins = model.config.bin_num
     fit_y, val_y = torch.as_tensor(codes[fit_rows]), torch.as_tensor(codes[val_rows])
-    cells = (IndexedEncodings(E, fit_rows, fit_y), IndexedEncodings(E, val_rows, val_y))
+    cells = (EncodedCells(E, fit_y, fit_rows), EncodedCells(E, val_y, val_rows))
     best, history = finetune(model, CellDataset(X[fit_rows], bins, codes[fit_rows]), CellDataset(X[val_rows], bins, codes[val_rows]), cfg,
                              torch.device("cpu"), None, name, head_init=rest["head_init"], encodings=cells)
     return model, best, history
@@ -142,7 +142,7 @@ def run_variant(name: str, ckpt: Any, X: Any, E: torch.Tensor, y: np.ndarray, tr
         else:
             model, _, kept = train_model(name, ckpt, X, E, codes, len(classes), train, s)
         epochs += kept
-        probs += head_probabilities(model, IndexedEncodings(E, test, None), 64, torch.device("cpu"))
+        probs += head_probabilities(model, EncodedCells(E, None, test), 64, torch.device("cpu"))
     m = classification_metrics(y[test], classes[probs.argmax(1)], list(classes))
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "balanced_accuracy": m.get("balanced_accuracy"), "best_epoch": epochs}
 
