@@ -176,7 +176,9 @@ def finetune_heads(build: Callable[[int], ScBERT], X: Any, y: np.ndarray, heads:
     ``headJ/``). The encodings are computed once for every head when they fit in memory
     (``encodings``: those of every cell of ``X``, when the caller has them). Returns the model, each
     head's kept-epoch metrics and history."""
-    first = build(1)
+    start = cfg.seed if seed is None else seed
+    set_seed(start)
+    first = build(1)  # head 1 itself: encoding the cells below leaves the global random state as it was
     if not getattr(first, "frozen_encoder", False):
         raise ValueError("an ensemble of heads needs a head-only model: the heads share one frozen encoder")
     bins = first.config.bin_num
@@ -190,8 +192,9 @@ def finetune_heads(build: Callable[[int], ScBERT], X: Any, y: np.ndarray, heads:
         where[rows] = np.arange(len(rows))
     bests, histories, states = [], [], []
     for j, (train, val) in enumerate(heads):
-        set_seed((cfg.seed if seed is None else seed) + HEAD_SEED_STEP * j)
-        model = build(1)  # (after the seed: head j starts as a run of its own with that seed would)
+        if j:
+            set_seed(start + HEAD_SEED_STEP * j)
+        model = first if j == 0 else build(1)  # (after the seed: head j starts as a run of its own with that seed would)
         head_cfg = cfg if j == 0 else dataclasses.replace(cfg.for_part(f"head{j + 1}"), seed=cfg.seed + HEAD_SEED_STEP * j)
         cells = None if stored is None else (EncodedCells(stored, torch.as_tensor(y[train]), where[train]),
                                              EncodedCells(stored, torch.as_tensor(y[val]), where[val]))
