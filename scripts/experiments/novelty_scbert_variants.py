@@ -21,6 +21,7 @@ import logging
 import numpy as np
 import torch
 
+from data.labels import read_label_map
 from model.checkpoint import load_checkpoint
 from model.novelty.calibration import ScoreCombination
 from model.novelty.record import NoveltyRecord, novelty_scores
@@ -30,11 +31,11 @@ from scripts.experiments.head_recipe_variants import VARIANTS, encode_file, trai
 
 SINGLE = ("energy", "softmax", "mahalanobis", "knn", "pca_mahalanobis", "crossfit_mahalanobis", "crossfit_knn")
 COMBINATIONS = {
-    "crossfit_mahalanobis + energy (default)": ("crossfit_mahalanobis", "energy"),
+    "crossfit_mahalanobis + energy (crossfit_combined)": ("crossfit_mahalanobis", "energy"),
     "crossfit_mahalanobis + mahalanobis": ("crossfit_mahalanobis", "mahalanobis"),
     "crossfit_mahalanobis + mahalanobis + energy": ("crossfit_mahalanobis", "mahalanobis", "energy"),
     "crossfit_mahalanobis + knn": ("crossfit_mahalanobis", "knn"),
-    "crossfit_mahalanobis + knn + energy": ("crossfit_mahalanobis", "knn", "energy"),
+    "crossfit_mahalanobis + knn + energy (crossfit_feature_combined, the default)": ("crossfit_mahalanobis", "knn", "energy"),
     "crossfit_mahalanobis + crossfit_knn + mahalanobis": ("crossfit_mahalanobis", "crossfit_knn", "mahalanobis"),
     "mahalanobis + energy": ("mahalanobis", "energy"),
 }
@@ -60,13 +61,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--label-key", default="celltype")
     p.add_argument("--pretrained", required=True)
     p.add_argument("--variant", default="default", choices=list(VARIANTS))
+    p.add_argument("--label-map", default=None, help="two columns: label in the data, label to use (- leaves the cells out)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
 
     ckpt = load_checkpoint(args.pretrained)
+    label_map = read_label_map(args.label_map) if args.label_map else {}
     adata, y, genes = load_labelled(args.data, args.label_key, ckpt.genes, None)
-    X, y, splits = protocol_splits(ProtocolSettings(protocol="novel", folds=2, seeds=[0]), adata, y, genes, args.data, args.label_key, None)
+    X, y, splits = protocol_splits(ProtocolSettings(protocol="novel", folds=2, seeds=[0], label_map=label_map), adata, y, genes, args.data, args.label_key, None)
     E = encode_file(ckpt, X)
     tally = NoveltyTally()
     for split in splits:
