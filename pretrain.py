@@ -11,6 +11,7 @@ from model.cli.args import (
     add_training_args,
     apply_recipe,
     fraction,
+    nonnegative_float,
     parser,
     positive_int,
     recipe_help,
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=recipe_help("pretrain", "masked_accuracy", "held-out masked accuracy: the most likely of all 7 tokens, or of the "
                                     "expression bins 1..bin-num (a masked gene is always expressed)"))
     g.add_argument("--replace-prob", "--replace_prob", type=float, default=0.9, help="of the masked, fraction replaced by the mask token (default: 0.9)")
+    g.add_argument("--visible-loss", type=nonnegative_float, default=0.0,
+                   help="weight of a second loss: every visible (not masked) gene reproduces its own bin, so that the encodings keep "
+                   "each cell's own values besides what its context predicts (default: 0, masked genes only, as published)")
     g.add_argument("--val-frac", type=fraction, default=0.05, help="cells held out to score masked accuracy (default: 0.05)")
     g.add_argument("--valid_every", type=int, default=1, help=argparse.SUPPRESS)
     g.add_argument("--export-gene2vec", action="store_true", help="also write OUT/gene2vec.txt (word2vec text format)")

@@ -53,6 +53,16 @@ def positive_float(value: str) -> float:
     return x
 
 
+def nonnegative_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {value!r}") from None
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {x}")
+    return x
+
+
 def fraction(value: str) -> float:
     try:
         x = float(value)

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> None:
         training_checks(args, size.config(len(corpus.genes), head="mlm"), device, "all", corpus.n_cells - n_val, n_val)
         settings = PretrainingSettings(size=size, gene2vec=spec, gene2vec_genes=args.gene2vec_genes, mask_prob=args.mask_prob,
                                        replace_prob=args.replace_prob, val_frac=args.val_frac, mask_rounding=args.mask_rounding,
-                                       accuracy=args.masked_accuracy, recipe=args.recipe,
+                                       accuracy=args.masked_accuracy, visible_weight=args.visible_loss, recipe=args.recipe,
                                        train=train_config(args, progress=not args.quiet and main), options=execution_options(args),
                                        preprocessing=preprocessing_record(args, library_size))
         warn_if_nothing_to_resume(args, settings.train)

@@ -44,12 +44,15 @@ def pretrain(
     on_epoch: Callable[[int, dict[str, float], bool], None] | None = None,
     mask_rounding: str = "round",
     accuracy: str = "all_tokens",
+    visible_weight: float = 0.0,
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Masked-expression pretraining. Returns the best (by held-out masked accuracy) validation
     metrics and the per-epoch history; the model ends holding the best weights. Under torchrun
     every rank calls it; ``on_epoch`` runs on rank 0 only. Each cell's masking is drawn from
     (seed, epoch, cell); ``mask_rounding`` and ``accuracy``: see :func:`mask_tokens` and
-    :func:`evaluate_mlm`."""
+    :func:`evaluate_mlm`. ``visible_weight`` > 0 adds that weight times the mean loss of reproducing
+    every visible (not chosen) gene's own bin, so that the final encodings keep each cell's own
+    values as well as what its context predicts (the masked loss alone never asks for them)."""
     model.to(device)
     mask_token = model.config.mask_token
 
@@ -60,7 +63,10 @@ def pretrain(
         with model.autocast():
             logits = net(inputs)
         loss = nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss, float((labels != IGNORE_INDEX).sum())
+        n_masked = float((labels != IGNORE_INDEX).sum())
+        if visible_weight > 0:
+            loss = loss + visible_weight * n_masked * visible_loss(logits, batch["tokens"].to(device), labels)
+        return loss, n_masked
 
     def log_epoch(epoch: int, metrics: dict[str, float], improved: bool) -> None:
         log.info(
@@ -73,6 +79,14 @@ def pretrain(
     return fit(model, train, cfg, device, step_loss,
                lambda: evaluate_mlm(model, val, cfg, device, mask_prob, replace_prob, mask_rounding, accuracy),
                "val_masked_accuracy", "pretrain", log_epoch)
+
+
+def visible_loss(logits: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each visible gene's own bin (positions not chosen for masking; the
+    appended last position excluded)."""
+    targets = tokens.masked_fill(labels != IGNORE_INDEX, IGNORE_INDEX)
+    targets[:, -1] = IGNORE_INDEX
+    return nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX)
 
 
 ACCURACIES = ("all_tokens", "expression_bins")
@@ -137,6 +151,7 @@ class PretrainingSettings:
     replace_prob: float = 0.9
     mask_rounding: str = "round"  # masked genes per cell: round(mask_prob * k), or "ceil" as published
     accuracy: str = "all_tokens"  # held-out masked accuracy over all tokens, or "expression_bins" as published
+    visible_weight: float = 0.0  # weight of the loss of reproducing the visible genes' own bins (0: masked genes only, as published)
     val_frac: float = 0.05
     recipe: str = "ours"
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -151,7 +166,7 @@ class PretrainingSettings:
                 "recipe": self.recipe,
                 "pretraining": {"mask_prob": self.mask_prob, "replace_prob": self.replace_prob, "val_frac": self.val_frac,
                                 "mask_rounding": self.mask_rounding, "accuracy": self.accuracy,
-                                "unmeasured_genes": UNMEASURED_GENES},
+                                "visible_weight": self.visible_weight, "unmeasured_genes": UNMEASURED_GENES},
                 "optimisation": self.train.optimisation(),
                 "execution": {"precision": o.precision, "grad_checkpointing": o.grad_checkpointing, "compile": o.compile},
                 "world_size": distributed.current().world_size}
@@ -213,7 +228,7 @@ def run_pretraining(corpus: Corpus, settings: PretrainingSettings, device: torch
     t0 = time.time()
     best, history = pretrain(model, train_ds, val_ds, s.train, device, s.mask_prob, s.replace_prob,
                              on_epoch=lambda epoch, metrics, improved: save(metrics) if improved else None,
-                             mask_rounding=s.mask_rounding, accuracy=s.accuracy)
+                             mask_rounding=s.mask_rounding, accuracy=s.accuracy, visible_weight=s.visible_weight)
     if info.is_main:
         save(best)  # the best weights, also when they predate a --resume into another folder
     metrics = {
