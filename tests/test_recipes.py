@@ -18,10 +18,11 @@ from data.dataset import CellDataset, mask_tokens
 from model.checkpoint import load_checkpoint
 from model.nn.config import ScBERTConfig
 from model.nn.network import ScBERT
+from model.train import pretraining
 from model.train.config import TrainConfig
 from model.train.loop import fit
 from model.train.optim import published_warmup_cosine
-from model.train.pretraining import evaluate_mlm
+from model.train.pretraining import evaluate_mlm, visible_loss
 
 from .conftest import TINY_MODEL
 
@@ -90,6 +91,37 @@ def test_masked_accuracy_over_expression_bins() -> None:
     bins = evaluate_mlm(model, ds, cfg, torch.device("cpu"), accuracy="expression_bins")
     assert all_tokens["val_masked_accuracy"] == 0.0
     assert 0 < bins["val_masked_accuracy"] < 1  # the masked genes that hold bin 2
+
+
+def test_visible_loss_scores_only_the_visible_genes() -> None:
+    tokens = torch.tensor([[0, 3, 2, 1, 0], [4, 0, 1, 2, 5]])
+    inputs, labels = mask_tokens(tokens, 6, 0.5, 1.0, row_seeds=[1, 2])
+    logits = torch.full((2, 5, 7), -30.0)
+    logits.scatter_(2, tokens[..., None], 30.0)  # every position predicts its own bin...
+    assert float(visible_loss(logits, tokens, labels)) < 1e-6
+    chosen = labels != -100
+    logits[chosen] = 0.0  # ...a wrong guess at the masked positions and the last one does not count
+    logits[:, -1] = 0.0
+    assert float(visible_loss(logits, tokens, labels)) < 1e-6
+    logits[~chosen] = 0.0
+    assert float(visible_loss(logits, tokens, labels)) == pytest.approx(math.log(7), abs=1e-5)
+
+
+def test_visible_weight_zero_is_the_masked_loss() -> None:
+    """--visible-loss 0 trains exactly as before; a weight changes the training and its recorded loss."""
+    X = np.random.default_rng(0).poisson(1.0, (12, 20)).astype(np.float32)
+
+    def run(weight: float) -> tuple[float, torch.Tensor]:
+        torch.manual_seed(0)
+        model = ScBERT(ScBERTConfig(n_genes=20, dim=8, depth=1, heads=2, dim_head=4, gene_embedding="none"))
+        ds = CellDataset(X, 5)
+        _, history = pretraining.pretrain(model, ds.subset(np.arange(9)), ds.subset(np.arange(9, 12)), TrainConfig(batch_size=3, epochs=1, progress=False),
+                              torch.device("cpu"), visible_weight=weight)
+        return history[0]["train_loss"], model.to_out.weight.detach().clone()
+
+    base, again, weighted = run(0.0), run(0.0), run(1.0)
+    assert base[0] == again[0] and torch.equal(base[1], again[1])
+    assert weighted[0] > base[0] and not torch.equal(weighted[1], base[1])
 
 
 @pytest.fixture(scope="module")
