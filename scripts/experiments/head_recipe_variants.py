@@ -73,14 +73,29 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # independent single heads on their own stopping splits of all training cells, probabilities averaged (no calibration part)
     "heads_5": {"heads": 5, "ensemble": 1},
     "heads_5_same_split": {"heads": 5, "same_split": True, "ensemble": 1},  # one stopping split, seeds differ
+    # the per-gene read-out (conv1) kept at its expression start: a cell's head input is then one number per gene
+    "frozen_readout": {"frozen_readout": True},
+    "frozen_readout_single_head": {"frozen_readout": True, "ensemble": 1},
 }
+EXTRA = ("heads", "same_split", "frozen_readout")  # variant settings of this script only
 
 
 def variant_settings(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The TrainConfig fields and the rest of variant ``name``."""
     over = VARIANTS[name]
     train_kw = {**TRAIN, **{k: v for k, v in over.items() if k in TRAIN_FIELDS}}
-    return train_kw, {**REST, "heads": 1, "same_split": False, **{k: v for k, v in over.items() if k in REST or k in ("heads", "same_split")}}
+    return train_kw, {**REST, "heads": 1, "same_split": False, "frozen_readout": False,
+                      **{k: v for k, v in over.items() if k in REST or k in EXTRA}}
+
+
+def new_head_model(ckpt: Any, n_classes: int, rest: dict[str, Any], members: int = 1) -> Any:
+    """A head-only model as finetune.py builds it; with ``frozen_readout`` its heads' ``conv1`` never trains."""
+    model = new_classifier(ckpt.config, n_classes, rest["dropout"], pretrained=ckpt, head_only=True, redraw_features=False, members=members)
+    if rest["frozen_readout"]:
+        for m in model.modules():
+            if hasattr(m, "conv1"):
+                m.conv1.requires_grad_(False)
+    return model
 
 
 def train_head(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray, n_classes: int, fit_rows: np.ndarray,
@@ -90,7 +105,7 @@ def train_head(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray,
     model, the kept epoch's metrics and the history."""
     train_kw, rest = variant_settings(name)
     set_seed(seed)
-    model = new_classifier(ckpt.config, n_classes, rest["dropout"], pretrained=ckpt, head_only=True, redraw_features=False)
+    model = new_head_model(ckpt, n_classes, rest)
     cfg = TrainConfig(seed=seed, progress=False, **train_kw)
     bins = model.config.bin_num
     fit_y, val_y = torch.as_tensor(codes[fit_rows]), torch.as_tensor(codes[val_rows])
@@ -118,7 +133,7 @@ def train_model(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray
     heads = head_splits((fit, cal), codes, rest["ensemble"], rest["val_frac"], seed, rest["keep_rare"])
 
     def build(k: int) -> Any:
-        return new_classifier(ckpt.config, n_classes, rest["dropout"], pretrained=ckpt, head_only=True, redraw_features=False, members=k)
+        return new_head_model(ckpt, n_classes, rest, k)
 
     model, bests, _ = finetune_heads(build, X, codes, heads, TrainConfig(seed=seed, progress=False, **train_kw), torch.device("cpu"),
                                      desc=name, head_init=rest["head_init"], encodings=E)
