@@ -182,20 +182,26 @@ def _uns(obj: Any) -> Any:
     return obj
 
 
-def annotation_record(model: str | None, preprocessing: dict[str, Any], rechecked: int | None, margin: float | None = None
-                      ) -> dict[str, Any]:
+EMBEDDING_MEANINGS = {"head": "the classifier's penultimate features (of the first head of an ensemble)",
+                      "mean": "the final encodings averaged over all genes", "expressed": "the final encodings averaged over the expressed genes"}
+
+
+def annotation_record(model: str | None, preprocessing: dict[str, Any], rechecked: int | None, margin: float | None = None,
+                      embedding: str = DEFAULT_EMBEDDING, embedding_key: str = "X_scbert") -> dict[str, Any]:
     """What ``uns['scbert_annotation']`` holds: the model, the preprocessing report, how many cells
-    the float32 re-check re-scored (None: no re-check ran) and its margin."""
-    return uns_value({"model": model, "preprocessing": preprocessing, "rechecked_fp32": rechecked, "recheck_margin": margin})
+    the float32 re-check re-scored (None: no re-check ran) and its margin, and which cell embedding
+    ``obsm[embedding_key]`` holds."""
+    return uns_value({"model": model, "preprocessing": preprocessing, "rechecked_fp32": rechecked, "recheck_margin": margin,
+                      "embedding": embedding, "embedding_key": embedding_key, "embedding_meaning": EMBEDDING_MEANINGS.get(embedding, embedding)})
 
 
 def uns_entries(keys: AnnotationKeys, classes: Sequence[str], rule: NoveltyRule, model: str | None, preprocessing: dict[str, Any],
-                rechecked: int | None, margin: float | None) -> dict[str, Any]:
+                rechecked: int | None, margin: float | None, embedding: str = DEFAULT_EMBEDDING) -> dict[str, Any]:
     """The ``uns`` entries of an annotation: classes, threshold, the rule and the run's record (as
     dicts, which ``.h5ad`` files store as groups)."""
     return {keys.classes: np.array(list(classes), dtype=object),
             keys.threshold: float("nan") if rule.threshold is None else float(rule.threshold),
-            keys.novelty: uns_value(rule.to_dict()), keys.report: annotation_record(model, preprocessing, rechecked, margin)}
+            keys.novelty: uns_value(rule.to_dict()), keys.report: annotation_record(model, preprocessing, rechecked, margin, embedding, keys.embedding)}
 
 
 def label_table(keys: AnnotationKeys, cell_names: Sequence[str], labels: np.ndarray, confidence: np.ndarray, novelty: np.ndarray,
@@ -345,6 +351,7 @@ class AnnotationResult(Annotation):
     majority_voting: np.ndarray | None = None
     rechecked: int | None = None  # cells re-scored in float32 after a bf16/fp16 pass (None: no re-check ran)
     recheck_margin: float | None = None  # the margin of that re-check
+    embedding_name: str = DEFAULT_EMBEDDING  # which cell embedding ``embedding`` is (one of EMBEDDINGS)
     expression: Any = field(default=None, repr=False)  # the prepared cells x genes matrix, for over-clustering on expression
 
     def __post_init__(self) -> None:
@@ -399,7 +406,8 @@ class AnnotationResult(Annotation):
             adata.obs[keys.majority_voting] = self.majority_voting
         adata.obsm[keys.probabilities] = self.probabilities.astype(np.float32)
         adata.obsm[keys.embedding] = self.embedding.astype(np.float32)
-        adata.uns.update(uns_entries(keys, self.classes, self.rule, self.model, self.preprocessing, self.rechecked, self.recheck_margin))
+        adata.uns.update(uns_entries(keys, self.classes, self.rule, self.model, self.preprocessing, self.rechecked, self.recheck_margin,
+                                     self.embedding_name))
         return adata
 
     def to_table(self, key_added: str = "scbert", truth: dict[str, Sequence[Any]] | None = None) -> pd.DataFrame:
@@ -465,7 +473,8 @@ def annotate(adata: ad.AnnData, model: str | Path | Checkpoint, novelty: Novelty
     return AnnotationResult(probabilities=out["probs"], classes=list(ckpt.classes or []), embedding=out["embedding"], rule=rule,
                             cell_names=list(map(str, adata.obs_names)), novelty=scores, model=ckpt.source,
                             preprocessing=rep.to_dict(), seconds=time.time() - t0,
-                            rechecked=rechecked if checked else None, recheck_margin=margin if checked else None, expression=prepared.X)
+                            rechecked=rechecked if checked else None, recheck_margin=margin if checked else None, embedding_name=pooling,
+                            expression=prepared.X)
 
 
 def embed(adata: ad.AnnData, model: str | Path | Checkpoint, options: InferenceOptions = DEFAULT_INFERENCE, pooling: str = "mean",

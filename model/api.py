@@ -213,6 +213,7 @@ def annotate(
         emb = target.obsm.pop(keys.embedding)
         if emb_key is not None:
             target.obsm[emb_key] = emb
+        target.uns[keys.report]["embedding_key"] = emb_key or "not written (embedding=False)"
     if truth is not None:
         target.uns[keys.report]["evaluation"] = uns_value({k: v for k, v in metrics.items() if k != "per_class"})
     return target

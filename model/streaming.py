@@ -178,7 +178,7 @@ def _write(chunks: _Chunks, parts: Iterator[dict[str, np.ndarray]], path: Path, 
                keys.confidence: kept["confidence"], keys.novelty: kept["novelty"]}
         checked = rechecks(chunks.net.options, chunks.margin)
         uns = uns_entries(keys, classes, chunks.rule, chunks.ckpt.source, prep, rechecked if checked else None,
-                          chunks.margin if checked else None)
+                          chunks.margin if checked else None, chunks.pooling)
         writer.finish(obs, uns)
     return kept, prep, rechecked if checked else None
 

@@ -72,6 +72,10 @@ def test_embed_works_with_pretrained_and_finetuned_models(setup: dict) -> None:
     ann = annotate(adata.copy(), d / "clf.pt", progress=False, precision="fp32")
     np.testing.assert_allclose(adata.obsm["X_clf"], ann.obsm["X_scbert"], atol=1e-5)
     assert adata.obsm["X_clf"].shape == (adata.n_obs, 128)  # a fine-tuned model: the head's penultimate features by default
+    assert ann.uns["scbert_annotation"]["embedding"] == "head" and "penultimate" in ann.uns["scbert_annotation"]["embedding_meaning"]
+    rec = annotate(adata.copy(), d / "clf.pt", progress=False, pooling="expressed", embedding="X_expr").uns["scbert_annotation"]
+    assert (rec["embedding"], rec["embedding_key"]) == ("expressed", "X_expr")
+    assert "not written" in annotate(adata.copy(), d / "clf.pt", progress=False, embedding=False).uns["scbert_annotation"]["embedding_key"]
     embed(adata, d / "clf.pt", key_added="X_mean", pooling="mean", progress=False, precision="fp32")
     embed(adata, d / "clf.pt", key_added="X_expr", pooling="expressed", progress=False, precision="fp32")
     assert adata.obsm["X_mean"].shape == (adata.n_obs, 8) and not np.allclose(adata.obsm["X_expr"], adata.obsm["X_mean"])
