@@ -25,6 +25,7 @@ from data.labels import read_label_map
 from model.checkpoint import load_checkpoint
 from model.novelty.calibration import ScoreCombination
 from model.novelty.record import NoveltyRecord, novelty_scores
+from model.novelty.scores import energy_score
 from scripts.benchmark.harness import ProtocolSettings, calibration_holdout, load_labelled, protocol_splits
 from scripts.benchmark.report import NoveltyTally
 from scripts.experiments.head_recipe_variants import VARIANTS, encode_file, train_model
@@ -38,21 +39,40 @@ COMBINATIONS = {
     "crossfit_mahalanobis + knn + energy (crossfit_feature_combined, the default)": ("crossfit_mahalanobis", "knn", "energy"),
     "crossfit_mahalanobis + crossfit_knn + mahalanobis": ("crossfit_mahalanobis", "crossfit_knn", "mahalanobis"),
     "mahalanobis + energy": ("mahalanobis", "energy"),
+    # the ensemble's own scores (all heads; heads 2.. trained on some of the calibration cells)
+    "crossfit_mahalanobis + knn + ens_energy": ("crossfit_mahalanobis", "knn", "ens_energy"),
+    "crossfit_mahalanobis + knn + energy + disagreement": ("crossfit_mahalanobis", "knn", "energy", "disagreement"),
+    "crossfit_mahalanobis + energy + disagreement": ("crossfit_mahalanobis", "energy", "disagreement"),
 }
+ENSEMBLE_SCORES = ("ens_energy", "disagreement")
+
+
+def ensemble_scores(all_logits: np.ndarray) -> dict[str, np.ndarray]:
+    """Scores of every head together (heads, cells, classes): the energy of the mean logits, and the
+    heads' disagreement (the entropy of their mean probabilities minus their mean entropy)."""
+    def entropy(p: np.ndarray) -> np.ndarray:
+        return -(p * np.log(np.clip(p, 1e-12, None))).sum(-1)
+    z = all_logits.astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return {"ens_energy": energy_score(z.mean(0)), "disagreement": entropy(p.mean(0)) - entropy(p).mean(0)}
 
 
 @torch.inference_mode()
 def head_outputs(model: torch.nn.Module, E: torch.Tensor, rows: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
     """Probabilities, logits and the classifier's features of the stored encodings of ``rows``."""
     model.eval()
-    parts: dict[str, list[torch.Tensor]] = {"probs": [], "logits": [], "features": []}
+    parts: dict[str, list[torch.Tensor]] = {"probs": [], "logits": [], "features": [], "all_logits": []}
+    members = getattr(model.to_out, "members", [model.to_out])
     for start in range(0, len(rows), batch):
         # the novelty scores read the first head (an ensemble's calibrated one): its features and logits
-        feats, _, logits = model.to_out.outputs(E[torch.as_tensor(rows[start:start + batch])])
+        h = E[torch.as_tensor(rows[start:start + batch])]
+        feats, _, logits = model.to_out.outputs(h)
         feats, logits = feats.float(), logits.float()
-        for k, v in (("probs", torch.softmax(logits, -1)), ("logits", logits), ("features", feats)):
+        for k, v in (("probs", torch.softmax(logits, -1)), ("logits", logits), ("features", feats),
+                     ("all_logits", torch.stack([m(h).float() for m in members]))):
             parts[k].append(v)
-    return {k: torch.cat(v).numpy() for k, v in parts.items()}
+    return {k: torch.cat(v, dim=1 if k == "all_logits" else 0).numpy() for k, v in parts.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,8 +102,10 @@ def main(argv: list[str] | None = None) -> None:
         out_c, out_q = head_outputs(model, E, cal), head_outputs(model, E, split.test)
         sc = novelty_scores(out_c["probs"], out_c["logits"], out_c["features"], None, record, expression=X[cal])
         sq = novelty_scores(out_q["probs"], out_q["logits"], out_q["features"], None, record, expression=X[split.test])
+        sc.update(ensemble_scores(out_c["all_logits"]))
+        sq.update(ensemble_scores(out_q["all_logits"]))
         novel = ~np.isin(y[split.test], classes)
-        variants = {k: (sc[k], sq[k]) for k in SINGLE if k in sc}
+        variants = {k: (sc[k], sq[k]) for k in (*SINGLE, *ENSEMBLE_SCORES) if k in sc}
         for name, parts in COMBINATIONS.items():
             comb = ScoreCombination.of(sc, parts, tail=True)
             variants[f"Fisher {name}"] = (comb(sc, leave_one_out=True), comb(sq))
