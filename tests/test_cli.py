@@ -93,6 +93,7 @@ def test_predict_script_writes_everything_before_its_quick_exit(calibrated: Path
     assert "wrote" in proc.stderr
     a, b = ad.read_h5ad(f"{here}.h5ad"), ad.read_h5ad(f"{there}.h5ad")
     assert (a.obs["scbert_celltype"] == b.obs["scbert_celltype"]).all()
+    assert (a.uns["scbert_annotation"]["embedding"], a.uns["scbert_annotation"]["embedding_key"]) == ("head", "X_scbert")  # streamed too
     np.testing.assert_allclose(a.obsm["scbert_probabilities"], b.obsm["scbert_probabilities"], rtol=1e-5, atol=1e-6)
     # the same table; numbers to float32 rounding (bf16 products differ in the last bits with the thread settings,
     # which earlier tests in this process change)
