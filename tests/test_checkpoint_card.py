@@ -26,6 +26,7 @@ def test_checkpoint_card(calibrated: Path, capsys: pytest.CaptureFixture) -> Non
     text = capsys.readouterr().out
     assert "fine-tuned classifier, this package" in text and "B (60 cells)" in text
     assert "novelty: default score" in text and "rejecting 10% of 48 validation cells" in text and "git commit" in text
+    assert "novelty kNN reference: the classifier's penultimate features" in text
     assert info_main([str(calibrated / "ft" / "model.pt"), "--json"]) == 0
     card = json.loads(capsys.readouterr().out)
     assert card["model"]["genes"] == 300 and card["recipe"] == "ours" and card["training"]["stage"] == "finetune"

@@ -55,6 +55,10 @@ def checkpoint_card(ckpt: Checkpoint) -> dict[str, Any]:
     return card
 
 
+KNN_REFERENCES = {"features": "the classifier's penultimate features (the cell embedding `head`)",
+                  "embedding": "the mean-pooled final encodings (a model fine-tuned before the classifier's features were used)"}
+
+
 def card_text(card: dict[str, Any]) -> str:
     """The card as lines of text."""
     m = card["model"]
@@ -89,6 +93,8 @@ def card_text(card: dict[str, Any]) -> str:
         lines.append(f"novelty: default score {n['default_score']}, thresholds rejecting {n['reject_rate']:.0%} of {n['calibration_cells']} "
                      f"validation cells: {th}; statistics of {n['reference_cells']} training cells"
                      + ("; query_density / query_combined: thresholds set for each query" if n.get("query_scores") else ""))
+        if n.get("knn_reference"):
+            lines.append(f"novelty kNN reference: {KNN_REFERENCES.get(n['knn_reference'], n['knn_reference'])} of the training cells")
         for prec, err in (n.get("precision_error") or {}).items():
             scores = ", ".join(f"{k} {v:.2g}" for k, v in err.get("scores", {}).items())
             lines.append(f"{prec} error on {err['n_cells']} validation cells: probabilities {err['probs']:.2g}"
