@@ -174,6 +174,17 @@ def test_checkpoint_calibrated_before_the_pca_scores(calibrated: Path) -> None:
             choose_rule(old, NoveltySettings("pca_mahalanobis", threshold))
 
 
+def test_checkpoint_calibrated_before_the_crossfit_scores(calibrated: Path) -> None:
+    """A checkpoint without the cross-fitted statistics: auto falls back to a score it has; an
+    explicit cross-fitted score is refused in one line naming what it has (never silently swapped)."""
+    ckpt = load_checkpoint(calibrated / "ft" / "model.pt")
+    old = dataclasses.replace(ckpt.novelty, crossfit=None)
+    assert not old.can_score("crossfit_combined") and choose_rule(old).score not in ("crossfit_combined", "crossfit_feature_combined")
+    for score in ("crossfit_combined", "crossfit_mahalanobis", "crossfit_feature_combined"):
+        with pytest.raises(ValueError, match=r"before the cross-fitted statistics existed: choose one of \[.*'pca_mahalanobis'"):
+            choose_rule(old, NoveltySettings(score))
+
+
 def test_query_scores_from_a_checkpoint(calibrated: Path, pbmc_small: Path, caplog: pytest.LogCaptureFixture) -> None:
     """predict's query_* scores: the calibration cells scored in the query's graph set the cutoff;
     a query annotated a chunk at a time cannot use them; older checkpoints refuse them."""

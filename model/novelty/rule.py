@@ -153,11 +153,12 @@ def _calibrated_rule(record: NoveltyRecord | None, novelty: str, reject_rate: fl
         log.info("%s has no statistics for the novelty score %s (fine-tuned before it existed, or on too few cells): using %s; "
                  "fine-tune again for it", model_name, score, fallback)
         score = fallback
-    elif novelty != "auto" and score in (*CROSSFIT_SCORES, *CROSSFIT_COMBINED) and not record.can_score(score) \
-            and record.can_score("pca_mahalanobis") and "pca_mahalanobis" in cal.thresholds:
-        log.info("--novelty %s: %s was fine-tuned before the cross-fitted statistics existed: using pca_mahalanobis, which "
-                 "rejects more of the model's own training cells; fine-tune again for %s", score, model_name, score)
-        score = "pca_mahalanobis"
+    elif novelty != "auto" and score in (*CROSSFIT_SCORES, *CROSSFIT_COMBINED) and not record.can_score(score):
+        # an explicit request is not swapped for another score behind the user's back
+        usable = sorted(s for s in cal.thresholds if record.can_score(s))
+        raise InputError(f"--novelty {score}: {model_name} was fine-tuned before the cross-fitted statistics existed: choose one of "
+                         f"{usable} (pca_mahalanobis is the closest, but rejects more of the model's own training cells), or "
+                         f"fine-tune the model again")
     if score not in cal.thresholds:
         raise InputError(f"--novelty {score}: {model_name} has no calibration for that score (it has "
                          f"{sorted(cal.thresholds)}): choose one of those, or fine-tune the model again")
