@@ -55,7 +55,7 @@ def checkpoint_card(ckpt: Checkpoint) -> dict[str, Any]:
     return card
 
 
-KNN_REFERENCES = {"features": "the classifier's penultimate features (the cell embedding `head`)",
+KNN_REFERENCES = {"features": "the classifier's penultimate features (the first head's in an ensemble; the cell embedding `head`)",
                   "embedding": "the mean-pooled final encodings (a model fine-tuned before the classifier's features were used)"}
 
 
