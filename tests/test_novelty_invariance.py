@@ -175,8 +175,9 @@ def test_a_model_without_cross_fitted_statistics_falls_back(model: object, pbmc_
     old = dataclasses.replace(model, novelty=dataclasses.replace(model.novelty, crossfit=None))
     got = annotate(ad.read_h5ad(pbmc_small)[CELLS].copy(), old, options=FP32)
     assert got.rule.score == "pca_mahalanobis"
-    asked = annotate(ad.read_h5ad(pbmc_small)[CELLS].copy(), old, NoveltySettings("crossfit_mahalanobis"), options=FP32)
-    assert asked.rule.score == "pca_mahalanobis"
+    # asked for by name, a cross-fitted score is refused with what the model has (never swapped behind the user's back)
+    with pytest.raises(ValueError, match="before the cross-fitted statistics existed: choose one of"):
+        annotate(ad.read_h5ad(pbmc_small)[CELLS].copy(), old, NoveltySettings("crossfit_mahalanobis"), options=FP32)
 
 
 def test_query_scores_warn_of_their_assumptions(model: object, pbmc_small: Path, caplog: pytest.LogCaptureFixture) -> None:
