@@ -141,7 +141,7 @@ def test_recipe_reaches_the_records(prep: Path, tmp_path: Path) -> None:
     assert json.loads((out / "metrics.json").read_text())["recipe"] == "published"
     rec = load_checkpoint(out / "model.pt").training
     assert rec["recipe"] == "published" and rec["optimisation"]["schedule"] == "published" and rec["optimisation"]["grad_acc"] == 60
-    assert rec["pretraining"]["mask_rounding"] == "ceil"
+    assert rec["pretraining"]["mask_rounding"] == "ceil" and rec["pretraining"]["visible_weight"] == 0.0  # the published objective
 
     ft = tmp_path / "ft"
     finetune.main(["--data", str(pbmc_small), "--label-key", "celltype", "--pretrained", str(out / "model.pt"), "--out", str(ft),
