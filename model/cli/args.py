@@ -43,34 +43,27 @@ def nonnegative_int(value: str) -> int:
     return positive_int(value, least=0)
 
 
-def positive_float(value: str) -> float:
+def _float_within(value: str, ok: Callable[[float], bool], unparsed: str, outside: str) -> float:
+    """``value`` as a float for which ``ok`` holds; ``unparsed`` / ``outside``: what was expected, in words."""
     try:
         x = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {value!r}") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {x}")
+        raise argparse.ArgumentTypeError(f"expected {unparsed}, got {value!r}") from None
+    if not ok(x):
+        raise argparse.ArgumentTypeError(f"expected {outside}, got {x}")
     return x
+
+
+def positive_float(value: str) -> float:
+    return _float_within(value, lambda x: x > 0, "a number above 0", "a number above 0")
 
 
 def nonnegative_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {value!r}") from None
-    if not x >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {x}")
-    return x
+    return _float_within(value, lambda x: x >= 0, "a number of 0 or more", "a number of 0 or more")
 
 
 def fraction(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value!r}") from None
-    if not 0.0 <= x < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {x}")
-    return x
+    return _float_within(value, lambda x: 0.0 <= x < 1.0, "a number between 0 and 1", "a number in [0, 1)")
 
 
 def number(value: str) -> float:
