@@ -186,8 +186,8 @@ EMBEDDING_MEANINGS = {"head": "the classifier's penultimate features (of the fir
                       "mean": "the final encodings averaged over all genes", "expressed": "the final encodings averaged over the expressed genes"}
 
 
-def annotation_record(model: str | None, preprocessing: dict[str, Any], rechecked: int | None, margin: float | None = None,
-                      embedding: str = DEFAULT_EMBEDDING, embedding_key: str = "X_scbert") -> dict[str, Any]:
+def annotation_record(model: str | None, preprocessing: dict[str, Any], rechecked: int | None, margin: float | None, embedding: str,
+                      embedding_key: str) -> dict[str, Any]:
     """What ``uns['scbert_annotation']`` holds: the model, the preprocessing report, how many cells
     the float32 re-check re-scored (None: no re-check ran) and its margin, and which cell embedding
     ``obsm[embedding_key]`` holds."""
@@ -196,7 +196,7 @@ def annotation_record(model: str | None, preprocessing: dict[str, Any], rechecke
 
 
 def uns_entries(keys: AnnotationKeys, classes: Sequence[str], rule: NoveltyRule, model: str | None, preprocessing: dict[str, Any],
-                rechecked: int | None, margin: float | None, embedding: str = DEFAULT_EMBEDDING) -> dict[str, Any]:
+                rechecked: int | None, margin: float | None, embedding: str) -> dict[str, Any]:
     """The ``uns`` entries of an annotation: classes, threshold, the rule and the run's record (as
     dicts, which ``.h5ad`` files store as groups)."""
     return {keys.classes: np.array(list(classes), dtype=object),

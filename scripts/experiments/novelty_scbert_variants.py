@@ -63,14 +63,14 @@ def head_outputs(model: torch.nn.Module, E: torch.Tensor, rows: np.ndarray, batc
     """Probabilities, logits and the classifier's features of the stored encodings of ``rows``."""
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {"probs": [], "logits": [], "features": [], "all_logits": []}
-    members = getattr(model.to_out, "members", [model.to_out])
+    others = list(getattr(model.to_out, "members", [model.to_out]))[1:]  # the first head's logits come with its features
     for start in range(0, len(rows), batch):
         # the novelty scores read the first head (an ensemble's calibrated one): its features and logits
         h = E[torch.as_tensor(rows[start:start + batch])]
         feats, _, logits = model.to_out.outputs(h)
         feats, logits = feats.float(), logits.float()
         for k, v in (("probs", torch.softmax(logits, -1)), ("logits", logits), ("features", feats),
-                     ("all_logits", torch.stack([m(h).float() for m in members]))):
+                     ("all_logits", torch.stack([logits, *(m(h).float() for m in others)]))):
             parts[k].append(v)
     return {k: torch.cat(v, dim=1 if k == "all_logits" else 0).numpy() for k, v in parts.items()}
 
