@@ -85,8 +85,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # cells never), then the default heads on the adapted encoder: domain-adaptive pretraining
     "adapt_3_lr_1e-4": {"adapt_epochs": 3, "adapt_lr": 1e-4},
     "adapt_3_lr_1e-3": {"adapt_epochs": 3, "adapt_lr": 1e-3},
+    # the control: the same pretraining on as many cells of another file (--adapt-other), so that a gain of the
+    # adapted encoder can be told from more pretraining on cells the encoder has not seen
+    "adapt_other_3_lr_1e-4": {"adapt_epochs": 3, "adapt_lr": 1e-4, "adapt_other": True},
 }
-EXTRA = ("heads", "same_split", "frozen_readout", "all_cells_fixed_budget", "adapt_epochs", "adapt_lr")  # settings of this script only
+EXTRA = ("heads", "same_split", "frozen_readout", "all_cells_fixed_budget", "adapt_epochs", "adapt_lr", "adapt_other")  # settings of this script only
 
 
 def variant_settings(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -94,6 +97,7 @@ def variant_settings(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     over = VARIANTS[name]
     train_kw = {**TRAIN, **{k: v for k, v in over.items() if k in TRAIN_FIELDS}}
     return train_kw, {**REST, "heads": 1, "same_split": False, "frozen_readout": False, "all_cells_fixed_budget": False, "adapt_epochs": 0,
+                      "adapt_other": False,
                       **{k: v for k, v in over.items() if k in REST or k in EXTRA}}
 
 
@@ -152,15 +156,21 @@ def train_model(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray
     return model, cal, [b["epoch"] for b in bests]
 
 
-def run_variant(name: str, ckpt: Any, X: Any, E: torch.Tensor, y: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int) -> dict[str, Any]:
+def run_variant(name: str, ckpt: Any, X: Any, E: torch.Tensor, y: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int,
+                other: Any = None) -> dict[str, Any]:
     """Train variant ``name`` on the cells ``train`` (split as the benchmark's scbert method splits
     them) and score it on ``test``; ``heads`` variants average the probabilities of that many
-    single heads, each on its own stopping split of all of ``train``."""
+    single heads, each on its own stopping split of all of ``train``; ``other``: the matrix of
+    ``--adapt-other`` (the ``adapt_other_*`` variants pretrain on as many of its cells as ``train`` has)."""
     _, rest = variant_settings(name)
     classes = np.unique(y[train])
     codes = np.searchsorted(classes, y)  # (cells of types outside the training part are never trained on)
     if rest["adapt_epochs"]:
-        ckpt = adapt_encoder(ckpt, X, train, rest["adapt_epochs"], rest["adapt_lr"], seed)
+        if rest["adapt_other"] and other is None:
+            raise SystemExit(f"variant {name} needs --adapt-other FILE")
+        source, cells = (X, train) if not rest["adapt_other"] else (
+            other, np.sort(np.random.default_rng(seed).choice(other.shape[0], min(len(train), other.shape[0]), replace=False)))
+        ckpt = adapt_encoder(ckpt, source, cells, rest["adapt_epochs"], rest["adapt_lr"], seed)
         E = encode_file(ckpt, X)
     probs, epochs = np.zeros((len(test), len(classes))), []
     for k in range(rest["heads"]):
@@ -209,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1])
     p.add_argument("--label-map", default=None, help="two columns: label in the data, label to use (- leaves the cells out)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--adapt-other", default=None, help="a labelled file whose cells the adapt_other_* variants pretrain on")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -219,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = ProtocolSettings(protocol=args.protocol, folds=args.folds, seeds=args.seeds, subsample=parse_subsample(args.subsample),
                                 fractions=args.fractions, label_map=read_label_map(args.label_map) if args.label_map else {})
     X, y, splits = protocol_splits(settings, adata, y, genes, args.data, args.label_key, None)
+    other = load_labelled([args.adapt_other], args.label_key, ckpt.genes, None)[0].X if args.adapt_other else None
     t0 = time.time()
     E = encode_file(ckpt, X)
     print(f"encoded {len(y)} cells in {time.time() - t0:.0f} s", flush=True)
@@ -226,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     for split in splits:
         for name in args.variants:
             t = time.time()
-            r = run_variant(name, ckpt, X, E, y, split.train, split.test, split.seed)
+            r = run_variant(name, ckpt, X, E, y, split.train, split.test, split.seed, other)
             rows.append({"variant": name, "split": split.key, **r, "seconds": time.time() - t})
             print(f"{split.key} {name}: accuracy {r['accuracy']:.4f} macro-F1 {r['macro_f1']:.4f} (kept epochs {r['best_epoch']}, "
                   f"{time.time() - t:.0f} s)", flush=True)
