@@ -20,7 +20,7 @@ from model.nn.network import ScBERT
 from model.train.config import TrainConfig
 from model.train.finetuning import class_prior, finetune, stopping_split
 from model.train.initialisation import new_classifier
-from model.train.loop import balanced_weights, better, fit
+from model.train.loop import balanced_sampling_weights, better, fit
 from model.train.optim import Trainer
 from model.train.recipes import finetune_parts
 from scripts.benchmark.methods import PRESETS, ScBERTMethod
@@ -29,7 +29,7 @@ TINY = ScBERTConfig(n_genes=10, dim=8, depth=2, heads=2, dim_head=4, gene_embedd
 
 
 def _drawn(labels: np.ndarray, epochs: int = 20) -> np.ndarray:
-    sampler = EpochBatches(len(labels), 10, seed=0, weights=balanced_weights(labels))
+    sampler = EpochBatches(len(labels), 10, seed=0, weights=balanced_sampling_weights(labels))
     counts = np.zeros(labels.max() + 1)
     for e in range(epochs):
         sampler.set_epoch(e)

@@ -22,7 +22,7 @@ from data.labels import holdout_per_class, stratified_folds, stratified_holdout
 from data.preprocess import DEFAULT_PREPROCESSING
 from model import distributed
 from model.checkpoint import Checkpoint, save_checkpoint
-from model.evaluation import classification_metrics
+from model.evaluation import classification_metrics, macro_f1
 from model.inference import InferenceOptions, predict_distributed, predict_outputs
 from model.nn.config import ExecutionOptions, ModelSize
 from model.nn.network import ScBERT
@@ -128,13 +128,6 @@ def class_prior(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     log stays finite)."""
     counts = np.maximum(np.bincount(labels, minlength=n_classes), 1).astype(np.float64)
     return torch.tensor(counts / counts.sum(), dtype=torch.float32)
-
-
-def macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
-    """Macro-F1 over the classes present in ``y`` (what chooses the epoch with ``select_metric``)."""
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(y, pred, labels=np.unique(y), average="macro", zero_division=0))
 
 
 def stopping_split(y: np.ndarray, frac: float, seed: int, keep_rare: int) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ log = logging.getLogger("scbert")
 StepFn = Callable[[nn.Module, dict[str, torch.Tensor], int], tuple[torch.Tensor, float]]
 
 
-def balanced_weights(labels: np.ndarray) -> np.ndarray:
+def balanced_sampling_weights(labels: np.ndarray) -> np.ndarray:
     """Per-cell sampling weights under which every class is drawn equally often."""
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     w = 1.0 / counts[inverse]
@@ -59,7 +59,7 @@ def fit(
     batch and its denominator (cells or masked tokens); each rank's sum is divided by the total
     denominator of all ranks, so the gradient is exactly that of the mean over the global batch."""
     info = distributed.current()
-    weights = balanced_weights(train.labels.numpy()) if cfg.sampling == "balanced" and train.labels is not None else None
+    weights = balanced_sampling_weights(train.labels.numpy()) if cfg.sampling == "balanced" and train.labels is not None else None
     sampler = distributed.EpochBatches(len(train), cfg.batch_size, cfg.seed, weights=weights)
     n_batches = sampler.batches_per_epoch()
     n_epochs = cfg.epochs_for(n_batches)

@@ -62,7 +62,8 @@ def pretrain(
         inputs, labels = inputs.to(device), labels.to(device)
         with model.autocast():
             logits = net(inputs)
-        loss = nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        logits = logits.float()  # once: the visible-gene loss below reads the same float32 copy
+        loss = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum")
         n_masked = float((labels != IGNORE_INDEX).sum())
         if visible_weight > 0:
             loss = loss + visible_weight * n_masked * visible_loss(logits, batch["tokens"].to(device), labels)

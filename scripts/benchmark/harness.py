@@ -131,12 +131,14 @@ def protocol_splits(p: ProtocolSettings, adata: Any, y: np.ndarray, genes: Seque
     raise InputError(f"unknown protocol {p.protocol!r}: cv, cross, novel, imbalance or fewshot")
 
 
-def development_splits(path: str, label_key: str = "celltype") -> tuple[sparse.csr_matrix, np.ndarray, list[str], list[Split]]:
+def development_splits(path: str, label_key: str = "celltype", label_map: dict[str, str] | None = None,
+                       ) -> tuple[sparse.csr_matrix, np.ndarray, list[str], list[Split]]:
     """The novel protocol of the novelty development scripts on one file: its 2,000 most variable
-    genes (label-free), every type with >= 20 cells held out in turn, 2 folds, seed 0. Returns the
-    matrix, labels, genes and splits."""
+    genes (label-free), every type with >= 20 cells held out in turn, 2 folds, seed 0; labels through
+    ``label_map`` (cells mapped to ``-`` left out). Returns the matrix, labels, genes and splits."""
     adata, y, genes = load_labelled([path], label_key, None, 2000)
-    X, y, splits = protocol_splits(ProtocolSettings(protocol="novel", folds=2, seeds=[0]), adata, y, genes, [path], label_key, 200)
+    settings = ProtocolSettings(protocol="novel", folds=2, seeds=[0], label_map=dict(label_map or {}))
+    X, y, splits = protocol_splits(settings, adata, y, genes, [path], label_key, 200)
     return X, y, list(genes), splits
 
 
@@ -156,11 +158,11 @@ class DevelopmentRun:
     test_scores: dict[str, np.ndarray]
 
 
-def development_runs(path: str, label_key: str = "celltype") -> Iterator[DevelopmentRun]:
+def development_runs(path: str, label_key: str = "celltype", label_map: dict[str, str] | None = None) -> Iterator[DevelopmentRun]:
     """The runs of :func:`development_splits` on ``path``, one at a time (see :class:`DevelopmentRun`)."""
     from scripts.benchmark.methods import LogisticL2
 
-    X, y, genes, splits = development_splits(path, label_key)
+    X, y, genes, splits = development_splits(path, label_key, label_map)
     for split in splits:
         fit, cal = calibration_holdout(y, split)
         model = LogisticL2()

@@ -33,9 +33,9 @@ def gated(labels: np.ndarray, clusters: np.ndarray, share: float) -> np.ndarray:
     return out
 
 
-def main(path: str, label_key: str = "celltype") -> None:
+def main(path: str, label_key: str = "celltype", label_map: dict[str, str] | None = None) -> None:
     adata, y, genes = load_labelled([path], label_key, None, 2000)
-    X, y, splits = protocol_splits(ProtocolSettings(protocol="cv", folds=5, seeds=[0]), adata, y, genes, [path], label_key, 200)
+    X, y, splits = protocol_splits(ProtocolSettings(protocol="cv", folds=5, seeds=[0], label_map=dict(label_map or {})), adata, y, genes, [path], label_key, 200)
     acc: dict[tuple[str, str], list[float]] = {}
     for split in splits:
         clusters = over_cluster(expression_pcs(X[split.test], seed=0), None, seed=0)

@@ -27,12 +27,11 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
-from data.labels import holdout_per_class
+from data.labels import holdout_per_class, read_label_map
 from model.novelty.calibration import COMBINATIONS, ScoreCombination, conformal_threshold
 from model.novelty.query import query_scores, query_shift
 from scripts.benchmark.harness import development_runs, load_labelled
 from scripts.benchmark.methods import LogisticL2
-from scripts.benchmark.report import read_label_map
 
 SHOWN = ("softmax", "energy", "mahalanobis", "combined", "crossfit_mahalanobis", "crossfit_combined", "query_density", "query_combined")
 LABEL_MAP = Path(__file__).resolve().parents[2] / "data" / "label_maps" / "pbmc3k_pbmc4k.tsv"

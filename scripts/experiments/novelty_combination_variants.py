@@ -22,9 +22,9 @@ from scripts.experiments.common import each_data_file
 COMBINATIONS = {"mahalanobis + energy": ("mahalanobis", "energy"), "mahalanobis + energy + softmax": ("mahalanobis", "energy", "softmax")}
 
 
-def main(path: str, label_key: str = "celltype") -> None:
+def main(path: str, label_key: str = "celltype", label_map: dict[str, str] | None = None) -> None:
     tally = NoveltyTally()
-    for run in development_runs(path, label_key):
+    for run in development_runs(path, label_key, label_map):
         split, novel, sc, sq = run.split, run.novel, run.calibration_scores, run.test_scores
         variants = {k: (sc[k], sq[k]) for k in ("mahalanobis", "energy", "softmax", "knn")}  # mahalanobis / knn: in its expression PCA
         for name, parts in COMBINATIONS.items():

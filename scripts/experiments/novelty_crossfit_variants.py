@@ -5,13 +5,17 @@ expression PCA fitted on the training cells (``pca_mahalanobis``), the cross-fit
 :mod:`model.novelty.crossfit` (``crossfit_mahalanobis``, ``crossfit_knn``; one half-model alone),
 Fisher's combination with energy with rank p-values and with tail p-values
 (``crossfit_combined``), two half-models each fitted wholly on its own half (statistics in-sample),
-a cross-fitted local density ratio (a kNN distance over the reference cells' own), and per-class
-(Mondrian) thresholds. Also the share of the classifier's own
+a cross-fitted local density ratio (a kNN distance over the reference cells' own), per-class
+(Mondrian) thresholds, and an unexplained-expression score (per gene, a cell's z against each known
+type's mean and sd; the sum of its 10 largest positive z; the minimum over the types), alone and in
+Fisher combinations. Also the share of the classifier's own
 training cells that each score rejects (the calibrated rate is 5%). The default
 ``DEFAULT_SCORE = "crossfit_combined"`` of :mod:`model.novelty.scores` was chosen with it on the
 sorted PBMCs, never on PBMC3k (``$M``: the folder of the extra data sets):
 
     python -m scripts.experiments.novelty_crossfit_variants --data $M/pbmc_sorted_2140.h5ad
+    python -m scripts.experiments.novelty_crossfit_variants --data $M/pdac_1926.h5ad --label-map data/label_maps/pdac_1926_cv.tsv
+    python -m scripts.experiments.novelty_crossfit_variants --data $M/pbmc4k_2170.h5ad --label-map data/label_maps/pbmc4k_known.tsv
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 
 from model.novelty.calibration import ScoreCombination, conformal_threshold
 from model.novelty.crossfit import CrossFitPCA, stratified_halves
-from model.novelty.expression import ExpressionPCA
+from model.novelty.expression import ExpressionPCA, dense_rows
 from scripts.benchmark.harness import development_runs
 from scripts.benchmark.report import NoveltyTally
 from scripts.experiments.common import each_data_file
@@ -63,10 +67,30 @@ def local_density_ratio(cf: CrossFitPCA, X_fit: object, halves: tuple[np.ndarray
     return out
 
 
-def main(path: str, label_key: str = "celltype") -> None:
+class TypeProfiles:
+    """Per known type, each gene's mean and sd of log expression in the classifier's training cells
+    (sd widened by ``tau``, so a gene silent in a type does not make every read of it infinitely far)."""
+
+    def __init__(self, X: object, codes: np.ndarray, n_classes: int, tau: float = 0.3) -> None:
+        dense = dense_rows(X, np.arange(X.shape[0]))
+        self.mean = np.stack([dense[codes == c].mean(0) for c in range(n_classes)])
+        self.sd = np.sqrt(np.stack([dense[codes == c].std(0) for c in range(n_classes)]) ** 2 + tau ** 2)
+
+    def unexplained(self, X: object, k: int = 10, chunk: int = 512) -> np.ndarray:
+        """Per cell, the minimum over the types of the sum of its ``k`` largest positive z (clipped at 10):
+        high when some genes are up beyond what every known type shows (a new type's markers)."""
+        out = []
+        for start in range(0, X.shape[0], chunk):
+            d = dense_rows(X, np.arange(start, min(start + chunk, X.shape[0])))
+            z = np.clip((d[:, None, :] - self.mean[None]) / self.sd[None], 0, 10)  # cells x types x genes
+            out.append(-np.partition(-z, k - 1, axis=2)[:, :, :k].sum(2).min(1))
+        return np.concatenate(out) if out else np.zeros(0)
+
+
+def main(path: str, label_key: str = "celltype", label_map: dict[str, str] | None = None) -> None:
     tally = NoveltyTally()
     training: dict[str, list[float]] = {}
-    for run in development_runs(path, label_key):
+    for run in development_runs(path, label_key, label_map):
         X, split, novel, model = run.X, run.split, run.novel, run.model
         sc, sq = dict(run.calibration_scores), dict(run.test_scores)
         sf = model.novelty_scores(X[run.fit])  # the classifier's own training cells
@@ -107,6 +131,13 @@ def main(path: str, label_key: str = "celltype") -> None:
             name = f"Fisher({', '.join(parts)}) tail p"
             tally.add(name, split, comb(sc, leave_one_out=True), comb(sq), novel)
             training.setdefault(name, []).append(float((comb(sf) > conformal_threshold(comb(sc, leave_one_out=True), 0.05)).mean()))
+        profiles = TypeProfiles(X[run.fit], model.codes_, len(model.classes_))
+        for part, rows in ((sc, run.cal), (sq, split.test)):
+            part["unexplained"] = profiles.unexplained(X[rows])
+        tally.add("unexplained expression (top 10 z)", split, sc["unexplained"], sq["unexplained"], novel)
+        for parts in (("unexplained", "energy"), ("unexplained", "crossfit_mahalanobis", "energy")):
+            comb = ScoreCombination.of(sc, parts, True)
+            tally.add(f"Fisher({', '.join(parts)}) tail p", split, comb(sc, leave_one_out=True), comb(sq), novel)
         cal_class = model.predict_proba(X[run.cal]).argmax(1)
         test_class = model.predict_proba(X[split.test]).argmax(1)
         for key in ("crossfit_mahalanobis", "Fisher(crossfit_mahalanobis, energy) tail p"):

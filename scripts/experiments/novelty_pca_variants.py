@@ -19,8 +19,8 @@ from scripts.benchmark.report import NoveltyTally
 from scripts.experiments.common import each_data_file
 
 
-def main(path: str, label_key: str = "celltype") -> None:
-    X, y, _, splits = development_splits(path, label_key)
+def main(path: str, label_key: str = "celltype", label_map: dict[str, str] | None = None) -> None:
+    X, y, _, splits = development_splits(path, label_key, label_map)
     tally = NoveltyTally()
     for split in splits:
         fit, cal = calibration_holdout(y, split)

@@ -31,9 +31,9 @@ def fisher(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.n
     return comb(cal, leave_one_out=True), comb({str(i): q for i, (_, q) in enumerate(parts)})
 
 
-def main(path: str, label_key: str = "celltype") -> None:
+def main(path: str, label_key: str = "celltype", label_map: dict[str, str] | None = None) -> None:
     tally = NoveltyTally()
-    for run in development_runs(path, label_key):
+    for run in development_runs(path, label_key, label_map):
         X, split, cal, model, novel = run.X, run.split, run.cal, run.model, run.novel
         sc, sq = run.calibration_scores, run.test_scores
         tally.add("mahalanobis (expression PCA)", split, sc["mahalanobis"], sq["mahalanobis"], novel)
