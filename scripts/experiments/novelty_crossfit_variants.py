@@ -83,7 +83,8 @@ class TypeProfiles:
         for start in range(0, X.shape[0], chunk):
             d = dense_rows(X, np.arange(start, min(start + chunk, X.shape[0])))
             z = np.clip((d[:, None, :] - self.mean[None]) / self.sd[None], 0, 10)  # cells x types x genes
-            out.append(-np.partition(-z, k - 1, axis=2)[:, :, :k].sum(2).min(1))
+            top = -np.partition(-z, k - 1, axis=2)[:, :, :k]  # each type's k largest z
+            out.append(top.sum(2).min(1))
         return np.concatenate(out) if out else np.zeros(0)
 
 
