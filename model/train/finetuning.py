@@ -183,6 +183,9 @@ def finetune_heads(build: Callable[[int], ScBERT], X: Any, y: np.ndarray, heads:
         stored = encode_dataset(first, CellDataset(rows_of(X, rows), bins), options, "encoding the cells once for every head").encodings
         where = np.full(len(y), -1)
         where[rows] = np.arange(len(rows))
+    if stored is None and len(heads) > 1:  # each head runs the encoder itself: say what that costs, and the way out
+        log.info("%s: the %d heads each run the frozen encoder every epoch (about %d times the encoder work of one head); "
+                 "--ensemble 1 trains one head", desc, len(heads), len(heads))
     bests, histories, states = [], [], []
     for j, (train, val) in enumerate(heads):
         if j:
