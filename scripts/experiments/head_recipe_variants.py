@@ -92,6 +92,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 EXTRA = ("heads", "same_split", "frozen_readout", "all_cells_fixed_budget", "adapt_epochs", "adapt_lr", "adapt_other")  # settings of this script only
 
 
+DEVICE = torch.device("cpu")  # where the encoder and the heads run (--device; the RESULTS.md tables: the CPU)
+
+
 def variant_settings(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The TrainConfig fields and the rest of variant ``name``."""
     over = VARIANTS[name]
@@ -124,7 +127,7 @@ def train_head(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray,
     fit_y, val_y = torch.as_tensor(codes[fit_rows]), torch.as_tensor(codes[val_rows])
     cells = (EncodedCells(E, fit_y, fit_rows), EncodedCells(E, val_y, val_rows))
     best, history = finetune(model, CellDataset(X[fit_rows], bins, codes[fit_rows]), CellDataset(X[val_rows], bins, codes[val_rows]), cfg,
-                             torch.device("cpu"), None, name, head_init=rest["head_init"], encodings=cells)
+                             DEVICE, None, name, head_init=rest["head_init"], encodings=cells)
     return model, best, history
 
 
@@ -151,7 +154,7 @@ def train_model(name: str, ckpt: Any, X: Any, E: torch.Tensor, codes: np.ndarray
     def build(k: int) -> Any:
         return new_head_model(ckpt, n_classes, rest, k)
 
-    model, bests, _ = finetune_heads(build, X, codes, heads, TrainConfig(seed=seed, progress=False, **train_kw), torch.device("cpu"),
+    model, bests, _ = finetune_heads(build, X, codes, heads, TrainConfig(seed=seed, progress=False, **train_kw), DEVICE,
                                      desc=name, head_init=rest["head_init"], encodings=E)
     return model, cal, [b["epoch"] for b in bests]
 
@@ -182,7 +185,7 @@ def run_variant(name: str, ckpt: Any, X: Any, E: torch.Tensor, y: np.ndarray, tr
         else:
             model, _, kept = train_model(name, ckpt, X, E, codes, len(classes), train, s)
         epochs += kept
-        probs += head_probabilities(model, EncodedCells(E, None, test), 64, torch.device("cpu"))
+        probs += head_probabilities(model, EncodedCells(E, None, test), 64, DEVICE)
     m = classification_metrics(y[test], classes[probs.argmax(1)], list(classes))
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "balanced_accuracy": m.get("balanced_accuracy"), "best_epoch": epochs}
 
@@ -195,7 +198,7 @@ def adapt_encoder(ckpt: Any, X: Any, cells: np.ndarray, epochs: int, lr: float, 
     held = max(1, len(order) // 10)
     bins = ckpt.config.bin_num
     _, history = pretrain(net, CellDataset(X[np.sort(order[held:])], bins), CellDataset(X[np.sort(order[:held])], bins),
-                          TrainConfig(epochs=epochs, batch_size=16, lr=lr, seed=seed, progress=False, select="last"), torch.device("cpu"))
+                          TrainConfig(epochs=epochs, batch_size=16, lr=lr, seed=seed, progress=False, select="last"), DEVICE)
     accuracies = ", ".join(f"{h['val_masked_accuracy']:.4f}" for h in history)
     print(f"  adapted encoder: held-out masked accuracy by epoch {accuracies}", flush=True)
     return dataclasses.replace(ckpt, state_dict={k: v.detach().clone() for k, v in net.state_dict().items()})
@@ -204,7 +207,7 @@ def adapt_encoder(ckpt: Any, X: Any, cells: np.ndarray, epochs: int, lr: float, 
 def encode_file(ckpt: Any, X: Any) -> torch.Tensor:
     """The frozen encoder's encodings of every cell of ``X`` (cells, genes + 1, dim), float32."""
     encoder = new_classifier(ckpt.config, 2, 0.0, pretrained=ckpt, head_only=True, redraw_features=False)
-    return encode_dataset(encoder, CellDataset(X, encoder.config.bin_num), InferenceOptions(64, torch.device("cpu"), progress=False)).encodings
+    return encode_dataset(encoder, CellDataset(X, encoder.config.bin_num), InferenceOptions(64, DEVICE, progress=False)).encodings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -220,10 +223,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--label-map", default=None, help="two columns: label in the data, label to use (- leaves the cells out)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--adapt-other", default=None, help="a labelled file whose cells the adapt_other_* variants pretrain on")
+    p.add_argument("--device", default="cpu", help="cpu (default: the RESULTS.md tables), cuda, cuda:1, ...")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
+    global DEVICE
+    DEVICE = torch.device(args.device)
 
     ckpt = load_checkpoint(args.pretrained)
     adata, y, genes = load_labelled(args.data, args.label_key, ckpt.genes, None)
