@@ -136,9 +136,14 @@ def test_heads_without_stored_encodings_say_what_they_cost(monkeypatch, caplog) 
     cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-3, head_lr=1e-3, seed=3, progress=False)
     heads = head_splits(stopping_split(y, 0.25, 3, 0), y, 2, 0.25, 3, keep_rare=0)
     monkeypatch.setattr(finetuning, "can_store_encodings", lambda model, n: False)
-    with caplog.at_level(logging.INFO, logger="scbert"):
-        finetune_heads(lambda m: new_classifier(TINY, 3, pretrained=pre, head_only=True, redraw_features=False, members=m),
-                       X, y, heads, cfg, torch.device("cpu"))
+    log = logging.getLogger("scbert")  # the stages' logger does not propagate: listen on it directly
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="scbert"):
+            finetune_heads(lambda m: new_classifier(TINY, 3, pretrained=pre, head_only=True, redraw_features=False, members=m),
+                           X, y, heads, cfg, torch.device("cpu"))
+    finally:
+        log.removeHandler(caplog.handler)
     lines = [r.getMessage() for r in caplog.records if "run the frozen encoder every epoch" in r.getMessage()]
     assert len(lines) == 1 and "2 heads" in lines[0] and "--ensemble 1" in lines[0]
 
