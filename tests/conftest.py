@@ -1,11 +1,14 @@
 """Shared fixtures: small real data cut from the bundled PBMC3k file, tiny model sizes, a tiny run of
-the stages shared by the tests that need a trained model; and the ``slow`` marker (tests of several
+the stages shared by the tests that need a trained model; ``scbert_log``, pytest's log capture listening
+on the stages' logger; and the ``slow`` marker (tests of several
 seconds each: subprocesses, torchrun, compiling; skipped unless ``--run-slow`` or ``SCBERT_SLOW_TESTS=1``,
 which ``.ci/run`` sets)."""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def scbert_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """``caplog`` with its handler on the ``scbert`` logger itself: once a stage has configured that
+    logger it no longer propagates to the root, where ``caplog`` listens."""
+    log = logging.getLogger("scbert")
+    log.addHandler(caplog.handler)
+    yield caplog
+    log.removeHandler(caplog.handler)
 
 
 @pytest.fixture(scope="session")

@@ -124,7 +124,7 @@ def test_an_ensemble_is_its_heads_each_trained_alone() -> None:
         finetune_heads(lambda m: new_classifier(TINY, 3, pretrained=pre, train_all=True, members=m), X, y, heads, cfg, torch.device("cpu"))
 
 
-def test_heads_without_stored_encodings_say_what_they_cost(monkeypatch, caplog) -> None:
+def test_heads_without_stored_encodings_say_what_they_cost(monkeypatch, scbert_log) -> None:
     """When the encodings are not kept (too large, or under torchrun), each head runs the encoder
     every epoch: the run says so once, with the way to a single head."""
     import logging
@@ -136,15 +136,10 @@ def test_heads_without_stored_encodings_say_what_they_cost(monkeypatch, caplog) 
     cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-3, head_lr=1e-3, seed=3, progress=False)
     heads = head_splits(stopping_split(y, 0.25, 3, 0), y, 2, 0.25, 3, keep_rare=0)
     monkeypatch.setattr(finetuning, "can_store_encodings", lambda model, n: False)
-    log = logging.getLogger("scbert")  # the stages' logger does not propagate: listen on it directly
-    log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.INFO, logger="scbert"):
-            finetune_heads(lambda m: new_classifier(TINY, 3, pretrained=pre, head_only=True, redraw_features=False, members=m),
-                           X, y, heads, cfg, torch.device("cpu"))
-    finally:
-        log.removeHandler(caplog.handler)
-    lines = [r.getMessage() for r in caplog.records if "run the frozen encoder every epoch" in r.getMessage()]
+    with scbert_log.at_level(logging.INFO, logger="scbert"):
+        finetune_heads(lambda m: new_classifier(TINY, 3, pretrained=pre, head_only=True, redraw_features=False, members=m),
+                       X, y, heads, cfg, torch.device("cpu"))
+    lines = [r.getMessage() for r in scbert_log.records if "run the frozen encoder every epoch" in r.getMessage()]
     assert len(lines) == 1 and "2 heads" in lines[0] and "--ensemble 1" in lines[0]
 
 

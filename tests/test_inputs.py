@@ -94,16 +94,11 @@ def test_layer_and_raw_read_the_counts(setup: dict) -> None:
         assert list(got.obs_names) == list(plain.obs_names) and "celltype" in got.obs
 
 
-def test_a_scaled_x_with_one_usable_matrix_is_replaced_with_a_message(setup: dict, caplog: pytest.LogCaptureFixture) -> None:
-    log = logging.getLogger("scbert")  # the stages' logger does not propagate: listen on it directly
-    log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.WARNING, logger="scbert"):
-            got = read_cells(setup["dir"] / "layer.h5ad")
-    finally:
-        log.removeHandler(caplog.handler)
+def test_a_scaled_x_with_one_usable_matrix_is_replaced_with_a_message(setup: dict, scbert_log: pytest.LogCaptureFixture) -> None:
+    with scbert_log.at_level(logging.WARNING, logger="scbert"):
+        got = read_cells(setup["dir"] / "layer.h5ad")
     assert (got.X != setup["plain"].X).nnz == 0
-    assert "layers['counts'] instead" in caplog.text and "--layer counts" in caplog.text
+    assert "layers['counts'] instead" in scbert_log.text and "--layer counts" in scbert_log.text
 
 
 def test_a_scaled_x_with_several_usable_matrices_names_their_flags(setup: dict) -> None:

@@ -180,20 +180,15 @@ def test_a_model_without_cross_fitted_statistics_falls_back(model: object, pbmc_
         annotate(ad.read_h5ad(pbmc_small)[CELLS].copy(), old, NoveltySettings("crossfit_mahalanobis"), options=FP32)
 
 
-def test_query_scores_warn_of_their_assumptions(model: object, pbmc_small: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_query_scores_warn_of_their_assumptions(model: object, pbmc_small: Path, scbert_log: pytest.LogCaptureFixture) -> None:
     """An opt-in query_* score on the training file: the run warns that the score depends on the
     whole query, and that most query cells are copies of the training cells."""
     import logging
 
-    log = logging.getLogger("scbert")  # the stages' logger does not propagate: listen on it directly
-    log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.WARNING, logger="scbert"):
-            annotate(ad.read_h5ad(pbmc_small), model, NoveltySettings("query_combined"), FP32)
-    finally:
-        log.removeHandler(caplog.handler)
-    assert "compares the whole query with the training cells" in caplog.text
-    assert "are copies of the model's training cells" in caplog.text
+    with scbert_log.at_level(logging.WARNING, logger="scbert"):
+        annotate(ad.read_h5ad(pbmc_small), model, NoveltySettings("query_combined"), FP32)
+    assert "compares the whole query with the training cells" in scbert_log.text
+    assert "are copies of the model's training cells" in scbert_log.text
     from model.novelty.query import reference_copies
 
     copies = reference_copies(model.novelty.density, model.prepare(ad.read_h5ad(pbmc_small))[0].X)

@@ -62,16 +62,11 @@ def test_published_rule_unchanged() -> None:
     assert assign_labels(probs, ["a", "b"], None)[0].tolist() == ["a", "b", "a", "b"]
 
 
-def test_old_checkpoints_fall_back_to_the_published_rule(caplog: pytest.LogCaptureFixture) -> None:
+def test_old_checkpoints_fall_back_to_the_published_rule(scbert_log: pytest.LogCaptureFixture) -> None:
     ckpt = load_checkpoint(LEGACY / "classifier.pt")
-    log = logging.getLogger("scbert")  # the stages' logger does not propagate: listen on it directly
-    log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.INFO, logger="scbert"):
-            rule = choose_rule(ckpt.novelty, model_name=ckpt.source)
-    finally:
-        log.removeHandler(caplog.handler)
-    assert rule == PUBLISHED_RULE and ckpt.novelty is None and "published rule" in caplog.text
+    with scbert_log.at_level(logging.INFO, logger="scbert"):
+        rule = choose_rule(ckpt.novelty, model_name=ckpt.source)
+    assert rule == PUBLISHED_RULE and ckpt.novelty is None and "published rule" in scbert_log.text
     result = annotate(ad.read_h5ad(LEGACY / "query.h5ad"), ckpt, options=QUIET)
     assert set(result.novelty) == {"softmax", "energy"}
     assert ((result.labels == "Unassigned") == (result.confidence < 0.5)).all()
@@ -185,7 +180,7 @@ def test_checkpoint_calibrated_before_the_crossfit_scores(calibrated: Path) -> N
             choose_rule(old, NoveltySettings(score))
 
 
-def test_query_scores_from_a_checkpoint(calibrated: Path, pbmc_small: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_query_scores_from_a_checkpoint(calibrated: Path, pbmc_small: Path, scbert_log: pytest.LogCaptureFixture) -> None:
     """predict's query_* scores: the calibration cells scored in the query's graph set the cutoff;
     a query annotated a chunk at a time cannot use them; older checkpoints refuse them."""
     ckpt = load_checkpoint(calibrated / "ft" / "model.pt")
@@ -206,17 +201,12 @@ def test_query_scores_from_a_checkpoint(calibrated: Path, pbmc_small: Path, capl
         choose_rule(ckpt.novelty, NoveltySettings("query_density"), whole_query=False)
     record = upgraded(dict(v1_novelty(ckpt.novelty), default="query_combined"))
     old = dataclasses.replace(record, density=None)
-    log = logging.getLogger("scbert")  # the stages' logger does not propagate: listen on it directly
-    log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.INFO, logger="scbert"):
-            rule = choose_rule(record, whole_query=False)
-            assert rule.score == "pca_mahalanobis" and "chunk at a time" in caplog.text
-            assert choose_rule(old).score == "pca_mahalanobis"  # auto: the best it has
-            annotate(adata[:40].copy(), ckpt, NoveltySettings("query_density"), QUIET)
-    finally:
-        log.removeHandler(caplog.handler)
-    assert "with 40 cells" in caplog.text
+    with scbert_log.at_level(logging.INFO, logger="scbert"):
+        rule = choose_rule(record, whole_query=False)
+        assert rule.score == "pca_mahalanobis" and "chunk at a time" in scbert_log.text
+        assert choose_rule(old).score == "pca_mahalanobis"  # auto: the best it has
+        annotate(adata[:40].copy(), ckpt, NoveltySettings("query_density"), QUIET)
+    assert "with 40 cells" in scbert_log.text
     for threshold in ("auto", 0.5):
         with pytest.raises(InputError, match="fine-tune"):
             choose_rule(old, NoveltySettings("query_density", threshold))
@@ -224,7 +214,7 @@ def test_query_scores_from_a_checkpoint(calibrated: Path, pbmc_small: Path, capl
         annotate(adata, dataclasses.replace(ckpt, novelty=old), NoveltySettings("query_density", None), QUIET)
 
 
-def test_a_shifted_query_falls_back_from_the_query_scores(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_shifted_query_falls_back_from_the_query_scores(scbert_log: pytest.LogCaptureFixture) -> None:
     """A query that differs from the training cells as a whole (every gene shifted, as another batch
     or technology might) is query-dense everywhere: the default falls back to pca_mahalanobis, an
     explicit query score warns; a query of the training cells' kind keeps the query score."""
@@ -236,23 +226,18 @@ def test_a_shifted_query_falls_back_from_the_query_scores(caplog: pytest.LogCapt
     stats = NoveltyRecord(classes=ClassStatistics.fit(train[:, :6], train[:, :5], labels, 3), pca=ExpressionPCA.fit(train, labels, 3),
                           density=QueryDensity.fit(train).set_calibration(cal))
     stats.calibration = calibrate(stats.pca.scores(cal), 0.05)
-    log = logging.getLogger("scbert")
-    log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.INFO, logger="scbert"):
-            for query, shifted in ((_clusters(rng, centres, 100), False), (_clusters(rng, centres + 0.8, 100), True)):
-                scores = stats.pca.scores(query)
-                rule = query_rule(NoveltyRule("query_combined", None, 0.05), stats, query, scores, fall_back=True)
-                assert (query_shift(scores["query_density"], stats.density.score(query)[1]) > QUERY_SHIFT_SHARE) is shifted
-                assert rule.score == ("pca_mahalanobis" if shifted else "query_combined") and rule.cutoff is not None
-                if shifted:
-                    assert rule == NoveltyRule("pca_mahalanobis", stats.calibration.thresholds["pca_mahalanobis"], 0.05)
-            assert "differs from the training cells" in caplog.text
-            caplog.clear()
-            explicit = query_rule(NoveltyRule("query_density", None, 0.05), stats, query, stats.pca.scores(query))
-            assert explicit.score == "query_density" and "most cells will be Unassigned" in caplog.text
-    finally:
-        log.removeHandler(caplog.handler)
+    with scbert_log.at_level(logging.INFO, logger="scbert"):
+        for query, shifted in ((_clusters(rng, centres, 100), False), (_clusters(rng, centres + 0.8, 100), True)):
+            scores = stats.pca.scores(query)
+            rule = query_rule(NoveltyRule("query_combined", None, 0.05), stats, query, scores, fall_back=True)
+            assert (query_shift(scores["query_density"], stats.density.score(query)[1]) > QUERY_SHIFT_SHARE) is shifted
+            assert rule.score == ("pca_mahalanobis" if shifted else "query_combined") and rule.cutoff is not None
+            if shifted:
+                assert rule == NoveltyRule("pca_mahalanobis", stats.calibration.thresholds["pca_mahalanobis"], 0.05)
+        assert "differs from the training cells" in scbert_log.text
+        scbert_log.clear()
+        explicit = query_rule(NoveltyRule("query_density", None, 0.05), stats, query, stats.pca.scores(query))
+        assert explicit.score == "query_density" and "most cells will be Unassigned" in scbert_log.text
 
 
 def test_query_scores_do_not_depend_on_the_thread_count(calibrated: Path, pbmc_small: Path) -> None:

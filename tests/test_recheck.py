@@ -94,7 +94,7 @@ def test_auto_recheck_margin() -> None:
     assert auto_recheck_margin({"probs": 1e-5, "scores": {}}, NoveltyRule.published(0.5)) == 0.005  # the floor
 
 
-def test_recheck_margin_auto_and_given(calibrated: Path, pbmc_small: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_recheck_margin_auto_and_given(calibrated: Path, pbmc_small: Path, scbert_log: pytest.LogCaptureFixture) -> None:
     ckpt = load_checkpoint(calibrated / "ft" / "model.pt")
     bf16 = ExecutionOptions(precision="bf16")
     rule = NoveltyRule("energy", -1.0)
@@ -107,14 +107,9 @@ def test_recheck_margin_auto_and_given(calibrated: Path, pbmc_small: Path, caplo
     # measured before the head ran in float32 (a version-1 record without "head"): the same margin, and a word that it is cautious
     err = {k: v for k, v in ckpt.novelty.precision_error["bf16"].items() if k != "head"}
     before = upgraded({**v1_novelty(ckpt.novelty), "precision_error": {"bf16": {**err, "probs": 0.01}}})
-    log = logging.getLogger("scbert")
-    log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.INFO, logger="scbert"):
-            assert resolve_recheck_margin("auto", before, bf16, rule) == pytest.approx(max(0.08, 4 * err["scores"]["energy"]))
-    finally:
-        log.removeHandler(caplog.handler)
-    assert "head still ran in bf16" in caplog.text
+    with scbert_log.at_level(logging.INFO, logger="scbert"):
+        assert resolve_recheck_margin("auto", before, bf16, rule) == pytest.approx(max(0.08, 4 * err["scores"]["energy"]))
+    assert "head still ran in bf16" in scbert_log.text
     with pytest.raises(InputError, match="re-check margin"):
         resolve_recheck_margin("sometimes", ckpt.novelty, bf16, rule)
     adata = ad.read_h5ad(pbmc_small)
