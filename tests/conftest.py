@@ -37,11 +37,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def scbert_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     """``caplog`` with its handler on the ``scbert`` logger itself: once a stage has configured that
-    logger it no longer propagates to the root, where ``caplog`` listens."""
+    logger it no longer propagates to the root, where ``caplog`` listens. Propagation is off while the
+    handler is attached, so each record is captured once whichever tests ran before."""
     log = logging.getLogger("scbert")
+    propagate = log.propagate
     log.addHandler(caplog.handler)
+    log.propagate = False
     yield caplog
     log.removeHandler(caplog.handler)
+    log.propagate = propagate
 
 
 @pytest.fixture(scope="session")
